@@ -1,0 +1,31 @@
+// isg._C: one pybind11 module; each kernel family registers its functions.
+#include <pybind11/pybind11.h>
+
+#ifdef ISG_WITH_CUDA
+#include "common/cuda_device.h"
+#endif
+
+namespace py = pybind11;
+
+namespace isg {
+void register_shannon(py::module_& m);
+void register_attention(py::module_& m);
+}  // namespace isg
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "isg native kernels (CPU C++ and, when built with nvcc, CUDA)";
+#ifdef ISG_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+  m.def("cuda_device_count", &isg::cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
+  m.def("cuda_runtime_version", &isg::cuda_runtime_version);
+#else
+  m.attr("built_with_cuda") = false;
+  m.def("cuda_device_count", []() { return 0; });
+#endif
+#ifdef ISG_WITH_SHANNON
+  isg::register_shannon(m);
+#endif
+#ifdef ISG_WITH_ATTENTION
+  isg::register_attention(m);
+#endif
+}

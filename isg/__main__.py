@@ -1,0 +1,5 @@
+import sys
+
+from isg.cli import main
+
+sys.exit(main())
