@@ -145,6 +145,9 @@ def _check_unique(ids: pd.Index, what: str, path: Path) -> None:
 
 
 def _numeric_values(table: pd.DataFrame, path: Path) -> np.ndarray:
+    text = [column for column, dtype in enumerate(table.dtypes) if not pd.api.types.is_numeric_dtype(dtype)]
+    if not text:
+        return table.to_numpy(dtype=np.float64)
     numeric = table.apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna() & table.notna()
     if bad.values.any():
