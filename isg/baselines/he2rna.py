@@ -230,7 +230,7 @@ class HE2RNA(nn.Module):
     @torch.no_grad()
     def init_bias(self, mean_expression: torch.Tensor | np.ndarray) -> None:
         """Start the last layer's bias at the mean training expression [n_genes]."""
-        mean_expression = torch.as_tensor(np.asarray(mean_expression), dtype=self.head.bias.dtype).flatten()
+        mean_expression = torch.tensor(np.asarray(mean_expression), dtype=self.head.bias.dtype).flatten()
         if mean_expression.numel() != self.head.bias.numel():
             raise ValueError(f"bias_init has {mean_expression.numel()} values for {self.head.bias.numel()} genes")
         self.head.bias.copy_(mean_expression)

@@ -32,7 +32,7 @@ class BagDataset(Dataset):
         max_patches: when set, a bag with more patches keeps a random subset of this
             many (in their original order), drawn anew at every access: training only.
         local: read ``local_features`` too.
-        cache: keep every file's arrays in memory after the first read.
+        cache: keep every file's arrays in memory after the first read (per DataLoader worker process).
     """
 
     def __init__(
