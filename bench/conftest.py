@@ -36,7 +36,12 @@ def measure(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> f
 
 
 class Report:
-    """Collects rows of named tables: ``report.add("shannon", "zlib-9", 35.2, unit="MB/s", baseline=True)``."""
+    """Collects rows of named tables: ``report.add("shannon", "zlib-9", 35.2, unit="MB/s", baseline=True)``.
+
+    ``report.measure(fn, repeat=5)`` is :func:`measure` (median seconds).
+    """
+
+    measure = staticmethod(measure)
 
     def add(self, table: str, name: str, value: float, *, unit: str = "", baseline: bool = False,
             higher_is_better: bool = True, **extra) -> None:
