@@ -1,0 +1,1 @@
+"""Inference pipelines (wiring only): preprocess, extract, predict."""

@@ -1,0 +1,1 @@
+"""Training loops (wiring only): autoencoders and the expression/MSI models."""
