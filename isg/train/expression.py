@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from isg.data import splits as splits_lib
-from isg.data._util import write_text_atomic
+from isg.data._util import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
@@ -72,7 +72,8 @@ def forward_batch(model: torch.nn.Module, batch: dict, device: torch.device) -> 
     if model.__class__.__name__ == "HE2RNA":
         return model(features, mask)
     local = batch.get("local_features")
-    return model(features, None if local is None else local.to(device), batch["coords"].to(device), mask)
+    coords = batch["coords"].to(device, torch.float32)  # [B, N, 2] level-0 pixels
+    return model(features, None if local is None else local.to(device), coords, mask)
 
 
 class _Standardizer:
@@ -202,7 +203,7 @@ def cross_validate(
         predictions.append(pred)
         fold_score = _score(pred.drop(columns="fold"), manifest, targets, config)
         fold_rows.append({"fold": k, **fold_score, "epochs_run": info["epochs_run"], "best_val_loss": info["best_val_loss"], "seconds": time.perf_counter() - started})
-        torch.save({"config": asdict(config), "state_dict": model.state_dict(), "model_config": getattr(model, "config", None)}, out_dir / f"model_fold{k}.pt")
+        save_fold_model(out_dir / f"model_fold{k}.pt", model, config, d=d, local_grid=grid, outputs=list(targets.columns), fold=k)
         log.info("fold %d: %s", k, {key: round(v, 4) if isinstance(v, float) else v for key, v in fold_rows[-1].items()})
 
     oof = pd.concat(predictions)
@@ -214,6 +215,64 @@ def cross_validate(
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     pd.DataFrame(fold_rows).to_csv(out_dir / "folds.csv", index=False)
     return summary
+
+
+def save_fold_model(path: str | Path, model: torch.nn.Module, config: TrainConfig, *, d: int, local_grid: int | None, outputs: list[str], fold: int) -> None:
+    """A fold's model with everything needed to rebuild and use it alone (written atomically)."""
+    scale = model.standardizer
+    checkpoint = {
+        "format": "isg-slide-model/1",
+        "config": asdict(config),
+        "d": d,
+        "local_grid": local_grid,
+        "outputs": [str(name) for name in outputs],  # gene names, or the MSI column
+        "fold": fold,
+        "state_dict": model.state_dict(),
+        "target_mean": None if scale is None else scale.mean,
+        "target_std": None if scale is None else scale.std,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+class SlideModel:
+    """A trained fold model ready for inference: ``predict(batch) -> DataFrame`` in target units."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if checkpoint.get("format") != "isg-slide-model/1":
+            raise ValueError(f"{path}: not an isg slide-level model checkpoint (written by `isg train`)")
+        self.path, self.outputs, self.fold = Path(path), checkpoint["outputs"], checkpoint["fold"]
+        self.config = TrainConfig(**{**checkpoint["config"], "device": device})
+        self.d, self.local_grid = checkpoint["d"], checkpoint["local_grid"]
+        n_outputs = 1 if self.config.task == "msi" else len(self.outputs)
+        self.model = build_model(self.config, self.d, self.local_grid, n_outputs)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.to(device).eval()
+        self.model.standardizer = None
+        if checkpoint["target_mean"] is not None:
+            self.model.standardizer = _Standardizer.__new__(_Standardizer)
+            self.model.standardizer.mean, self.model.standardizer.std = checkpoint["target_mean"], checkpoint["target_std"]
+
+    @property
+    def uses_local(self) -> bool:
+        return uses_local_features(self.config.model)
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> pd.DataFrame:
+        """Per-slide predictions (rows ``batch["slide_id"]``) for a collated batch of bags."""
+        out = forward_batch(self.model, batch, torch.device(self.config.device)).float().cpu()
+        if self.config.task == "msi":
+            return pd.DataFrame({"msi_h_probability": torch.sigmoid(out[:, 0]).numpy()}, index=batch["slide_id"])
+        return pd.DataFrame(self.model.standardizer.invert(out).numpy(), index=batch["slide_id"], columns=self.outputs)
+
+
+def load_fold_models(train_dir: str | Path, device: str = "cpu") -> list[SlideModel]:
+    """Every fold model saved by :func:`cross_validate` in ``train_dir`` (an ensemble for inference)."""
+    paths = sorted(Path(train_dir).glob("model_fold*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"{train_dir}: no model_fold*.pt checkpoints (train a model with `isg train` first)")
+    return [SlideModel(path, device) for path in paths]
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
