@@ -90,3 +90,55 @@ def test_load_labels_rejects_bad_tables(tmp_path, text, problem):
     with pytest.raises(LabelError, match=problem) as info:
         load_labels(path)
     assert str(path) in str(info.value)
+
+
+def _cli_inputs(tmp_path):
+    manifest, feature_dir, targets = _cohort(tmp_path)
+    manifest[["slide_path", "sample_id", "patient_id"]].to_csv(tmp_path / "manifest.csv", index=False)
+    counts = (10 ** (targets - targets.min().min()) - 1).round(3)  # raw-count-like, >= 0
+    counts.index.name = "sample_id"
+    counts.to_csv(tmp_path / "expression.tsv", sep="\t")
+    return feature_dir
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    from isg.cli import main
+
+    feature_dir = _cli_inputs(tmp_path)
+    code = main(["train", "--manifest", str(tmp_path / "manifest.csv"), "--expression", str(tmp_path / "expression.tsv"),
+                 "--features", str(feature_dir), "--out", str(tmp_path / "run"), "--model", "he2rna",
+                 "--folds", "3", "--epochs", "3", "--lr", "3e-3"])
+    assert code == 0
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "pipeline.json").is_file()
+    assert '"mean_r"' in capsys.readouterr().out
+
+
+def _drop_feature_file(p):
+    (p / "features" / "s3.h5").unlink()
+    return []
+
+
+def _nan_expression(p):
+    lines = (p / "expression.tsv").read_text().splitlines()
+    lines[2] = "\t".join(lines[2].split("\t")[:2] + ["nan"] + lines[2].split("\t")[3:])
+    (p / "expression.tsv").write_text("\n".join(lines) + "\n")
+    return []
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda p: ["--features", str(p / "absent")], "no such folder"),
+    (_drop_feature_file, "have no feature file: s3"),
+    (_nan_expression, "sample1"),
+    (lambda p: ["--folds", "1"], "--folds must be >= 2"),
+    (lambda p: ["--task", "msi"], "--labels is required"),
+])
+def test_cli_train_bad_input_exits_2_with_a_message(tmp_path, capsys, change, problem):
+    from isg.cli import main
+
+    feature_dir = _cli_inputs(tmp_path)
+    extra = change(tmp_path)
+    args = ["train", "--manifest", str(tmp_path / "manifest.csv"), "--expression", str(tmp_path / "expression.tsv"),
+            "--features", str(feature_dir), "--out", str(tmp_path / "run"), "--model", "he2rna", "--epochs", "1", "--folds", "3"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert problem in err, err

@@ -1,0 +1,102 @@
+"""``isg train``: patient-level cross-validation of a slide-level model on cached features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="cross-validate ISG / ViT-S / HE2RNA on extracted features",
+        description="Train with k-fold patient-level CV from per-slide feature .h5 files (written by `isg extract`). "
+        "Regression of log10(1 + x) expression (per-gene Pearson r) or MSI-H vs MSS classification (AUC).")
+    parser.add_argument("--manifest", required=True, help="CSV/TSV with slide_path, sample_id, patient_id")
+    parser.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    parser.add_argument("--out", required=True, help="output folder (splits, fold models, results, figures)")
+    parser.add_argument("--expression", help="samples x genes table (raw counts or FPKM-UQ; TCGA genes x samples accepted)")
+    parser.add_argument("--genes", help="file with the genes to predict (one per line); default: --top-n by variance")
+    parser.add_argument("--top-n", type=int, default=None, help="default gene rule: the N most variable expressed genes")
+    parser.add_argument("--min-samples", type=int, default=1, help="default gene rule: expressed in at least this many samples")
+    parser.add_argument("--task", choices=("regression", "msi"), default="regression")
+    parser.add_argument("--labels", help="--task msi: CSV with sample_id and the label column")
+    parser.add_argument("--label-column", default="msi")
+    parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
+    parser.add_argument("--model", default="isg-10-2", help="isg-N-k (Dual Attention), vit-s (global features only) or he2rna")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--max-patches", type=int, default=256, help="random patches per slide per step while training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run)
+
+
+def _positive(name: str, value) -> None:
+    from isg.cli import CLIError
+
+    if value is not None and value < 1:
+        raise CLIError(f"--{name} must be >= 1, got {value}")
+
+
+def run(args) -> int:
+    from isg.cli import CLIError
+    from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
+    from isg.data.labels import LabelError, load_labels
+    from isg.train.expression import TrainConfig, cross_validate
+
+    for name in ("folds", "epochs", "patience", "batch_size", "max_patches", "top_n", "min_samples"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.folds < 2:
+        raise CLIError(f"--folds must be >= 2, got {args.folds}")
+    features = Path(args.features)
+    if not features.is_dir():
+        raise CLIError(f"--features {features}: no such folder (run `isg extract` first)")
+    if args.task == "regression" and not args.expression:
+        raise CLIError("--expression is required for --task regression")
+    if args.task == "msi" and not args.labels:
+        raise CLIError("--labels is required for --task msi")
+    try:
+        manifest = load_manifest(args.manifest, check_files=False)  # training reads cached features only
+        if args.task == "msi":
+            targets = load_labels(args.labels, column=args.label_column, positive=args.positive)
+        else:
+            targets = load_expression(args.expression, genes=args.genes, top_n=args.top_n,
+                                      min_samples=args.min_samples, samples=manifest["sample_id"])
+        manifest, targets = match_samples(manifest, targets)
+    except (FileNotFoundError, ExpressionError, ManifestError, LabelError) as exc:
+        raise CLIError(str(exc)) from exc
+    missing = [sid for sid in manifest["slide_id"] if not (features / f"{sid}.h5").is_file()]
+    if missing:
+        from isg.data._util import list_some
+
+        raise CLIError(f"--features {features}: {len(missing)} slide(s) have no feature file: {list_some(missing)}")
+    config = TrainConfig(model=args.model, task=args.task, epochs=args.epochs, patience=args.patience,
+                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device)
+    try:
+        summary = cross_validate(manifest, features, targets, args.out, config)
+    except ValueError as exc:  # unknown model name, too few patients for the folds, bad feature files
+        raise CLIError(str(exc)) from exc
+    _write_pipeline(Path(args.out), features, manifest)
+    keys = ("auc",) if args.task == "msi" else ("mean_r", "median_r", "n_significant", "n_genes")
+    print(json.dumps({key: summary.get(key) for key in keys if key in summary} | {"n_samples": summary.get("n_samples"), "out": str(args.out)}, default=float))
+    return 0
+
+
+def _write_pipeline(out: Path, features: Path, manifest) -> None:
+    """Record how the features were made (preprocess + extractor attrs) so `isg predict` can redo it on new slides."""
+    import h5py
+
+    from isg.data._util import write_text_atomic
+
+    with h5py.File(features / f"{manifest['slide_id'].iloc[0]}.h5", "r") as f:
+        def attrs(name):
+            return {k: (v.item() if hasattr(v, "item") else v.decode() if isinstance(v, bytes) else v) for k, v in f[name].attrs.items()} if name in f else {}
+
+        pipeline = {"features_dir": str(features.resolve()), "preprocess": attrs("coords"),
+                    "global_features": attrs("features"), "local_features": attrs("local_features")}
+    write_text_atomic(out / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
