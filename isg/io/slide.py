@@ -1,0 +1,495 @@
+"""Whole-slide image readers behind one :class:`Slide` interface.
+
+Backends (``open_slide(path, backend=...)``):
+
+* ``"cucim"``: cuCIM (generic tiled TIFF, SVS); imported lazily, its cuFile log is silenced.
+* ``"openslide"``: OpenSlide (NDPI, MRXS, SCN, SVS, VMS, BIF, generic tiled TIFF, ...).
+* ``"tifffile"``: pure-Python tiled/stripped TIFF reader (tifffile + imagecodecs). It reads the
+  compressed tiles with ``os.pread`` and decodes them with the GIL released, so it is thread-safe
+  and the fastest path for tile streaming.
+* ``"image"``: PNG / JPEG / BMP via Pillow, one level, for small inputs.
+
+``"auto"`` picks cuCIM for ``.tif/.tiff/.svs`` when it is installed, OpenSlide for the other
+vendor formats, then tifffile, then image. Every backend returns the same pixels: RGB uint8, and
+regions reaching past the slide border are padded white (255).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("cucim", "openslide", "tifffile", "image")
+CUCIM_SUFFIXES = (".tif", ".tiff", ".svs")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
+OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
+MAX_IMAGE_PIXELS = 30000 * 30000  # the "image" backend decodes the whole file in memory
+_PLAUSIBLE_MPP = (0.01, 50.0)  # um/px; a dpi outside this range is a screen default, not a calibration
+
+
+class SlideError(ValueError):
+    """A slide that cannot be used: the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def mpp_from_description(description: str | None) -> float | None:
+    """``MPP = 0.25`` (Aperio ImageDescription) -> 0.25, else None."""
+    if not description:
+        return None
+    match = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", description)
+    return float(match.group(1)) if match else None
+
+
+def mpp_from_resolution(x_resolution, unit) -> float | None:
+    """TIFF XResolution (pixels per unit; rational or float) + ResolutionUnit -> um/px, else None."""
+    if x_resolution is None:
+        return None
+    if isinstance(x_resolution, tuple):
+        num, den = x_resolution
+        if not num or not den:
+            return None
+        x_resolution = num / den
+    if not x_resolution or x_resolution <= 0:
+        return None
+    unit = int(unit) if unit is not None else 2
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # 2 = inch (TIFF default), 3 = centimeter, 1 = none
+    return um_per_unit / float(x_resolution) if um_per_unit else None
+
+
+def _plausible(mpp: float | None) -> float | None:
+    return mpp if mpp is not None and _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
+
+
+def _tiff_mpp(page) -> float | None:
+    """mpp of a tifffile page: Aperio ``MPP =`` first, then the resolution tags."""
+    tags = page.tags
+    description = tags["ImageDescription"].value if "ImageDescription" in tags else None
+    mpp = mpp_from_description(description if isinstance(description, str) else None)
+    if mpp is None and "XResolution" in tags:
+        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
+        mpp = _plausible(mpp_from_resolution(tags["XResolution"].value, unit))
+    return mpp
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class Slide:
+    """A multi-resolution slide. Subclasses fill the attributes and implement ``_read``.
+
+    Attributes: ``path``, ``backend``, ``dimensions`` (W, H) at level 0, ``level_count``,
+    ``level_dimensions`` [(W, H)], ``level_downsamples`` [float], ``mpp`` (um/px at level 0).
+    """
+
+    backend = ""
+
+    def __init__(self, path, mpp: float | None = None):
+        self.path = Path(path)
+        self._mpp_override = mpp
+        self.level_dimensions: list[tuple[int, int]] = []
+        self.level_downsamples: list[float] = []
+        self._mpp_meta: float | None = None
+
+    # -- filled by subclasses
+    def _read(self, x: int, y: int, level: int, w: int, h: int, out: np.ndarray) -> None:
+        """Read the in-bounds level-``level`` rectangle (x, y, w, h) into ``out`` [h, w, 3]."""
+        raise NotImplementedError
+
+    def _finish_init(self) -> None:
+        if not self.level_dimensions:
+            raise SlideError(self.path, "no image levels found")
+        w, h = self.level_dimensions[0]
+        if w < MIN_SLIDE_SIZE or h < MIN_SLIDE_SIZE:
+            raise SlideError(self.path, f"too small: {w}x{h} px (at least {MIN_SLIDE_SIZE}x{MIN_SLIDE_SIZE} needed)")
+        if self._mpp_override is not None:
+            if not (self._mpp_override > 0 and math.isfinite(self._mpp_override)):
+                raise SlideError(self.path, f"mpp= must be a positive number, got {self._mpp_override!r}")
+        elif self._mpp_meta is None:
+            raise SlideError(self.path, "no microns-per-pixel (mpp) in the metadata; pass mpp= (e.g. --mpp 0.5) to set it")
+
+    # -- public API
+    @property
+    def mpp(self) -> float:
+        return float(self._mpp_override if self._mpp_override is not None else self._mpp_meta)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def slide_id(self) -> str:
+        return self.path.stem
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, mpp: float) -> int:
+        """The coarsest level whose resolution is at least as fine as ``mpp`` (1% tolerance); 0 if none."""
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= mpp * 1.01:
+                best = level
+        return best
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        best = 0
+        for level, factor in enumerate(self.level_downsamples):
+            if factor <= downsample * 1.01:
+                best = level
+        return best
+
+    def read_region(self, location, level: int, size, out: np.ndarray | None = None) -> np.ndarray:
+        """RGB uint8 [h, w, 3] of ``size`` (w, h) pixels at ``level`` whose top-left is ``location`` (x, y) at level 0.
+
+        Pixels outside the slide are white (255). ``out`` (uint8 [h, w, 3], C-contiguous) is filled in place.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} out of range (slide has {self.level_count} levels)")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"{self.path}: region size must be positive, got {size}")
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
+        factor = self.level_downsamples[level]
+        x = int(math.floor(location[0] / factor))  # top-left at the read level
+        y = int(math.floor(location[1] / factor))
+        lw, lh = self.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x0 >= x1 or y0 >= y1:
+            out.fill(255)
+            return out
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out.fill(255)
+        self._read(x0, y0, level, x1 - x0, y1 - y0, out[y0 - y:y1 - y, x0 - x:x1 - x])
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size``, read from the coarsest adequate level."""
+        from PIL import Image
+
+        W, H = self.dimensions
+        scale = max_size / max(W, H)
+        tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+        level = self.best_level_for_downsample(1.0 / scale) if scale < 1 else 0
+        region = self.read_region((0, 0), level, self.level_dimensions[level])
+        if region.shape[:2] == (th, tw):
+            return region
+        return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
+                f"levels={self.level_count}, mpp={self.mpp if self._mpp_override or self._mpp_meta else None})")
+
+
+# ----------------------------------------------------------------------------- tifffile
+
+
+class TiffSlide(Slide):
+    """Tiled or stripped (pyramidal) TIFF via tifffile: compressed segments are read with ``os.pread``
+    and decoded by imagecodecs (GIL released), so concurrent ``read_region`` calls are safe."""
+
+    backend = "tifffile"
+
+    def __init__(self, path, mpp=None):
+        super().__init__(path, mpp)
+        import tifffile
+
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            pages = [level.keyframe for level in series.levels]
+        except Exception as exc:
+            raise SlideError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        self._pages = []
+        size = os.path.getsize(path)
+        for page in pages:
+            if page.dtype is None or page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or page.imagedepth > 1:
+                break
+            self._pages.append(page)
+        if not self._pages:
+            raise SlideError(path, f"unsupported TIFF layout: {pages[0]!r} (need 8-bit gray/RGB images)")
+        for page in self._pages:
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > size or 0 in page.databytecounts:
+                raise SlideError(path, f"truncated: level data ends at byte {end} but the file has {size} bytes")
+        W0, H0 = self._pages[0].imagewidth, self._pages[0].imagelength
+        self.level_dimensions = [(p.imagewidth, p.imagelength) for p in self._pages]
+        self.level_downsamples = [float((W0 / w + H0 / h) / 2) for w, h in self.level_dimensions]
+        self._mpp_meta = _tiff_mpp(self._pages[0])
+        self._fd = os.open(str(path), os.O_RDONLY)
+        self._finish_init()
+
+    @staticmethod
+    def _segment_shape(page) -> tuple[int, int]:
+        if page.is_tiled:
+            return page.tilelength, page.tilewidth
+        return page.rowsperstrip if page.rowsperstrip else page.imagelength, page.imagewidth
+
+    def _decode(self, page, index: int) -> np.ndarray:
+        """Segment ``index`` of ``page`` as uint8 [th, tw, 3]."""
+        data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+        segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        segment = segment.reshape(segment.shape[-3:])  # [th, tw, C]
+        if segment.shape[-1] == 1:
+            return np.repeat(segment, 3, axis=-1)
+        return segment[..., :3]
+
+    def read_segment(self, level: int, row: int, col: int) -> np.ndarray:
+        """Decoded tile (row, col) of ``level`` [th, tw, 3] (edge tiles keep their padding)."""
+        page = self._pages[level]
+        th, tw = self._segment_shape(page)
+        cols = -(-page.imagewidth // tw)
+        return self._decode(page, row * cols + col)
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        """(th, tw) of the compressed segments of ``level``."""
+        return self._segment_shape(self._pages[level])
+
+    def _read(self, x, y, level, w, h, out):
+        page = self._pages[level]
+        th, tw = self._segment_shape(page)
+        cols = -(-page.imagewidth // tw)
+        for row in range(y // th, (y + h - 1) // th + 1):
+            for col in range(x // tw, (x + w - 1) // tw + 1):
+                segment = self._decode(page, row * cols + col)
+                sy0, sx0 = row * th, col * tw
+                ya, yb = max(y, sy0), min(y + h, sy0 + th)
+                xa, xb = max(x, sx0), min(x + w, sx0 + tw)
+                out[ya - y:yb - y, xa - x:xb - x] = segment[ya - sy0:yb - sy0, xa - sx0:xb - sx0]
+
+    def close(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        if getattr(self, "_tif", None) is not None:
+            self._tif.close()
+
+
+# ----------------------------------------------------------------------------- OpenSlide
+
+
+class OpenSlideSlide(Slide):
+    backend = "openslide"
+
+    def __init__(self, path, mpp=None):
+        super().__init__(path, mpp)
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError
+            raise SlideError(path, f"OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
+        self.level_dimensions = [tuple(map(int, d)) for d in self._osr.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+        props = self._osr.properties
+        mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
+        self._mpp_meta = float(mpp_x) if mpp_x else None
+        self._lock = threading.Lock()
+        self._finish_init()
+
+    def _read(self, x, y, level, w, h, out):
+        factor = self.level_downsamples[level]
+        location = (int(round(x * factor)), int(round(y * factor)))
+        try:
+            rgba = np.asarray(self._osr.read_region(location, level, (w, h)))  # [h, w, 4], premultiplied alpha
+        except Exception as exc:
+            raise SlideError(self.path, f"OpenSlide read failed at {location} level {level}: {exc}") from exc
+        alpha = rgba[..., 3:4]
+        if alpha.min() == 255:
+            out[...] = rgba[..., :3]
+        else:  # transparent (missing) areas -> white
+            out[...] = (rgba[..., :3].astype(np.uint16) + (255 - alpha)).clip(0, 255).astype(np.uint8)
+
+    def close(self):
+        self._osr.close()
+
+
+# ----------------------------------------------------------------------------- cuCIM
+
+
+def _quiet_cucim() -> None:
+    """cuCIM's cuFile layer writes ``cufile.log`` into the working directory (libcuda errors on CPU machines)."""
+    os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+
+
+class CuCIMSlide(Slide):
+    backend = "cucim"
+
+    def __init__(self, path, mpp=None, device: str = "cpu"):
+        super().__init__(path, mpp)
+        _quiet_cucim()
+        from cucim import CuImage
+
+        try:
+            self._image = CuImage(str(path))
+        except Exception as exc:
+            raise SlideError(path, f"cuCIM cannot open it ({type(exc).__name__}: {exc})") from exc
+        resolutions = self._image.resolutions
+        self.level_dimensions = [tuple(map(int, d)) for d in resolutions["level_dimensions"]]
+        self.level_downsamples = [float(d) for d in resolutions["level_downsamples"]]
+        self.device = device
+        self._mpp_meta = self._metadata_mpp()
+        self._finish_init()
+
+    def _metadata_mpp(self) -> float | None:
+        meta = self._image.metadata
+        aperio = meta.get("aperio", {}) if isinstance(meta, dict) else {}
+        if "MPP" in aperio:
+            return float(aperio["MPP"])
+        tiff = meta.get("tiff", {}) if isinstance(meta, dict) else {}
+        unit = {"inch": 2, "centimeter": 3}.get(str(tiff.get("resolution_unit", "")).lower())
+        return _plausible(mpp_from_resolution(tiff.get("x_resolution"), unit)) if unit else None
+
+    @property
+    def cuimage(self):
+        """The underlying ``cucim.CuImage`` (batch reads: ``read_region(locations, size, level, batch_size, num_workers)``)."""
+        return self._image
+
+    def _read(self, x, y, level, w, h, out):
+        factor = self.level_downsamples[level]
+        location = (int(round(x * factor)), int(round(y * factor)))
+        out[...] = np.asarray(self._image.read_region(location, (w, h), level))[..., :3]
+
+    def close(self):
+        self._image.close()
+
+
+# ----------------------------------------------------------------------------- plain images
+
+
+class ImageSlide(Slide):
+    """PNG / JPEG / ... decoded whole by Pillow: one level, for small inputs."""
+
+    backend = "image"
+
+    def __init__(self, path, mpp=None):
+        super().__init__(path, mpp)
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise SlideError(path, f"{image.width}x{image.height} px is too large for the 'image' backend; "
+                                           "convert it to a tiled pyramidal TIFF")
+                dpi = image.info.get("dpi")
+                image.load()
+                self._pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        h, w = self._pixels.shape[:2]
+        self.level_dimensions, self.level_downsamples = [(w, h)], [1.0]
+        self._mpp_meta = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
+        self._finish_init()
+
+    def _read(self, x, y, level, w, h, out):
+        out[...] = self._pixels[y:y + h, x:x + w]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _cucim_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("cucim") is None:
+        return False
+    try:
+        _quiet_cucim()
+        from cucim import CuImage  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _openslide_available() -> bool:
+    try:
+        import openslide  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _sniff(path: Path) -> str:
+    """'tiff', 'image' or 'unknown' from the magic bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:2] == b"BM" or head[:4] in (b"GIF8", b"RIFF"):
+        return "image"
+    return "unknown"
+
+
+_CLASSES = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide, "image": ImageSlide}
+
+
+def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
+    """Open a whole-slide image.
+
+    ``backend``: "auto" | "cucim" | "openslide" | "tifffile" | "image". ``mpp`` (um/px at level 0)
+    overrides the metadata; without it a slide lacking mpp metadata raises :class:`SlideError`.
+    Missing, corrupt, truncated, unsupported and too-small files raise :class:`SlideError` naming the file.
+    """
+    path = Path(path)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown slide backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise SlideError(path, "file not found")
+    if not path.is_file():
+        raise SlideError(path, "not a file")
+    if path.stat().st_size == 0:
+        raise SlideError(path, "empty file")
+    kind = _sniff(path)
+    suffix = path.suffix.lower()
+    if backend != "auto":
+        return _CLASSES[backend](path, mpp=mpp)
+
+    if kind != "tiff" and suffix in CUCIM_SUFFIXES:
+        raise SlideError(path, f"corrupt: a {suffix} file must start with a TIFF header, got {path.read_bytes()[:4]!r}")
+    if kind == "tiff" and suffix != ".ndpi":
+        # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply,
+        # so cuCIM / OpenSlide never see a broken file.
+        tiff = TiffSlide(path, mpp=mpp)
+        if suffix in CUCIM_SUFFIXES and _cucim_available():
+            tiff.close()
+            return CuCIMSlide(path, mpp=mpp)
+        return tiff
+    if kind == "image":
+        return ImageSlide(path, mpp=mpp)
+    if suffix in OPENSLIDE_SUFFIXES and _openslide_available():
+        return OpenSlideSlide(path, mpp=mpp)
+    if kind == "tiff":
+        return TiffSlide(path, mpp=mpp)
+    raise SlideError(path, f"unsupported format (suffix {suffix or 'none'!r}, not a TIFF or image file; "
+                           f"supported: {', '.join(sorted(set(OPENSLIDE_SUFFIXES + IMAGE_SUFFIXES)))})")
