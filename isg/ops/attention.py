@@ -1,0 +1,234 @@
+"""Fused Dual Attention ops: sigmoid-gated Hadamard product and softmax-weighted spatial sum.
+
+Both ops live in the attention-fusion blocks of the Dual Attention network
+(:mod:`isg.model`), one per updater:
+
+* ``gated_hadamard(q [M, C], k [M, C, L], v [M, C, L]) -> [M, C, L]``
+  ``= sigmoid(q[..., None] * k) * v``  (local updater, Eq. 4-5: A = sigmoid(Q (.) K), A (.) V);
+* ``softmax_spatial_sum(logits [M, C, L], p [M, C, L]) -> [M, C]``
+  ``= sum_j softmax_j(logits) * p_j``  (global updater, Eq. 6-8: sum_space(Z (.) P)).
+
+Eager PyTorch materialises the intermediates (q * k, the sigmoid, the softmax)
+and saves them for backward; the fused kernels read their inputs once, keep
+the intermediates in registers, accumulate in float32 and recompute them in
+backward. Pattern (pytorch/extension-cpp, stylegan2-ada ``torch_utils/ops``):
+pure-PyTorch ``*_reference`` (oracle + fallback), ``torch.library.custom_op``
+``isg::<op>`` / ``isg::<op>_backward`` over ``isg._C`` raw-pointer kernels
+(CPU C++ with OpenMP, CUDA), fake + autograd registrations, and a public
+function that picks the native op when it is available for the input's device
+and dtype (float32, float64, float16, bfloat16), else the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from isg import _ext
+
+__all__ = [
+    "gated_hadamard",
+    "gated_hadamard_reference",
+    "softmax_spatial_sum",
+    "softmax_spatial_sum_reference",
+    "native_available",
+]
+
+# dtype codes shared with csrc/attention/attention.h (enum class DType)
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+# ----------------------------------------------------------------------------- references (oracle + fallback)
+
+
+def gated_hadamard_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(q[..., None] * k) * v``: q [M, C], k and v [M, C, L] -> [M, C, L]."""
+    return torch.sigmoid(q.unsqueeze(-1) * k) * v
+
+
+def softmax_spatial_sum_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sum_j softmax_j(logits) * p_j`` over the last axis: logits and p [M, C, L] -> [M, C]."""
+    return (torch.softmax(logits, dim=-1) * p).sum(-1)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 2 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"gated_hadamard: expected q [M, C], k [M, C, L], v [M, C, L]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or tuple(k.shape[:2]) != tuple(q.shape):
+        raise ValueError(f"gated_hadamard: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def _check_softmax(logits: torch.Tensor, p: torch.Tensor) -> None:
+    if logits.dim() != 3 or logits.shape != p.shape:
+        raise ValueError(f"softmax_spatial_sum: expected logits and p of one shape [M, C, L]; "
+                         f"got logits {tuple(logits.shape)}, p {tuple(p.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("softmax_spatial_sum: the spatial axis L is empty (softmax over no positions)")
+
+
+# ----------------------------------------------------------------------------- native calls
+
+
+def _call(name: str, device: torch.device, *args) -> None:
+    """``isg._C.<name>`` on CPU, ``isg._C.<name>_cuda`` (with the current stream) on CUDA."""
+    module = _ext.ext()
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(module, f"{name}_cuda")(*args, stream)
+    else:
+        getattr(module, name)(*args)
+
+
+def _dims(x: torch.Tensor) -> tuple[int, int]:
+    """(rows = M * C, L) of a [M, C, L] tensor."""
+    return x.shape[0] * x.shape[1], x.shape[2]
+
+
+@torch.library.custom_op("isg::gated_hadamard", mutates_args=())
+def _gated_hadamard_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(k)
+    rows, length = _dims(k)
+    if rows * length:
+        _call("gated_hadamard_forward", k.device, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+              rows, length, _DTYPE_CODES[k.dtype])
+    return out
+
+
+@_gated_hadamard_op.register_fake
+def _(q, k, v):
+    return torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("isg::gated_hadamard_backward", mutates_args=())
+def _gated_hadamard_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, q, k, v = grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rows, length = _dims(k)
+    if rows * length:
+        _call("gated_hadamard_backward", k.device, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+              grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), rows, length, _DTYPE_CODES[k.dtype])
+    elif rows:
+        grad_q.zero_()
+    return grad_q, grad_k, grad_v
+
+
+@_gated_hadamard_backward_op.register_fake
+def _(grad, q, k, v):
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt))
+
+
+def _gated_hadamard_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gated_hadamard_grad(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    return torch.ops.isg.gated_hadamard_backward(grad, q, k, v)
+
+
+_gated_hadamard_op.register_autograd(_gated_hadamard_grad, setup_context=_gated_hadamard_setup)
+
+
+@torch.library.custom_op("isg::softmax_spatial_sum", mutates_args=())
+def _softmax_spatial_sum_op(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    logits, p = logits.contiguous(), p.contiguous()
+    out = logits.new_empty(logits.shape[:2])
+    rows, length = _dims(logits)
+    if rows:
+        _call("softmax_spatial_sum_forward", logits.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
+              rows, length, _DTYPE_CODES[logits.dtype])
+    return out
+
+
+@_softmax_spatial_sum_op.register_fake
+def _(logits, p):
+    return logits.new_empty(logits.shape[:2])
+
+
+@torch.library.custom_op("isg::softmax_spatial_sum_backward", mutates_args=())
+def _softmax_spatial_sum_backward_op(grad: torch.Tensor, logits: torch.Tensor, p: torch.Tensor,
+                                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad, logits, p, out = grad.contiguous(), logits.contiguous(), p.contiguous(), out.contiguous()
+    grad_logits, grad_p = torch.empty_like(logits), torch.empty_like(p)
+    rows, length = _dims(logits)
+    if rows:
+        _call("softmax_spatial_sum_backward", logits.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
+              out.data_ptr(), grad_logits.data_ptr(), grad_p.data_ptr(), rows, length, _DTYPE_CODES[logits.dtype])
+    return grad_logits, grad_p
+
+
+@_softmax_spatial_sum_backward_op.register_fake
+def _(grad, logits, p, out):
+    fmt = torch.contiguous_format
+    return torch.empty_like(logits, memory_format=fmt), torch.empty_like(p, memory_format=fmt)
+
+
+def _softmax_spatial_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _softmax_spatial_sum_grad(ctx, grad):
+    logits, p, out = ctx.saved_tensors
+    return torch.ops.isg.softmax_spatial_sum_backward(grad, logits, p, out)
+
+
+_softmax_spatial_sum_op.register_autograd(_softmax_spatial_sum_grad, setup_context=_softmax_spatial_sum_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def native_available(x: torch.Tensor) -> bool:
+    """Whether the fused kernels serve tensors like ``x`` (device and dtype)."""
+    if x.dtype not in _DTYPE_CODES:
+        return False
+    if x.device.type == "cpu":
+        return _ext.has("gated_hadamard_forward")
+    if x.device.type == "cuda":
+        return _ext.has("gated_hadamard_forward_cuda") and _ext.cuda_ready()
+    return False
+
+
+def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
+def gated_hadamard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
+    """``sigmoid(q[..., None] * k) * v``: q [M, C], k and v [M, C, L] -> [M, C, L].
+
+    ``fused=None`` uses the native kernel when available for the device and
+    dtype, ``True`` requires it, ``False`` forces the PyTorch reference.
+    """
+    _check_gated(q, k, v)
+    q, k, v = _common(q, k, v)
+    if fused is None:
+        fused = native_available(k)
+    elif fused and not native_available(k):
+        raise RuntimeError(f"gated_hadamard: no fused kernel for {k.dtype} on {k.device} "
+                           f"(isg._C: {_ext.ext_error() or 'built'})")
+    return torch.ops.isg.gated_hadamard(q, k, v) if fused else gated_hadamard_reference(q, k, v)
+
+
+def softmax_spatial_sum(logits: torch.Tensor, p: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
+    """``sum_j softmax_j(logits) * p_j`` over the last axis: logits and p [M, C, L] -> [M, C].
+
+    ``fused`` as in :func:`gated_hadamard`.
+    """
+    _check_softmax(logits, p)
+    logits, p = _common(logits, p)
+    if fused is None:
+        fused = native_available(p)
+    elif fused and not native_available(p):
+        raise RuntimeError(f"softmax_spatial_sum: no fused kernel for {p.dtype} on {p.device} "
+                           f"(isg._C: {_ext.ext_error() or 'built'})")
+    return torch.ops.isg.softmax_spatial_sum(logits, p) if fused else softmax_spatial_sum_reference(logits, p)
