@@ -153,30 +153,31 @@ def _(logits, p):
 
 
 @torch.library.custom_op("isg::softmax_spatial_sum_backward", mutates_args=())
-def _softmax_spatial_sum_backward_op(grad: torch.Tensor, logits: torch.Tensor, p: torch.Tensor,
-                                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    grad, logits, p, out = grad.contiguous(), logits.contiguous(), p.contiguous(), out.contiguous()
+def _softmax_spatial_sum_backward_op(grad: torch.Tensor, logits: torch.Tensor,
+                                     p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the forward output is recomputed in float inside the kernel (not saved, not rounded)
+    grad, logits, p = grad.contiguous(), logits.contiguous(), p.contiguous()
     grad_logits, grad_p = torch.empty_like(logits), torch.empty_like(p)
     rows, length = _dims(logits)
     if rows:
         _call("softmax_spatial_sum_backward", logits.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
-              out.data_ptr(), grad_logits.data_ptr(), grad_p.data_ptr(), rows, length, _DTYPE_CODES[logits.dtype])
+              grad_logits.data_ptr(), grad_p.data_ptr(), rows, length, _DTYPE_CODES[logits.dtype])
     return grad_logits, grad_p
 
 
 @_softmax_spatial_sum_backward_op.register_fake
-def _(grad, logits, p, out):
+def _(grad, logits, p):
     fmt = torch.contiguous_format
     return torch.empty_like(logits, memory_format=fmt), torch.empty_like(p, memory_format=fmt)
 
 
 def _softmax_spatial_sum_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output)
+    ctx.save_for_backward(*inputs)
 
 
 def _softmax_spatial_sum_grad(ctx, grad):
-    logits, p, out = ctx.saved_tensors
-    return torch.ops.isg.softmax_spatial_sum_backward(grad, logits, p, out)
+    logits, p = ctx.saved_tensors
+    return torch.ops.isg.softmax_spatial_sum_backward(grad, logits, p)
 
 
 _softmax_spatial_sum_op.register_autograd(_softmax_spatial_sum_grad, setup_context=_softmax_spatial_sum_setup)

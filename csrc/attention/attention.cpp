@@ -1,0 +1,295 @@
+// CPU kernels of the fused Dual Attention ops (OpenMP over rows) and their pybind11 bindings.
+#include "attention/attention.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention/attention_math.h"
+#include "common/check.h"
+
+namespace py = pybind11;
+
+namespace isg {
+namespace attention {
+namespace {
+
+// ----------------------------------------------------------------------------- storage types
+
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+
+inline float float_from_bits(uint32_t w) { float f; std::memcpy(&f, &w, 4); return f; }
+inline uint32_t bits_from_float(float f) { uint32_t w; std::memcpy(&w, &f, 4); return w; }
+
+// IEEE half <-> float, round to nearest even (after Maratyszcza's FP16 library).
+inline float half_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return float_from_bits(sign | (two_w < (1u << 27) ? bits_from_float(denormalized) : bits_from_float(normalized)));
+}
+
+inline uint16_t float_to_half(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = bits_from_float(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = float_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = bits_from_float(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float bfloat16_to_float(uint16_t b) { return float_from_bits(uint32_t(b) << 16); }
+
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t w = bits_from_float(f);
+  if (std::isnan(f)) return uint16_t((w >> 16) | 0x0040u);
+  return uint16_t((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);  // round to nearest even
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+inline float load(const float* p) { return *p; }
+inline double load(const double* p) { return *p; }
+inline float load(const Half* p) { return half_to_float(p->bits); }
+inline float load(const BFloat16* p) { return bfloat16_to_float(p->bits); }
+inline void store(float* p, float x) { *p = x; }
+inline void store(double* p, double x) { *p = x; }
+inline void store(Half* p, float x) { p->bits = float_to_half(x); }
+inline void store(BFloat16* p, float x) { p->bits = float_to_bfloat16(x); }
+
+template <typename F>
+void dispatch(DType dtype, F&& fn) {
+  switch (dtype) {
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+    case DType::Float16: return fn(Half{});
+    case DType::BFloat16: return fn(BFloat16{});
+  }
+  ISG_CHECK(false, "attention: unsupported dtype code " + std::to_string(int(dtype)));
+}
+
+// ----------------------------------------------------------------------------- kernels (one row = one (m, c))
+
+template <typename T>
+void gated_forward_rows(const T* q, const T* k, const T* v, T* out, int64_t rows, int64_t length) {
+  using acc_t = typename Acc<T>::type;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t qr = load(q + r);
+    const int64_t base = r * length;
+    for (int64_t j = 0; j < length; ++j)
+      store(out + base + j, gated_forward<acc_t>(qr, load(k + base + j), load(v + base + j)));
+  }
+}
+
+template <typename T>
+void gated_backward_rows(const T* grad, const T* q, const T* k, const T* v, T* grad_q, T* grad_k, T* grad_v, int64_t rows,
+                         int64_t length) {
+  using acc_t = typename Acc<T>::type;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t qr = load(q + r);
+    const int64_t base = r * length;
+    acc_t dq = 0;
+    for (int64_t j = 0; j < length; ++j) {
+      acc_t gk, gv;
+      dq += gated_backward<acc_t>(qr, load(k + base + j), load(v + base + j), load(grad + base + j), gk, gv);
+      store(grad_k + base + j, gk);
+      store(grad_v + base + j, gv);
+    }
+    store(grad_q + r, dq);
+  }
+}
+
+// exp(logit_j - max) of one row into e[0:length]; returns their sum.
+template <typename T, typename acc_t>
+acc_t row_exp(const T* logits, int64_t length, acc_t* e) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < length; ++j) m = std::max(m, acc_t(load(logits + j)));
+  acc_t sum = 0;
+  for (int64_t j = 0; j < length; ++j) {
+    e[j] = std::exp(acc_t(load(logits + j)) - m);
+    sum += e[j];
+  }
+  return sum;
+}
+
+template <typename T>
+void softmax_forward_rows(const T* logits, const T* p, T* out, int64_t rows, int64_t length) {
+  using acc_t = typename Acc<T>::type;
+#pragma omp parallel
+  {
+    std::vector<acc_t> e(length);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = r * length;
+      const acc_t sum = row_exp(logits + base, length, e.data());
+      acc_t acc = 0;
+      for (int64_t j = 0; j < length; ++j) acc += e[j] * acc_t(load(p + base + j));
+      store(out + r, acc / sum);
+    }
+  }
+}
+
+template <typename T>
+void softmax_backward_rows(const T* grad, const T* logits, const T* p, T* grad_logits, T* grad_p, int64_t rows, int64_t length) {
+  using acc_t = typename Acc<T>::type;
+#pragma omp parallel
+  {
+    std::vector<acc_t> e(length);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = r * length;
+      const acc_t inv = acc_t(1) / row_exp(logits + base, length, e.data());
+      acc_t out = 0;  // recomputed in acc_t: no rounding of the saved forward output
+      for (int64_t j = 0; j < length; ++j) out += e[j] * acc_t(load(p + base + j));
+      out *= inv;
+      const acc_t g = load(grad + r);
+      for (int64_t j = 0; j < length; ++j) {
+        acc_t gl, gp;
+        softmax_sum_backward<acc_t>(e[j] * inv, acc_t(load(p + base + j)), out, g, gl, gp);
+        store(grad_logits + base + j, gl);
+        store(grad_p + base + j, gp);
+      }
+    }
+  }
+}
+
+void check_sizes(const char* op, int64_t rows, int64_t length) {
+  ISG_CHECK(rows >= 0 && length >= 0, std::string(op) + ": negative size (rows=" + std::to_string(rows) +
+                                           ", length=" + std::to_string(length) + ")");
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- public CPU entry points
+
+void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, int64_t rows, int64_t length, DType dtype) {
+  check_sizes("gated_hadamard_forward", rows, length);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gated_forward_rows(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out), rows,
+                       length);
+  });
+}
+
+void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k, const void* v, void* grad_q, void* grad_k,
+                                 void* grad_v, int64_t rows, int64_t length, DType dtype) {
+  check_sizes("gated_hadamard_backward", rows, length);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gated_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                        static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), rows, length);
+  });
+}
+
+void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, int64_t rows, int64_t length, DType dtype) {
+  check_sizes("softmax_spatial_sum_forward", rows, length);
+  ISG_CHECK(length > 0 || rows == 0, "softmax_spatial_sum_forward: softmax over an empty spatial axis");
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    softmax_forward_rows(static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(out), rows, length);
+  });
+}
+
+void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, const void* p, void* grad_logits, void* grad_p,
+                                      int64_t rows, int64_t length, DType dtype) {
+  check_sizes("softmax_spatial_sum_backward", rows, length);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    softmax_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(logits), static_cast<const T*>(p),
+                          static_cast<T*>(grad_logits), static_cast<T*>(grad_p), rows, length);
+  });
+}
+
+}  // namespace attention
+
+// ----------------------------------------------------------------------------- bindings
+
+namespace {
+template <typename T = void>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+attention::DType to_dtype(int code) {
+  ISG_CHECK(code >= 0 && code <= 3, "attention: dtype code must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16), got " +
+                                        std::to_string(code));
+  return static_cast<attention::DType>(code);
+}
+}  // namespace
+
+void register_attention(py::module_& m) {
+  using namespace attention;
+  m.def("gated_hadamard_forward",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t rows, int64_t length, int dtype) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          gated_hadamard_forward_cpu(ptr(q), ptr(k), ptr(v), ptr(out), rows, length, dt);
+        },
+        "out[r, j] = sigmoid(q[r] * k[r, j]) * v[r, j] on CPU (raw pointers; rows = M * C, length = L)");
+  m.def("gated_hadamard_backward",
+        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t rows,
+           int64_t length, int dtype) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          gated_hadamard_backward_cpu(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), rows, length, dt);
+        },
+        "gradients of gated_hadamard on CPU");
+  m.def("softmax_spatial_sum_forward",
+        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t rows, int64_t length, int dtype) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          softmax_spatial_sum_forward_cpu(ptr(logits), ptr(p), ptr(out), rows, length, dt);
+        },
+        "out[r] = sum_j softmax_j(logits[r, :]) * p[r, j] on CPU");
+  m.def("softmax_spatial_sum_backward",
+        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t rows, int64_t length,
+           int dtype) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          softmax_spatial_sum_backward_cpu(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), rows, length, dt);
+        },
+        "gradients of softmax_spatial_sum on CPU (the forward output is recomputed in float)");
+#ifdef ISG_WITH_CUDA
+  m.def("gated_hadamard_forward_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t rows, int64_t length, int dtype, uintptr_t stream) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          gated_hadamard_forward_cuda(ptr(q), ptr(k), ptr(v), ptr(out), rows, length, dt, ptr(stream));
+        });
+  m.def("gated_hadamard_backward_cuda",
+        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t rows,
+           int64_t length, int dtype, uintptr_t stream) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          gated_hadamard_backward_cuda(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), rows, length, dt,
+                                       ptr(stream));
+        });
+  m.def("softmax_spatial_sum_forward_cuda",
+        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t rows, int64_t length, int dtype, uintptr_t stream) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          softmax_spatial_sum_forward_cuda(ptr(logits), ptr(p), ptr(out), rows, length, dt, ptr(stream));
+        });
+  m.def("softmax_spatial_sum_backward_cuda",
+        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t rows, int64_t length,
+           int dtype, uintptr_t stream) {
+          const DType dt = to_dtype(dtype);
+          py::gil_scoped_release release;
+          softmax_spatial_sum_backward_cuda(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), rows, length, dt,
+                                            ptr(stream));
+        });
+#endif
+}
+
+}  // namespace isg
