@@ -44,7 +44,8 @@ from isg import _ext
 
 __all__ = [
     "prepare_tiles", "shannon_histogram_reference", "shannon_bits_reference", "bits_from_histogram",
-    "shannon_histogram", "shannon_bits", "shannon_grid_histogram", "shannon_grid_bits", "grid_shape",
+    "shannon_grid_histogram_reference", "shannon_histogram", "histogram_bits", "shannon_bits",
+    "shannon_grid_histogram", "shannon_grid_bits", "grid_shape",
 ]
 
 def prepare_tiles(tiles, name: str = "tiles") -> torch.Tensor | np.ndarray:
@@ -93,12 +94,12 @@ def shannon_histogram_reference(tiles) -> np.ndarray:
 
 
 def _log2_binomial(n, k) -> np.ndarray:
-    """log2 C(n, k) = sum_{i=1..k} log2((n - k + i) / i) with k -> min(k, n - k); float64, elementwise (k <= 128)."""
+    """log2 C(n, k) = sum_{i=1..k} log2((n - k + i) / i) with k -> min(k, n - k); float64, elementwise (k <= 256)."""
     n = np.asarray(n, dtype=np.int64)
     k = np.asarray(k, dtype=np.int64)
     n, k = np.broadcast_arrays(n, np.minimum(k, n - k))
-    i = np.arange(1, 129, dtype=np.int64)                                   # [128]
-    take = i <= k[..., None]                                                # [..., 128]
+    i = np.arange(1, 257, dtype=np.int64)                                   # [256]
+    take = i <= k[..., None]                                                # [..., 256]
     ratio = np.where(take, (n[..., None] - k[..., None] + i) / i, 1.0)
     return np.log2(ratio).sum(axis=-1)
 
@@ -121,16 +122,174 @@ def shannon_bits_reference(tiles) -> np.ndarray:
     return bits_from_histogram(shannon_histogram_reference(tiles))
 
 
-# Native dispatch is added below (shannon_histogram / shannon_bits / grid).
+def grid_shape(height: int, width: int, tile: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
+    """Number of tiles (rows, cols) of a grid over a region: tile (iy, ix) has its top-left at (ix * sx, iy * sy)."""
+    (th, tw), (sy, sx) = tile, stride
+    return (height - th) // sy + 1, (width - tw) // sx + 1
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair (h, w) of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _prepare_grid(region, tile, stride):
+    """Validate region [H, W] / [H, W, C] and grid args -> (region [H, W, C], (th, tw), (sy, sx))."""
+    if isinstance(region, (np.ndarray, torch.Tensor)) and region.ndim == 2:
+        region = region[..., None]
+    if not isinstance(region, (np.ndarray, torch.Tensor)) or region.ndim != 3:
+        shape = tuple(region.shape) if hasattr(region, "shape") else type(region).__name__
+        raise ValueError(f"region: expected uint8 [H, W, C] (or [H, W]), got {shape}")
+    region = prepare_tiles(region[None], name="region")[0]
+    tile = _pair(tile, "tile")
+    stride = tile if stride is None else _pair(stride, "stride")
+    if tile[0] > region.shape[0] or tile[1] > region.shape[1]:
+        raise ValueError(f"tile {tile} is larger than the region {tuple(region.shape[:2])}")
+    return region, tile, stride
+
+
+def shannon_grid_histogram_reference(region, tile, stride=None) -> np.ndarray:
+    """Histograms int64 [ny * nx, C, 256] of the tile grid over ``region`` (numpy oracle; copies the tiles)."""
+    region, (th, tw), (sy, sx) = _prepare_grid(region, tile, stride)
+    region = region.detach().cpu().numpy() if isinstance(region, torch.Tensor) else region
+    windows = np.lib.stride_tricks.sliding_window_view(region, (th, tw), axis=(0, 1))[::sy, ::sx]  # [ny, nx, C, th, tw]
+    return shannon_histogram_reference(np.ascontiguousarray(windows.transpose(0, 1, 3, 4, 2)).reshape(-1, th, tw, region.shape[2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Native custom ops: tiles are passed as base pointer + per-tile element offsets + strides (no copies).
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _launch_histogram(data: torch.Tensor, offsets: torch.Tensor, height: int, width: int, channels: int,
+                      strides: tuple[int, int, int]) -> torch.Tensor:
+    ext = _ext.ext()
+    hist = torch.empty((offsets.numel(), channels, 256), dtype=torch.int64, device=data.device)
+    args = (data.data_ptr(), offsets.data_ptr(), offsets.numel(), height, width, channels, *strides, hist.data_ptr())
+    if data.device.type == "cuda":
+        ext.shannon_histogram_cuda(*args, torch.cuda.current_stream(data.device).cuda_stream)
+    else:
+        ext.shannon_histogram_cpu(*args, _threads())
+    return hist
+
+
+@torch.library.custom_op("isg::shannon_histogram", mutates_args=())
+def _histogram_op(tiles: torch.Tensor) -> torch.Tensor:
+    batch, height, width, channels = tiles.shape
+    offsets = torch.arange(batch, dtype=torch.int64, device=tiles.device) * tiles.stride(0)
+    return _launch_histogram(tiles, offsets, height, width, channels, tiles.stride()[1:])
+
+
+@_histogram_op.register_fake
+def _(tiles):
+    return tiles.new_empty((tiles.shape[0], tiles.shape[3], 256), dtype=torch.int64)
+
+
+@torch.library.custom_op("isg::shannon_grid_histogram", mutates_args=())
+def _grid_histogram_op(region: torch.Tensor, tile_h: int, tile_w: int, stride_y: int, stride_x: int) -> torch.Tensor:
+    height, width, channels = region.shape
+    ny, nx = grid_shape(height, width, (tile_h, tile_w), (stride_y, stride_x))
+    ys = torch.arange(ny, dtype=torch.int64, device=region.device) * (stride_y * region.stride(0))
+    xs = torch.arange(nx, dtype=torch.int64, device=region.device) * (stride_x * region.stride(1))
+    offsets = (ys[:, None] + xs[None, :]).reshape(-1)                       # [ny * nx], row-major grid
+    return _launch_histogram(region, offsets, tile_h, tile_w, channels, region.stride())
+
+
+@_grid_histogram_op.register_fake
+def _(region, tile_h, tile_w, stride_y, stride_x):
+    ny, nx = grid_shape(region.shape[0], region.shape[1], (tile_h, tile_w), (stride_y, stride_x))
+    return region.new_empty((ny * nx, region.shape[2], 256), dtype=torch.int64)
+
+
+@torch.library.custom_op("isg::shannon_bits_from_histogram", mutates_args=())
+def _bits_op(hist: torch.Tensor) -> torch.Tensor:
+    hist = hist.contiguous()
+    bits = torch.empty(hist.shape[0], dtype=torch.float64, device=hist.device)
+    ext = _ext.ext()
+    if hist.device.type == "cuda":
+        ext.shannon_bits_cuda(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(),
+                              torch.cuda.current_stream(hist.device).cuda_stream)
+    else:
+        ext.shannon_bits_cpu(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(), _threads())
+    return bits
+
+
+@_bits_op.register_fake
+def _(hist):
+    return hist.new_empty((hist.shape[0],), dtype=torch.float64)
+
+
+def _native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return _ext.has("shannon_histogram_cuda") and _ext.cuda_ready()
+    return device.type == "cpu" and _ext.has("shannon_histogram_cpu")
+
+
+def _as_tensor(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach()
+    if any(s < 0 for s in array.strides):       # torch.from_numpy rejects negative strides
+        array = np.ascontiguousarray(array)
+    return torch.from_numpy(array)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions: native kernels when built for the input's device, else the numpy reference.
 
 
 def shannon_histogram(tiles) -> np.ndarray | torch.Tensor:
-    """Residual histograms [B, C, 256] int64 (numpy for numpy input, torch on the input's device otherwise)."""
+    """Residual histograms int64 [B, C, 256] of uint8 tiles [B, H, W, C] (any strides; C = 1, 3, or 4 with alpha
+    dropped). Returns numpy for numpy input, else a tensor on the input's device."""
     tiles = prepare_tiles(tiles)
-    hist = shannon_histogram_reference(tiles)
-    return torch.from_numpy(hist).to(tiles.device) if isinstance(tiles, torch.Tensor) else hist
+    is_numpy = isinstance(tiles, np.ndarray)
+    x = _as_tensor(tiles)
+    if _native(x.device):
+        hist = _histogram_op(x)
+    elif x.device.type != "cpu" and _native(torch.device("cpu")):
+        hist = _histogram_op(x.cpu()).to(x.device)
+    else:
+        hist = torch.from_numpy(shannon_histogram_reference(x.cpu().numpy())).to(x.device)
+    return hist.numpy() if is_numpy else hist
+
+
+def histogram_bits(hist) -> np.ndarray:
+    """Bits float64 [B] of residual histograms int64 [B, C, 256] (native when built, else numpy)."""
+    x = _as_tensor(np.asarray(hist, dtype=np.int64) if not isinstance(hist, torch.Tensor) else hist)
+    if x.dtype != torch.int64 or x.ndim != 3 or x.shape[2] != 256:
+        raise ValueError(f"hist: expected int64 [B, C, 256], got {x.dtype} {tuple(x.shape)}")
+    if _native(x.device) and _ext.has("shannon_bits_cpu"):
+        return _bits_op(x).cpu().numpy()
+    return bits_from_histogram(x.cpu().numpy())
 
 
 def shannon_bits(tiles) -> np.ndarray:
-    """Information content in bits, float64 [B], of uint8 tiles [B, H, W, C] (C = 1, 3, or 4 with alpha dropped)."""
-    return bits_from_histogram(shannon_histogram(tiles))
+    """Information content in bits, float64 [B], of uint8 tiles [B, H, W, C] (numpy or torch, any device)."""
+    return histogram_bits(shannon_histogram(tiles))
+
+
+def shannon_grid_histogram(region, tile, stride=None) -> np.ndarray | torch.Tensor:
+    """Histograms int64 [ny * nx, C, 256] of the tile grid over a decoded region [H, W, C] (or [H, W]) without
+    copying it: tile (iy, ix) covers rows iy*sy .. iy*sy+th and cols ix*sx .. ix*sx+tw (row-major order).
+    ``tile`` and ``stride`` (default: tile) are ints or (h, w) pairs."""
+    region, (th, tw), (sy, sx) = _prepare_grid(region, tile, stride)
+    is_numpy = isinstance(region, np.ndarray)
+    x = _as_tensor(region)
+    if _native(x.device):
+        hist = _grid_histogram_op(x, th, tw, sy, sx)
+    elif x.device.type != "cpu" and _native(torch.device("cpu")):
+        hist = _grid_histogram_op(x.cpu(), th, tw, sy, sx).to(x.device)
+    else:
+        hist = torch.from_numpy(shannon_grid_histogram_reference(x.cpu().numpy(), (th, tw), (sy, sx))).to(x.device)
+    return hist.numpy() if is_numpy else hist
+
+
+def shannon_grid_bits(region, tile, stride=None) -> np.ndarray:
+    """Bits float64 [ny, nx] of the tile grid over ``region`` (see :func:`shannon_grid_histogram`)."""
+    region, tile, stride = _prepare_grid(region, tile, stride)
+    ny, nx = grid_shape(region.shape[0], region.shape[1], tile, stride)
+    return histogram_bits(shannon_grid_histogram(region, tile, stride)).reshape(ny, nx)

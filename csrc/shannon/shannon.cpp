@@ -1,0 +1,190 @@
+// Shannon scorer, CPU: MED residual histograms per tile (OpenMP over tiles) and
+// their two-part code length; pybind11 bindings of the CPU and CUDA entry points.
+#include "shannon/shannon.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/check.h"
+#include "shannon/shannon_bits.h"
+
+namespace py = pybind11;
+
+namespace isg {
+namespace shannon {
+namespace {
+
+// Residuals of one interleaved row (n = width * channels bytes): the left
+// neighbour of byte j is byte j - channels. `prev` is null on the first row.
+// Written as plain loops over bytes so the compiler vectorizes them.
+void row_residuals(const uint8_t* __restrict cur, const uint8_t* __restrict prev, int64_t n, int64_t channels,
+                   uint8_t* __restrict res) {
+  const int64_t head = std::min(n, channels);
+  if (prev == nullptr) {
+    if (n > 0) res[0] = cur[0];                          // pixel (0, 0): pred = 0
+    for (int64_t j = 1; j < head; ++j) res[j] = cur[j];  // other channels of pixel (0, 0)
+    for (int64_t j = head; j < n; ++j) res[j] = uint8_t(cur[j] - cur[j - channels]);  // first row: left
+    return;
+  }
+  for (int64_t j = 0; j < head; ++j) res[j] = uint8_t(cur[j] - prev[j]);  // first column: up
+  for (int64_t j = head; j < n; ++j) {
+    const int a = cur[j - channels], b = prev[j], c = prev[j - channels];
+    const int lo = a < b ? a : b, hi = a < b ? b : a;
+    int pred = a + b - c;
+    pred = pred < lo ? lo : (pred > hi ? hi : pred);   // median(a, b, a + b - c)
+    res[j] = uint8_t(cur[j] - pred);
+  }
+}
+
+// Adds residual bytes to LANES sub-histograms (lane = j % LANES, LANES % channels == 0),
+// which breaks the store-to-load dependency of repeated symbols.
+template <int LANES>
+void accumulate(const uint8_t* __restrict res, int64_t n, uint32_t* __restrict sub) {
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int l = 0; l < LANES; ++l) ++sub[l * 256 + res[j + l]];
+  for (int l = 0; j < n; ++j, ++l) ++sub[l * 256 + res[j]];
+}
+
+int lanes_for(int64_t channels) {
+  if (channels == 1) return 4;
+  if (channels == 2) return 4;
+  if (channels == 3) return 6;
+  return int(channels);
+}
+
+void tile_histogram(const TileBatch& t, int64_t tile, int64_t* hist, std::vector<uint8_t>& rows,
+                    std::vector<uint32_t>& sub) {
+  const int64_t n = t.width * t.channels;
+  const bool packed = t.stride_w == t.channels && t.stride_c == 1;  // rows are contiguous bytes
+  const int lanes = lanes_for(t.channels);
+  rows.resize(size_t(3 * n));
+  sub.assign(size_t(lanes) * 256, 0u);
+  uint8_t* res = rows.data();
+  uint8_t* gathered[2] = {rows.data() + n, rows.data() + 2 * n};
+  const uint8_t* origin = t.base + t.offsets[tile];
+  const uint8_t* prev = nullptr;
+  for (int64_t i = 0; i < t.height; ++i) {
+    const uint8_t* src = origin + i * t.stride_h;
+    const uint8_t* cur = src;
+    if (!packed) {  // gather a strided row into a packed buffer
+      uint8_t* dst = gathered[i & 1];
+      for (int64_t x = 0; x < t.width; ++x)
+        for (int64_t c = 0; c < t.channels; ++c) dst[x * t.channels + c] = src[x * t.stride_w + c * t.stride_c];
+      cur = dst;
+    }
+    row_residuals(cur, prev, n, t.channels, res);
+    switch (lanes) {
+      case 4: accumulate<4>(res, n, sub.data()); break;
+      case 6: accumulate<6>(res, n, sub.data()); break;
+      default:
+        for (int64_t j = 0; j < n; ++j) ++sub[(j % lanes) * 256 + res[j]];
+    }
+    prev = cur;
+  }
+  int64_t* out = hist + tile * t.channels * 256;
+  std::memset(out, 0, sizeof(int64_t) * size_t(t.channels) * 256);
+  for (int l = 0; l < lanes; ++l)
+    for (int s = 0; s < 256; ++s) out[(l % t.channels) * 256 + s] += sub[l * 256 + s];
+}
+
+}  // namespace
+
+void histograms_cpu(const TileBatch& batch, int64_t* hist, int num_threads) {
+#ifdef _OPENMP
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
+#pragma omp parallel num_threads(num_threads)
+#endif
+  {
+    std::vector<uint8_t> rows;
+    std::vector<uint32_t> sub;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t tile = 0; tile < batch.tiles; ++tile) tile_histogram(batch, tile, hist, rows, sub);
+  }
+}
+
+void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, int num_threads) {
+#ifdef _OPENMP
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+#endif
+  for (int64_t tile = 0; tile < tiles; ++tile) bits[tile] = tile_bits(hist + tile * channels * 256, channels);
+}
+
+}  // namespace shannon
+
+namespace {
+
+shannon::TileBatch make_batch(uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width,
+                              int64_t channels, int64_t stride_h, int64_t stride_w, int64_t stride_c) {
+  ISG_CHECK(tiles >= 0, "shannon: tiles must be >= 0");
+  ISG_CHECK(height >= 1 && width >= 1, "shannon: tile height and width must be >= 1");
+  ISG_CHECK(channels >= 1 && channels <= 64, "shannon: channels must be in 1..64");
+  ISG_CHECK(tiles == 0 || (base != 0 && offsets != 0), "shannon: null data or offsets pointer");
+  return {reinterpret_cast<const uint8_t*>(base), reinterpret_cast<const int64_t*>(offsets), tiles, height, width,
+          channels, stride_h, stride_w, stride_c};
+}
+
+}  // namespace
+
+void register_shannon(py::module_& m) {
+  m.def(
+      "shannon_histogram_cpu",
+      [](uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width, int64_t channels,
+         int64_t stride_h, int64_t stride_w, int64_t stride_c, uintptr_t hist, int num_threads) {
+        auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
+        ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
+        py::gil_scoped_release release;
+        shannon::histograms_cpu(batch, reinterpret_cast<int64_t*>(hist), num_threads);
+      },
+      py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
+      py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
+      py::arg("num_threads") = 0,
+      "Residual histograms int64 [tiles, channels, 256] of uint8 tiles at base + offsets[t] (host pointers).");
+  m.def(
+      "shannon_bits_cpu",
+      [](uintptr_t hist, int64_t tiles, int64_t channels, uintptr_t bits, int num_threads) {
+        ISG_CHECK(tiles >= 0 && channels >= 1, "shannon: bad histogram shape");
+        ISG_CHECK(tiles == 0 || (hist != 0 && bits != 0), "shannon: null pointer");
+        py::gil_scoped_release release;
+        shannon::bits_cpu(reinterpret_cast<const int64_t*>(hist), tiles, channels, reinterpret_cast<double*>(bits),
+                          num_threads);
+      },
+      py::arg("hist"), py::arg("tiles"), py::arg("channels"), py::arg("bits"), py::arg("num_threads") = 0,
+      "Bits float64 [tiles] of histograms int64 [tiles, channels, 256] (host pointers).");
+#ifdef ISG_WITH_CUDA
+  m.def(
+      "shannon_histogram_cuda",
+      [](uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width, int64_t channels,
+         int64_t stride_h, int64_t stride_w, int64_t stride_c, uintptr_t hist, uintptr_t stream) {
+        auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
+        ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
+        py::gil_scoped_release release;
+        shannon::histograms_cuda(batch, reinterpret_cast<int64_t*>(hist), stream);
+      },
+      py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
+      py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
+      py::arg("stream") = 0, "CUDA version of shannon_histogram_cpu (device pointers, async on stream).");
+  m.def(
+      "shannon_bits_cuda",
+      [](uintptr_t hist, int64_t tiles, int64_t channels, uintptr_t bits, uintptr_t stream) {
+        ISG_CHECK(tiles >= 0 && channels >= 1, "shannon: bad histogram shape");
+        py::gil_scoped_release release;
+        shannon::bits_cuda(reinterpret_cast<const int64_t*>(hist), tiles, channels, reinterpret_cast<double*>(bits),
+                           stream);
+      },
+      py::arg("hist"), py::arg("tiles"), py::arg("channels"), py::arg("bits"), py::arg("stream") = 0,
+      "CUDA version of shannon_bits_cpu (device pointers, async on stream).");
+#endif
+}
+
+}  // namespace isg

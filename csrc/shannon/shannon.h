@@ -1,0 +1,32 @@
+#pragma once
+// Shannon scorer kernels (see isg/ops/shannon.py for the definition).
+//
+// A batch of `tiles` uint8 tiles of `height` x `width` x `channels` is given
+// without copies as a base pointer, one element offset per tile and the
+// element strides inside a tile (row, column, channel): a [B, H, W, C] tensor
+// (offsets b * stride_b) and a tile grid over a decoded region [H, W, C]
+// (offsets y * row_stride + x * col_stride) are the same call.
+// Outputs: int64 residual histograms [tiles, channels, 256] and float64 bits [tiles].
+#include <cstdint>
+
+namespace isg {
+namespace shannon {
+
+struct TileBatch {
+  const uint8_t* base;
+  const int64_t* offsets;  // [tiles], elements from base (host or device memory, as the function needs)
+  int64_t tiles, height, width, channels;
+  int64_t stride_h, stride_w, stride_c;
+};
+
+void histograms_cpu(const TileBatch& batch, int64_t* hist, int num_threads);
+void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, int num_threads);
+
+#ifdef ISG_WITH_CUDA
+// Device pointers (base, offsets, hist, bits); asynchronous on `stream` (a cudaStream_t).
+void histograms_cuda(const TileBatch& batch, int64_t* hist, uintptr_t stream);
+void bits_cuda(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, uintptr_t stream);
+#endif
+
+}  // namespace shannon
+}  // namespace isg

@@ -1,0 +1,77 @@
+// Shannon scorer, CUDA: one block per (tile, channel) builds the MED residual
+// histogram in shared memory (one copy per warp group), then one thread per tile
+// turns histograms into bits with the same double formula as the CPU
+// (shannon_bits.h), so identical histograms give identical bits.
+#include <cuda_runtime.h>
+
+#include "common/check.h"
+#include "shannon/shannon.h"
+#include "shannon/shannon_bits.h"
+
+namespace isg {
+namespace shannon {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kCopies = 8;  // shared sub-histograms (warp w -> copy w % kCopies)
+
+__device__ __forceinline__ int med_predict(const uint8_t* p, int64_t i, int64_t j, int64_t sh, int64_t sw) {
+  if (i == 0) return j == 0 ? 0 : __ldg(p - sw);             // first row: left; (0, 0): 0
+  const int b = __ldg(p - sh);
+  if (j == 0) return b;                                      // first column: up
+  const int a = __ldg(p - sw), c = __ldg(p - sh - sw);
+  const int lo = min(a, b), hi = max(a, b);
+  return min(max(a + b - c, lo), hi);                        // median(a, b, a + b - c)
+}
+
+__global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
+  __shared__ unsigned int sub[kCopies][256];
+  for (int k = threadIdx.x; k < kCopies * 256; k += blockDim.x) (&sub[0][0])[k] = 0u;
+  __syncthreads();
+
+  const int64_t tile = blockIdx.x / t.channels, channel = blockIdx.x % t.channels;
+  const uint8_t* origin = t.base + t.offsets[tile] + channel * t.stride_c;
+  unsigned int* mine = sub[(threadIdx.x / 32) % kCopies];
+  const int64_t pixels = t.height * t.width;
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+    const int64_t i = k / t.width, j = k - i * t.width;
+    const uint8_t* p = origin + i * t.stride_h + j * t.stride_w;
+    const uint8_t residual = uint8_t(__ldg(p) - med_predict(p, i, j, t.stride_h, t.stride_w));
+    atomicAdd(&mine[residual], 1u);
+  }
+  __syncthreads();
+
+  int64_t* out = hist + blockIdx.x * 256;
+  for (int s = threadIdx.x; s < 256; s += blockDim.x) {
+    int64_t total = 0;
+    for (int c = 0; c < kCopies; ++c) total += sub[c][s];
+    out[s] = total;
+  }
+}
+
+__global__ void bits_kernel(const int64_t* __restrict__ hist, int64_t tiles, int64_t channels, double* __restrict__ bits) {
+  const int64_t tile = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tile < tiles) bits[tile] = tile_bits(hist + tile * channels * 256, channels);
+}
+
+}  // namespace
+
+void histograms_cuda(const TileBatch& batch, int64_t* hist, uintptr_t stream) {
+  if (batch.tiles == 0) return;
+  const int64_t blocks = batch.tiles * batch.channels;
+  ISG_CHECK(blocks < (int64_t(1) << 31), "shannon: too many tiles x channels for one launch");
+  // Tiles of one pixel per channel would use few threads; that is fine.
+  histogram_kernel<<<unsigned(blocks), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, hist);
+  ISG_CUDA_CHECK(cudaGetLastError());
+}
+
+void bits_cuda(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, uintptr_t stream) {
+  if (tiles == 0) return;
+  const int threads = 128;
+  const int64_t blocks = (tiles + threads - 1) / threads;
+  bits_kernel<<<unsigned(blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(hist, tiles, channels, bits);
+  ISG_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace shannon
+}  // namespace isg
