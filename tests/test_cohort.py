@@ -127,3 +127,12 @@ def test_bad_scheduler(tmp_path):
         summary_or_error = run(tmp_path, [1], scheduler=42)
     assert summary_or_error is None
     assert os.listdir(tmp_path) == []
+
+
+def test_skipped_items_keep_stats_of_previous_run(tmp_path):
+    run(tmp_path, [1, 2])
+    summary = run(tmp_path, [1, 2, 3])
+    assert {r.name: r.stats.get("n_tissue") for r in summary.results} == {"1": 1, "2": 2, "3": 3}
+    assert summary.totals["n_tissue"] == 3  # totals count this run's work only
+    (tmp_path / "summary.json").write_text("{not json")
+    assert [r.stats for r in run(tmp_path, [1]).results] == [{}]

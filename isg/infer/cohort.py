@@ -15,8 +15,8 @@ Temp files left by a killed run (``.<stem>.*<suffix>`` next to the output) are
 never taken for outputs and are removed before their item is processed again.
 
 An item that raises is recorded (error type and message) and skipped; the others
-go on. ``process_one`` returns a dict of per-item stats (numbers are summed in
-:attr:`CohortSummary.totals`, e.g. ``n_tissue`` / ``n_kept`` patches).
+go on. ``process_one`` returns a dict of per-item stats; those named ``n_*`` or
+``seconds*`` are summed in :attr:`CohortSummary.totals` (e.g. ``n_tissue`` / ``n_kept`` patches).
 """
 
 from __future__ import annotations
@@ -32,9 +32,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isg.data._util import write_text_atomic
+from isg.data._util import atomic_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+_UMASK = os.umask(0o022)  # read once at import (os.umask is process-wide: not while worker threads write)
+os.umask(_UMASK)
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a temp file from ``atomic_path`` (mkstemp: 0600) the permissions of a new file (0666 & ~umask)."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 @dataclass
@@ -80,13 +87,13 @@ class CohortSummary:
 
     @property
     def totals(self) -> dict[str, float]:
-        """Sum of every numeric stat over the items processed in this run."""
+        """Sums of the ``n_*`` and ``seconds*`` stats over the items processed in this run."""
         totals: dict[str, float] = {}
         for result in self.done:
             for key, value in result.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key.startswith(("n_", "seconds")) and isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals[key] = totals.get(key, 0) + value
-        return totals
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in totals.items()}
 
     def to_dict(self) -> dict:
         return {
@@ -103,7 +110,10 @@ class CohortSummary:
         }
 
     def write(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        """Write ``to_dict()`` as JSON atomically (temp file + rename), readable like any new file."""
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+            make_readable(tmp)
 
     def table(self, title: str = "cohort"):
         """A ``rich.table.Table`` with one row per item and a totals caption."""
@@ -206,9 +216,10 @@ def run_cohort(
     start = time.perf_counter()
     results: list[ItemResult | None] = [None] * len(items)
     todo = []
+    previous = _previous_stats(summary_path)
     for i, output in enumerate(outputs):
         if not overwrite and is_complete(Path(output)):
-            results[i] = ItemResult(names[i], SKIPPED, output)
+            results[i] = ItemResult(names[i], SKIPPED, output, stats=previous.get((names[i], output), {}))
         else:
             todo.append(i)
 
@@ -236,6 +247,17 @@ def run_cohort(
     if progress:
         final.print(title)
     return final
+
+
+def _previous_stats(summary_path) -> dict[tuple[str, str], dict]:
+    """Stats of the items a previous run finished, from its summary.json ({} if none or unreadable)."""
+    if summary_path is None or not Path(summary_path).is_file():
+        return {}
+    try:
+        items = json.loads(Path(summary_path).read_text())["items"]
+        return {(r["name"], r["output"]): r.get("stats") or {} for r in items if r["status"] in (DONE, SKIPPED)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _execute(todo, items, names, outputs, process_one, scheduler, workers, resources):

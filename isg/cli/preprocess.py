@@ -1,0 +1,155 @@
+"""``isg preprocess``: select informative patches of every slide into ``<out>/<slide_id>.h5``.
+
+Exit code 0 when every slide is done (or was already), 1 when some failed (they
+are listed; the others are finished), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+                  ".png", ".jpg", ".jpeg")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "preprocess", help="tissue grid + patch selection per slide -> <out>/<slide_id>.h5",
+        description="Score every tissue patch of each slide (Shannon information by default), keep the informative "
+                    "ones and write <out>/<slide_id>.h5 (coords, scores, selection) plus a thumbnail PNG. Finished "
+                    "slides are skipped on a rerun; failing slides are reported and skipped.")
+    parser.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (or folders of slides)")
+    parser.add_argument("--manifest", help="CSV/TSV with a slide_path column (paths relative to the manifest)")
+    parser.add_argument("--out", required=True, help="output folder")
+    group = parser.add_argument_group("patches")
+    group.add_argument("--patch-size", type=int, default=256, help="global patch size p in pixels at the read level (default 256)")
+    group.add_argument("--local-size", type=int, default=64, help="local patch size q; must divide p (default 64)")
+    group.add_argument("--mpp", type=float, help="read at the level closest to (and not coarser than) this um/px")
+    group.add_argument("--level", type=int, help="read at this pyramid level (default 0)")
+    group.add_argument("--slide-mpp", type=float, help="level-0 um/px for slides whose metadata lacks it")
+    group.add_argument("--tissue-min", type=float, default=0.05, help="min tissue fraction of a patch on the thumbnail (default 0.05)")
+    group = parser.add_argument_group("selection")
+    group.add_argument("--selector", default="shannon", help="shannon (default), otsu, gradient, canny, dog, log")
+    group.add_argument("--rule", choices=("mean_std", "threshold", "topk"),
+                       help="mean_std: keep above mean + n_sigma std (paper, default); threshold; topk "
+                            "(default: topk with --top-k, threshold with --threshold)")
+    group.add_argument("--threshold", type=float, help="absolute score cut (bits for shannon; default default_threshold_bits(p))")
+    group.add_argument("--top-k", type=int, dest="k", help="keep the k best patches")
+    group.add_argument("--n-sigma", type=float, default=1.0, help="sigmas above the mean for mean_std (default 1)")
+    group = parser.add_argument_group("execution")
+    group.add_argument("--backend", default="auto", help="slide reader: auto, cucim, openslide, tifffile, image")
+    group.add_argument("--device", default="cpu", help="device of the tile tensors (cpu, cuda)")
+    group.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
+    group.add_argument("--num-workers", type=int, default=4, help="tile reader threads per slide (default 4)")
+    group.add_argument("--workers", type=int, help="slides in parallel (threads/processes; default min(4, cpus))")
+    group.add_argument("--scheduler", default="threads",
+                       help="threads (default, in-process), processes, or a Dask scheduler address (tcp://host:8786)")
+    group.add_argument("--resources", help="Dask worker resources per slide, e.g. GPU=1")
+    group.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
+    group.add_argument("--no-thumbnail", dest="thumbnail", action="store_false", help="skip the thumbnail PNGs")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    parser.set_defaults(func=run)
+
+
+def _slides_from_args(args) -> list[Path]:
+    from isg.cli import CLIError
+
+    slides: list[Path] = []
+    missing = []
+    for name in args.slides:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            if not found:
+                raise CLIError(f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
+            slides += found
+        elif path.is_file():
+            slides.append(path)
+        else:
+            missing.append(name)
+    if args.manifest:
+        from isg.data.manifest import ManifestError
+
+        try:
+            import pandas as pd
+
+            from isg.data._util import table_separator
+
+            manifest_path = Path(args.manifest)
+            if not manifest_path.is_file():
+                raise CLIError(f"--manifest {manifest_path}: no such file")
+            table = pd.read_csv(manifest_path, sep=table_separator(manifest_path), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ManifestError) as exc:
+            raise CLIError(f"--manifest {args.manifest}: cannot be read ({exc})") from exc
+        if "slide_path" not in table.columns.str.strip():
+            raise CLIError(f"--manifest {args.manifest}: no slide_path column (has: {', '.join(table.columns)})")
+        table.columns = table.columns.str.strip()
+        for name in table["slide_path"].str.strip():
+            path = Path(name) if Path(name).is_absolute() else manifest_path.resolve().parent / name
+            (slides.append(path) if path.is_file() else missing.append(str(path)))
+    if missing:
+        from isg.data._util import list_some
+
+        raise CLIError(f"{len(missing)} slide file(s) not found: {list_some(missing)}")
+    if not slides:
+        raise CLIError("no slides given: pass SLIDE files/folders or --manifest CSV")
+    return slides
+
+
+def _resources(text: str | None) -> dict | None:
+    from isg.cli import CLIError
+
+    if not text:
+        return None
+    resources = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            resources[name.strip()] = float(value)
+        except ValueError:
+            raise CLIError(f"--resources {text!r}: expected NAME=NUMBER[,NAME=NUMBER], e.g. GPU=1") from None
+        if not name.strip():
+            raise CLIError(f"--resources {text!r}: empty resource name")
+    return resources
+
+
+def run(args: argparse.Namespace) -> int:
+    from isg.cli import CLIError
+    from isg.data.manifest import slide_id_of
+    from isg.infer.preprocess import check_options, preprocess_cohort
+
+    slides = _slides_from_args(args)
+    ids: dict[str, Path] = {}
+    for slide in slides:
+        other = ids.setdefault(slide_id_of(slide), slide)
+        if other != slide:
+            raise CLIError(f"two slides share the id {slide_id_of(slide)!r} (and output file): {other} and {slide}")
+    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else "mean_std")
+    options = dict(patch_size=args.patch_size, local_size=args.local_size, mpp=args.mpp, level=args.level,
+                   slide_mpp=args.slide_mpp, selector=args.selector, rule=rule, threshold=args.threshold, k=args.k,
+                   n_sigma=args.n_sigma, tissue_min=args.tissue_min, backend=args.backend, batch_size=args.batch_size,
+                   num_workers=args.num_workers, device=args.device, thumbnail=args.thumbnail)
+    try:
+        check_options(**{k: options[k] for k in ("patch_size", "local_size", "mpp", "level", "selector", "rule",
+                                                 "threshold", "k", "n_sigma", "batch_size")})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    if args.slide_mpp is not None and not args.slide_mpp > 0:
+        raise CLIError(f"--slide-mpp must be positive, got {args.slide_mpp}")
+    if not 0 <= args.tissue_min <= 1:
+        raise CLIError(f"--tissue-min must be in [0, 1], got {args.tissue_min}")
+    scheduler = None if args.scheduler == "threads" else args.scheduler
+    one_at_a_time = scheduler is None and (args.workers == 1 or len(slides) == 1)
+    summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,
+                                resources=_resources(args.resources), overwrite=args.overwrite,
+                                progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet, **options)
+    if summary.failed:
+        print(f"isg preprocess: {len(summary.failed)} of {len(slides)} slide(s) failed:", file=sys.stderr)
+        for result in summary.failed:
+            print(f"  {result.name}: {result.error_type}: {result.error}", file=sys.stderr)
+        return 1
+    return 0
