@@ -16,6 +16,8 @@ regions reaching past the slide border are padded white (255).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
@@ -211,6 +213,34 @@ class Slide:
 # ----------------------------------------------------------------------------- tifffile
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence a library's warnings (tifffile logs every broken IFD) while we turn them into SlideErrors."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tiff_levels(tif) -> list:
+    """Pages of the pyramid, finest first: tifffile's levels for known layouts (SVS, NDPI, OME, ...),
+    else page 0 followed by the reduced-resolution pages (``subfiletype & 1``) that shrink."""
+    series = tif.series[0] if tif.series else None
+    pages = [level.keyframe for level in series.levels] if series is not None else []
+    if len(pages) > 1 or not tif.pages:
+        return pages
+    base = tif.pages.first
+    pages = [base]
+    for page in tif.pages[1:]:
+        if (getattr(page, "is_reduced", False) and page.samplesperpixel == base.samplesperpixel
+                and page.imagewidth < pages[-1].imagewidth and page.imagelength < pages[-1].imagelength):
+            pages.append(page)
+    return pages
+
+
 class TiffSlide(Slide):
     """Tiled or stripped (pyramidal) TIFF via tifffile: compressed segments are read with ``os.pread``
     and decoded by imagecodecs (GIL released), so concurrent ``read_region`` calls are safe."""
@@ -221,12 +251,14 @@ class TiffSlide(Slide):
         super().__init__(path, mpp)
         import tifffile
 
-        try:
-            self._tif = tifffile.TiffFile(str(path))
-            series = self._tif.series[0]
-            pages = [level.keyframe for level in series.levels]
-        except Exception as exc:
-            raise SlideError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        with _quiet_logger("tifffile"):
+            try:
+                self._tif = tifffile.TiffFile(str(path))
+                pages = _tiff_levels(self._tif)
+            except Exception as exc:
+                raise SlideError(path, f"corrupt or not a TIFF ({type(exc).__name__}: {exc})") from exc
+        if not pages:
+            raise SlideError(path, "corrupt: no readable image directory (IFD) in the TIFF")
         self._pages = []
         size = os.path.getsize(path)
         for page in pages:
@@ -473,8 +505,9 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
     kind = _sniff(path)
     suffix = path.suffix.lower()
     if backend != "auto":
+        if backend == "cucim" and kind == "tiff":
+            TiffSlide(path, mpp=mpp).close()  # validate first: cuCIM opens truncated files and fails on read
         return _CLASSES[backend](path, mpp=mpp)
-
     if kind != "tiff" and suffix in CUCIM_SUFFIXES:
         raise SlideError(path, f"corrupt: a {suffix} file must start with a TIFF header, got {path.read_bytes()[:4]!r}")
     if kind == "tiff" and suffix != ".ndpi":
