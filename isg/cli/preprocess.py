@@ -123,9 +123,11 @@ def run(args: argparse.Namespace) -> int:
     slides = _slides_from_args(args)
     ids: dict[str, Path] = {}
     for slide in slides:
-        other = ids.setdefault(slide_id_of(slide), slide)
-        if other != slide:
-            raise CLIError(f"two slides share the id {slide_id_of(slide)!r} (and output file): {other} and {slide}")
+        slide_id = slide_id_of(slide)
+        if slide_id in ids:
+            raise CLIError(f"slide id {slide_id!r} given twice ({ids[slide_id]} and {slide}): slide ids (file names "
+                           f"without extension) name the outputs and must be unique")
+        ids[slide_id] = slide
     rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else "mean_std")
     options = dict(patch_size=args.patch_size, local_size=args.local_size, mpp=args.mpp, level=args.level,
                    slide_mpp=args.slide_mpp, selector=args.selector, rule=rule, threshold=args.threshold, k=args.k,

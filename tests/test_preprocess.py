@@ -1,0 +1,258 @@
+"""isg.infer.preprocess + ``isg preprocess``: h5 layout, selection rules, bad slides, resume, kill, Dask, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from isg.cli import main as cli_main
+from isg.infer.preprocess import h5_complete, preprocess_cohort, preprocess_slide
+
+P, Q = 128, 32  # small global / local patches for fast tests
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from isg.io.synth import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("synth"), n_slides=3, size=(1100, 900), tile=128, seed=3)
+
+
+@pytest.fixture(scope="module")
+def bad_slides(tmp_path_factory):
+    from isg.io.synth import make_bad_slides
+
+    return make_bad_slides(tmp_path_factory.mktemp("bad"))
+
+
+def read_h5(path) -> dict:
+    with h5py.File(path, "r") as f:
+        data = {name: f[name][()] for name in f}
+        data["attrs"] = dict(f.attrs)
+        data["coords_attrs"] = dict(f["coords"].attrs)
+    return data
+
+
+def same_outputs(dir_a, dir_b, names) -> None:
+    for name in names:
+        a, b = read_h5(Path(dir_a) / f"{name}.h5"), read_h5(Path(dir_b) / f"{name}.h5")
+        for key in ("coords", "all_coords", "scores", "selected"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+        assert a["coords_attrs"].keys() == b["coords_attrs"].keys()
+
+
+@pytest.mark.parametrize("rule, extra", [("mean_std", {}), ("mean_std", {"n_sigma": 0.5}), ("threshold", {}),
+                                         ("threshold", {"threshold": 0.0}), ("topk", {"k": 5})])
+def test_h5_layout_and_selection_follow_rule(cohort, tmp_path, rule, extra):
+    from isg.select import default_threshold_bits
+
+    slide = cohort.slides[0]
+    stats = preprocess_slide(slide, tmp_path, patch_size=P, local_size=Q, rule=rule, **extra)
+    out = read_h5(tmp_path / f"{slide.stem}.h5")
+    coords, all_coords, scores, selected = out["coords"], out["all_coords"], out["scores"], out["selected"]
+    n = len(all_coords)
+    assert coords.dtype == np.int64 and all_coords.dtype == np.int64 and coords.shape[1:] == (2,)
+    assert scores.dtype == np.float64 and scores.shape == (n,) and selected.dtype == bool and selected.shape == (n,)
+    np.testing.assert_array_equal(coords, all_coords[selected])
+    assert stats["n_tissue"] == n > 0 and stats["n_kept"] == len(coords) >= 1
+    assert len(np.unique(all_coords, axis=0)) == n and (all_coords >= 0).all()
+    assert (all_coords[:, 0] < 1100).all() and (all_coords[:, 1] < 900).all()
+
+    attrs = out["coords_attrs"]
+    assert attrs["patch_size"] == P and attrs["local_size"] == Q and attrs["patch_level"] == 0
+    assert attrs["level0_patch_size"] == P and attrs["mpp"] == pytest.approx(0.5)
+    assert attrs["selector"] == "shannon" and attrs["rule"] == rule
+    assert out["attrs"]["slide_id"] == slide.stem and out["attrs"]["slide_path"] == str(slide.resolve())
+    assert out["attrs"]["isg_version"]
+
+    if rule == "mean_std":
+        cut = scores.mean() + extra.get("n_sigma", 1.0) * scores.std()
+        assert attrs["threshold"] == pytest.approx(cut)
+        np.testing.assert_array_equal(selected, scores > cut)
+    elif rule == "threshold":
+        cut = extra.get("threshold", default_threshold_bits(P))
+        assert attrs["threshold"] == pytest.approx(cut)
+        expected = scores >= cut
+        if not expected.any():  # min_keep=1: the best patch is kept
+            expected = scores == scores.max()
+        np.testing.assert_array_equal(selected, expected)
+    else:
+        assert selected.sum() == 5 and scores[selected].min() >= scores[~selected].max()
+        assert np.isnan(attrs["threshold"]) and attrs["k"] == 5
+
+
+def test_scores_are_the_selector_on_the_read_tiles(cohort, tmp_path):
+    from isg.io import open_slide
+    from isg.select import get_selector
+
+    slide_path = cohort.slides[1]
+    preprocess_slide(slide_path, tmp_path, patch_size=P, local_size=Q, selector="gradient", thumbnail=False)
+    out = read_h5(tmp_path / f"{slide_path.stem}.h5")
+    pick = np.linspace(0, len(out["all_coords"]) - 1, 4).astype(int)
+    with open_slide(slide_path) as slide:
+        tiles = np.stack([slide.read_region(tuple(out["all_coords"][i]), 0, (P, P)) for i in pick])
+    np.testing.assert_allclose(out["scores"][pick], get_selector("gradient")(tiles), rtol=1e-6)
+    assert not (tmp_path / f"{slide_path.stem}.png").exists()
+
+
+@pytest.mark.parametrize("patch_size, local_size", [(96, 32), (60, 20)])
+def test_reduced_level_and_odd_sizes(cohort, tmp_path, patch_size, local_size):
+    from isg.io import open_slide
+
+    slide_path = cohort.slides[2]
+    with open_slide(slide_path) as slide:
+        downsample = slide.level_downsamples[1]
+        level_mpp = slide.level_mpp(1)
+    stats = preprocess_slide(slide_path, tmp_path, patch_size=patch_size, local_size=local_size, mpp=level_mpp * 1.2)
+    attrs = read_h5(tmp_path / f"{slide_path.stem}.h5")["coords_attrs"]
+    assert stats["level"] == 1 and attrs["patch_level"] == 1 and attrs["mpp"] == pytest.approx(level_mpp)
+    assert attrs["level0_patch_size"] == round(patch_size * downsample) and attrs["patch_size"] == patch_size
+
+
+def test_thumbnail_marks_kept_and_dropped(cohort, tmp_path):
+    from PIL import Image
+
+    slide = cohort.slides[0]
+    preprocess_slide(slide, tmp_path, patch_size=P, local_size=Q)
+    image = np.asarray(Image.open(tmp_path / f"{slide.stem}.png").convert("RGB")).astype(int)
+    assert max(image.shape[:2]) == 1024
+    red = (image[..., 0] > 180) & (image[..., 1] < 60) & (image[..., 2] < 60)
+    green = (image[..., 1] > 120) & (image[..., 0] < 60) & (image[..., 2] < 60)
+    assert red.sum() > 100 and green.sum() > 100
+
+
+def test_bad_slides_reported_and_good_ones_finish(cohort, bad_slides, tmp_path):
+    slides = [cohort.slides[0], *bad_slides.values()]
+    summary = preprocess_cohort(slides, tmp_path, patch_size=P, local_size=Q, progress=False)
+    bad = {"corrupt", "truncated", "unsupported", "tiny", "no_mpp"}
+    assert {r.name for r in summary.failed} == bad and {r.name for r in summary.done} == {cohort.slides[0].stem, "good"}
+    errors = {r.name: r.error for r in summary.failed}
+    assert all(str(bad_slides[name]) in errors[name] for name in bad)  # messages name the file
+    assert "mpp" in errors["no_mpp"] and "small" in errors["tiny"]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == sorted([f"{cohort.slides[0].stem}.h5", "good.h5"])
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+    assert summary.totals["n_tissue"] == sum(r.stats["n_tissue"] for r in summary.done)
+    # the missing mpp can be given
+    assert preprocess_slide(bad_slides["no_mpp"], tmp_path, patch_size=P, local_size=Q, slide_mpp=0.5)["n_kept"] >= 1
+
+
+def test_rerun_skips_finished_slides_and_redoes_foreign_files(cohort, tmp_path):
+    names = [s.stem for s in cohort.slides]
+    preprocess_cohort(cohort.slides[:2], tmp_path, patch_size=P, local_size=Q, progress=False)
+    first = tmp_path / f"{names[0]}.h5"
+    mtime = first.stat().st_mtime_ns
+    (tmp_path / f"{names[1]}.h5").write_bytes(b"not hdf5 at all")  # e.g. a file copied in by hand, damaged
+    summary = preprocess_cohort(cohort.slides, tmp_path, patch_size=P, local_size=Q, progress=False)
+    assert [r.name for r in summary.skipped] == [names[0]] and {r.name for r in summary.done} == set(names[1:])
+    assert first.stat().st_mtime_ns == mtime
+    assert summary.skipped[0].stats["n_tissue"] > 0  # carried over from the previous summary.json
+    assert all(h5_complete(tmp_path / f"{n}.h5") for n in names)
+    summary = preprocess_cohort(cohort.slides, tmp_path, patch_size=P, local_size=Q, progress=False, overwrite=True)
+    assert len(summary.done) == 3 and first.stat().st_mtime_ns != mtime
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import h5py
+from isg.infer.preprocess import preprocess_cohort
+
+victim = sys.argv[3]
+create = h5py.Group.create_dataset
+def dying_create(self, name, *args, **kw):
+    if name == "scores" and self.file.attrs.get("slide_id") == victim:
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing the victim's h5
+    return create(self, name, *args, **kw)
+h5py.Group.create_dataset = dying_create
+preprocess_cohort(sys.argv[1].split(","), sys.argv[2], patch_size=128, local_size=32, workers=1, progress=False)
+"""
+
+
+def test_resume_after_kill_mid_write(cohort, tmp_path):
+    slides = cohort.slides[:2]
+    victim = slides[1].stem
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_SCRIPT), ",".join(map(str, slides)),
+                          str(tmp_path), victim], capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9, run.stderr
+    finished = tmp_path / f"{slides[0].stem}.h5"
+    assert h5_complete(finished) and not (tmp_path / f"{victim}.h5").exists()
+    partial = list(tmp_path.glob(f".{victim}.*.h5"))
+    assert len(partial) == 1  # the killed write's temp file is there ...
+    mtime = finished.stat().st_mtime_ns
+    summary = preprocess_cohort(slides, tmp_path, patch_size=P, local_size=Q, progress=False)
+    assert [r.name for r in summary.skipped] == [slides[0].stem] and [r.name for r in summary.done] == [victim]
+    assert finished.stat().st_mtime_ns == mtime and h5_complete(tmp_path / f"{victim}.h5")
+    assert not partial[0].exists() and not list(tmp_path.glob(".*"))  # ... and never taken for an output
+
+
+def test_failure_mid_write_leaves_no_output(cohort, tmp_path, monkeypatch):
+    create = h5py.Group.create_dataset
+
+    def failing_create(self, name, *args, **kw):
+        if name == "selected":
+            raise OSError("disk full")
+        return create(self, name, *args, **kw)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing_create)
+    with pytest.raises(OSError, match="disk full"):
+        preprocess_slide(cohort.slides[0], tmp_path, patch_size=P, local_size=Q, thumbnail=False)
+    assert list(tmp_path.iterdir()) == []
+    summary = preprocess_cohort(cohort.slides[:1], tmp_path, patch_size=P, local_size=Q, thumbnail=False, progress=False)
+    assert summary.failed[0].error_type == "OSError" and not list(tmp_path.glob("*.h5"))
+
+
+def test_dask_local_cluster_same_outputs_as_threads(cohort, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    names = [s.stem for s in cohort.slides]
+    preprocess_cohort(cohort.slides, tmp_path / "threads", patch_size=P, local_size=Q, progress=False, thumbnail=False)
+    with distributed.LocalCluster(host="127.0.0.1", protocol="tcp", n_workers=1, threads_per_worker=1,
+                                  processes=True, dashboard_address=None) as cluster:
+        summary = preprocess_cohort(cohort.slides, tmp_path / "dask", scheduler=cluster.scheduler_address,
+                                    patch_size=P, local_size=Q, progress=False, thumbnail=False)
+    assert summary.ok and len(summary.done) == 3 and summary.scheduler.startswith("dask")
+    same_outputs(tmp_path / "threads", tmp_path / "dask", names)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_end_to_end_with_manifest_and_failures(cohort, bad_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["preprocess", "--manifest", str(cohort.manifest), "--out", str(out), "--patch-size", "128",
+            "--local-size", "32", "--quiet"]
+    assert cli_main(args) == 0
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(s.stem for s in cohort.slides)
+    assert cli_main(args + [str(bad_slides["corrupt"])]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 4 slide(s) failed" in err and "corrupt" in err and str(bad_slides["corrupt"]) in err
+    assert cli_main(["preprocess", str(cohort.slides[0]), "--out", str(tmp_path / "topk"), "--patch-size", "128",
+                     "--local-size", "32", "--top-k", "3", "--quiet"]) == 0
+    assert read_h5(tmp_path / "topk" / f"{cohort.slides[0].stem}.h5")["coords"].shape == (3, 2)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no slides given"),
+    (["missing.svs"], "not found: missing.svs"),
+    (["SLIDE", "--local-size", "48"], "must divide patch_size"),
+    (["SLIDE", "--selector", "sharpness"], "unknown selector"),
+    (["SLIDE", "--rule", "topk"], "needs k"),
+    (["SLIDE", "--rule", "threshold", "--selector", "otsu"], "explicit threshold"),
+    (["SLIDE", "--mpp", "0.5", "--level", "1"], "either mpp or level"),
+    (["SLIDE", "--workers", "0"], "--workers"),
+    (["SLIDE", "--resources", "GPU"], "--resources"),
+    (["SLIDE", "SLIDE"], "given twice"),
+    (["--manifest", "nope.csv"], "no such file"),
+])
+def test_cli_bad_arguments_exit_2(cohort, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    extra = [str(cohort.slides[0]) if a == "SLIDE" else a for a in extra]
+    assert cli_main(["preprocess", *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "isg preprocess: error:" in err and message in err
+    assert not (tmp_path / "out").exists()
