@@ -334,4 +334,5 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
     ae = Autoencoder(**ckpt["config"])
     ae.load_state_dict(ckpt["state_dict"])
     ae.extra = ckpt.get("extra", {})
+    ae.checkpoint_path = str(path)
     return ae.to(map_location).eval()

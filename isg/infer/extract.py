@@ -1,0 +1,162 @@
+"""``isg extract`` (wiring only): autoencoder features of the selected patches of each slide.
+
+For every selected global patch (``coords`` of the slide's .h5, p pixels at ``patch_level``):
+
+* ``features`` float32 [M, d_g]: the global encoder on the patch resized to its resolution
+  (CLAM/TRIDENT-style dataset next to ``coords``, same order);
+* ``local_features`` float16 [M, S, S, d_l]: the local encoder on each q-pixel sub-patch
+  (S = p / q, [m, i, j] = rows i*q.., cols j*q..), resized to its resolution.
+
+The .h5 is updated atomically (copied to a temp file, datasets added, renamed over the
+original); slides that already have both datasets are skipped unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from isg.data._util import atomic_path
+from isg.features.autoencoder import Autoencoder, tiles_to_input
+from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
+
+log = logging.getLogger(__name__)
+
+WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
+MAX_ENCODE_BATCH = 1024  # local sub-patches encoded per call
+
+
+@dataclass
+class ExtractResult:
+    h5_path: str
+    status: str  # "written" | "skipped" | "failed"
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@torch.inference_mode()
+def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int = MAX_ENCODE_BATCH) -> torch.Tensor:
+    """Features float32 [B, d] (on CPU) of uint8 tiles [B, H, W, 3], resized to ``ae.resolution``."""
+    out = [ae.encode(tiles_to_input(tiles[i:i + max_batch], ae.resolution, device)).float().cpu() for i in range(0, len(tiles), max_batch)]
+    return torch.cat(out) if out else torch.zeros(0, ae.d)
+
+
+def _has_features(h5_path: Path, local: bool) -> bool:
+    import h5py
+
+    with h5py.File(h5_path, "r") as f:
+        return "features" in f and (not local or "local_features" in f)
+
+
+def _encoder_attrs(ae: Autoencoder, role: str) -> dict:
+    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
+    checkpoint = getattr(ae, "checkpoint_path", None)
+    if checkpoint:
+        attrs["checkpoint"] = str(checkpoint)
+    return attrs
+
+
+def extract_slide(
+    h5_path: str | os.PathLike,
+    slide_path: str | os.PathLike | None,
+    global_ae: Autoencoder,
+    local_ae: Autoencoder | None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 4,
+    overwrite: bool = False,
+    backend: str = "auto",
+) -> ExtractResult:
+    """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into ``h5_path``.
+
+    ``slide_path`` None takes the slide from the .h5 root attr ``slide_path``.
+    Returns an :class:`ExtractResult` ("written" or "skipped"); errors raise.
+    """
+    h5_path = Path(h5_path)
+    start = time.perf_counter()
+    info = read_patch_info(h5_path, slide_path)
+    if not overwrite and _has_features(h5_path, local_ae is not None):
+        return ExtractResult(str(h5_path), SKIPPED, len(info.coords))
+    device = torch.device(device)
+    global_ae = global_ae.to(device).eval()
+    local_ae = local_ae.to(device).eval() if local_ae is not None else None
+    m, s = len(info.coords), info.grid
+    features = np.zeros((m, global_ae.d), np.float32)  # [M, d_g]
+    local = np.zeros((m, s, s, local_ae.d), np.float16) if local_ae is not None else None  # [M, S, S, d_l]
+    offset = 0
+    if m:
+        with open_patch_slide(info, backend) as slide:
+            for coords, tiles in iter_patches(slide, info.coords, info.patch_size, info.patch_level, batch_size, device, num_workers):
+                b = len(coords)
+                if not np.array_equal(coords, info.coords[offset:offset + b]):
+                    raise RuntimeError(f"{h5_path}: tile reader returned patches out of order at {offset}")
+                features[offset:offset + b] = encode_tiles(global_ae, tiles, device).numpy()
+                if local_ae is not None:
+                    subs = split_local(tiles, info.local_size).reshape(b * s * s, info.local_size, info.local_size, 3)
+                    local[offset:offset + b] = encode_tiles(local_ae, subs, device).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
+                offset += b
+    if offset != m:
+        raise RuntimeError(f"{h5_path}: read {offset} of {m} patches")
+    _write_features(h5_path, features, local, _encoder_attrs(global_ae, "global"), _encoder_attrs(local_ae, "local") if local_ae is not None else None)
+    return ExtractResult(str(h5_path), WRITTEN, m, time.perf_counter() - start)
+
+
+def _write_features(h5_path: Path, features: np.ndarray, local: np.ndarray | None, global_attrs: dict, local_attrs: dict | None) -> None:
+    """Add/replace the feature datasets on a temp copy of ``h5_path`` and rename it over the original."""
+    import h5py
+
+    with atomic_path(h5_path) as tmp:
+        shutil.copy2(h5_path, tmp)
+        with h5py.File(tmp, "a") as f:
+            for name, data, attrs in (("features", features, global_attrs), ("local_features", local, local_attrs)):
+                if data is None:
+                    continue
+                if name in f:
+                    del f[name]
+                chunks = (min(len(data), 256), *data.shape[1:]) if len(data) else None
+                dset = f.create_dataset(name, data=data, chunks=chunks)
+                dset.attrs.update(attrs)
+
+
+def extract_cohort(
+    h5_paths,
+    global_ae: Autoencoder,
+    local_ae: Autoencoder | None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 4,
+    overwrite: bool = False,
+    slide_paths: dict | None = None,
+    progress: bool = True,
+) -> list[ExtractResult]:
+    """:func:`extract_slide` over many .h5 files; a slide that fails is logged, reported and skipped.
+
+    ``slide_paths`` optionally maps an .h5 path (or its stem, the slide id) to its slide.
+    """
+    slide_paths = slide_paths or {}
+    results = []
+    bar = tqdm(list(h5_paths), desc="extract", unit="slide", disable=not progress)
+    for h5_path in bar:
+        h5_path = Path(h5_path)
+        slide_path = slide_paths.get(str(h5_path), slide_paths.get(h5_path.stem))
+        try:
+            result = extract_slide(h5_path, slide_path, global_ae, local_ae, batch_size, device, num_workers, overwrite)
+        except Exception as exc:  # one bad slide must not stop the cohort
+            log.warning("extract: %s failed: %s: %s", h5_path, type(exc).__name__, exc)
+            result = ExtractResult(str(h5_path), FAILED, error=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        bar.set_postfix(status=result.status)
+    failed = [r for r in results if r.status == FAILED]
+    if failed:
+        log.warning("extract: %d of %d slide(s) failed: %s", len(failed), len(results), ", ".join(Path(r.h5_path).name for r in failed))
+    return results
