@@ -1,0 +1,233 @@
+"""Shannon scorer: definition, native (C++/CUDA) vs numpy reference, grid scoring, errors, agreement with
+real compressors and the paper's Fig. 2 behaviour."""
+
+from __future__ import annotations
+
+import lzma
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from isg.ops import shannon
+from isg.ops.shannon import (bits_from_histogram, shannon_bits, shannon_bits_reference, shannon_grid_bits,
+                             shannon_grid_histogram, shannon_grid_histogram_reference, shannon_histogram,
+                             shannon_histogram_reference)
+from isg.select.samples import slide_like_tiles, textured_tiles, textureless_tiles
+
+SHAPES = [(1, 1), (7, 13), (31, 17), (64, 64), (2, 9)]
+
+
+def _tiles(batch, h, w, c, seed=0):
+    """Mixed-content uint8 tiles: noise, smooth ramps and flat areas."""
+    rng = np.random.default_rng(seed)
+    tiles = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
+    tiles[:, : h // 2] //= 16                                                       # low-amplitude noise
+    ramp = (np.arange(w)[None, :, None] * 3 + np.arange(h)[:, None, None]) % 256
+    tiles[0] = ramp.astype(np.uint8)                                                # smooth
+    if batch > 1:
+        tiles[1] = 77                                                               # flat
+    return tiles
+
+
+# ------------------------------------------------------------------------------------------ definition (reference)
+
+
+def test_med_residuals_known_answer():
+    x = np.array([[10, 20], [30, 25]], np.uint8)[None, :, :, None]                  # [1, 2, 2, 1]
+    # (0,0): pred 0 -> 10; (0,1): left 10 -> 10; (1,0): up 10 -> 20; (1,1): a=30 b=20 c=10 -> a+b-c=40 -> clip 30 -> -5
+    expected = np.zeros(256, np.int64)
+    for r in (10, 10, 20, (25 - 30) % 256):
+        expected[r] += 1
+    np.testing.assert_array_equal(shannon_histogram_reference(x)[0, 0], expected)
+
+
+def test_bits_known_answers():
+    # 1x1 tile: N = 1, K = 1 -> data 0, model 8 + log2 256 + log2 C(0, 0) = 16 bits per channel
+    assert shannon_bits_reference(np.zeros((1, 1, 1, 3), np.uint8))[0] == pytest.approx(48.0, abs=1e-12)
+    # flat h x w tile of value v > 0: per channel residuals {v: 1, 0: N - 1}, K = 2
+    h, w = 5, 6
+    n = h * w
+    per_channel = math.log2(n) + (n - 1) * math.log2(n / (n - 1)) + 8 + math.log2(256 * 255 / 2) + math.log2(n - 1)
+    flat = np.full((1, h, w, 1), 9, np.uint8)
+    assert shannon_bits_reference(flat)[0] == pytest.approx(per_channel, rel=1e-12)
+    # all 256 residuals equally often: data = 8 bits per pixel, model = 8 + 0 + log2 C(N - 1, 255)
+    hist = np.full((1, 1, 256), 4, np.int64)
+    expected = 1024 * 8 + 8 + sum(math.log2((1023 - 255 + i) / i) for i in range(1, 256))
+    assert bits_from_histogram(hist)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_noise_costs_about_8_bits_and_flat_almost_nothing():
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    bits = shannon_bits_reference(np.concatenate([noise, np.full_like(noise, 128)]))
+    assert 8.0 < bits[0] / noise.size < 8.5
+    assert bits[1] < 200
+
+
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_reference_histogram_counts_every_pixel(h, w):
+    hist = shannon_histogram_reference(_tiles(3, h, w, 3))
+    assert hist.shape == (3, 3, 256) and (hist.sum(-1) == h * w).all()
+
+
+# ------------------------------------------------------------------------------------------ native vs reference
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_native_matches_reference(require_ext, h, w, channels):
+    tiles = _tiles(4, h, w, channels)
+    hist = shannon_histogram(tiles)
+    np.testing.assert_array_equal(hist, shannon_histogram_reference(tiles))
+    np.testing.assert_allclose(shannon_bits(tiles), shannon_bits_reference(tiles), rtol=1e-9, atol=0)
+
+
+def test_native_bits_formula_matches_reference(require_ext):
+    rng = np.random.default_rng(3)
+    hist = rng.integers(0, 50, (20, 3, 256)).astype(np.int64) * (rng.random((20, 3, 256)) < 0.3)
+    hist[0] = 0                                                                     # empty histogram -> 0 bits
+    hist[1, :, 7] = 1000                                                            # single symbol
+    native = shannon.histogram_bits(hist)
+    np.testing.assert_allclose(native, bits_from_histogram(hist), rtol=1e-9, atol=0)
+    assert native[0] == 0.0
+
+
+def test_native_non_contiguous_and_torch_inputs(require_ext):
+    base = torch.from_numpy(_tiles(6, 20, 30, 3))
+    views = [base.permute(0, 2, 1, 3), base[::2], base[:, 1:-1, 3:], base.flip(-1)[..., :3]]
+    for view in views:
+        expected = shannon_histogram_reference(view.contiguous().numpy())
+        got = shannon_histogram(view)
+        assert isinstance(got, torch.Tensor)
+        np.testing.assert_array_equal(got.numpy(), expected)
+    negative = base.numpy()[:, ::-1]                                                # numpy negative strides
+    np.testing.assert_array_equal(shannon_histogram(negative), shannon_histogram_reference(negative.copy()))
+
+
+@pytest.mark.parametrize("tile,stride", [(8, 8), ((17, 13), (9, 11)), ((5, 7), (16, 3)), (30, 1)])
+def test_grid_matches_tiles(require_ext, tile, stride):
+    region = _tiles(1, 45, 38, 3, seed=5)[0]
+    hist = shannon_grid_histogram(region, tile, stride)
+    np.testing.assert_array_equal(hist, shannon_grid_histogram_reference(region, tile, stride))
+    th, tw = (tile, tile) if np.isscalar(tile) else tile
+    sy, sx = (stride, stride) if np.isscalar(stride) else stride
+    ny, nx = (45 - th) // sy + 1, (38 - tw) // sx + 1
+    bits = shannon_grid_bits(region, tile, stride)
+    assert bits.shape == (ny, nx)
+    iy, ix = ny - 1, nx // 2                                                        # one tile checked by hand
+    crop = region[iy * sy: iy * sy + th, ix * sx: ix * sx + tw][None]
+    assert bits[iy, ix] == pytest.approx(shannon_bits_reference(crop)[0], rel=1e-9)
+
+
+def test_grid_on_non_contiguous_region(require_ext):
+    region = torch.from_numpy(_tiles(1, 40, 33, 4, seed=2)[0]).transpose(0, 1)      # [33, 40, 4], RGBA, strided
+    hist = shannon_grid_histogram(region, (10, 12), (7, 5))
+    expected = shannon_grid_histogram_reference(region.contiguous().numpy()[..., :3], (10, 12), (7, 5))
+    np.testing.assert_array_equal(hist.numpy(), expected)
+
+
+def test_opcheck(require_ext):
+    tiles = torch.from_numpy(_tiles(3, 9, 11, 3))
+    torch.library.opcheck(torch.ops.isg.shannon_histogram.default, (tiles,))
+    torch.library.opcheck(torch.ops.isg.shannon_grid_histogram.default, (tiles[0], 4, 5, 3, 2))
+    torch.library.opcheck(torch.ops.isg.shannon_bits_from_histogram.default, (torch.ops.isg.shannon_histogram(tiles),))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(require_ext):
+    if not shannon._native(torch.device("cuda")):
+        pytest.skip("isg._C built without CUDA")
+    tiles = torch.from_numpy(_tiles(5, 37, 29, 3)).cuda()
+    hist = shannon_histogram(tiles)
+    assert hist.is_cuda
+    np.testing.assert_array_equal(hist.cpu().numpy(), shannon_histogram_reference(tiles.cpu().numpy()))
+    np.testing.assert_allclose(shannon_bits(tiles), shannon_bits(tiles.cpu()), rtol=1e-9, atol=0)
+    region = tiles[0]
+    np.testing.assert_array_equal(shannon_grid_histogram(region, 9, (5, 4)).cpu().numpy(),
+                                  shannon_grid_histogram_reference(region.cpu().numpy(), 9, (5, 4)))
+
+
+# ------------------------------------------------------------------------------------------ inputs and errors
+
+
+def test_rgba_drops_alpha_and_grey_is_one_channel():
+    tiles = _tiles(2, 12, 10, 4)
+    np.testing.assert_array_equal(shannon_bits(tiles), shannon_bits(np.ascontiguousarray(tiles[..., :3])))
+    assert shannon_histogram(tiles).shape == (2, 3, 256)
+    assert shannon_histogram(tiles[..., :1]).shape == (2, 1, 256)
+
+
+def test_numpy_and_torch_agree():
+    tiles = _tiles(3, 16, 16, 3)
+    np.testing.assert_array_equal(shannon_bits(tiles), shannon_bits(torch.from_numpy(tiles)))
+    assert shannon_bits(tiles).dtype == np.float64
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((2, 8, 8, 3), np.float32), "uint8"),
+    (np.zeros((8, 8, 3), np.uint8), r"4 dims.*tiles\[None\]"),
+    (np.zeros((2, 8, 8, 2), np.uint8), "channels"),
+    (torch.zeros((2, 8, 8, 5), dtype=torch.uint8), "channels"),
+    (np.zeros((2, 0, 8, 3), np.uint8), "empty"),
+    ([[1, 2, 3]], "numpy array or torch tensor"),
+])
+def test_bad_tiles_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        shannon_bits(bad)
+
+
+def test_bad_grid_raises():
+    region = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match="larger than the region"):
+        shannon_grid_bits(region, 32)
+    with pytest.raises(ValueError, match="stride"):
+        shannon_grid_bits(region, 8, 0)
+    with pytest.raises(ValueError, match="region"):
+        shannon_grid_bits(np.zeros((2, 20, 20, 3), np.uint8), 8)
+    with pytest.raises(ValueError, match="int64"):
+        shannon.histogram_bits(np.zeros((2, 3, 255), np.int64))
+
+
+# ------------------------------------------------------------------------------------------ vs real compressors
+
+
+@pytest.fixture(scope="module")
+def slide_tiles():
+    return slide_like_tiles(p=64)
+
+
+def _compressed_sizes(tiles):
+    import cv2
+
+    sizes = {"zlib-9": [], "lzma": [], "png": []}
+    for tile in tiles:
+        sizes["zlib-9"].append(len(zlib.compress(tile.tobytes(), 9)))
+        sizes["lzma"].append(len(lzma.compress(tile.tobytes())))
+        sizes["png"].append(len(cv2.imencode(".png", tile[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]))
+    return sizes
+
+
+def test_rank_correlation_with_compressors(slide_tiles):
+    tiles, kinds = slide_tiles
+    assert len(tiles) > 300 and {"tissue", "partial", "noise", "posterized", "blank"} == set(kinds)
+    bits = shannon_bits(tiles)
+    for name, sizes in _compressed_sizes(tiles).items():
+        rho = spearmanr(bits, sizes)[0]
+        print(f"Spearman(bits, {name}) = {rho:.4f} on {len(tiles)} tiles")
+        assert rho >= 0.95, name
+    # bits are a sensible code length: never far above the raw 8 bits per subpixel
+    assert (bits < tiles[0].size * 8.6).all()
+
+
+def test_fig2_textureless_below_textured():
+    flat, names = textureless_tiles(p=128)
+    tissue = textured_tiles(p=128)
+    low, high = shannon_bits(flat), shannon_bits(tissue)
+    assert low.max() < high.min(), dict(zip(names, low))
+    # solid colours cost the same few bits whatever the colour
+    solids = [b for b, n in zip(low, names) if n.startswith("solid")]
+    assert max(solids) - min(solids) < 1e-6 and max(solids) < 200
