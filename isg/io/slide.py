@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -343,7 +344,6 @@ class OpenSlideSlide(Slide):
         props = self._osr.properties
         mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
         self._mpp_meta = float(mpp_x) if mpp_x else None
-        self._lock = threading.Lock()
         self._finish_init()
 
     def _read(self, x, y, level, w, h, out):
@@ -366,9 +366,38 @@ class OpenSlideSlide(Slide):
 # ----------------------------------------------------------------------------- cuCIM
 
 
-def _quiet_cucim() -> None:
-    """cuCIM's cuFile layer writes ``cufile.log`` into the working directory (libcuda errors on CPU machines)."""
+@contextlib.contextmanager
+def _quiet_cucim():
+    """Silence cuCIM's cuFile layer while importing cuCIM / opening a file.
+
+    On machines without a CUDA driver cuFile prints libcuda errors on stdout and writes ``cufile.log``
+    into the working directory. ``CUFILE_LOGFILE_PATH`` only helps when set before torch loads
+    libcufile, so stdout/stderr are pointed at /dev/null for the duration (process-wide, a few ms) and
+    a ``cufile.log`` that appeared meanwhile is removed.
+    """
     os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+    log = Path("cufile.log")
+    had_log = log.exists()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with _CUCIM_LOCK:
+        saved = [os.dup(1), os.dup(2)]
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in (*saved, null):
+                os.close(fd)
+            if not had_log:
+                with contextlib.suppress(OSError):
+                    log.unlink()
+
+
+_CUCIM_LOCK = threading.Lock()
 
 
 class CuCIMSlide(Slide):
@@ -376,11 +405,11 @@ class CuCIMSlide(Slide):
 
     def __init__(self, path, mpp=None, device: str = "cpu"):
         super().__init__(path, mpp)
-        _quiet_cucim()
-        from cucim import CuImage
-
         try:
-            self._image = CuImage(str(path))
+            with _quiet_cucim():
+                from cucim import CuImage
+
+                self._image = CuImage(str(Path(path).resolve()))
         except Exception as exc:
             raise SlideError(path, f"cuCIM cannot open it ({type(exc).__name__}: {exc})") from exc
         resolutions = self._image.resolutions
@@ -455,9 +484,8 @@ def _cucim_available() -> bool:
     if importlib.util.find_spec("cucim") is None:
         return False
     try:
-        _quiet_cucim()
-        from cucim import CuImage  # noqa: F401
-
+        with _quiet_cucim():
+            from cucim import CuImage  # noqa: F401
         return True
     except Exception:
         return False

@@ -1,0 +1,206 @@
+"""Tissue prefilter, tile grids, batched tile streaming and two-level (global/local) tiling.
+
+* :func:`tissue_mask`: Otsu threshold on the saturation of a low-resolution thumbnail.
+* :func:`tile_grid`: level-0 (x, y) of the ``patch_size`` tiles (at the read level) with enough tissue.
+* :func:`iter_tiles`: batches ``(coords [B, 2], tiles torch.uint8 [B, p, p, 3])`` read by threads
+  (cuCIM's batch reader for cuCIM slides), prefetched while the caller works on the previous batch.
+* :func:`local_grid`: level-0 coordinates of the (p / q)^2 local patches of each global patch.
+
+Tiles reaching past the slide border are padded white (255), as :meth:`Slide.read_region` does.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from isg.io.slide import Slide
+
+MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
+
+
+def tissue_mask(slide: Slide, max_size: int = 2048, level: int | None = None, min_saturation: int = MIN_SATURATION,
+                thumbnail: np.ndarray | None = None) -> np.ndarray:
+    """bool [h, w] covering the whole slide: True where the thumbnail looks like stained tissue.
+
+    The thumbnail is ``slide.thumbnail(max_size)``, or the whole of ``level`` when given (or ``thumbnail``
+    itself). Pixels are tissue when their HSV saturation exceeds Otsu's threshold (at least
+    ``min_saturation``), after a 5 px median filter, followed by a 5 px morphological closing.
+    """
+    import cv2
+    from skimage.filters import threshold_otsu
+
+    if thumbnail is None:
+        thumbnail = slide.read_region((0, 0), level, slide.level_dimensions[level]) if level is not None else slide.thumbnail(max_size)
+    rgb = thumbnail.astype(np.int16)
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    saturation = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)  # HSV S, 0..255
+    saturation = cv2.medianBlur(saturation, 5)
+    if int(saturation.max()) <= min_saturation:
+        return np.zeros(saturation.shape, bool)
+    threshold = max(float(threshold_otsu(saturation)), float(min_saturation))
+    mask = (saturation > threshold).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    return mask.astype(bool)
+
+
+def grid_level(slide: Slide, mpp: float | None = None, level: int | None = None) -> int:
+    """Read level: ``level`` if given, else the coarsest level at least as fine as ``mpp``, else 0."""
+    if level is not None:
+        if not 0 <= level < slide.level_count:
+            raise ValueError(f"{slide.path}: level {level} out of range (slide has {slide.level_count} levels)")
+        return int(level)
+    return slide.best_level_for_mpp(mpp) if mpp is not None else 0
+
+
+def tile_grid(slide: Slide, patch_size: int, mpp: float | None = None, level: int | None = None, tissue_min: float = 0.05,
+              mask: np.ndarray | None = None, stride: int | None = None) -> np.ndarray:
+    """int64 [N, 2] level-0 (x, y) of the ``patch_size`` tiles at the read level (see :func:`grid_level`) whose
+    tissue fraction on ``mask`` (default :func:`tissue_mask`) is at least ``tissue_min``; row-major order.
+
+    ``stride`` (pixels at the read level) defaults to ``patch_size``. The grid covers the slide; the last
+    row/column may reach past the border (those tiles are padded white and count outside as no tissue).
+    ``tissue_min=0`` keeps every tile of the grid.
+    """
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    stride = stride or patch_size
+    level = grid_level(slide, mpp, level)
+    factor = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    xs = np.arange(0, lw, stride, dtype=np.int64)
+    ys = np.arange(0, lh, stride, dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([np.floor(gx.ravel() * factor), np.floor(gy.ravel() * factor)], axis=1).astype(np.int64)  # [N, 2] level 0
+    if tissue_min <= 0:
+        return coords
+    if mask is None:
+        mask = tissue_mask(slide)
+    mask = np.asarray(mask, bool)
+    W, H = slide.dimensions
+    sx, sy = mask.shape[1] / W, mask.shape[0] / H  # mask px per level-0 px
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+    extent = patch_size * factor  # level-0 side of a tile
+    x0 = np.clip(np.floor(coords[:, 0] * sx), 0, mask.shape[1]).astype(np.int64)
+    y0 = np.clip(np.floor(coords[:, 1] * sy), 0, mask.shape[0]).astype(np.int64)
+    x1 = np.maximum(np.ceil((coords[:, 0] + extent) * sx).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.ceil((coords[:, 1] + extent) * sy).astype(np.int64), y0 + 1)
+    area = (x1 - x0) * (y1 - y0)  # full tile area: the part outside the slide counts as background
+    x1, y1 = np.minimum(x1, mask.shape[1]), np.minimum(y1, mask.shape[0])
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return coords[inside / area >= tissue_min]
+
+
+def local_grid(coords, p: int, q: int, downsample: float = 1.0) -> np.ndarray:
+    """int64 [N, S, S, 2] level-0 (x, y) of the local patches (q px) of each global patch (p px), S = p / q.
+
+    ``[n, i, j]`` is the local patch in row i, column j (rows ``y + i*q``, columns ``x + j*q`` at the read
+    level, scaled by ``downsample`` to level 0), the order of ``tiles.reshape(B, S, q, S, q, 3)``.
+    """
+    if p <= 0 or q <= 0 or p % q:
+        raise ValueError(f"local size q={q} must be a positive divisor of the patch size p={p}")
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    s = p // q
+    offsets = np.arange(s, dtype=np.float64) * q * downsample
+    grid = np.zeros((len(coords), s, s, 2), np.int64)
+    grid[..., 0] = coords[:, None, None, 0] + np.floor(offsets)[None, None, :].astype(np.int64)
+    grid[..., 1] = coords[:, None, None, 1] + np.floor(offsets)[None, :, None].astype(np.int64)
+    return grid
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _check_coords(slide: Slide, coords) -> np.ndarray:
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"{slide.path}: coords must be [N, 2] level-0 (x, y), got shape {coords.shape}")
+    if coords.size and not np.issubdtype(coords.dtype, np.integer):
+        if not np.all(np.isfinite(coords)) or not np.array_equal(coords, np.round(coords)):
+            raise ValueError(f"{slide.path}: coords must be whole pixels, got dtype {coords.dtype} with fractions")
+    return coords.astype(np.int64, copy=False)
+
+
+def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
+               num_workers: int = 4, prefetch: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, size, size, 3])`` on ``device``.
+
+    ``coords`` are level-0 (x, y) top-left corners; tiles are ``size`` px at ``level`` (exactly what
+    ``slide.read_region(xy, level, (size, size))`` returns, white past the border). ``num_workers`` threads
+    read tiles (0: in the calling thread) and up to ``prefetch`` batches are read ahead. For CUDA
+    devices batches are assembled in pinned memory and copied with ``non_blocking=True``. cuCIM
+    slides use cuCIM's own batch reader (``read_region(locations, ..., num_workers=...)``).
+    """
+    coords = _check_coords(slide, coords)
+    if size < 1 or batch_size < 1:
+        raise ValueError(f"size and batch_size must be positive, got size={size}, batch_size={batch_size}")
+    if not 0 <= level < slide.level_count:
+        raise ValueError(f"{slide.path}: level {level} out of range (slide has {slide.level_count} levels)")
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    if num_workers > 0 and getattr(slide, "backend", "") == "cucim" and len(coords):
+        yield from _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, pin)
+        return
+
+    def new_batch(n: int) -> torch.Tensor:
+        return torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin)
+
+    def read_into(out: np.ndarray, chunk: np.ndarray) -> None:
+        for i, (x, y) in enumerate(chunk.tolist()):
+            slide.read_region((x, y), level, (size, size), out=out[i])
+
+    starts = range(0, len(coords), batch_size)
+    if num_workers <= 0:
+        for start in starts:
+            chunk = coords[start:start + batch_size]
+            batch = new_batch(len(chunk))
+            read_into(batch.numpy(), chunk)
+            yield chunk, batch.to(device, non_blocking=pin)
+        return
+
+    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-tiles") as pool:
+        pending: collections.deque = collections.deque()
+
+        def submit(start: int) -> None:
+            chunk = coords[start:start + batch_size]
+            batch = new_batch(len(chunk))
+            view = batch.numpy()
+            step = max(1, -(-len(chunk) // (num_workers * 2)))  # a few tiles per task
+            futures = [pool.submit(read_into, view[i:i + step], chunk[i:i + step]) for i in range(0, len(chunk), step)]
+            pending.append((chunk, batch, futures))
+
+        queue = iter(starts)
+        try:
+            for start in queue:
+                submit(start)
+                if len(pending) > prefetch:
+                    break
+            while pending:
+                chunk, batch, futures = pending.popleft()
+                for future in futures:
+                    future.result()
+                next_start = next(queue, None)
+                if next_start is not None:
+                    submit(next_start)
+                yield chunk, batch.to(device, non_blocking=pin)
+        finally:
+            for _, _, futures in pending:
+                for future in futures:
+                    future.cancel()
+
+
+def _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, pin):
+    reader = slide.cuimage.read_region(coords.tolist(), (size, size), level, num_workers=max(0, num_workers),
+                                       batch_size=batch_size, prefetch_factor=2)
+    start = 0
+    for array in reader:  # CuImage [B, size, size, 3] ([size, size, 3] when batch_size == 1)
+        # cuCIM reuses the batch buffer for the next batch: copy out before advancing the reader
+        tiles = torch.empty((1 if array.ndim == 3 else array.shape[0], size, size, 3), dtype=torch.uint8, pin_memory=pin)
+        tiles.numpy()[...] = np.asarray(array).reshape(tiles.shape[0], size, size, -1)[..., :3]
+        chunk = coords[start:start + len(tiles)]
+        start += len(tiles)
+        yield chunk, tiles.to(device, non_blocking=pin)
