@@ -3,7 +3,7 @@
 The .h5 written by ``isg preprocess`` holds ``coords`` int64 [M, 2] (level-0 x, y of the
 selected global patches) with attrs ``patch_size`` (p, pixels at ``patch_level``),
 ``patch_level``, ``level0_patch_size``, ``mpp`` (at the read level) and ``local_size`` (q);
-the root attr ``slide_path`` names the slide. Global inputs are whole p-pixel patches, local
+the root attrs ``slide_path`` and ``level0_mpp`` name the slide and its resolution. Global inputs are whole p-pixel patches, local
 inputs their S x S grid of q-pixel sub-patches (S = p / q).
 """
 
@@ -51,6 +51,7 @@ def read_patch_info(h5_path: str | os.PathLike, slide_path: str | os.PathLike | 
             attrs = dict(dset.attrs)
             coords = np.asarray(dset[...], dtype=np.int64).reshape(-1, 2) if dset.size else np.zeros((0, 2), np.int64)
             stored_slide = f.attrs.get("slide_path")
+            level0_mpp = f.attrs.get("level0_mpp")
     except OSError as exc:
         raise ValueError(f"patch file {h5_path}: not a readable HDF5 file ({exc})") from exc
     missing = [k for k in ("patch_size", "patch_level", "local_size") if k not in attrs]
@@ -59,8 +60,8 @@ def read_patch_info(h5_path: str | os.PathLike, slide_path: str | os.PathLike | 
     p, q = int(attrs["patch_size"]), int(attrs["local_size"])
     if q <= 0 or p <= 0 or p % q:
         raise ValueError(f"patch file {h5_path}: patch_size {p} is not a positive multiple of local_size {q}")
-    mpp = None
-    if "mpp" in attrs and "level0_patch_size" in attrs and float(attrs["mpp"]) > 0:
+    mpp = float(level0_mpp) if level0_mpp is not None and float(level0_mpp) > 0 else None
+    if mpp is None and "mpp" in attrs and "level0_patch_size" in attrs and float(attrs["mpp"]) > 0:
         mpp = float(attrs["mpp"]) * p / float(attrs["level0_patch_size"])
     if slide_path is None and stored_slide is not None:
         stored_slide = stored_slide.decode() if isinstance(stored_slide, bytes) else str(stored_slide)
@@ -80,22 +81,10 @@ def open_patch_slide(info: PatchInfo, backend: str = "auto"):
 
 
 def iter_patches(slide, coords: np.ndarray, size: int, level: int = 0, batch_size: int = 64, device="cpu", num_workers: int = 4) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Batches ``(coords [B, 2], tiles uint8 [B, size, size, 3])`` of ``slide`` at ``coords``.
+    """Batches ``(coords [B, 2], tiles uint8 [B, size, size, 3])`` of ``slide`` at ``coords`` (:func:`isg.io.iter_tiles`)."""
+    from isg.io import iter_tiles
 
-    Uses :func:`isg.io.iter_tiles` (threaded readers, device transfer) when available,
-    else reads regions one by one.
-    """
-    try:
-        from isg.io import iter_tiles
-    except ImportError:
-        iter_tiles = None
-    if iter_tiles is not None:
-        yield from iter_tiles(slide, coords, size, level=level, batch_size=batch_size, device=device, num_workers=num_workers)
-        return
-    for start in range(0, len(coords), batch_size):
-        chunk = np.asarray(coords[start:start + batch_size], dtype=np.int64)
-        tiles = np.stack([slide.read_region((int(x), int(y)), level, (size, size)) for x, y in chunk])
-        yield chunk, torch.from_numpy(tiles).to(device)
+    yield from iter_tiles(slide, coords, size, level=level, batch_size=batch_size, device=device, num_workers=num_workers)
 
 
 def split_local(tiles: torch.Tensor, local_size: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ LOSSES = ("l1", "lpips", "adv", "d_loss", "r1")
 class AutoencoderTrainConfig:
     # model
     resolution: int = 64
-    d: int = 256
+    d: int = 512
     channel_base: int = 8192
     channel_max: int = 256
     mapping_layers: int = 2

@@ -1,0 +1,150 @@
+"""``isg extract``: train the global/local autoencoders (``fit``) and write patch features (``run``).
+
+``isg extract fit --h5-dir D --out CKPT_DIR`` trains ``CKPT_DIR/global`` and ``CKPT_DIR/local``
+(each with ``checkpoint.pt``, ``autoencoder.pt``, ``history.json``; rerunning resumes).
+``isg extract run --h5-dir D --global CKPT_DIR/global --local CKPT_DIR/local`` adds ``features``
+and ``local_features`` to every ``D/*.h5``. Exit code 0 when every slide is done, 1 when some
+failed (listed), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("extract", help="autoencoder features of the selected patches (fit | run)",
+                                   description="StyleGAN2 autoencoder patch features (ISG Sec. 3.2).")
+    commands = parser.add_subparsers(dest="extract_command", metavar="{fit,run}")
+
+    fit = commands.add_parser("fit", help="train the global and local autoencoders on the selected patches",
+                              description="Train the global (whole p-pixel patches) and local (q-pixel sub-patches) "
+                                          "autoencoders on the selected patches of D/*.h5; reruns resume.")
+    fit.add_argument("--h5-dir", required=True, help="folder of per-slide .h5 files written by isg preprocess")
+    fit.add_argument("--out", required=True, help="checkpoint folder (gets global/ and local/)")
+    fit.add_argument("--which", choices=("both", "global", "local"), default="both", help="which autoencoder(s) to train")
+    fit.add_argument("--epochs", type=float, default=10.0, help="passes over the tile bank (default 10)")
+    fit.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--global-resolution", type=int, default=128, help="global AE input size; patches are resized (default 128)")
+    fit.add_argument("--local-resolution", type=int, default=64, help="local AE input size (default 64)")
+    fit.add_argument("--global-d", type=int, default=512, help="global feature size (default 512)")
+    fit.add_argument("--local-d", type=int, default=512, help="local feature size (default 512)")
+    fit.add_argument("--channel-base", type=int, default=8192, help="channels at resolution r: min(base / r, max)")
+    fit.add_argument("--channel-max", type=int, default=256)
+    fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
+    fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
+    fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")
+    fit.add_argument("--r1-gamma", type=float, default=1.0)
+    fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: random, warned)")
+    fit.add_argument("--checkpoint-every", type=int, default=500)
+    fit.add_argument("--device", default="cpu", help="cpu or cuda[:i] (mixed precision on CUDA)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a checkpoint exists")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.set_defaults(func=run_fit)
+
+    run = commands.add_parser("run", help="write features / local_features into each slide's .h5",
+                              description="Encode the selected patches of every D/*.h5 with the trained autoencoders. "
+                                          "Slides that already have features are skipped unless --overwrite.")
+    run.add_argument("--h5-dir", required=True, help="folder of per-slide .h5 files written by isg preprocess")
+    run.add_argument("--global", dest="global_ckpt", required=True, help="global autoencoder: autoencoder.pt/checkpoint.pt or its folder")
+    run.add_argument("--local", dest="local_ckpt", help="local autoencoder (omit to write global features only)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--batch-size", type=int, default=64, help="global patches per batch")
+    run.add_argument("--num-workers", type=int, default=4, help="tile reader threads")
+    run.add_argument("--overwrite", action="store_true", help="recompute slides that already have features")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=run_extract)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _h5_files(h5_dir: str) -> list[Path]:
+    from isg.cli import CLIError
+
+    folder = Path(h5_dir)
+    if not folder.is_dir():
+        raise CLIError(f"--h5-dir {folder}: no such directory")
+    files = sorted(folder.glob("*.h5"))
+    if not files:
+        raise CLIError(f"--h5-dir {folder}: holds no .h5 files (run isg preprocess first)")
+    return files
+
+
+def _checkpoint(value: str, option: str) -> Path:
+    from isg.cli import CLIError
+
+    path = Path(value)
+    if path.is_dir():
+        for name in ("autoencoder.pt", "checkpoint.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CLIError(f"{option} {path}: folder holds no autoencoder.pt or checkpoint.pt")
+    if not path.is_file():
+        raise CLIError(f"{option} {path}: checkpoint not found")
+    return path
+
+
+def _positive(args, names: list[str]) -> None:
+    from isg.cli import CLIError
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run_fit(args) -> int:
+    from isg.cli import CLIError
+    from isg.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    files = _h5_files(args.h5_dir)
+    _positive(args, ["epochs", "steps", "batch_size", "lr", "global_resolution", "local_resolution", "global_d", "local_d", "max_tiles"])
+    if args.lpips_weights and not Path(args.lpips_weights).is_file():
+        raise CLIError(f"--lpips-weights {args.lpips_weights}: no such file")
+    out = Path(args.out)
+    kinds = ("global", "local") if args.which == "both" else (args.which,)
+    for kind in kinds:
+        config = AutoencoderTrainConfig(
+            resolution=getattr(args, f"{kind}_resolution"), d=getattr(args, f"{kind}_d"), channel_base=args.channel_base,
+            channel_max=args.channel_max, kind=kind, max_tiles=args.max_tiles, epochs=args.epochs, max_steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, lpips_weight=args.lpips_weight, adv_weight=args.adv_weight,
+            r1_gamma=args.r1_gamma, device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            lpips_weights=args.lpips_weights, progress=not args.quiet,
+        )
+        try:
+            _, history = train_autoencoder(files, out / kind, config, resume=args.resume)
+        except ValueError as exc:  # bad resolution, no readable tiles, mismatching checkpoint, ...
+            raise CLIError(f"{kind} autoencoder: {exc}") from exc
+        l1 = history["l1"]
+        print(f"{kind}: {len(l1)} steps, L1 {l1[0]:.4f} -> {l1[-1]:.4f}; wrote {out / kind / 'autoencoder.pt'}" if l1 else f"{kind}: already trained ({out / kind})")
+    return 0
+
+
+def run_extract(args) -> int:
+    from isg.cli import CLIError
+    from isg.features import load_autoencoder
+    from isg.infer.extract import FAILED, extract_cohort
+
+    files = _h5_files(args.h5_dir)
+    _positive(args, ["batch_size"])
+    models = {}
+    for role, value, option in (("global", args.global_ckpt, "--global"), ("local", args.local_ckpt, "--local")):
+        if value is None:
+            continue
+        path = _checkpoint(value, option)
+        try:
+            models[role] = load_autoencoder(path, map_location=args.device)
+        except (ValueError, RuntimeError) as exc:
+            raise CLIError(f"{option} {path}: {exc}") from exc
+    results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size, device=args.device,
+                             num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet)
+    counts = {status: sum(r.status == status for r in results) for status in ("written", "skipped", FAILED)}
+    print(f"extract: {counts['written']} written, {counts['skipped']} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
+    for r in results:
+        if r.status == FAILED:
+            print(f"  FAILED {r.h5_path}: {r.error}", file=sys.stderr)
+    return 1 if counts[FAILED] else 0
