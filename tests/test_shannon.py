@@ -82,7 +82,7 @@ def native(require_ext):
     """The native module with the Shannon kernels (skipped, or failed under ISG_REQUIRE_EXT=1, without them)."""
     import os
 
-    if not hasattr(native, "shannon_histogram_cpu"):
+    if not hasattr(require_ext, "shannon_histogram_cpu"):
         message = "isg._C was built without the shannon kernels"
         if os.environ.get("ISG_REQUIRE_EXT") == "1":
             pytest.fail(message)
