@@ -1,4 +1,7 @@
 // CPU kernels of the fused Dual Attention ops (OpenMP over rows) and their pybind11 bindings.
+// No FP-trap semantics in this file: lets GCC if-convert (and so vectorise) the
+// clamps of exp_acc; results are unchanged (IEEE rounding is kept).
+#pragma GCC optimize("no-trapping-math")
 #include "attention/attention.h"
 
 #include <pybind11/pybind11.h>
@@ -81,28 +84,46 @@ void dispatch(DType dtype, F&& fn) {
 }
 
 // ----------------------------------------------------------------------------- kernels (one row = one (m, c))
+// Each kernel handles rows [r0, r1); `parallel_rows` spreads blocks of rows over
+// OpenMP threads. On x86-64 the kernels are cloned for AVX-512 and AVX2 and the
+// best clone is picked at load time (the default build targets SSE2 only).
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ISG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ISG_CLONES
+#endif
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t length, F&& kernel) {
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length));  // ~16k elements per task
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t r0 = 0; r0 < rows; r0 += block) kernel(r0, std::min(rows, r0 + block));
+}
 
 template <typename T>
-void gated_forward_rows(const T* q, const T* k, const T* v, T* out, int64_t rows, int64_t length) {
+ISG_CLONES void gated_forward_rows(const T* q, const T* k, const T* v, T* out, int64_t r0, int64_t r1, int64_t length) {
   using acc_t = typename Acc<T>::type;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const acc_t qr = load(q + r);
     const int64_t base = r * length;
-    for (int64_t j = 0; j < length; ++j)
-      store(out + base + j, gated_forward<acc_t>(qr, load(k + base + j), load(v + base + j)));
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      const acc_t value = gated_forward<acc_t>(qr, load(k + base + j), load(v + base + j));
+      store(out + base + j, value);
+    }
   }
 }
 
 template <typename T>
-void gated_backward_rows(const T* grad, const T* q, const T* k, const T* v, T* grad_q, T* grad_k, T* grad_v, int64_t rows,
-                         int64_t length) {
+ISG_CLONES void gated_backward_rows(const T* grad, const T* q, const T* k, const T* v, T* grad_q, T* grad_k, T* grad_v,
+                                    int64_t r0, int64_t r1, int64_t length) {
   using acc_t = typename Acc<T>::type;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const acc_t qr = load(q + r);
     const int64_t base = r * length;
     acc_t dq = 0;
+#pragma omp simd reduction(+ : dq)
     for (int64_t j = 0; j < length; ++j) {
       acc_t gk, gv;
       dq += gated_backward<acc_t>(qr, load(k + base + j), load(v + base + j), load(grad + base + j), gk, gv);
@@ -115,54 +136,52 @@ void gated_backward_rows(const T* grad, const T* q, const T* k, const T* v, T* g
 
 // exp(logit_j - max) of one row into e[0:length]; returns their sum.
 template <typename T, typename acc_t>
-acc_t row_exp(const T* logits, int64_t length, acc_t* e) {
+inline acc_t row_exp(const T* logits, int64_t length, acc_t* e) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < length; ++j) m = std::max(m, acc_t(load(logits + j)));
   acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < length; ++j) {
-    e[j] = std::exp(acc_t(load(logits + j)) - m);
+    e[j] = exp_acc(acc_t(load(logits + j)) - m);
     sum += e[j];
   }
   return sum;
 }
 
 template <typename T>
-void softmax_forward_rows(const T* logits, const T* p, T* out, int64_t rows, int64_t length) {
+ISG_CLONES void softmax_forward_rows(const T* logits, const T* p, T* out, int64_t r0, int64_t r1, int64_t length) {
   using acc_t = typename Acc<T>::type;
-#pragma omp parallel
-  {
-    std::vector<acc_t> e(length);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = r * length;
-      const acc_t sum = row_exp(logits + base, length, e.data());
-      acc_t acc = 0;
-      for (int64_t j = 0; j < length; ++j) acc += e[j] * acc_t(load(p + base + j));
-      store(out + r, acc / sum);
-    }
+  std::vector<acc_t> e(length);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * length;
+    const acc_t sum = row_exp(logits + base, length, e.data());
+    acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < length; ++j) acc += e[j] * acc_t(load(p + base + j));
+    store(out + r, acc / sum);
   }
 }
 
 template <typename T>
-void softmax_backward_rows(const T* grad, const T* logits, const T* p, T* grad_logits, T* grad_p, int64_t rows, int64_t length) {
+ISG_CLONES void softmax_backward_rows(const T* grad, const T* logits, const T* p, T* grad_logits, T* grad_p, int64_t r0, int64_t r1,
+                                      int64_t length) {
   using acc_t = typename Acc<T>::type;
-#pragma omp parallel
-  {
-    std::vector<acc_t> e(length);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = r * length;
-      const acc_t inv = acc_t(1) / row_exp(logits + base, length, e.data());
-      acc_t out = 0;  // recomputed in acc_t: no rounding of the saved forward output
-      for (int64_t j = 0; j < length; ++j) out += e[j] * acc_t(load(p + base + j));
-      out *= inv;
-      const acc_t g = load(grad + r);
-      for (int64_t j = 0; j < length; ++j) {
-        acc_t gl, gp;
-        softmax_sum_backward<acc_t>(e[j] * inv, acc_t(load(p + base + j)), out, g, gl, gp);
-        store(grad_logits + base + j, gl);
-        store(grad_p + base + j, gp);
-      }
+  std::vector<acc_t> e(length);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * length;
+    const acc_t inv = acc_t(1) / row_exp(logits + base, length, e.data());
+    acc_t out = 0;  // recomputed in acc_t: no rounding of the saved forward output
+#pragma omp simd reduction(+ : out)
+    for (int64_t j = 0; j < length; ++j) out += e[j] * acc_t(load(p + base + j));
+    out *= inv;
+    const acc_t g = load(grad + r);
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      acc_t gl, gp;
+      softmax_sum_backward<acc_t>(e[j] * inv, acc_t(load(p + base + j)), out, g, gl, gp);
+      store(grad_logits + base + j, gl);
+      store(grad_p + base + j, gp);
     }
   }
 }
@@ -180,8 +199,10 @@ void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, voi
   check_sizes("gated_hadamard_forward", rows, length);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    gated_forward_rows(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out), rows,
-                       length);
+    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
+      gated_forward_rows(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out), r0, r1,
+                         length);
+    });
   });
 }
 
@@ -190,8 +211,10 @@ void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k,
   check_sizes("gated_hadamard_backward", rows, length);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    gated_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                        static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), rows, length);
+    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
+      gated_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                          static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), r0, r1, length);
+    });
   });
 }
 
@@ -200,7 +223,9 @@ void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* ou
   ISG_CHECK(length > 0 || rows == 0, "softmax_spatial_sum_forward: softmax over an empty spatial axis");
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    softmax_forward_rows(static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(out), rows, length);
+    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
+      softmax_forward_rows(static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(out), r0, r1, length);
+    });
   });
 }
 
@@ -209,8 +234,10 @@ void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, cons
   check_sizes("softmax_spatial_sum_backward", rows, length);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    softmax_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(logits), static_cast<const T*>(p),
-                          static_cast<T*>(grad_logits), static_cast<T*>(grad_p), rows, length);
+    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
+      softmax_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(logits), static_cast<const T*>(p),
+                            static_cast<T*>(grad_logits), static_cast<T*>(grad_p), r0, r1, length);
+    });
   });
 }
 

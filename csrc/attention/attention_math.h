@@ -12,9 +12,35 @@
 namespace isg {
 namespace attention {
 
+// exp in float: __expf on the device; on the host a branch-free Cephes-style
+// polynomial (~1 ulp) that the compiler vectorises (libm's expf does not).
+ISG_HD float exp_acc(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  x = x < -87.0f ? -87.0f : x;  // ternaries, not fminf/fmaxf: these vectorise (NaN passes through)
+  x = x > 88.0f ? 88.0f : x;
+  const float fx = x * 1.44269504088896341f;  // x / ln 2
+  const int n = static_cast<int>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
+  const float nf = static_cast<float>(n);
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float er = poly * r * r + r + 1.0f;  // e^r, |r| <= ln 2 / 2
+  union { int i; float f; } scale;
+  scale.i = (n + 127) << 23;  // 2^n
+  return er * scale.f;
+#endif
+}
+ISG_HD double exp_acc(double x) { return exp(x); }
+
 template <typename acc_t>
 ISG_HD acc_t sigmoid(acc_t z) {
-  return acc_t(1) / (acc_t(1) + exp(-z));
+  return acc_t(1) / (acc_t(1) + exp_acc(-z));
 }
 
 // Forward of gated_hadamard for one element.
