@@ -97,6 +97,13 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
     return None
 
 
+def mask_size(slide, largest: int = 2048, smallest: int = 1024) -> int:
+    """Longest side of the thumbnail for the tissue mask: ``largest``, but no more than the coarsest
+    pyramid level that is at least ``smallest`` px long (so the thumbnail is one cheap level read)."""
+    sides = sorted(max(dims) for dims in slide.level_dimensions)
+    return min(largest, next((side for side in sides if side >= smallest), sides[-1]))
+
+
 def h5_complete(path: str | os.PathLike) -> bool:
     """True for a finished preprocess output (an .h5 that opens and holds ``coords`` and ``selected``)."""
     import h5py
@@ -149,7 +156,7 @@ def preprocess_slide(
     import torch
 
     import isg
-    from isg.io import iter_tiles, open_slide, tile_grid
+    from isg.io import iter_tiles, open_slide, tile_grid, tissue_mask
     from isg.select import get_selector, select
 
     check_options(patch_size=patch_size, local_size=local_size, mpp=mpp, level=level, selector=selector, rule=rule,
@@ -173,8 +180,10 @@ def preprocess_slide(
         read_mpp = float(slide.level_mpp(read_level))
         lap("open")
 
-        all_coords = np.asarray(tile_grid(slide, patch_size, level=read_level, tissue_min=tissue_min), dtype=np.int64)
-        all_coords = all_coords.reshape(-1, 2)  # [N, 2] level-0 (x, y)
+        thumb = slide.thumbnail(mask_size(slide))  # [h, w, 3]: tissue mask + selection PNG
+        mask = tissue_mask(slide, thumbnail=thumb)  # [h, w] bool
+        all_coords = np.asarray(tile_grid(slide, patch_size, level=read_level, tissue_min=tissue_min, mask=mask),
+                                dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
         if len(all_coords) == 0:
             raise ValueError(f"{slide_path}: no tissue found (no {patch_size} px patch at level {read_level} "
                              f"has >= {tissue_min:.0%} tissue on the thumbnail)")
@@ -210,7 +219,6 @@ def preprocess_slide(
         lap("select")
 
         if thumbnail:
-            thumb = slide.thumbnail(1024)
             with atomic_path(out_dir / f"{slide_id}.png") as tmp:
                 save_selection_thumbnail(tmp, thumb, slide.dimensions, all_coords, selected,
                                          round(patch_size * downsample))
