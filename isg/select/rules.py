@@ -17,9 +17,10 @@ def default_threshold_bits(patch_size: int | tuple[int, int]) -> float:
     Information grows with area for a given texture, so bits per pixel are kept
     (~6.1 bits per RGB pixel, ~2 bits per subpixel).
     """
-    h, w = (patch_size, patch_size) if np.isscalar(patch_size) else tuple(patch_size)
-    if int(h) != h or int(w) != w or h < 1 or w < 1:
+    size = (patch_size, patch_size) if np.isscalar(patch_size) else tuple(patch_size)
+    if len(size) != 2 or any(not np.isscalar(v) or int(v) != v or v < 1 for v in size):
         raise ValueError(f"patch_size must be a positive int or (h, w), got {patch_size!r}")
+    h, w = size
     return PAPER_THRESHOLD_BITS * float(h) * float(w) / PAPER_PATCH_SIZE**2
 
 
