@@ -1,0 +1,182 @@
+"""Fused Dual Attention ops (isg.ops.attention): native kernels against the PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isg.ops import attention as ops
+
+SIZES = [(1, 1, 1), (3, 5, 7), (2, 3, 49), (7, 1, 3), (5, 4, 33), (0, 3, 4)]
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+def _gated_inputs(M, C, L, dtype=torch.float32, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, C, generator=g) * scale
+    k = torch.randn(M, C, L, generator=g) * scale
+    v = torch.randn(M, C, L, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _softmax_inputs(M, C, L, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(M, C, L, generator=g) * scale
+    p = torch.randn(M, C, L, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (logits, p)]
+
+
+def _forward_backward(fn, inputs, grad_seed=1):
+    out = fn(*inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    return [out.detach(), *grads]
+
+
+def _fused_gated(q, k, v):
+    return ops.gated_hadamard(q, k, v, fused=True)
+
+
+def _fused_softmax(logits, p):
+    return ops.softmax_spatial_sum(logits, p, fused=True)
+
+
+CASES = [
+    ("gated_hadamard", _gated_inputs, _fused_gated, ops.gated_hadamard_reference),
+    ("softmax_spatial_sum", _softmax_inputs, _fused_softmax, ops.softmax_spatial_sum_reference),
+]
+
+
+# ----------------------------------------------------------------------------- references themselves
+
+
+def test_references_match_definitions():
+    q, k, v = (t.detach().double() for t in _gated_inputs(2, 3, 5))
+    expected = torch.empty_like(k)
+    for m in range(2):
+        for c in range(3):
+            for j in range(5):
+                expected[m, c, j] = 1.0 / (1.0 + torch.exp(-q[m, c] * k[m, c, j])) * v[m, c, j]
+    torch.testing.assert_close(ops.gated_hadamard_reference(q, k, v), expected)
+
+    logits, p = (t.detach().double() for t in _softmax_inputs(2, 3, 5))
+    weights = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+    torch.testing.assert_close(ops.softmax_spatial_sum_reference(logits, p), (weights * p).sum(-1))
+
+
+def test_bad_shapes_raise_clear_errors():
+    with pytest.raises(ValueError, match="gated_hadamard"):
+        ops.gated_hadamard(torch.zeros(2, 3), torch.zeros(2, 4, 5), torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="gated_hadamard"):
+        ops.gated_hadamard(torch.zeros(2, 3), torch.zeros(2, 3, 5), torch.zeros(2, 3, 6))
+    with pytest.raises(ValueError, match="softmax_spatial_sum"):
+        ops.softmax_spatial_sum(torch.zeros(2, 3, 5), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="empty"):
+        ops.softmax_spatial_sum(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0))
+
+
+def test_unfused_path_is_the_reference():
+    q, k, v = _gated_inputs(3, 4, 5)
+    torch.testing.assert_close(ops.gated_hadamard(q, k, v, fused=False), ops.gated_hadamard_reference(q, k, v), rtol=0, atol=0)
+    logits, p = _softmax_inputs(3, 4, 5)
+    torch.testing.assert_close(ops.softmax_spatial_sum(logits, p, fused=False),
+                               ops.softmax_spatial_sum_reference(logits, p), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- native kernels (CPU)
+
+
+@pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_matches_reference_float32(require_ext, name, make, fused, reference, size):
+    inputs = make(*size)
+    got = _forward_backward(fused, inputs)
+    expected = _forward_backward(reference, inputs)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("size", [(3, 5, 7), (2, 3, 49), (4, 8, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_low_precision_error_within_twice_eager(require_ext, name, make, fused, reference, dtype, size):
+    """Error of the fused op in half / bfloat16 vs a float32 oracle <= 2x the error of eager PyTorch in that dtype."""
+    oracle = _forward_backward(reference, [t.detach().float().requires_grad_() for t in make(*size)])
+    low = make(*size, dtype=dtype)
+    got = _forward_backward(fused, low)
+    eager = _forward_backward(reference, low)
+    for g, e, o in zip(got, eager, oracle):
+        assert g.dtype == dtype
+        fused_err = (g.float() - o).abs().max().item()
+        eager_err = (e.float() - o).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(o.abs().max().item(), 1e-3)
+        assert fused_err <= 2 * max(eager_err, floor), (fused_err, eager_err)
+
+
+@pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("size", [(1, 1, 1), (2, 3, 7), (3, 2, 49)], ids=lambda s: "x".join(map(str, s)))
+def test_gradcheck_float64(require_ext, name, make, fused, reference, size):
+    inputs = [t.detach().double().requires_grad_() for t in make(*size, scale=1.0)]
+    assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(2, 3, 7), (1, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_opcheck(require_ext, size):
+    q, k, v = _gated_inputs(*size)
+    torch.library.opcheck(torch.ops.isg.gated_hadamard.default, (q, k, v))
+    torch.library.opcheck(torch.ops.isg.gated_hadamard_backward.default,
+                          (torch.randn_like(k), q.detach(), k.detach(), v.detach()))
+    logits, p = _softmax_inputs(*size)
+    torch.library.opcheck(torch.ops.isg.softmax_spatial_sum.default, (logits, p))
+    torch.library.opcheck(torch.ops.isg.softmax_spatial_sum_backward.default,
+                          (torch.randn(size[:2]), logits.detach(), p.detach()))
+
+
+def test_extreme_values_stay_finite(require_ext):
+    q = torch.tensor([[80.0, -80.0, 0.0]])
+    k = torch.full((1, 3, 5), 100.0)
+    v = torch.ones(1, 3, 5)
+    out = ops.gated_hadamard(q, k, v, fused=True)
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.0, 0.5])[None, :, None].expand(1, 3, 5))
+    logits = torch.tensor([[[1000.0, 0.0, -1000.0], [-5e4, -5e4, -5e4]]])
+    p = torch.tensor([[[2.0, 3.0, 4.0], [1.0, 2.0, 3.0]]])
+    torch.testing.assert_close(ops.softmax_spatial_sum(logits, p, fused=True), torch.tensor([[2.0, 2.0]]))
+    logits.requires_grad_()
+    ops.softmax_spatial_sum(logits, p, fused=True).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_non_contiguous_and_mixed_dtype_inputs(require_ext):
+    q, k, v = (t.detach() for t in _gated_inputs(4, 3, 6))
+    k_t = k.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not k_t.is_contiguous()
+    torch.testing.assert_close(ops.gated_hadamard(q, k_t, v, fused=True), ops.gated_hadamard_reference(q, k, v))
+    out = ops.gated_hadamard(q.half(), k, v, fused=True)  # promoted to float32
+    assert out.dtype == torch.float32
+
+
+def test_public_functions_pick_native_on_cpu(require_ext):
+    assert ops.native_available(torch.zeros(1))
+    assert not ops.native_available(torch.zeros(1, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 7), (2, 3, 49), (16, 64, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_cpu_reference(require_ext, name, make, fused, reference, dtype, size):
+    if not ops.native_available(torch.zeros(1, device="cuda")):
+        pytest.skip("isg._C built without CUDA kernels")
+    inputs = [t.detach().cuda().requires_grad_() for t in make(*size, dtype=dtype)]
+    got = _forward_backward(fused, inputs)
+    oracle = _forward_backward(reference, [t.detach().double().requires_grad_() for t in inputs])
+    eager = _forward_backward(reference, inputs)
+    for g, e, o in zip(got, eager, oracle):
+        fused_err = (g.double() - o).abs().max().item() if g.numel() else 0.0
+        eager_err = (e.double() - o).abs().max().item() if e.numel() else 0.0
+        floor = torch.finfo(dtype).eps * max(o.abs().max().item() if o.numel() else 0.0, 1e-3) * 4
+        assert fused_err <= 2 * max(eager_err, floor), (fused_err, eager_err)
