@@ -277,6 +277,7 @@ class TiffSlide(Slide):
         self.level_downsamples = [float((W0 / w + H0 / h) / 2) for w, h in self.level_dimensions]
         self._mpp_meta = _tiff_mpp(self._pages[0])
         self._fd = os.open(str(path), os.O_RDONLY)
+        self._jpeg: dict[int, dict | None] = {}
         self._finish_init()
 
     @staticmethod
@@ -285,14 +286,35 @@ class TiffSlide(Slide):
             return page.tilelength, page.tilewidth
         return page.rowsperstrip if page.rowsperstrip else page.imagelength, page.imagewidth
 
-    def _decode(self, page, index: int) -> np.ndarray:
-        """Segment ``index`` of ``page`` as uint8 [th, tw, 3]."""
+    def _jpeg_args(self, page) -> dict | None:
+        """imagecodecs.jpeg8_decode arguments for 8-bit 3-sample JPEG pages (decoded straight into the
+        caller's buffer), None for other pages (decoded by tifffile)."""
+        key = id(page)
+        if key not in self._jpeg:
+            args = None
+            if page.compression == 7 and page.bitspersample == 8 and page.samplesperpixel == 3 and page.planarconfig == 1:
+                from tifffile.tifffile import jpeg_decode_colorspace
+
+                colorspace, outcolorspace = jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
+                args = {"tables": page.jpegtables, "colorspace": colorspace, "outcolorspace": outcolorspace}
+            self._jpeg[key] = args
+        return self._jpeg[key]
+
+    def _decode(self, page, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Segment ``index`` of ``page`` as uint8 [th, tw, 3] (into ``out`` when given: C-contiguous, that shape)."""
         data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+        args = self._jpeg_args(page)
+        if args is not None:
+            import imagecodecs
+
+            return imagecodecs.jpeg8_decode(data, out=out, **args)
         segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
         segment = segment.reshape(segment.shape[-3:])  # [th, tw, C]
-        if segment.shape[-1] == 1:
-            return np.repeat(segment, 3, axis=-1)
-        return segment[..., :3]
+        segment = np.repeat(segment, 3, axis=-1) if segment.shape[-1] == 1 else segment[..., :3]
+        if out is not None:
+            out[...] = segment
+            return out
+        return segment
 
     def read_segment(self, level: int, row: int, col: int) -> np.ndarray:
         """Decoded tile (row, col) of ``level`` [th, tw, 3] (edge tiles keep their padding)."""
@@ -309,6 +331,9 @@ class TiffSlide(Slide):
         page = self._pages[level]
         th, tw = self._segment_shape(page)
         cols = -(-page.imagewidth // tw)
+        if x % tw == 0 and y % th == 0 and (w, h) == (tw, th) and out.flags.c_contiguous:
+            self._decode(page, (y // th) * cols + x // tw, out=out)  # one whole tile: decode in place
+            return
         for row in range(y // th, (y + h - 1) // th + 1):
             for col in range(x // tw, (x + w - 1) // tw + 1):
                 segment = self._decode(page, row * cols + col)
