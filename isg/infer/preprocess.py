@@ -43,6 +43,7 @@ from isg.data.manifest import slide_id_of
 from isg.infer.cohort import make_readable, run_cohort
 
 RULES = ("mean_std", "threshold", "topk")
+PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
 
 
 def check_options(*, patch_size: int, local_size: int, mpp: float | None = None, level: int | None = None,
@@ -97,11 +98,11 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
     return None
 
 
-def mask_size(slide, largest: int = 2048, smallest: int = 1024) -> int:
-    """Longest side of the thumbnail for the tissue mask: ``largest``, but no more than the coarsest
-    pyramid level that is at least ``smallest`` px long (so the thumbnail is one cheap level read)."""
-    sides = sorted(max(dims) for dims in slide.level_dimensions)
-    return min(largest, next((side for side in sides if side >= smallest), sides[-1]))
+def mask_size(slide, level0_patch_size: float, px_per_patch: int = 8, smallest: int = 512, largest: int = 2048) -> int:
+    """Longest side of the tissue-mask thumbnail: ``px_per_patch`` mask pixels per patch side, within
+    [``smallest``, ``largest``] and never above the slide's own size (the mask costs ~ its pixel count)."""
+    longest = max(slide.dimensions)
+    return int(min(longest, np.clip(math.ceil(px_per_patch * longest / level0_patch_size), smallest, largest)))
 
 
 def h5_complete(path: str | os.PathLike) -> bool:
@@ -180,7 +181,8 @@ def preprocess_slide(
         read_mpp = float(slide.level_mpp(read_level))
         lap("open")
 
-        thumb = slide.thumbnail(mask_size(slide))  # [h, w, 3]: tissue mask + selection PNG
+        level0_patch_size = round(patch_size * downsample)
+        thumb = slide.thumbnail(mask_size(slide, level0_patch_size))  # [h, w, 3]
         mask = tissue_mask(slide, thumbnail=thumb)  # [h, w] bool
         all_coords = np.asarray(tile_grid(slide, patch_size, level=read_level, tissue_min=tissue_min, mask=mask),
                                 dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
@@ -219,11 +221,11 @@ def preprocess_slide(
         lap("select")
 
         if thumbnail:
+            if max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
+                thumb = slide.thumbnail(PNG_SIZE)
             with atomic_path(out_dir / f"{slide_id}.png") as tmp:
-                save_selection_thumbnail(tmp, thumb, slide.dimensions, all_coords, selected,
-                                         round(patch_size * downsample))
+                save_selection_thumbnail(tmp, thumb, slide.dimensions, all_coords, selected, level0_patch_size)
                 make_readable(tmp)
-        level0_patch_size = round(patch_size * downsample)
         with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(slide_id=slide_id, slide_path=str(slide_path.resolve()), isg_version=isg.__version__,
                            backend=slide.backend, level0_mpp=slide.mpp, dimensions=np.asarray(slide.dimensions))
