@@ -1,0 +1,110 @@
+"""Shannon scorer throughput: MB/s per core of the native scorer vs real compressors and the numpy reference.
+
+    python3 -m pytest bench/bench_shannon.py --benchmark-enable -s
+
+Tables (printed, and written to bench/results/):
+* ``shannon_cpu``: MB/s of uint8 RGB input on one core (torch / OpenMP / OpenCV threads = 1), same tiles for
+  every contender; ratio vs zlib-9 (compress and take the length). Also the multi-thread native rows.
+* ``shannon_rank``: Spearman correlation of our bits with compressed sizes on slide-like tiles (tests assert >= 0.95).
+* ``shannon_gpu``: GB/s of the CUDA scorer vs a device-to-device copy of the same bytes (only with a CUDA device).
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from isg import _ext
+from isg.ops import shannon
+from isg.select.samples import histology_image, slide_like_tiles
+
+TILE = 256
+
+
+@pytest.fixture(scope="module")
+def tiles() -> np.ndarray:
+    """32 real-tissue and background RGB tiles of 256 px, uint8 [32, 256, 256, 3] (6.3 MB)."""
+    image = histology_image()
+    crops = [image[y:y + TILE, x:x + TILE] for y in range(0, 257, 64) for x in range(0, 257, 64)]   # 25 tissue
+    rng = np.random.default_rng(0)
+    background = [np.clip(rng.normal(236, s, (TILE, TILE, 3)), 0, 255).astype(np.uint8) for s in (0.5, 1, 2, 3)]
+    partial = [np.concatenate([c[:, : TILE // 2], b[:, TILE // 2:]], axis=1) for c, b in zip(crops[:3], background)]
+    return np.ascontiguousarray(np.stack(crops + background + partial))
+
+
+def _png_size(tile: np.ndarray) -> int:
+    import cv2
+
+    return len(cv2.imencode(".png", tile)[1])
+
+
+def test_cpu_throughput(tiles, report):
+    import cv2
+
+    mb = tiles.nbytes / 1e6
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        contenders = {
+            "zlib-9 length": lambda: [len(zlib.compress(t.tobytes(), 9)) for t in tiles],
+            "zlib-1 length": lambda: [len(zlib.compress(t.tobytes(), 1)) for t in tiles],
+            "png encode (cv2, level 3)": lambda: [_png_size(t) for t in tiles],
+            "numpy reference": lambda: shannon.shannon_bits_reference(tiles),
+        }
+        if _ext.has("shannon_histogram_cpu"):
+            contenders["isg C++ (1 thread)"] = lambda: shannon.shannon_bits(tiles)
+            region = histology_image()
+            contenders["isg C++ grid 64px (1 thread)"] = lambda: shannon.shannon_grid_bits(region, 64)
+        for name, fn in contenders.items():
+            nbytes = histology_image().nbytes / 1e6 if "grid" in name else mb
+            seconds = report.measure(fn, repeat=5 if "C++" in name else 2)
+            report.add("shannon_cpu", name, nbytes / seconds, unit="MB/s", baseline=name == "zlib-9 length",
+                       threads=1)
+        cv2.setNumThreads(cv_threads)
+        if _ext.has("shannon_histogram_cpu"):
+            torch.set_num_threads(os.cpu_count() or 1)
+            seconds = report.measure(lambda: shannon.shannon_bits(tiles), repeat=5)
+            report.add("shannon_cpu", f"isg C++ ({os.cpu_count()} threads)", mb / seconds, unit="MB/s",
+                       threads=os.cpu_count())
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+
+
+def test_rank_correlation(report):
+    import cv2
+
+    tiles, _ = slide_like_tiles(p=64)
+    bits = shannon.shannon_bits(tiles)
+    sizes = {
+        "zlib-9": [len(zlib.compress(t.tobytes(), 9)) for t in tiles],
+        "lzma": [len(lzma.compress(t.tobytes())) for t in tiles],
+        "png-9": [len(cv2.imencode(".png", t[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]) for t in tiles],
+    }
+    for name, size in sizes.items():
+        report.add("shannon_rank", f"spearman(bits, {name})", spearmanr(bits, size)[0], unit="rho", tiles=len(tiles))
+
+
+def test_gpu_throughput(tiles, report):
+    if not (_ext.has("shannon_histogram_cuda") and _ext.cuda_ready()):
+        pytest.skip("no CUDA device or isg._C built without CUDA")
+    batch = torch.from_numpy(np.concatenate([tiles] * 16)).cuda()          # 100 MB
+    gb = batch.numel() / 1e9
+
+    def timed(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        return report.measure(run, repeat=10)
+
+    report.add("shannon_gpu", "device copy (clone)", gb / timed(lambda: batch.clone()), unit="GB/s", baseline=True)
+    report.add("shannon_gpu", "isg CUDA histogram", gb / timed(lambda: shannon.shannon_histogram(batch)), unit="GB/s")
+    report.add("shannon_gpu", "isg CUDA bits (incl. host copy)", gb / timed(lambda: shannon.shannon_bits(batch)),
+               unit="GB/s")
