@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 
@@ -36,12 +37,17 @@ def create_model(name: str = DEFAULT_MODEL, d: int = 512, local_grid: int | None
     ``model.config`` for :func:`save_model`.
     """
     parsed = parse_model_name(name)
+    if parsed is None and name != "vit-s":
+        raise ValueError(f"unknown model {name!r}; expected 'isg-N-k' (e.g. {DEFAULT_MODEL}) or 'vit-s'")
+    cls = DualAttentionNet if parsed is not None else GlobalViT
+    options = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; accepted: {', '.join(options)}")
     if parsed is not None:
         model = DualAttentionNet(d, local_grid, n_outputs, parsed[0], parsed[1], **kw)
-    elif name == "vit-s":
-        model = GlobalViT(d, n_outputs, **kw)
     else:
-        raise ValueError(f"unknown model {name!r}; expected 'isg-N-k' (e.g. {DEFAULT_MODEL}) or 'vit-s'")
+        model = GlobalViT(d, n_outputs, **kw)
     model.config = {"name": name, "d": d, "local_grid": local_grid, "n_outputs": n_outputs, **kw}
     return model
 

@@ -1,0 +1,302 @@
+"""Dual Attention network (isg.model): shapes per equation, padding, chunking, ISG-N-k, training, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isg.model import (DualAttentionNet, FusionBlock, GlobalUpdater, GlobalViT, LocalUpdater, MBConv, create_model,
+                       list_models, load_model, parse_model_name, save_model)
+from isg.model import dual_attention
+from isg.ops import attention as ops
+from isg.model.vit import normalize_coords, sincos_pos_embed_2d
+
+D_IN, GRID = 12, 3  # odd cube side on purpose
+SMALL = dict(embed_dim=16, depth=1, num_heads=2)  # every model
+SMALL_ISG = dict(SMALL, channels=8)  # ISG models only
+
+
+def _small(name):
+    return SMALL if name == "vit-s" else SMALL_ISG
+
+
+def _bag(n, d=D_IN, grid=GRID, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"features": torch.randn(n, d, generator=g), "local": torch.randn(n, grid, grid, d, generator=g),
+            "coords": torch.randint(0, 20000, (n, 2), generator=g)}
+
+
+def _collate(bags):
+    n_max = max(len(b["features"]) for b in bags)
+    out = {"mask": torch.zeros(len(bags), n_max, dtype=torch.bool)}
+    for key in ("features", "local", "coords"):
+        first = bags[0][key]
+        out[key] = first.new_zeros((len(bags), n_max, *first.shape[1:]))
+        for i, bag in enumerate(bags):
+            out[key][i, : len(bag[key])] = bag[key]
+    for i, bag in enumerate(bags):
+        out["mask"][i, : len(bag["features"])] = True
+    return out
+
+
+def _model(name="isg-4-2", n_outputs=3, **kw):
+    torch.manual_seed(0)
+    return create_model(name, d=D_IN, local_grid=GRID, n_outputs=n_outputs, **{**_small(name), **kw})
+
+
+def _run(model, batch):
+    return model(batch["features"], batch["local"], batch["coords"], batch["mask"])
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name,n,k,fusions", [("isg-10-2", 10, 2, 5), ("isg-4-2", 4, 2, 2), ("isg-5-2", 5, 2, 2),
+                                              ("isg-6-3", 6, 3, 2), ("isg-1-1", 1, 1, 1), ("isg-3-3", 3, 3, 1)])
+def test_isg_n_k_block_counts(name, n, k, fusions):
+    model = create_model(name, d=D_IN, local_grid=GRID, n_outputs=2, **SMALL_ISG)
+    assert parse_model_name(name) == (n, k)
+    assert model.n_mbconv == n and model.n_fusion == fusions
+    kinds = ["F" if isinstance(b, FusionBlock) else "M" for b in model.blocks]
+    assert kinds == ((["M"] * k + ["F"]) * fusions + ["M"] * (n - k * fusions))
+    assert sum(isinstance(m, MBConv) for m in model.modules()) == n
+
+
+def test_registry_and_errors():
+    assert "isg-10-2" in list_models() and "vit-s" in list_models()
+    for name in list_models():
+        model = create_model(name, d=D_IN, local_grid=GRID, n_outputs=2, **_small(name))
+        assert model.config["name"] == name
+    assert isinstance(create_model(d=D_IN, local_grid=GRID, n_outputs=1, **SMALL_ISG), DualAttentionNet)  # default isg-10-2
+    with pytest.raises(ValueError, match="channels"):
+        create_model("vit-s", d=D_IN, n_outputs=1, channels=8)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet", d=D_IN, local_grid=GRID, n_outputs=1)
+    with pytest.raises(ValueError, match="N >= 1"):
+        create_model("isg-2-3", d=D_IN, local_grid=GRID, n_outputs=1)
+    with pytest.raises(ValueError, match="local_grid"):
+        create_model("isg-4-2", d=D_IN, local_grid=None, n_outputs=1)
+    model = _model()
+    batch = _collate([_bag(4)])
+    with pytest.raises(ValueError, match="local"):
+        model(batch["features"], None, batch["coords"], batch["mask"])
+    with pytest.raises(ValueError, match="local"):
+        model(batch["features"], batch["local"][:, :, :2], batch["coords"], batch["mask"])
+    with pytest.raises(ValueError, match="features"):
+        model(batch["features"][..., :5], batch["local"], batch["coords"], batch["mask"])
+    with pytest.raises(ValueError, match="mask"):
+        model(batch["features"], batch["local"], batch["coords"], batch["mask"][:, :2])
+
+
+# ----------------------------------------------------------------------------- shapes per equation
+
+
+def test_local_updater_shapes(monkeypatch):
+    M, C, D = 5, 8, 16
+    seen = {}
+
+    def spy(q, k, v, **kw):
+        seen.update(q=q.shape, k=k.shape, v=v.shape)
+        out = original(q, k, v)
+        seen["a_v"] = out.shape
+        return out
+
+    original = dual_attention.gated_hadamard
+    monkeypatch.setattr(dual_attention, "gated_hadamard", spy)
+    updater = LocalUpdater(C, D)
+    R = torch.randn(M, C, GRID, GRID)
+    R_new = updater(torch.randn(M, D), R)
+    L = GRID * GRID
+    assert seen == {"q": (M, C), "k": (M, C, L), "v": (M, C, L), "a_v": (M, C, L)}  # Eq. 3-5: Q, K, V, A (.) V
+    assert R_new.shape == (M, C, GRID, GRID)  # R'
+
+
+def test_global_updater_shapes(monkeypatch):
+    M, C, D = 5, 8, 16
+    seen = {}
+    original = dual_attention.softmax_spatial_sum
+
+    def spy(z, p, **kw):
+        seen.update(z=z.shape, p=p.shape)
+        out = original(z, p)
+        seen["pooled"] = out.shape
+        return out
+
+    monkeypatch.setattr(dual_attention, "softmax_spatial_sum", spy)
+    updater = GlobalUpdater(C, D, GRID)
+    f_new = updater(torch.randn(M, D), torch.randn(M, C, GRID, GRID))
+    L = GRID * GRID
+    assert seen == {"z": (M, C, L), "p": (M, C, L), "pooled": (M, C)}  # Eq. 6-8: Z, P, sum_space(Z (.) P)
+    assert f_new.shape == (M, D)  # f'
+    with pytest.raises(ValueError, match="positions"):
+        updater(torch.randn(M, D), torch.randn(M, C, GRID + 1, GRID + 1))
+
+
+def test_softmax_weights_sum_to_one_over_space():
+    updater = GlobalUpdater(4, 6, GRID)
+    f = torch.randn(3, 6)
+    z = updater.to_z(updater.norm_f(f)).view(3, 4, GRID * GRID)
+    weights = torch.softmax(z, -1)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4))
+
+
+def test_patch_and_slide_shapes():
+    model = _model("isg-4-2", n_outputs=7)
+    M = 6
+    tokens = model.encode_patches(torch.randn(M, D_IN), torch.randn(M, GRID, GRID, D_IN))
+    assert tokens.shape == (M, SMALL["embed_dim"])
+    batch = _collate([_bag(4), _bag(6, seed=1)])
+    assert _run(model, batch).shape == (2, 7)
+
+
+def test_positional_encoding():
+    coords = torch.tensor([[[100, 200], [300, 200], [100, 600], [0, 0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    unit = normalize_coords(coords, mask)
+    torch.testing.assert_close(unit[0, :3], torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0]]))
+    assert (unit[0, 3] == 0).all()
+    pos = sincos_pos_embed_2d(unit, 16)
+    assert pos.shape == (1, 4, 16)
+    assert not torch.allclose(pos[0, 0], pos[0, 1]) and not torch.allclose(pos[0, 0], pos[0, 2])
+    # a shift of the whole slide changes nothing
+    torch.testing.assert_close(normalize_coords(coords + 5000, mask)[0, :3], unit[0, :3])
+
+
+# ----------------------------------------------------------------------------- variable-size bags
+
+
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-3-2", "vit-s"])
+def test_padding_gives_same_output_as_single_slides(name):
+    model = _model(name).eval()
+    bags = [_bag(5, seed=1), _bag(1, seed=2), _bag(8, seed=3), _bag(3, seed=4)]
+    with torch.no_grad():
+        batched = _run(model, _collate(bags))
+        singles = torch.cat([_run(model, _collate([bag])) for bag in bags])
+    torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_values_are_ignored():
+    model = _model().eval()
+    batch = _collate([_bag(3, seed=1), _bag(6, seed=2)])
+    noisy = {k: v.clone() for k, v in batch.items()}
+    noisy["features"][0, 3:] = 1e3
+    noisy["local"][0, 3:] = -1e3
+    noisy["coords"][0, 3:] = 10**7
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, batch), _run(model, noisy))
+
+
+def test_chunking_does_not_change_output():
+    model = _model(chunk_size=1024).eval()
+    batch = _collate([_bag(5, seed=1), _bag(4, seed=2)])
+    with torch.no_grad():
+        whole = _run(model, batch)
+        model.chunk_size = 2
+        chunked = _run(model, batch)
+    torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_slide_in_batch():
+    model = _model().eval()
+    batch = _collate([_bag(3, seed=1), _bag(2, seed=2)])
+    batch["mask"][1] = False
+    with torch.no_grad():
+        out = _run(model, batch)
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_forward_backward_reaches_every_parameter():
+    model = _model("isg-4-2").train()
+    out = _run(model, _collate([_bag(5, seed=1), _bag(2, seed=2)]))
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    batch = _collate([_bag(5, seed=1), _bag(3, seed=2)])
+    grads = []
+    for flag in (False, True):
+        model = _model(grad_checkpoint=flag, chunk_size=3)
+        _run(model, batch).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["isg-2-1", "vit-s"])
+def test_a_few_optimizer_steps_reduce_the_loss(name):
+    """Synthetic task: targets are linear in the slide's mean global and local features."""
+    torch.manual_seed(0)
+    bags = [_bag(n, seed=s) for s, n in enumerate([4, 7, 3, 6, 5, 8, 2, 6])]
+    batch = _collate(bags)
+    w = torch.randn(D_IN, 2)
+    target = torch.stack([(b["features"].mean(0) + b["local"].mean((0, 1, 2))) @ w for b in bags])  # [B, 2]
+    model = _model(name, n_outputs=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.mse_loss(_run(model, batch), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_init_bias_sets_head():
+    model = _model(n_outputs=3)
+    model.init_bias(torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(model.transformer.head.bias.data, torch.tensor([1.0, 2.0, 3.0]))
+
+
+# ----------------------------------------------------------------------------- fused ops inside the model
+
+
+def test_model_with_fused_ops_matches_reference(require_ext, monkeypatch):
+    model = _model("isg-4-2")
+    batch = _collate([_bag(4, seed=1), _bag(6, seed=2)])
+    fused_out = _run(model, batch)
+    fused_out.sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(dual_attention, "gated_hadamard", ops.gated_hadamard_reference)
+    monkeypatch.setattr(dual_attention, "softmax_spatial_sum", ops.softmax_spatial_sum_reference)
+    ref_out = _run(model, batch)
+    ref_out.sum().backward()
+    torch.testing.assert_close(fused_out, ref_out, rtol=1e-4, atol=1e-5)
+    for g_fused, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(g_fused, p.grad, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("name", ["isg-3-2", "vit-s"])
+def test_save_and_load_rebuild_the_model(tmp_path, name):
+    model = _model(name, n_outputs=4, drop_path=0.1).eval()
+    path = tmp_path / "sub" / "model.pt"
+    save_model(path, model, epoch=3)
+    loaded = load_model(path)
+    assert loaded.config == model.config and not loaded.training
+    assert type(loaded) is type(model)
+    batch = _collate([_bag(4, seed=1), _bag(2, seed=2)])
+    with torch.no_grad():
+        torch.testing.assert_close(_run(loaded, batch), _run(model, batch))
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left behind
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_model(bad)
+    plain = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="config"):
+        save_model(tmp_path / "plain.pt", plain)
+    assert isinstance(create_model("vit-s", d=D_IN, n_outputs=2, **SMALL), GlobalViT)
