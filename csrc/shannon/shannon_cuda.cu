@@ -1,5 +1,5 @@
 // Shannon scorer, CUDA: one block per (tile, channel) builds the MED residual
-// histogram in shared memory (one copy per warp group), then one thread per tile
+// histogram in shared memory (one copy per warp, warp-aggregated atomics), then one thread per tile
 // turns histograms into bits with the same double formula as the CPU
 // (shannon_bits.h), so identical histograms give identical bits.
 #include <cuda_runtime.h>
@@ -24,6 +24,8 @@ __device__ __forceinline__ int med_predict(const uint8_t* p, int64_t i, int64_t 
   return min(max(a + b - c, lo), hi);                        // median(a, b, a + b - c)
 }
 
+// Each warp takes rows i = warp, warp + warps, ...; its lanes walk the columns. Lanes holding the same
+// residual are merged (__match_any_sync) before one shared atomic, so flat areas do not serialize.
 __global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
   __shared__ unsigned int sub[kCopies][256];
   for (int k = threadIdx.x; k < kCopies * 256; k += blockDim.x) (&sub[0][0])[k] = 0u;
@@ -31,17 +33,21 @@ __global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
 
   const int64_t tile = blockIdx.x / t.channels, channel = blockIdx.x % t.channels;
   const uint8_t* origin = t.base + t.offsets[tile] + channel * t.stride_c;
-  unsigned int* mine = sub[(threadIdx.x / 32) % kCopies];
-  const int64_t pixels = t.height * t.width;
-  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
-    const int64_t i = k / t.width, j = k - i * t.width;
-    const uint8_t* p = origin + i * t.stride_h + j * t.stride_w;
-    const uint8_t residual = uint8_t(__ldg(p) - med_predict(p, i, j, t.stride_h, t.stride_w));
-    atomicAdd(&mine[residual], 1u);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  unsigned int* mine = sub[warp % kCopies];
+  for (int64_t i = warp; i < t.height; i += warps) {
+    const uint8_t* row = origin + i * t.stride_h;
+    for (int64_t j = lane; j < t.width; j += 32) {
+      const uint8_t* p = row + j * t.stride_w;
+      const unsigned residual = uint8_t(__ldg(p) - med_predict(p, i, j, t.stride_h, t.stride_w));
+      const unsigned active = __activemask();
+      const unsigned peers = __match_any_sync(active, residual);
+      if (lane == __ffs(peers) - 1) atomicAdd(&mine[residual], unsigned(__popc(peers)));
+    }
   }
   __syncthreads();
 
-  int64_t* out = hist + blockIdx.x * 256;
+  int64_t* out = hist + int64_t(blockIdx.x) * 256;
   for (int s = threadIdx.x; s < 256; s += blockDim.x) {
     int64_t total = 0;
     for (int c = 0; c < kCopies; ++c) total += sub[c][s];
@@ -60,7 +66,6 @@ void histograms_cuda(const TileBatch& batch, int64_t* hist, uintptr_t stream) {
   if (batch.tiles == 0) return;
   const int64_t blocks = batch.tiles * batch.channels;
   ISG_CHECK(blocks < (int64_t(1) << 31), "shannon: too many tiles x channels for one launch");
-  // Tiles of one pixel per channel would use few threads; that is fine.
   histogram_kernel<<<unsigned(blocks), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, hist);
   ISG_CUDA_CHECK(cudaGetLastError());
 }
