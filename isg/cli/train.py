@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--label-column", default="msi")
     parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
     parser.add_argument("--model", default="isg-10-2", help="isg-N-k (Dual Attention), vit-s (global features only) or he2rna")
+    parser.add_argument("--model-kwargs", default="{}", help='JSON of model options, e.g. \'{"embed_dim": 192, "depth": 4}\'')
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=8)
@@ -52,6 +53,11 @@ def run(args) -> int:
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.folds < 2:
         raise CLIError(f"--folds must be >= 2, got {args.folds}")
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+        assert isinstance(model_kwargs, dict)
+    except (json.JSONDecodeError, AssertionError):
+        raise CLIError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
     features = Path(args.features)
     if not features.is_dir():
         raise CLIError(f"--features {features}: no such folder (run `isg extract` first)")
@@ -76,10 +82,11 @@ def run(args) -> int:
         raise CLIError(f"--features {features}: {len(missing)} slide(s) have no feature file: {list_some(missing)}")
     config = TrainConfig(model=args.model, task=args.task, epochs=args.epochs, patience=args.patience,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device)
+                         max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device,
+                         model_kwargs=model_kwargs)
     try:
         summary = cross_validate(manifest, features, targets, args.out, config)
-    except ValueError as exc:  # unknown model name, too few patients for the folds, bad feature files
+    except (ValueError, TypeError) as exc:  # unknown model name or option, too few patients for the folds, bad feature files
         raise CLIError(str(exc)) from exc
     _write_pipeline(Path(args.out), features, manifest)
     keys = ("auc",) if args.task == "msi" else ("mean_r", "median_r", "n_significant", "n_genes")
@@ -94,8 +101,13 @@ def _write_pipeline(out: Path, features: Path, manifest) -> None:
     from isg.data._util import write_text_atomic
 
     with h5py.File(features / f"{manifest['slide_id'].iloc[0]}.h5", "r") as f:
+        def plain(value):
+            if isinstance(value, bytes):
+                return value.decode()
+            return value.tolist() if hasattr(value, "tolist") else value  # numpy scalars and arrays
+
         def attrs(name):
-            return {k: (v.item() if hasattr(v, "item") else v.decode() if isinstance(v, bytes) else v) for k, v in f[name].attrs.items()} if name in f else {}
+            return {key: plain(value) for key, value in f[name].attrs.items()} if name in f else {}
 
         pipeline = {"features_dir": str(features.resolve()), "preprocess": attrs("coords"),
                     "global_features": attrs("features"), "local_features": attrs("local_features")}

@@ -1,0 +1,89 @@
+"""HE2RNA inference on one slide (wiring): Otsu tissue -> 224 px tiles at 0.5 um/px -> ResNet50 -> MLP.
+
+The baseline side of the efficiency benchmark (paper Sec. 4.4: ISG 246 s vs
+HE2RNA 302 s per slide). Every tissue tile goes through the ResNet50: HE2RNA
+selects no patches beyond the Otsu tissue mask. Stage seconds are reported as
+``read`` (tile decoding), ``select`` (thumbnail + Otsu), ``features`` (ResNet)
+and ``predict`` (MLP + top-k pooling).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from isg.baselines.he2rna import TILE_MPP, TILE_PX, HE2RNA, he2rna_features, otsu_tissue_mask, supertiles, tissue_tile_coords
+
+
+@dataclass
+class TileGrid:
+    """Where HE2RNA's tiles lie: level-0 ``coords`` [N, 2], read ``size`` px at ``level``, resized to ``tile_px``."""
+
+    coords: np.ndarray
+    level: int
+    size: int
+    tile_px: int
+
+
+def he2rna_tile_grid(slide, tile_px: int = TILE_PX, tile_mpp: float = TILE_MPP, min_tissue: float = 0.5, thumbnail_size: int = 2048) -> TileGrid:
+    """Tissue tiles of ``tile_px`` at ``tile_mpp`` um/px on an Otsu mask of the slide's thumbnail."""
+    thumbnail = slide.thumbnail(thumbnail_size)  # [h, w, 3]
+    mask_mpp = slide.mpp * slide.dimensions[0] / thumbnail.shape[1]
+    coords = tissue_tile_coords(otsu_tissue_mask(thumbnail), mask_mpp, tile_px, tile_mpp, min_tissue)  # at tile_mpp
+    level0 = np.round(coords * (tile_mpp / slide.mpp)).astype(np.int64)
+    level = slide.best_level_for_mpp(tile_mpp)
+    size = max(1, int(round(tile_px * tile_mpp / slide.level_mpp(level))))
+    return TileGrid(level0, level, size, tile_px)
+
+
+def he2rna_slide_features(slide, backbone: torch.nn.Module, grid: TileGrid | None = None, *, batch_size: int = 64,
+                          num_workers: int = 4, timings: dict | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """ResNet features [N, 2048] (CPU float32) and level-0 coords [N, 2] of every tissue tile of ``slide``."""
+    from isg.io.tiles import iter_tiles
+
+    timings = timings if timings is not None else defaultdict(float)
+    if grid is None:
+        start = time.perf_counter()
+        grid = he2rna_tile_grid(slide)
+        timings["select"] += time.perf_counter() - start
+    device = next(backbone.parameters()).device
+    features, coords = [], []
+    start = time.perf_counter()
+    for batch_coords, tiles in iter_tiles(slide, grid.coords, grid.size, level=grid.level, batch_size=batch_size,
+                                          device=device, num_workers=num_workers):
+        timings["read"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if grid.size != grid.tile_px:  # [B, s, s, 3] -> [B, 224, 224, 3]
+            x = F.interpolate(tiles.permute(0, 3, 1, 2).float(), size=(grid.tile_px, grid.tile_px), mode="bilinear", antialias=True, align_corners=False)
+            tiles = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        features.append(he2rna_features(tiles, backbone, batch_size))
+        coords.append(batch_coords)
+        timings["features"] += time.perf_counter() - start
+        start = time.perf_counter()
+    if not features:
+        return torch.zeros(0, getattr(backbone, "num_features", 2048)), np.zeros((0, 2), np.int64)
+    return torch.cat(features), np.concatenate(coords)
+
+
+@torch.no_grad()
+def he2rna_predict_slide(slide, backbone: torch.nn.Module, model: HE2RNA, *, n_supertiles: int | None = None,
+                         batch_size: int = 64, num_workers: int = 4) -> tuple[np.ndarray, dict]:
+    """One slide's prediction [G] and its stage seconds (read, select, features, predict)."""
+    timings: dict = defaultdict(float)
+    features, coords = he2rna_slide_features(slide, backbone, batch_size=batch_size, num_workers=num_workers, timings=timings)
+    if len(features) == 0:
+        raise ValueError(f"{slide.path}: no tissue tiles found for HE2RNA (Otsu mask is empty)")
+    start = time.perf_counter()
+    if n_supertiles:
+        features, _, _ = supertiles(coords, features, n_supertiles)
+    model.eval()
+    device = next(model.parameters()).device
+    prediction = model(features[None].to(device)).float().cpu()[0].numpy()  # [G]
+    timings["predict"] += time.perf_counter() - start
+    timings["n_tiles"] = len(coords)
+    return prediction, dict(timings)
