@@ -136,3 +136,15 @@ def test_skipped_items_keep_stats_of_previous_run(tmp_path):
     assert summary.totals["n_tissue"] == 3  # totals count this run's work only
     (tmp_path / "summary.json").write_text("{not json")
     assert [r.stats for r in run(tmp_path, [1]).results] == [{}]
+
+
+def test_interrupt_cancels_queued_items(tmp_path):
+    def slow(item):
+        if item == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first item runs
+        with atomic_path(out_of(tmp_path, item)) as tmp:
+            tmp.write_text(json.dumps({"value": item}))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(range(1, 50), slow, functools.partial(out_of, tmp_path), workers=1, progress=False)
+    assert len(list(tmp_path.glob("item*.json"))) < 48  # the queue was dropped, not drained

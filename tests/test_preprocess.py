@@ -248,6 +248,8 @@ def test_cli_end_to_end_with_manifest_and_failures(cohort, bad_slides, tmp_path,
     (["SLIDE", "--resources", "GPU"], "--resources"),
     (["SLIDE", "SLIDE"], "given twice"),
     (["--manifest", "nope.csv"], "no such file"),
+    pytest.param(["SLIDE", "--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_cli_bad_arguments_exit_2(cohort, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)

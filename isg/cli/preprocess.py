@@ -144,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--slide-mpp must be positive, got {args.slide_mpp}")
     if not 0 <= args.tissue_min <= 1:
         raise CLIError(f"--tissue-min must be in [0, 1], got {args.tissue_min}")
+    if args.device.startswith("cuda") and args.scheduler in ("threads", "processes"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: no CUDA device is available here")
     scheduler = None if args.scheduler == "threads" else args.scheduler
     one_at_a_time = scheduler is None and (args.workers == 1 or len(slides) == 1)
     summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,

@@ -270,11 +270,13 @@ def _execute(todo, items, names, outputs, process_one, scheduler, workers, resou
             pool = cf.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
         else:
             pool = cf.ThreadPoolExecutor(n, thread_name_prefix="isg-cohort")
-        with pool:
+        try:
             futures = {pool.submit(_run_one, process_one, items[i], names[i], outputs[i]): i for i in todo}
             for future in cf.as_completed(futures):
                 i = futures[future]
                 yield i, _result_of(future, names[i], outputs[i])
+        finally:  # on Ctrl-C: drop the queued items, let the running ones finish their (atomic) writes
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     yield from _execute_dask(todo, items, names, outputs, process_one, scheduler, resources)
 
