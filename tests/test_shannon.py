@@ -244,3 +244,15 @@ def test_fig2_textureless_below_textured():
     # solid colours cost the same few bits whatever the colour
     solids = [b for b, n in zip(low, names) if n.startswith("solid")]
     assert max(solids) - min(solids) < 1e-6 and max(solids) < 200
+
+
+def test_chunked_bits_equal_unchunked(monkeypatch):
+    tiles = _tiles(7, 9, 8, 3, seed=4)
+    region = _tiles(1, 50, 41, 3, seed=6)[0]
+    whole, grid = shannon_bits(tiles), shannon_grid_bits(region, (9, 7), (4, 5))
+    monkeypatch.setattr(shannon, "CHUNK_TILES", 3)
+    np.testing.assert_array_equal(shannon_bits(tiles), whole)
+    np.testing.assert_array_equal(shannon_grid_bits(region, (9, 7), (4, 5)), grid)
+    np.testing.assert_allclose(grid.ravel(), shannon_bits_reference(np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(region, (9, 7), axis=(0, 1))[::4, ::5].transpose(0, 1, 3, 4, 2)
+    ).reshape(-1, 9, 7, 3)), rtol=1e-9)

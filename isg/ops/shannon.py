@@ -45,7 +45,7 @@ from isg import _ext
 __all__ = [
     "prepare_tiles", "shannon_histogram_reference", "shannon_bits_reference", "bits_from_histogram",
     "shannon_grid_histogram_reference", "shannon_histogram", "histogram_bits", "shannon_bits",
-    "shannon_grid_histogram", "shannon_grid_bits", "grid_shape",
+    "shannon_grid_histogram", "shannon_grid_bits", "grid_shape", "CHUNK_TILES",
 ]
 
 def prepare_tiles(tiles, name: str = "tiles") -> torch.Tensor | np.ndarray:
@@ -267,9 +267,16 @@ def histogram_bits(hist) -> np.ndarray:
     return bits_from_histogram(x.cpu().numpy())
 
 
+CHUNK_TILES = 4096  # bits are computed per chunk of tiles: histograms take C * 2 KiB per tile
+
+
 def shannon_bits(tiles) -> np.ndarray:
     """Information content in bits, float64 [B], of uint8 tiles [B, H, W, C] (numpy or torch, any device)."""
-    return histogram_bits(shannon_histogram(tiles))
+    tiles = prepare_tiles(tiles)
+    if len(tiles) <= CHUNK_TILES:
+        return histogram_bits(shannon_histogram(tiles))
+    return np.concatenate([histogram_bits(shannon_histogram(tiles[start:start + CHUNK_TILES]))
+                           for start in range(0, len(tiles), CHUNK_TILES)])
 
 
 def shannon_grid_histogram(region, tile, stride=None) -> np.ndarray | torch.Tensor:
@@ -292,4 +299,8 @@ def shannon_grid_bits(region, tile, stride=None) -> np.ndarray:
     """Bits float64 [ny, nx] of the tile grid over ``region`` (see :func:`shannon_grid_histogram`)."""
     region, tile, stride = _prepare_grid(region, tile, stride)
     ny, nx = grid_shape(region.shape[0], region.shape[1], tile, stride)
-    return histogram_bits(shannon_grid_histogram(region, tile, stride)).reshape(ny, nx)
+    rows = max(1, CHUNK_TILES // nx)                     # grid rows per chunk; each chunk is a view of region
+    chunks = [histogram_bits(shannon_grid_histogram(region[y0 * stride[0]: (min(y0 + rows, ny) - 1) * stride[0] + tile[0]],
+                                                    tile, stride))
+              for y0 in range(0, ny, rows)]
+    return np.concatenate(chunks).reshape(ny, nx)
