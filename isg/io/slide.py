@@ -88,6 +88,21 @@ def _tiff_mpp(page) -> float | None:
     return mpp
 
 
+def _tiff_file_mpp(path) -> float | None:
+    """mpp of a TIFF's first page read with tifffile (None for other files): the fallback when OpenSlide /
+    cuCIM do not parse an ``MPP =`` description outside their vendor formats."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                return None
+        import tifffile
+
+        with _quiet_logger("tifffile"), tifffile.TiffFile(str(path)) as tif:
+            return _tiff_mpp(tif.pages.first)
+    except Exception:
+        return None
+
+
 # ----------------------------------------------------------------------------- base class
 
 
@@ -159,8 +174,19 @@ class Slide:
                 best = level
         return best
 
+    def to_level(self, location, level: int) -> tuple[int, int]:
+        """Level-0 (x, y) -> pixel (x, y) at ``level``: rounded, so ``to_level(round(g * downsample)) == g``."""
+        factor = self.level_downsamples[level]
+        return int(round(location[0] / factor)), int(round(location[1] / factor))
+
+    def _level0_for_backend(self, x: int, y: int, level: int) -> tuple[int, int]:
+        """Level-0 location that OpenSlide / cuCIM (which truncate ``location / downsample``) map to (x, y) at ``level``."""
+        factor = self.level_downsamples[level]
+        return int(math.ceil(x * factor - 1e-9)), int(math.ceil(y * factor - 1e-9))
+
     def read_region(self, location, level: int, size, out: np.ndarray | None = None) -> np.ndarray:
-        """RGB uint8 [h, w, 3] of ``size`` (w, h) pixels at ``level`` whose top-left is ``location`` (x, y) at level 0.
+        """RGB uint8 [h, w, 3] of ``size`` (w, h) pixels at ``level`` whose top-left is ``location`` (x, y) at level 0
+        (mapped to the level by :meth:`to_level`: rounded, the same on every backend).
 
         Pixels outside the slide are white (255). ``out`` (uint8 [h, w, 3], C-contiguous) is filled in place.
         """
@@ -171,9 +197,7 @@ class Slide:
             raise ValueError(f"{self.path}: region size must be positive, got {size}")
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
-        factor = self.level_downsamples[level]
-        x = int(math.floor(location[0] / factor))  # top-left at the read level
-        y = int(math.floor(location[1] / factor))
+        x, y = self.to_level(location, level)  # top-left at the read level
         lw, lh = self.level_dimensions[level]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x0 >= x1 or y0 >= y1:
@@ -368,12 +392,13 @@ class OpenSlideSlide(Slide):
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         props = self._osr.properties
         mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
-        self._mpp_meta = float(mpp_x) if mpp_x else None
+        self._mpp_meta = _tiff_file_mpp(path)  # same rule as the other backends for TIFF-based files
+        if self._mpp_meta is None and mpp_x:
+            self._mpp_meta = float(mpp_x)
         self._finish_init()
 
     def _read(self, x, y, level, w, h, out):
-        factor = self.level_downsamples[level]
-        location = (int(round(x * factor)), int(round(y * factor)))
+        location = self._level0_for_backend(x, y, level)
         try:
             rgba = np.asarray(self._osr.read_region(location, level, (w, h)))  # [h, w, 4], premultiplied alpha
         except Exception as exc:
@@ -441,7 +466,9 @@ class CuCIMSlide(Slide):
         self.level_dimensions = [tuple(map(int, d)) for d in resolutions["level_dimensions"]]
         self.level_downsamples = [float(d) for d in resolutions["level_downsamples"]]
         self.device = device
-        self._mpp_meta = self._metadata_mpp()
+        self._mpp_meta = _tiff_file_mpp(path)  # same rule as the other backends
+        if self._mpp_meta is None:
+            self._mpp_meta = self._metadata_mpp()
         self._finish_init()
 
     def _metadata_mpp(self) -> float | None:
@@ -459,8 +486,7 @@ class CuCIMSlide(Slide):
         return self._image
 
     def _read(self, x, y, level, w, h, out):
-        factor = self.level_downsamples[level]
-        location = (int(round(x * factor)), int(round(y * factor)))
+        location = self._level0_for_backend(x, y, level)
         out[...] = np.asarray(self._image.read_region(location, (w, h), level))[..., :3]
 
     def close(self):

@@ -76,7 +76,7 @@ def tile_grid(slide: Slide, patch_size: int, mpp: float | None = None, level: in
     xs = np.arange(0, lw, stride, dtype=np.int64)
     ys = np.arange(0, lh, stride, dtype=np.int64)
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    coords = np.stack([np.floor(gx.ravel() * factor), np.floor(gy.ravel() * factor)], axis=1).astype(np.int64)  # [N, 2] level 0
+    coords = np.stack([np.round(gx.ravel() * factor), np.round(gy.ravel() * factor)], axis=1).astype(np.int64)  # [N, 2] level 0
     if tissue_min <= 0:
         return coords
     if mask is None:
@@ -106,10 +106,10 @@ def local_grid(coords, p: int, q: int, downsample: float = 1.0) -> np.ndarray:
         raise ValueError(f"local size q={q} must be a positive divisor of the patch size p={p}")
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     s = p // q
-    offsets = np.arange(s, dtype=np.float64) * q * downsample
+    offsets = np.round(np.arange(s, dtype=np.float64) * q * downsample).astype(np.int64)
     grid = np.zeros((len(coords), s, s, 2), np.int64)
-    grid[..., 0] = coords[:, None, None, 0] + np.floor(offsets)[None, None, :].astype(np.int64)
-    grid[..., 1] = coords[:, None, None, 1] + np.floor(offsets)[None, :, None].astype(np.int64)
+    grid[..., 0] = coords[:, None, None, 0] + offsets[None, None, :]
+    grid[..., 1] = coords[:, None, None, 1] + offsets[None, :, None]
     return grid
 
 
@@ -161,7 +161,8 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     ``slide.read_region(xy, level, (size, size))`` returns, white past the border). ``num_workers`` threads
     read tiles (0: in the calling thread) and up to ``prefetch`` batches are read ahead. For CUDA
     devices batches are assembled in pinned memory and copied with ``non_blocking=True``. cuCIM
-    slides use cuCIM's own batch reader (``read_region(locations, ..., num_workers=...)``).
+    slides use cuCIM's own batch reader (``read_region(locations, ..., num_workers=...)``); the tiles
+    it returns are copied out of its reused buffer, and tiles crossing the border are re-read white.
     """
     coords = _check_coords(slide, coords)
     if size < 1 or batch_size < 1:
@@ -222,13 +223,20 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
 
 
 def _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, pool):
-    reader = slide.cuimage.read_region(coords.tolist(), (size, size), level, num_workers=max(0, num_workers),
+    levels = np.array([slide.to_level(xy, level) for xy in coords.tolist()], np.int64).reshape(-1, 2)  # [N, 2]
+    lw, lh = slide.level_dimensions[level]
+    crosses = (levels.min(axis=1) < 0) | (levels[:, 0] + size > lw) | (levels[:, 1] + size > lh)  # [N]
+    locations = [slide._level0_for_backend(x, y, level) for x, y in levels.tolist()]
+    reader = slide.cuimage.read_region(locations, (size, size), level, num_workers=max(0, num_workers),
                                        batch_size=batch_size, prefetch_factor=2)
     start = 0
     for array in reader:  # CuImage [B, size, size, 3] ([size, size, 3] when batch_size == 1)
         # cuCIM reuses the batch buffer for the next batch: copy out before advancing the reader
         tiles = pool.get(1 if array.ndim == 3 else array.shape[0])
-        tiles.numpy()[...] = np.asarray(array).reshape(tiles.shape[0], size, size, -1)[..., :3]
-        chunk = coords[start:start + len(tiles)]
-        start += len(tiles)
+        view = tiles.numpy()
+        view[...] = np.asarray(array).reshape(len(view), size, size, -1)[..., :3]
+        chunk = coords[start:start + len(view)]
+        for i in np.flatnonzero(crosses[start:start + len(view)]):  # cuCIM pads partial tiles black: redo them white
+            slide.read_region(tuple(chunk[i].tolist()), level, (size, size), out=view[i])
+        start += len(view)
         yield chunk, tiles.to(device, non_blocking=pool.pin)

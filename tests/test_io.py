@@ -1,0 +1,351 @@
+"""isg.io: slide backends (same pixels as the TIFF pages), mpp parsing, bad inputs, tissue grid,
+tile streaming (exactly read_region's pixels) and two-level tiling."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from isg.io import SlideError, iter_tiles, local_grid, mpp_from_description, mpp_from_resolution, open_slide, tile_grid, tissue_mask
+from isg.io.synth import make_bad_slides, pyramid, render_slide, write_pyramid_tiff
+
+PARAMS = {"density": 0.7, "nuclei_size": 0.5, "stain": 0.5, "tissue_fraction": 0.45}
+
+
+def _has(module: str) -> bool:
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        if module == "cucim":
+            from isg.io.slide import _cucim_available
+
+            return _cucim_available()
+        importlib.import_module(module)
+        return True
+    except Exception:
+        return False
+
+
+TIFF_BACKENDS = [b for b, module in (("tifffile", "tifffile"), ("openslide", "openslide"), ("cucim", "cucim")) if _has(module)]
+
+
+@pytest.fixture(scope="module")
+def slide_file(tmp_path_factory):
+    """A 1000 x 776 px slide (partial edge tiles), 128 px JPEG tiles, levels 1000, 500, 250 px wide, mpp 0.5."""
+    image, _, _ = render_slide(np.random.default_rng(1), 1000, 776, PARAMS, mpp=0.5)
+    path = tmp_path_factory.mktemp("io") / "odd.tif"
+    write_pyramid_tiff(path, pyramid(image, 128, 2), 0.5, tile=128)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pages(slide_file):
+    with tifffile.TiffFile(slide_file) as tif:
+        return [page.asarray() for page in tif.pages]
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return make_bad_slides(tmp_path_factory.mktemp("bad"))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@pytest.mark.parametrize("backend", TIFF_BACKENDS + ["auto"])
+def test_backend_reads_the_tiff_pages(slide_file, pages, backend):
+    with open_slide(slide_file, backend=backend) as slide:
+        assert slide.dimensions == (1000, 776)
+        assert slide.level_dimensions == [(1000, 776), (500, 388), (250, 194)]
+        assert slide.level_downsamples == pytest.approx([1.0, 2.0, 4.0], rel=0.01)
+        assert slide.mpp == pytest.approx(0.5)
+        assert slide.level_count == 3
+        for level, page in enumerate(pages):
+            factor = slide.level_downsamples[level]
+            h, w = page.shape[:2]
+            for x, y, rw, rh in ((0, 0, w, h), (37, 11, 129, 97), (w - 50, h - 30, 101, 77), (-13, -7, 40, 33)):
+                region = slide.read_region((round(x * factor), round(y * factor)), level, (rw, rh))
+                assert region.shape == (rh, rw, 3) and region.dtype == np.uint8
+                expected = np.full((rh, rw, 3), 255, np.uint8)  # white past the border
+                x0, y0 = max(x, 0), max(y, 0)
+                x1, y1 = min(x + rw, w), min(y + rh, h)
+                expected[y0 - y:y1 - y, x0 - x:x1 - x] = page[y0:y1, x0:x1]
+                np.testing.assert_array_equal(region, expected, err_msg=f"{backend} level {level} region {(x, y, rw, rh)}")
+
+
+@pytest.mark.parametrize("backend", [b for b in TIFF_BACKENDS if b != "openslide"])
+def test_inexact_downsample_round_trips(tmp_path, backend):
+    """Odd sizes give non-integer downsamples (777 / 388): level coordinates still map back exactly.
+    (OpenSlide places such regions at fractional level coordinates, so it is left out here.)"""
+    image, _, _ = render_slide(np.random.default_rng(2), 1001, 777, PARAMS, mpp=0.5)
+    path = tmp_path / "odd.tif"
+    write_pyramid_tiff(path, pyramid(image, 128, 2), 0.5, tile=128)
+    with tifffile.TiffFile(path) as tif:
+        level1 = tif.pages[1].asarray()
+    with open_slide(path, backend=backend) as slide:
+        assert slide.level_dimensions[1] == (500, 388)
+        for gx, gy in ((0, 0), (450, 358), (129, 255), (499, 387)):
+            location = (round(gx * slide.level_downsamples[1]), round(gy * slide.level_downsamples[1]))
+            assert slide.to_level(location, 1) == (gx, gy)
+            region = slide.read_region(location, 1, (1, 1))
+            np.testing.assert_array_equal(region[0, 0], level1[gy, gx])
+
+
+def test_auto_prefers_cucim_for_tiff(slide_file):
+    with open_slide(slide_file) as slide:
+        assert slide.backend == ("cucim" if "cucim" in TIFF_BACKENDS else "tifffile")
+
+
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_thumbnail_and_levels_for_mpp(slide_file, pages, backend):
+    with open_slide(slide_file, backend=backend) as slide:
+        thumb = slide.thumbnail(250)
+        assert thumb.shape == (194, 250, 3)
+        np.testing.assert_array_equal(thumb, pages[2])  # exactly the coarsest level
+        assert slide.thumbnail(100).shape == (78, 100, 3)
+        assert slide.best_level_for_mpp(0.5) == 0
+        assert slide.best_level_for_mpp(1.0) == 1
+        assert slide.best_level_for_mpp(1.9) == 1
+        assert slide.best_level_for_mpp(2.0) == 2
+        assert slide.best_level_for_mpp(0.25) == 0
+        assert slide.level_mpp(2) == pytest.approx(2.0, rel=0.01)
+        with pytest.raises(ValueError, match="level 3 out of range"):
+            slide.read_region((0, 0), 3, (10, 10))
+
+
+def test_image_backend(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (71, 93, 3), dtype=np.uint8)
+    with_dpi, without = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(pixels).save(with_dpi, dpi=(50800, 50800))  # 0.5 um/px
+    Image.fromarray(pixels).save(without)
+    with open_slide(with_dpi) as slide:
+        assert slide.backend == "image" and slide.dimensions == (93, 71) and slide.level_count == 1
+        assert slide.mpp == pytest.approx(0.5, rel=1e-3)
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (93, 71)), pixels)
+        region = slide.read_region((90, 70), 0, (5, 3))
+        np.testing.assert_array_equal(region[:1, :3], pixels[70:, 90:])
+        assert (region[1:] == 255).all() and (region[:, 3:] == 255).all()
+    with pytest.raises(SlideError, match=r"b\.png.*mpp"):
+        open_slide(without)
+    assert open_slide(without, mpp=0.25).mpp == 0.25
+    Image.fromarray(pixels).save(tmp_path / "screen.png", dpi=(72, 72))  # a screen default, not a calibration
+    with pytest.raises(SlideError, match="mpp"):
+        open_slide(tmp_path / "screen.png")
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("Aperio Image Library v12.0.15\r\n46000x32914 [0,100 46000x32814] (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.4990|Filename = x", 0.499),
+    ("isg-synth|MPP = 0.25", 0.25),
+    ("MPP=1e-1", 0.1),
+    ("no calibration here", None),
+    ("", None),
+    (None, None),
+])
+def test_mpp_from_description(description, expected):
+    assert mpp_from_description(description) == (pytest.approx(expected) if expected else None)
+
+
+@pytest.mark.parametrize("resolution, unit, expected", [
+    ((20000, 1), 3, 0.5),           # pixels per cm
+    ((50800, 1), 2, 0.5),           # pixels per inch
+    (40000.0, 3, 0.25),
+    ((20000, 1), 1, None),          # RESUNIT_NONE: no physical size
+    ((0, 1), 3, None),
+    (None, 3, None),
+])
+def test_mpp_from_resolution(resolution, unit, expected):
+    assert mpp_from_resolution(resolution, unit) == (pytest.approx(expected) if expected else None)
+
+
+@pytest.mark.parametrize("description, resolution, expected", [
+    ("calibrated|MPP = 0.25", None, 0.25),          # description only
+    (None, (1e4 / 0.3, 1e4 / 0.3), 0.3),            # resolution tags only
+    ("calibrated|MPP = 0.25", (20000, 20000), 0.25),  # the Aperio value wins
+])
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_mpp_sources(tmp_path, description, resolution, expected, backend):
+    path = tmp_path / "m.tif"
+    image = np.full((256, 256, 3), 200, np.uint8)
+    kwargs = {"resolution": resolution, "resolutionunit": "CENTIMETER"} if resolution else {}
+    tifffile.imwrite(path, image, tile=(128, 128), photometric="rgb", compression="jpeg", description=description,
+                     metadata=None, **kwargs)
+    with open_slide(path, backend=backend) as slide:
+        assert slide.mpp == pytest.approx(expected, rel=1e-4)
+    with open_slide(path, backend=backend, mpp=0.123) as slide:
+        assert slide.mpp == 0.123  # override
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("corrupt", "corrupt"), ("truncated", "truncated"), ("unsupported", "unsupported"), ("tiny", "too small"),
+    ("no_mpp", "mpp"), ("missing", "not found"),
+])
+@pytest.mark.parametrize("backend", ["auto", "tifffile"])
+def test_bad_inputs_raise_slide_error(bad, case, problem, backend):
+    path = bad.get(case, bad["good"].with_name("missing.tif"))
+    if backend == "tifffile" and case == "unsupported":
+        problem = "not a TIFF"
+    with pytest.raises(SlideError) as info:
+        open_slide(path, backend=backend)
+    assert str(path) in str(info.value) and problem in str(info.value)
+    assert info.value.path == str(path)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("backend", [b for b in TIFF_BACKENDS if b != "tifffile"])
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "unsupported", "tiny", "no_mpp"])
+def test_bad_inputs_other_backends(bad, case, backend):
+    with pytest.raises(SlideError, match=str(bad[case]).replace(".", r"\.")):
+        open_slide(bad[case], backend=backend)
+
+
+def test_no_mpp_override_and_bad_arguments(bad):
+    with open_slide(bad["no_mpp"], mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.level_count == 3
+    with pytest.raises(SlideError, match="mpp= must be a positive number"):
+        open_slide(bad["good"], mpp=-1)
+    with pytest.raises(ValueError, match="unknown slide backend 'pillow'"):
+        open_slide(bad["good"], backend="pillow")
+    with pytest.raises(SlideError, match="not a file"):
+        open_slide(bad["good"].parent)
+
+
+# ----------------------------------------------------------------------------- tissue and grid
+
+
+def _nonwhite_fraction(tile: np.ndarray) -> float:
+    rgb = tile.astype(np.int16)
+    return float(((rgb.max(-1) - rgb.min(-1)) > 25).mean())
+
+
+def test_tile_grid_skips_background(slide_file):
+    with open_slide(slide_file, backend="tifffile") as slide:
+        full = tile_grid(slide, 64, tissue_min=0)
+        assert len(full) == 16 * 13  # ceil(1000 / 64) x ceil(776 / 64), row-major
+        assert (full[:16, 1] == 0).all() and (np.diff(full[:16, 0]) == 64).all()
+        kept = tile_grid(slide, 64, tissue_min=0.05)
+        kept_set = {tuple(c) for c in kept.tolist()}
+        assert 0 < len(kept) < len(full)
+        for x, y in full.tolist():
+            fraction = _nonwhite_fraction(slide.read_region((x, y), 0, (64, 64)))
+            if fraction == 0:
+                assert (x, y) not in kept_set, f"background tile {(x, y)} kept"
+            if fraction > 0.5:
+                assert (x, y) in kept_set, f"tissue tile {(x, y)} ({fraction:.0%}) dropped"
+        # level 1: coordinates stay level 0 and step by patch * downsample
+        level1 = tile_grid(slide, 64, level=1, tissue_min=0)
+        assert len(level1) == 8 * 7 and level1[1, 0] == 128
+        assert np.array_equal(tile_grid(slide, 64, mpp=1.0, tissue_min=0), level1)
+        mask = tissue_mask(slide)
+        assert mask.dtype == bool and 0.1 < mask.mean() < 0.9
+
+
+def test_tile_grid_blank_slide(tmp_path):
+    path = tmp_path / "blank.tif"
+    write_pyramid_tiff(path, [np.full((300, 300, 3), 245, np.uint8)], 0.5, tile=128)
+    with open_slide(path, backend="tifffile") as slide:
+        assert not tissue_mask(slide).any()
+        assert len(tile_grid(slide, 100)) == 0
+        assert len(tile_grid(slide, 100, tissue_min=0)) == 9
+
+
+def test_tile_grid_explicit_mask(slide_file):
+    with open_slide(slide_file, backend="tifffile") as slide:
+        mask = np.zeros((100, 100), bool)
+        mask[:, :50] = True  # left half of the slide
+        coords = tile_grid(slide, 100, mask=mask, tissue_min=0.5)
+        assert len(coords) and (coords[:, 0] + 100 <= 500 + 1).all()
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+@pytest.mark.parametrize("size, level, batch_size, num_workers", [(128, 0, 5, 0), (97, 0, 4, 2), (61, 1, 7, 3), (128, 0, 3, 1)])
+def test_iter_tiles_matches_read_region(slide_file, backend, size, level, batch_size, num_workers):
+    with open_slide(slide_file, backend=backend) as slide:
+        coords = tile_grid(slide, size, level=level, tissue_min=0)
+        coords = np.concatenate([coords, [[990, 770], [-20, 5]]])  # tiles past the border: padded white
+        seen, batches = [], []
+        for batch_coords, tiles in iter_tiles(slide, coords, size, level=level, batch_size=batch_size, num_workers=num_workers):
+            assert isinstance(tiles, torch.Tensor) and tiles.dtype == torch.uint8
+            assert tiles.shape == (len(batch_coords), size, size, 3) and len(batch_coords) <= batch_size
+            seen.append(batch_coords)
+            batches.append(tiles)  # kept: buffers in use must not be recycled
+        assert np.array_equal(np.concatenate(seen), coords)
+        assert len(batches[-1]) == (len(coords) % batch_size or batch_size)  # last partial batch
+        tiles = torch.cat(batches).numpy()
+        for i in range(0, len(coords), 3):
+            x, y = coords[i]
+            np.testing.assert_array_equal(tiles[i], slide.read_region((int(x), int(y)), level, (size, size)), err_msg=f"tile {i}")
+        ds = 2 ** level
+        assert (tiles[-1][:, :20 // ds] == 255).all() and (tiles[-2][8 // ds:] == 255).all()  # left of / below the slide
+
+
+def test_iter_tiles_recycles_only_dropped_buffers(slide_file):
+    with open_slide(slide_file, backend="tifffile") as slide:
+        coords = tile_grid(slide, 64, tissue_min=0)
+        reference = [slide.read_region((int(x), int(y)), 0, (64, 64)) for x, y in coords]
+        for keep in (True, False):
+            kept, checked = [], 0
+            for batch_coords, tiles in iter_tiles(slide, coords, 64, batch_size=8, num_workers=2, prefetch=1):
+                for j in range(len(tiles)):
+                    np.testing.assert_array_equal(tiles[j].numpy(), reference[checked + j])
+                if keep:
+                    kept.append(tiles[:2])  # a view keeps its buffer alive
+                checked += len(tiles)
+                del tiles
+                gc.collect()
+            assert checked == len(coords)
+            for i, view in enumerate(kept):
+                np.testing.assert_array_equal(view.numpy(), np.stack(reference[8 * i:8 * i + 2]))
+
+
+def test_iter_tiles_early_stop_and_errors(slide_file):
+    with open_slide(slide_file, backend="tifffile") as slide:
+        coords = tile_grid(slide, 64, tissue_min=0)
+        stream = iter_tiles(slide, coords, 64, batch_size=4, num_workers=2)
+        next(stream)
+        stream.close()  # cancels the prefetched batches without hanging
+        assert list(iter_tiles(slide, np.zeros((0, 2), np.int64), 64)) == []
+        with pytest.raises(ValueError, match=r"coords must be \[N, 2\]"):
+            next(iter_tiles(slide, np.zeros((3, 3)), 64))
+        with pytest.raises(ValueError, match="whole pixels"):
+            next(iter_tiles(slide, np.array([[0.5, 1.0]]), 64))
+        with pytest.raises(ValueError, match="level 5 out of range"):
+            next(iter_tiles(slide, coords, 64, level=5))
+
+
+# ----------------------------------------------------------------------------- two-level tiling
+
+
+def test_local_grid_matches_split_of_global_tiles(slide_file):
+    p, q = 96, 32
+    with open_slide(slide_file, backend="tifffile") as slide:
+        coords = np.array([[0, 0], [320, 160], [900, 700]])  # the last one crosses the border
+        grid = local_grid(coords, p, q)
+        assert grid.shape == (3, 3, 3, 2) and grid.dtype == np.int64
+        assert grid[1, 2, 1].tolist() == [320 + 32, 160 + 64]  # [n, row, col] -> (x + col q, y + row q)
+        for n, (x, y) in enumerate(coords):
+            tile = slide.read_region((int(x), int(y)), 0, (p, p))
+            blocks = tile.reshape(3, q, 3, q, 3).transpose(0, 2, 1, 3, 4)  # [S, S, q, q, 3]
+            for i in range(3):
+                for j in range(3):
+                    local = slide.read_region(tuple(int(v) for v in grid[n, i, j]), 0, (q, q))
+                    np.testing.assert_array_equal(local, blocks[i, j])
+    level1 = local_grid([[0, 0]], 64, 16, downsample=2.0)
+    assert level1[0, 1, 3].tolist() == [96, 32]
+    for q_bad in (0, 36, 100):
+        with pytest.raises(ValueError, match="divisor"):
+            local_grid(coords, 96, q_bad)
