@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from isg.select import (PAPER_THRESHOLD_BITS, SELECTORS, default_threshold_bits, get_selector, grey_tiles,
-                        score_tiles, select)
+                        otsu_grey_threshold, score_tiles, select)
 from isg.select.samples import histology_image, textureless_tiles
 
 SCORES = np.array([5.0, 1.0, 9.0, 3.0, 9.0, 0.0])
@@ -114,6 +114,19 @@ def test_each_selector_handles_grey_and_odd_sizes(name):
 def test_otsu_background_only_batch_is_not_split():
     flat = np.clip(np.random.default_rng(2).normal(240, 2, (3, 32, 32, 3)), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(get_selector("otsu")(flat), 0.0)
+
+
+def test_otsu_with_slide_threshold_is_batch_independent(tissue_and_background):
+    threshold = otsu_grey_threshold(histology_image())
+    assert 0 < threshold <= 220
+    scorer = get_selector("otsu", threshold=threshold)
+    whole = scorer(tissue_and_background)
+    np.testing.assert_array_equal(np.concatenate([scorer(tissue_and_background[:1]), scorer(tissue_and_background[1:])]),
+                                  whole)
+    grey = grey_tiles(tissue_and_background)
+    np.testing.assert_allclose(whole, (grey < threshold).mean(axis=(1, 2)))
+    with pytest.raises(ValueError, match="takes no options"):
+        get_selector("canny", threshold=3)
 
 
 def test_get_selector_errors_and_score_tiles():

@@ -7,7 +7,7 @@ scores into a keep-mask by a threshold, top-k, or mean + n_sigma * std.
 """
 
 from isg.select.rules import PAPER_PATCH_SIZE, PAPER_THRESHOLD_BITS, RULES, default_threshold_bits, select
-from isg.select.selectors import SELECTORS, get_selector, grey_tiles, score_tiles
+from isg.select.selectors import SELECTORS, get_selector, grey_tiles, otsu_grey_threshold, score_tiles
 
 __all__ = ["SELECTORS", "RULES", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS", "score_tiles", "get_selector",
-           "grey_tiles", "select", "default_threshold_bits"]
+           "grey_tiles", "otsu_grey_threshold", "select", "default_threshold_bits"]

@@ -4,9 +4,12 @@
 the others are the baselines of the paper's comparison, on the grey image
 (ITU-R 601 luma, as ``cv2.COLOR_RGB2GRAY``):
 
-* ``otsu``: HE2RNA-style tissue fraction: share of pixels darker than the Otsu
-  threshold of the grey levels pooled over the whole batch (the slide's tiles),
-  capped at ``OTSU_MAX_GREY`` so a batch of background alone is not split in two;
+* ``otsu``: HE2RNA-style tissue fraction: share of pixels darker than a grey
+  threshold, by default the Otsu threshold of the grey levels pooled over the
+  batch, capped at ``OTSU_MAX_GREY`` so a batch of background alone is not split
+  in two. That default depends on the batch: for scores comparable across
+  batches pass the slide's threshold, ``get_selector("otsu",
+  threshold=otsu_grey_threshold(thumbnail))``;
 * ``gradient``: mean Sobel gradient magnitude (3x3);
 * ``canny``: edge density, share of Canny edge pixels (hysteresis 50/100);
 * ``dog``: mean |Gaussian(sigma=1) - Gaussian(sigma=2)|;
@@ -15,6 +18,7 @@ the others are the baselines of the paper's comparison, on the grey image
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +29,7 @@ from isg.ops.shannon import prepare_tiles, shannon_bits
 SELECTORS = ("shannon", "otsu", "gradient", "canny", "dog", "log")
 OTSU_MAX_GREY = 220  # white slide background is brighter than this (0..255)
 
-__all__ = ["SELECTORS", "OTSU_MAX_GREY", "score_tiles", "get_selector", "grey_tiles"]
+__all__ = ["SELECTORS", "OTSU_MAX_GREY", "score_tiles", "get_selector", "grey_tiles", "otsu_grey_threshold"]
 
 
 def score_tiles(tiles) -> np.ndarray:
@@ -46,14 +50,22 @@ def grey_tiles(tiles) -> np.ndarray:
     return np.stack([cv2.cvtColor(np.ascontiguousarray(tile), cv2.COLOR_RGB2GRAY) for tile in tiles])
 
 
-def _otsu(tiles) -> np.ndarray:
+def otsu_grey_threshold(images) -> float:
+    """Otsu threshold of the grey levels of uint8 images ([H, W, C] or tiles [B, H, W, C]), capped at
+    ``OTSU_MAX_GREY``; a uniform input gives ``min(its level, OTSU_MAX_GREY)``."""
     from skimage.filters import threshold_otsu
 
+    images = images[None] if getattr(images, "ndim", 0) == 3 else images
+    grey = grey_tiles(images)
+    if np.ptp(grey) == 0:
+        return float(min(int(grey.flat[0]), OTSU_MAX_GREY))
+    return float(min(threshold_otsu(grey), OTSU_MAX_GREY))
+
+
+def _otsu(tiles, threshold: float | None = None) -> np.ndarray:
     grey = grey_tiles(tiles)
-    if grey.size == 0 or np.ptp(grey) == 0:
-        threshold = min(int(grey.flat[0]) if grey.size else 0, OTSU_MAX_GREY)
-    else:
-        threshold = min(threshold_otsu(grey), OTSU_MAX_GREY)
+    if threshold is None:
+        threshold = otsu_grey_threshold(tiles)
     return (grey < threshold).mean(axis=(1, 2), dtype=np.float64)
 
 
@@ -103,9 +115,18 @@ _REGISTRY: dict[str, Callable] = {
 }
 
 
-def get_selector(name: str) -> Callable:
-    """Scorer ``tiles -> np.float64 [B]`` (higher = more informative) for ``name`` in :data:`SELECTORS`."""
+def get_selector(name: str, **options) -> Callable:
+    """Scorer ``tiles -> np.float64 [B]`` (higher = more informative) for ``name`` in :data:`SELECTORS`.
+
+    ``options`` are fixed keyword arguments of the scorer; only ``otsu`` takes one (``threshold``: grey level).
+    """
     try:
-        return _REGISTRY[name]
+        scorer = _REGISTRY[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}") from None
+    if not options:
+        return scorer
+    if name != "otsu" or set(options) != {"threshold"}:
+        raise ValueError(f"selector {name!r} takes no options {sorted(options)}"
+                         + (" (otsu takes threshold=)" if name == "otsu" else ""))
+    return functools.partial(scorer, **options)
