@@ -3,7 +3,6 @@ tile streaming (exactly read_region's pixels) and two-level tiling."""
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 
 import numpy as np
@@ -109,6 +108,7 @@ def test_thumbnail_and_levels_for_mpp(slide_file, pages, backend):
         assert thumb.shape == (194, 250, 3)
         np.testing.assert_array_equal(thumb, pages[2])  # exactly the coarsest level
         assert slide.thumbnail(100).shape == (78, 100, 3)
+        assert slide.thumbnail(4000).shape == (776, 1000, 3)  # never upscaled
         assert slide.best_level_for_mpp(0.5) == 0
         assert slide.best_level_for_mpp(1.0) == 1
         assert slide.best_level_for_mpp(1.9) == 1
@@ -298,16 +298,17 @@ def test_iter_tiles_recycles_only_dropped_buffers(slide_file):
         coords = tile_grid(slide, 64, tissue_min=0)
         reference = [slide.read_region((int(x), int(y)), 0, (64, 64)) for x, y in coords]
         for keep in (True, False):
-            kept, checked = [], 0
+            kept, checked, pointers = [], 0, []
             for batch_coords, tiles in iter_tiles(slide, coords, 64, batch_size=8, num_workers=2, prefetch=1):
+                pointers.append(tiles.data_ptr())
                 for j in range(len(tiles)):
                     np.testing.assert_array_equal(tiles[j].numpy(), reference[checked + j])
                 if keep:
                     kept.append(tiles[:2])  # a view keeps its buffer alive
                 checked += len(tiles)
-                del tiles
-                gc.collect()
+                del tiles  # reference counting frees the batch: its buffer may be reused
             assert checked == len(coords)
+            assert (len(set(pointers)) == len(pointers)) if keep else (len(set(pointers)) <= 4)  # recycled when dropped
             for i, view in enumerate(kept):
                 np.testing.assert_array_equal(view.numpy(), np.stack(reference[8 * i:8 * i + 2]))
 

@@ -209,17 +209,18 @@ class Slide:
         return out
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size``, read from the coarsest adequate level."""
+        """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
+        from the coarsest level that is at least that fine."""
         from PIL import Image
 
         W, H = self.dimensions
-        scale = max_size / max(W, H)
+        scale = min(1.0, max_size / max(W, H))
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
-        level = self.best_level_for_downsample(1.0 / scale) if scale < 1 else 0
+        level = self.best_level_for_downsample(1.0 / scale)
         region = self.read_region((0, 0), level, self.level_dimensions[level])
         if region.shape[:2] == (th, tw):
             return region
-        return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR))
+        return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
 
     def close(self) -> None:
         pass
