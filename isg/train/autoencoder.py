@@ -269,10 +269,9 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
     for step in bar:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # batch = f(seed, step): exact resume
         idx = torch.randint(0, len(bank), (config.batch_size,), generator=generator)
-        real = tiles_to_input(bank[idx], config.resolution)  # [B, 3, r, r]
+        real = tiles_to_input(bank[idx], config.resolution, device)  # [B, 3, r, r]
         if config.augment:
             real = _augment(real, generator)
-        real = real.to(device, non_blocking=True)
 
         # E, D: L1 + lambda LPIPS + non-saturating adversarial term
         disc.requires_grad_(False)
