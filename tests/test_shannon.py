@@ -99,6 +99,13 @@ def test_native_matches_reference(native, h, w, channels):
     np.testing.assert_allclose(shannon_bits(tiles), shannon_bits_reference(tiles), rtol=1e-9, atol=0)
 
 
+def test_native_matches_reference_on_extreme_values(native):
+    # a + b - c over/underflows uint8 here: every MED branch with wrap-around is exercised
+    rng = np.random.default_rng(7)
+    tiles = rng.choice(np.array([0, 1, 2, 127, 128, 129, 253, 254, 255], np.uint8), size=(8, 33, 47, 3))
+    np.testing.assert_array_equal(shannon_histogram(tiles), shannon_histogram_reference(tiles))
+
+
 def test_native_bits_formula_matches_reference(native):
     rng = np.random.default_rng(3)
     hist = rng.integers(0, 50, (20, 3, 256)).astype(np.int64) * (rng.random((20, 3, 256)) < 0.3)
