@@ -218,3 +218,22 @@ def test_cli_fit_then_run(tmp_path, slide_file, capsys):
     (tmp_path / "h5" / "b.h5").unlink()
     assert main(args) == 0
     assert "0 written, 1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,max_tiles,expected", [("global", None, 5), ("local", None, 20), ("local", 9, 8), ("global", 3, 3)])
+def test_training_tiles_from_h5(tmp_path, slide_file, kind, max_tiles, expected):
+    from isg.train.autoencoder import collect_tiles
+
+    h5 = write_h5(tmp_path / "s.h5", slide_file, COORDS, 32, 16)
+    write_h5(tmp_path / "bad.h5", tmp_path / "gone.tif", COORDS, 32, 16)  # skipped with a warning
+    bank = collect_tiles([h5, tmp_path / "bad.h5"], kind, 16, max_tiles=max_tiles, num_workers=0)
+    assert bank.dtype == torch.uint8 and bank.shape == (expected, 16, 16, 3)
+    tiles = reference_tiles(slide_file, COORDS, 32, 0)
+    if kind == "local":
+        tiles = tiles.reshape(5, 2, 16, 2, 16, 3).permute(0, 1, 3, 2, 4, 5).reshape(20, 16, 16, 3)  # row-major sub-patches
+    else:
+        tiles = ((tiles_to_input(tiles, 16) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    matches = [(bank[i:i + 1] == tiles).flatten(1).all(1).any().item() for i in range(len(bank))]  # each bank tile is one of them
+    assert all(matches)
+    with pytest.raises(ValueError, match="no global training tiles"):
+        collect_tiles([tmp_path / "bad.h5"], "global", 16)

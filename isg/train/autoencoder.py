@@ -117,9 +117,14 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
     infos = []
     for path in h5_paths:
         try:
-            infos.append(read_patch_info(path))
+            info = read_patch_info(path)
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", path, exc)
+            continue
+        if info.slide_path is None or not info.slide_path.is_file():  # do not spend the tile budget on it
+            log.warning("skipping %s: slide %s not found", path, info.slide_path)
+            continue
+        infos.append(info)
     counts = np.array([len(info.coords) for info in infos])
     per_patch = [1 if kind == "global" else info.grid**2 for info in infos]
     rng = np.random.default_rng(seed)
