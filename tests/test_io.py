@@ -350,3 +350,36 @@ def test_local_grid_matches_split_of_global_tiles(slide_file):
     for q_bad in (0, 36, 100):
         with pytest.raises(ValueError, match="divisor"):
             local_grid(coords, 96, q_bad)
+
+
+# ----------------------------------------------------------------------------- DALI
+
+
+@pytest.mark.skipif(not _has("nvidia.dali"), reason="NVIDIA DALI not installed")
+@pytest.mark.parametrize("level, batch_size", [(0, 5), (1, 64)])
+def test_dali_tiles_match_read_region(slide_file, level, batch_size):
+    from isg.io.dali import dali_available, iter_tiles_dali
+
+    assert dali_available()
+    with open_slide(slide_file, backend="tifffile") as slide:
+        coords = tile_grid(slide, 128, level=level, tissue_min=0)  # on the tile grid, edge tiles included
+        seen, tiles = [], []
+        for batch_coords, batch in iter_tiles_dali(slide, coords, 128, level=level, batch_size=batch_size):
+            assert batch.dtype == torch.uint8 and batch.shape[1:] == (128, 128, 3) and len(batch) <= batch_size
+            seen.append(batch_coords)
+            tiles.append(batch)
+        assert np.array_equal(np.concatenate(seen), coords)
+        tiles = torch.cat(tiles).numpy()
+        for i, (x, y) in enumerate(coords.tolist()):
+            np.testing.assert_array_equal(tiles[i], slide.read_region((x, y), level, (128, 128)), err_msg=f"tile {i}")
+        with pytest.raises(ValueError, match="tile grid"):
+            next(iter_tiles_dali(slide, np.array([[5, 0]]), 128))
+        with pytest.raises(ValueError, match="size must be the tile size"):
+            next(iter_tiles_dali(slide, coords[:1], 100))
+
+
+def test_dali_missing_is_reported(monkeypatch):
+    import isg.io.dali as dali
+
+    monkeypatch.setattr(dali.importlib.util, "find_spec", lambda name: None)
+    assert dali.dali_available() is False

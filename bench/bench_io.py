@@ -1,0 +1,123 @@
+"""Tile reading throughput: every level-0 256 px tile of one synthetic pyramidal JPEG TIFF.
+
+    python3 -m pytest bench/bench_io.py --benchmark-enable -s
+
+Table ``io_tiles`` (tiles/s, ratio vs raw OpenSlide), written to bench/results/io_tiles.json. Contenders read
+the same tiles of the same file, one after the other, in interleaved rounds (median of ``ISG_BENCH_IO_REPEAT``
+rounds, default 3), and drop each tile after reading it:
+
+* ``openslide`` / ``tiffslide`` / ``cucim``: the raw libraries, one ``read_region`` per tile, one thread;
+* ``isg tifffile 1T`` / ``isg cucim 1T``: :func:`isg.io.iter_tiles` (batches of 64 as torch tensors) on the
+  tifffile and cuCIM backends, ``num_workers=0`` (the calling thread only);
+* ``cucim batch NT``: cuCIM's own batch reader with N workers; ``isg tifffile NT`` / ``isg cucim NT``: the
+  engine with N = ``os.cpu_count()`` reader threads.
+
+Extra columns: ``threads``, ``cpu_us_per_tile`` (process CPU time per tile: robust to other load on the
+machine) and ``load`` (1-minute load average while measuring). ``ISG_BENCH_IO_SIZE`` (default 8192) sets the
+slide side in pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from isg.io import iter_tiles, open_slide, tile_grid
+from isg.io.slide import _cucim_available
+from isg.io.synth import make_cohort
+
+SIZE = int(os.environ.get("ISG_BENCH_IO_SIZE", "8192"))
+REPEAT = int(os.environ.get("ISG_BENCH_IO_REPEAT", "3"))
+TILE = 256
+THREADS = os.cpu_count() or 1
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    cohort = make_cohort(tmp_path_factory.mktemp("bench_io"), n_slides=1, size=SIZE, tile=TILE, seed=7)
+    return cohort.slides[0]
+
+
+def _contenders(path, coords):
+    xy = [(int(x), int(y)) for x, y in coords]
+    contenders = {}
+    try:
+        import openslide
+
+        osr = openslide.OpenSlide(str(path))
+
+        def read_openslide():
+            for location in xy:
+                np.asarray(osr.read_region(location, 0, (TILE, TILE)))
+
+        contenders["openslide"] = (read_openslide, 1)
+    except ImportError:
+        pass
+    try:
+        import tiffslide
+
+        tsl = tiffslide.TiffSlide(str(path))
+
+        def read_tiffslide():
+            for location in xy:
+                tsl.read_region(location, 0, (TILE, TILE), as_array=True)
+
+        contenders["tiffslide"] = (read_tiffslide, 1)
+    except ImportError:
+        pass
+    cucim_slide = open_slide(path, backend="cucim") if _cucim_available() else None
+    if cucim_slide is not None:
+        image = cucim_slide.cuimage
+
+        def read_cucim():
+            for location in xy:
+                np.asarray(image.read_region(location, (TILE, TILE), 0))
+
+        def read_cucim_batch():
+            for batch in image.read_region(xy, (TILE, TILE), 0, num_workers=THREADS, batch_size=64):
+                np.array(batch)  # copy out: the reader reuses its buffer
+
+        contenders["cucim"] = (read_cucim, 1)
+        contenders[f"cucim batch {THREADS}T"] = (read_cucim_batch, THREADS)
+    tiff_slide = open_slide(path, backend="tifffile")
+
+    def engine(slide, workers):
+        def run():
+            for _ in iter_tiles(slide, coords, TILE, batch_size=64, num_workers=workers):
+                pass
+        return run
+
+    contenders["isg tifffile 1T"] = (engine(tiff_slide, 0), 1)
+    contenders[f"isg tifffile {THREADS}T"] = (engine(tiff_slide, THREADS), THREADS)
+    if cucim_slide is not None:
+        contenders["isg cucim 1T"] = (engine(cucim_slide, 0), 1)
+        contenders[f"isg cucim {THREADS}T"] = (engine(cucim_slide, THREADS), THREADS)
+    return contenders
+
+
+def test_tiles_per_second(slide_path, report):
+    with open_slide(slide_path, backend="tifffile") as slide:
+        coords = tile_grid(slide, TILE, tissue_min=0)  # every level-0 tile
+    contenders = _contenders(slide_path, coords)
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    loads = []
+    for name, (fn, _) in contenders.items():  # warm-up: file cache, lazy imports
+        fn()
+    for _ in range(REPEAT):
+        for name, (fn, _) in contenders.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        loads.append(os.getloadavg()[0])
+    n = len(coords)
+    for name, (_, threads) in contenders.items():
+        report.add("io_tiles", name, n / statistics.median(wall[name]), unit="tiles/s", baseline=name == "openslide",
+                   threads=threads, cpu_us_per_tile=round(statistics.median(cpu[name]) / n * 1e6, 1),
+                   load=round(statistics.median(loads), 2), tiles=n, slide=f"{SIZE}x{SIZE} JPEG q80, {TILE} px tiles")
+    assert all(statistics.median(v) > 0 for v in wall.values())
