@@ -65,7 +65,7 @@ class FullyConnected(nn.Module):
 
 
 class Conv2dLayer(nn.Module):
-    """Conv with equalized learning rate; ``down=True`` average-pools 2x after the conv."""
+    """Conv with equalized learning rate; ``down=True`` average-pools 2x first (low-pass, then the conv runs at half resolution)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, activation: bool = True, down: bool = False):
         super().__init__()
@@ -75,9 +75,9 @@ class Conv2dLayer(nn.Module):
         self.padding, self.activation, self.down = kernel_size // 2, activation, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, I, H, W] -> [B, O, H', W']
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
         if self.down:
             x = F.avg_pool2d(x, 2)
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
         return lrelu(x) if self.activation else x
 
 
