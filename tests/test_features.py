@@ -230,3 +230,17 @@ def test_training_rejects_bad_inputs(tmp_path):
         train_autoencoder(smooth_tiles(2, 8), tmp_path, dict(TRAIN, epochz=3))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         train_autoencoder(tmp_path / "missing", tmp_path, dict(TRAIN, max_steps=1))
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_precision_training(tmp_path):
+    from isg.train.autoencoder import train_autoencoder
+
+    tiles = smooth_tiles(8, 32)
+    ae, history = train_autoencoder(tiles, tmp_path, dict(TRAIN, resolution=32, max_steps=20, device="cuda", amp=True))
+    assert np.isfinite(history["l1"]).all() and np.isfinite(history["d_loss"]).all()
+    assert np.mean(history["l1"][-5:]) < np.mean(history["l1"][:5])
+    x = tiles_to_input(tiles, 32)
+    with torch.no_grad():  # the exported model gives the same codes on CPU and GPU
+        cpu = load_autoencoder(tmp_path / "autoencoder.pt").encode(x)
+        torch.testing.assert_close(ae.encode(x.cuda()).cpu(), cpu, rtol=1e-3, atol=1e-3)
