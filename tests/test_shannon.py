@@ -68,6 +68,14 @@ def test_noise_costs_about_8_bits_and_flat_almost_nothing():
     assert bits[1] < 200
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_torch_reference_matches_numpy(h, w, channels):
+    tiles = _tiles(3, h, w, channels, seed=8)
+    torch_hist = shannon.shannon_histogram_torch(torch.from_numpy(tiles))
+    np.testing.assert_array_equal(torch_hist.numpy(), shannon_histogram_reference(tiles))
+
+
 @pytest.mark.parametrize("h,w", SHAPES)
 def test_reference_histogram_counts_every_pixel(h, w):
     hist = shannon_histogram_reference(_tiles(3, h, w, 3))
@@ -143,6 +151,13 @@ def test_grid_matches_tiles(native, tile, stride):
     assert bits[iy, ix] == pytest.approx(shannon_bits_reference(crop)[0], rel=1e-9)
 
 
+def test_torch_grid_fallback_matches_reference():
+    region = _tiles(1, 45, 38, 3, seed=5)[0]
+    tiles = shannon._grid_tiles_torch(torch.from_numpy(region), (17, 13), (9, 11))
+    np.testing.assert_array_equal(shannon.shannon_histogram_torch(tiles).numpy(),
+                                  shannon_grid_histogram_reference(region, (17, 13), (9, 11)))
+
+
 def test_grid_on_non_contiguous_region(native):
     region = torch.from_numpy(_tiles(1, 40, 33, 4, seed=2)[0]).transpose(0, 1)      # [33, 40, 4], RGBA, strided
     hist = shannon_grid_histogram(region, (10, 12), (7, 5))
@@ -162,6 +177,8 @@ def test_cuda_matches_cpu(native):
     if not shannon._native(torch.device("cuda")):
         pytest.skip("isg._C built without CUDA")
     tiles = torch.from_numpy(_tiles(5, 37, 29, 3)).cuda()
+    np.testing.assert_array_equal(shannon.shannon_histogram_torch(tiles).cpu().numpy(),
+                                  shannon_histogram_reference(tiles.cpu().numpy()))
     hist = shannon_histogram(tiles)
     assert hist.is_cuda
     np.testing.assert_array_equal(hist.cpu().numpy(), shannon_histogram_reference(tiles.cpu().numpy()))

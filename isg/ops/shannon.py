@@ -30,7 +30,8 @@ subpixel. RGBA input: the alpha channel is dropped (it carries no tissue
 information); 1-channel (grey) input is scored as one channel.
 
 Functions here: :func:`shannon_histogram_reference` / :func:`shannon_bits_reference`
-(numpy oracle and fallback), :func:`bits_from_histogram`, and the public
+(numpy oracle and CPU fallback), :func:`shannon_histogram_torch` (pure PyTorch, fallback on
+other devices), :func:`bits_from_histogram`, and the public
 :func:`shannon_histogram`, :func:`shannon_bits` and :func:`shannon_grid_bits`
 which use the native kernels (``isg._C``, CPU OpenMP or CUDA) when available.
 """
@@ -44,7 +45,7 @@ from isg import _ext
 
 __all__ = [
     "prepare_tiles", "shannon_histogram_reference", "shannon_bits_reference", "bits_from_histogram",
-    "shannon_grid_histogram_reference", "shannon_histogram", "histogram_bits", "shannon_bits",
+    "shannon_grid_histogram_reference", "shannon_histogram_torch", "shannon_histogram", "histogram_bits", "shannon_bits",
     "shannon_grid_histogram", "shannon_grid_bits", "grid_shape", "CHUNK_TILES",
 ]
 
@@ -91,6 +92,21 @@ def shannon_histogram_reference(tiles) -> np.ndarray:
     residuals = _residuals_reference(np.asarray(tiles)).transpose(0, 3, 1, 2).reshape(batch * channels, -1)  # [B*C, N]
     index = residuals.astype(np.int64) + 256 * np.arange(batch * channels, dtype=np.int64)[:, None]
     return np.bincount(index.ravel(), minlength=batch * channels * 256).reshape(batch, channels, 256)
+
+
+def shannon_histogram_torch(tiles: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch residual histograms int64 [B, C, 256] on the tiles' device (fallback for GPU tensors
+    when ``isg._C`` has no CUDA kernels); same definition as :func:`shannon_histogram_reference`."""
+    x = prepare_tiles(tiles).to(torch.int16)                    # [B, H, W, C]
+    batch, _, _, channels = x.shape
+    pred = torch.zeros_like(x)
+    pred[:, 0, 1:] = x[:, 0, :-1]                               # first row: left
+    pred[:, 1:, 0] = x[:, :-1, 0]                               # first column: up
+    a, b, c = x[:, 1:, :-1], x[:, :-1, 1:], x[:, :-1, :-1]      # left, up, up-left [B, H-1, W-1, C]
+    pred[:, 1:, 1:] = torch.clamp(a + b - c, torch.minimum(a, b), torch.maximum(a, b))
+    residuals = ((x - pred) & 255).permute(0, 3, 1, 2).reshape(batch * channels, -1).long()  # [B*C, N]
+    index = residuals + 256 * torch.arange(batch * channels, device=x.device)[:, None]
+    return torch.bincount(index.reshape(-1), minlength=batch * channels * 256).reshape(batch, channels, 256)
 
 
 def _log2_binomial(n, k) -> np.ndarray:
@@ -250,10 +266,10 @@ def shannon_histogram(tiles) -> np.ndarray | torch.Tensor:
     x = _as_tensor(tiles)
     if _native(x.device):
         hist = _histogram_op(x)
-    elif x.device.type != "cpu" and _native(torch.device("cpu")):
-        hist = _histogram_op(x.cpu()).to(x.device)
+    elif x.device.type != "cpu":
+        hist = shannon_histogram_torch(x)
     else:
-        hist = torch.from_numpy(shannon_histogram_reference(x.cpu().numpy())).to(x.device)
+        hist = torch.from_numpy(shannon_histogram_reference(x.numpy()))
     return hist.numpy() if is_numpy else hist
 
 
@@ -288,11 +304,18 @@ def shannon_grid_histogram(region, tile, stride=None) -> np.ndarray | torch.Tens
     x = _as_tensor(region)
     if _native(x.device):
         hist = _grid_histogram_op(x, th, tw, sy, sx)
-    elif x.device.type != "cpu" and _native(torch.device("cpu")):
-        hist = _grid_histogram_op(x.cpu(), th, tw, sy, sx).to(x.device)
+    elif x.device.type != "cpu":
+        hist = shannon_histogram_torch(_grid_tiles_torch(x, (th, tw), (sy, sx)))
     else:
         hist = torch.from_numpy(shannon_grid_histogram_reference(x.cpu().numpy(), (th, tw), (sy, sx))).to(x.device)
     return hist.numpy() if is_numpy else hist
+
+
+def _grid_tiles_torch(region: torch.Tensor, tile: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Tiles [ny * nx, th, tw, C] of the grid over region [H, W, C] (a copy; for the pure-PyTorch fallback)."""
+    (th, tw), (sy, sx) = tile, stride
+    windows = region.unfold(0, th, sy).unfold(1, tw, sx)                 # [ny, nx, C, th, tw] view
+    return windows.permute(0, 1, 3, 4, 2).reshape(-1, th, tw, region.shape[2])
 
 
 def shannon_grid_bits(region, tile, stride=None) -> np.ndarray:
