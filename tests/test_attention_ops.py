@@ -129,7 +129,7 @@ def test_low_precision_error_within_twice_eager(attention_ext, name, make, fused
 
 
 @pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("size", [(1, 1, 1), (2, 3, 7), (3, 2, 49)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("size", [(1, 1, 1), (2, 3, 7), (1, 2, 49)], ids=lambda s: "x".join(map(str, s)))
 def test_gradcheck_float64(attention_ext, name, make, fused, reference, size):
     inputs = [t.detach().double().requires_grad_() for t in make(*size, scale=1.0)]
     assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
