@@ -52,7 +52,7 @@ class LPIPSLoss(nn.Module):
                 f"LPIPS: no AlexNet ImageNet weights ({ALEXNET_FILE}) in {Path(torch.hub.get_dir()) / 'checkpoints'} and none given: "
                 "the backbone is RANDOM, so the LPIPS term is not the perceptual metric (tests only). "
                 "Copy torchvision's alexnet weights there or pass lpips_weights=PATH.",
-                stacklevel=2,
+                stacklevel=3,
             )
         else:
             self._load_backbone(path)
