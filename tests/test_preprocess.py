@@ -215,7 +215,7 @@ def test_dask_local_cluster_same_outputs_as_threads(cohort, tmp_path):
                                   processes=True, dashboard_address=None) as cluster:
         summary = preprocess_cohort(cohort.slides, tmp_path / "dask", scheduler=cluster.scheduler_address,
                                     patch_size=P, local_size=Q, progress=False, thumbnail=False)
-    assert summary.ok and len(summary.done) == 3 and summary.scheduler.startswith("dask")
+    assert summary.ok and len(summary.done) == 3 and summary.scheduler.startswith("dask"), summary.to_dict()
     same_outputs(tmp_path / "threads", tmp_path / "dask", names)
 
 
@@ -258,3 +258,10 @@ def test_cli_bad_arguments_exit_2(cohort, tmp_path, capsys, monkeypatch, extra, 
     err = capsys.readouterr().err
     assert "isg preprocess: error:" in err and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cohort_rejects_unknown_options(tmp_path):
+    with pytest.raises(TypeError, match="unknown option.*patchsize"):
+        preprocess_cohort([], tmp_path, patchsize=128)
+    with pytest.raises(ValueError, match="must divide"):
+        preprocess_cohort([], tmp_path, local_size=100)

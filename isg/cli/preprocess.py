@@ -151,9 +151,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--device {args.device}: no CUDA device is available here")
     scheduler = None if args.scheduler == "threads" else args.scheduler
     one_at_a_time = scheduler is None and (args.workers == 1 or len(slides) == 1)
-    summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,
-                                resources=_resources(args.resources), overwrite=args.overwrite,
-                                progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet, **options)
+    try:
+        summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,
+                                    resources=_resources(args.resources), overwrite=args.overwrite,
+                                    progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet, **options)
+    except ConnectionError as exc:
+        raise CLIError(f"--scheduler: {exc}") from None
     if summary.failed:
         print(f"isg preprocess: {len(summary.failed)} of {len(slides)} slide(s) failed:", file=sys.stderr)
         for result in summary.failed:

@@ -35,6 +35,7 @@ from typing import Any
 from isg.data._util import atomic_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+CONNECT_TIMEOUT = "20s"  # to reach a Dask scheduler given by address
 _UMASK = os.umask(0o022)  # read once at import (os.umask is process-wide: not while worker threads write)
 os.umask(_UMASK)
 
@@ -298,7 +299,13 @@ def _execute_dask(todo, items, names, outputs, process_one, scheduler, resources
     own_client = not isinstance(scheduler, Client)
     if own_client and not isinstance(scheduler, str):
         raise TypeError(f"scheduler must be None, 'threads', 'processes', an address or a dask Client, not {scheduler!r}")
-    client = Client(scheduler) if own_client else scheduler
+    if own_client:
+        try:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler!r} within {CONNECT_TIMEOUT} ({exc})") from exc
+    else:
+        client = scheduler
     try:
         futures = {}
         for i in todo:

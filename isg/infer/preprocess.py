@@ -284,6 +284,10 @@ def preprocess_cohort(
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
     ``tile_progress``: a tile bar per slide (for one slide at a time). Returns the :class:`~isg.infer.cohort.CohortSummary`."""
 
+    slide_options = set(inspect.signature(preprocess_slide).parameters) - {"slide_path", "out_dir", "progress"}
+    unknown = sorted(set(options) - slide_options)
+    if unknown:
+        raise TypeError(f"preprocess_cohort: unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(slide_options))}")
     checked = inspect.signature(check_options).parameters
     check_options(**{k: v for k, v in {"patch_size": 256, "local_size": 64, **options}.items() if k in checked})
     out_dir = Path(out_dir)
