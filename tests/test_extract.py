@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from isg.features import Autoencoder, save_autoencoder, tiles_to_input
+from isg.features import Autoencoder, tiles_to_input
 from isg.infer.extract import FAILED, SKIPPED, WRITTEN, extract_cohort, extract_slide
 from isg.io import open_slide
 from isg.io.synth import pyramid, render_slide, write_pyramid_tiff

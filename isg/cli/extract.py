@@ -9,7 +9,6 @@ failed (listed), 2 on bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

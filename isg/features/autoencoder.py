@@ -197,9 +197,7 @@ class MinibatchStd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        g = min(self.group_size, n)
-        if n % g:
-            g = 1 if n % 2 else math.gcd(n, g)
+        g = math.gcd(n, self.group_size)  # largest group size <= group_size dividing the batch
         f = self.num_channels
         y = x.reshape(g, -1, f, c // f, h, w)  # [G, n/G, F, c/F, h, w]
         y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # [n/G, F, c/F, h, w]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isg.data._util import atomic_path, write_text_atomic
-from isg.features.autoencoder import CHECKPOINT_FORMAT, Autoencoder, load_autoencoder, save_autoencoder, tiles_to_input
+from isg.features.autoencoder import CHECKPOINT_FORMAT, Autoencoder, save_autoencoder, tiles_to_input
 from isg.features.lpips_loss import load_lpips
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
 
@@ -334,4 +334,4 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
     return result.to(device).eval(), history
 
 
-__all__ = ["AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources", "load_autoencoder"]
+__all__ = ["AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources"]
