@@ -1,7 +1,7 @@
 // Shannon scorer, CUDA: one block per (tile, channel) builds the MED residual
-// histogram in shared memory (one copy per warp, warp-aggregated atomics), then one thread per tile
-// turns histograms into bits with the same double formula as the CPU
-// (shannon_bits.h), so identical histograms give identical bits.
+// histogram in shared memory (one copy per warp; warp-aggregated atomics on flat
+// areas), then one thread per tile turns histograms into bits with the same double
+// formula as the CPU (shannon_bits.h), so identical histograms give identical bits.
 #include <cuda_runtime.h>
 
 #include "common/check.h"
@@ -24,8 +24,8 @@ __device__ __forceinline__ int med_predict(const uint8_t* p, int64_t i, int64_t 
   return min(max(a + b - c, lo), hi);                        // median(a, b, a + b - c)
 }
 
-// Each warp takes rows i = warp, warp + warps, ...; its lanes walk the columns. Lanes holding the same
-// residual are merged (__match_any_sync) before one shared atomic, so flat areas do not serialize.
+// Each warp takes rows i = warp, warp + warps, ...; its lanes walk the columns. When all lanes hold the
+// same residual (flat background) they add it with one shared atomic, so flat areas do not serialize.
 __global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
   __shared__ unsigned int sub[kCopies][256];
   for (int k = threadIdx.x; k < kCopies * 256; k += blockDim.x) (&sub[0][0])[k] = 0u;
@@ -40,9 +40,15 @@ __global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
     for (int64_t j = lane; j < t.width; j += 32) {
       const uint8_t* p = row + j * t.stride_w;
       const unsigned residual = uint8_t(__ldg(p) - med_predict(p, i, j, t.stride_h, t.stride_w));
+      // flat areas: the whole warp holds one residual -> one atomic; else one atomic per lane
       const unsigned active = __activemask();
-      const unsigned peers = __match_any_sync(active, residual);
-      if (lane == __ffs(peers) - 1) atomicAdd(&mine[residual], unsigned(__popc(peers)));
+      const int leader = __ffs(active) - 1;
+      const unsigned first = __shfl_sync(active, residual, leader);
+      if (__all_sync(active, residual == first)) {
+        if (lane == leader) atomicAdd(&mine[residual], unsigned(__popc(active)));
+      } else {
+        atomicAdd(&mine[residual], 1u);
+      }
     }
   }
   __syncthreads();
