@@ -114,7 +114,7 @@ def test_failure_leaves_h5_untouched(tmp_path, slide_file, monkeypatch):
     original = h5.read_bytes()
     calls = []
 
-    def failing(ae, tiles, device, max_batch=1024):
+    def failing(ae, tiles, device, max_batch=1024, amp=False):
         calls.append(len(tiles))
         if len(calls) == 3:
             raise RuntimeError("boom")
@@ -237,3 +237,18 @@ def test_training_tiles_from_h5(tmp_path, slide_file, kind, max_tiles, expected)
     assert all(matches)
     with pytest.raises(ValueError, match="no global training tiles"):
         collect_tiles([tmp_path / "bad.h5"], "global", 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_extract_on_cuda_matches_cpu(tmp_path, slide_file, amp):
+    torch.manual_seed(0)
+    global_ae, local_ae = Autoencoder(16, 7, **TINY).eval(), Autoencoder(8, 5, **TINY).eval()
+    cpu_h5 = write_h5(tmp_path / "cpu.h5", slide_file, COORDS, 32, 16)
+    gpu_h5 = write_h5(tmp_path / "gpu.h5", slide_file, COORDS, 32, 16)
+    extract_slide(cpu_h5, None, global_ae, local_ae)
+    extract_slide(gpu_h5, None, global_ae, local_ae, device="cuda", amp=amp)
+    tol = 5e-2 if amp else 1e-2  # bfloat16 / TF32 convolutions
+    with h5py.File(cpu_h5) as a, h5py.File(gpu_h5) as b:
+        for name in ("features", "local_features"):
+            np.testing.assert_allclose(b[name][...].astype(np.float32), a[name][...].astype(np.float32), rtol=tol, atol=tol)

@@ -56,6 +56,7 @@ def register(subparsers) -> None:
     run.add_argument("--batch-size", type=int, default=64, help="global patches per batch")
     run.add_argument("--num-workers", type=int, default=4, help="tile reader threads")
     run.add_argument("--overwrite", action="store_true", help="recompute slides that already have features")
+    run.add_argument("--amp", action="store_true", help="bfloat16 encoders on CUDA (faster; features differ slightly)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=run_extract)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
@@ -140,7 +141,7 @@ def run_extract(args) -> int:
         except (ValueError, RuntimeError) as exc:
             raise CLIError(f"{option} {path}: {exc}") from exc
     results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size, device=args.device,
-                             num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet)
+                             num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet, amp=args.amp)
     counts = {status: sum(r.status == status for r in results) for status in ("written", "skipped", FAILED)}
     print(f"extract: {counts['written']} written, {counts['skipped']} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
     for r in results:
