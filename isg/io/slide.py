@@ -188,7 +188,7 @@ class Slide:
         """RGB uint8 [h, w, 3] of ``size`` (w, h) pixels at ``level`` whose top-left is ``location`` (x, y) at level 0
         (mapped to the level by :meth:`to_level`: rounded, the same on every backend).
 
-        Pixels outside the slide are white (255). ``out`` (uint8 [h, w, 3], C-contiguous) is filled in place.
+        Pixels outside the slide are white (255). ``out`` (uint8 [h, w, 3]) is filled in place when given.
         """
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} out of range (slide has {self.level_count} levels)")

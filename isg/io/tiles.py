@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import sys
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -116,31 +117,47 @@ def local_grid(coords, p: int, q: int, downsample: float = 1.0) -> np.ndarray:
 # ----------------------------------------------------------------------------- streaming
 
 
+POOL_MAX_BYTES = 128 << 20  # host batch buffers kept for reuse, all iter_tiles calls together
+
+
 class _BatchPool:
     """Host batch buffers [batch_size, size, size, 3] recycled once the caller has dropped every tensor
     and view of them (``sys.getrefcount`` back to the pool's own references).
 
-    Decoding into fresh memory costs a page fault per 4 KiB (about as much as the JPEG decode of a
-    256 px tile), so steady-state streaming reuses buffers instead. CUDA batches use torch's pinned
-    caching allocator, which already reuses pinned blocks safely after the async copies.
+    Decoding into memory touched for the first time costs page faults (on a VM, as much as the JPEG
+    decode of a 256 px tile), so streaming reuses buffers, across ``iter_tiles`` calls too: up to
+    :data:`POOL_MAX_BYTES` stay allocated (:func:`release_buffers` frees them). CUDA batches use torch's
+    pinned caching allocator instead, which reuses pinned blocks safely after the async copies.
     """
 
-    def __init__(self, batch_size: int, size: int, pin: bool, limit: int = 8):
+    _lock = threading.Lock()
+    _buffers: dict[tuple, list[np.ndarray]] = {}  # shape -> buffers
+
+    def __init__(self, batch_size: int, size: int, pin: bool):
         self.shape = (batch_size, size, size, 3)
         self.pin = pin
-        self.limit = limit
-        self.buffers: list[np.ndarray] = []
 
     def get(self, n: int) -> torch.Tensor:
         if self.pin:
             return torch.empty((n, *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
-        for buffer in self.buffers:
-            if sys.getrefcount(buffer) <= 3:  # the list, the loop variable, getrefcount's argument
-                return torch.from_numpy(buffer[:n])
-        buffer = np.empty(self.shape, np.uint8)
-        if len(self.buffers) < self.limit:
-            self.buffers.append(buffer)
-        return torch.from_numpy(buffer[:n])
+        with self._lock:
+            buffers = self._buffers.setdefault(self.shape, [])
+            for buffer in buffers:
+                if sys.getrefcount(buffer) <= 3:  # the list, the loop variable, getrefcount's argument
+                    return torch.from_numpy(buffer[:n])  # the view marks it busy until the caller drops it
+            buffer = np.empty(self.shape, np.uint8)
+            if sum(b.nbytes for bs in self._buffers.values() for b in bs) + buffer.nbytes <= POOL_MAX_BYTES:
+                buffers.append(buffer)
+            return torch.from_numpy(buffer[:n])
+
+
+def release_buffers() -> None:
+    """Free the pooled host batch buffers that no tensor uses any more."""
+    with _BatchPool._lock:
+        for shape, buffers in list(_BatchPool._buffers.items()):
+            buffers[:] = [b for b in buffers if sys.getrefcount(b) > 3]  # list, comprehension variable, argument
+            if not buffers:
+                del _BatchPool._buffers[shape]
 
 
 def _check_coords(slide: Slide, coords) -> np.ndarray:
@@ -175,7 +192,7 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
         yield from _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, _BatchPool(batch_size, size, pin))
         return
 
-    pool = _BatchPool(batch_size, size, pin, limit=prefetch + 4)
+    pool = _BatchPool(batch_size, size, pin)
     new_batch = pool.get
 
     def read_into(out: np.ndarray, chunk: np.ndarray) -> None:
