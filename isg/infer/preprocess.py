@@ -245,7 +245,7 @@ def preprocess_slide(
 
     seconds["total"] = time.perf_counter() - start
     return {"n_tissue": int(len(all_coords)), "n_kept": int(selected.sum()), "level": read_level,
-            "mpp": read_mpp, **{f"seconds_{k}": round(v, 4) for k, v in seconds.items()}}
+            "mpp": read_mpp, **{f"seconds_{stage}": round(value, 4) for stage, value in seconds.items()}}
 
 
 def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.ndarray, selected: np.ndarray,
