@@ -238,7 +238,10 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
     start = 0
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{ckpt_path}: cannot be read ({exc}); delete it or use resume=False") from exc
         saved = ckpt.get("extra", {}).get("train_config", {})
         if ckpt.get("format") != CHECKPOINT_FORMAT or "train_state" not in ckpt:
             raise ValueError(f"{ckpt_path}: not a resumable isg autoencoder checkpoint")
@@ -252,6 +255,8 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
         opt_d.load_state_dict(ts["opt_d"])
         scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
+        if device.type == "cuda" and "cuda_rng" in ts:
+            torch.cuda.set_rng_state(ts["cuda_rng"], device)
         start, history = int(ts["step"]), {k: list(v) for k, v in ts["history"].items()}
         log.info("resuming %s from step %d", out_dir, start)
 
@@ -263,6 +268,7 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
                 "autoencoder": ae.state_dict(), "decoder_ema": decoder_ema.state_dict(), "discriminator": disc.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
                 "rng": torch.get_rng_state(), "step": step, "history": history,
+                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             }),
         }
         with atomic_path(ckpt_path) as tmp:
