@@ -198,6 +198,14 @@ def test_rgba_drops_alpha_and_grey_is_one_channel():
     assert shannon_histogram(tiles[..., :1]).shape == (2, 1, 256)
 
 
+def test_empty_batch():
+    empty = np.zeros((0, 8, 8, 3), np.uint8)
+    assert shannon_bits(empty).shape == (0,)
+    assert shannon_histogram(empty).shape == (0, 3, 256)
+    assert shannon_bits_reference(empty).shape == (0,)
+    assert shannon.shannon_histogram_torch(torch.from_numpy(empty)).shape == (0, 3, 256)
+
+
 def test_numpy_and_torch_agree():
     tiles = _tiles(3, 16, 16, 3)
     np.testing.assert_array_equal(shannon_bits(tiles), shannon_bits(torch.from_numpy(tiles)))

@@ -49,6 +49,7 @@ __all__ = [
     "shannon_grid_histogram", "shannon_grid_bits", "grid_shape", "CHUNK_TILES",
 ]
 
+
 def prepare_tiles(tiles, name: str = "tiles") -> torch.Tensor | np.ndarray:
     """Validate a batch of uint8 tiles ``[B, H, W, C]`` (numpy or torch); ``[H, W, C]`` is not accepted.
 
@@ -88,8 +89,8 @@ def shannon_histogram_reference(tiles) -> np.ndarray:
     tiles = prepare_tiles(tiles)
     if isinstance(tiles, torch.Tensor):
         tiles = tiles.detach().cpu().numpy()
-    batch, _, _, channels = tiles.shape
-    residuals = _residuals_reference(np.asarray(tiles)).transpose(0, 3, 1, 2).reshape(batch * channels, -1)  # [B*C, N]
+    batch, height, width, channels = tiles.shape
+    residuals = _residuals_reference(np.asarray(tiles)).transpose(0, 3, 1, 2).reshape(batch * channels, height * width)
     index = residuals.astype(np.int64) + 256 * np.arange(batch * channels, dtype=np.int64)[:, None]
     return np.bincount(index.ravel(), minlength=batch * channels * 256).reshape(batch, channels, 256)
 
@@ -98,13 +99,13 @@ def shannon_histogram_torch(tiles: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch residual histograms int64 [B, C, 256] on the tiles' device (fallback for GPU tensors
     when ``isg._C`` has no CUDA kernels); same definition as :func:`shannon_histogram_reference`."""
     x = prepare_tiles(tiles).to(torch.int16)                    # [B, H, W, C]
-    batch, _, _, channels = x.shape
+    batch, height, width, channels = x.shape
     pred = torch.zeros_like(x)
     pred[:, 0, 1:] = x[:, 0, :-1]                               # first row: left
     pred[:, 1:, 0] = x[:, :-1, 0]                               # first column: up
     a, b, c = x[:, 1:, :-1], x[:, :-1, 1:], x[:, :-1, :-1]      # left, up, up-left [B, H-1, W-1, C]
     pred[:, 1:, 1:] = torch.clamp(a + b - c, torch.minimum(a, b), torch.maximum(a, b))
-    residuals = ((x - pred) & 255).permute(0, 3, 1, 2).reshape(batch * channels, -1).long()  # [B*C, N]
+    residuals = ((x - pred) & 255).permute(0, 3, 1, 2).reshape(batch * channels, height * width).long()  # [B*C, N]
     index = residuals + 256 * torch.arange(batch * channels, device=x.device)[:, None]
     return torch.bincount(index.reshape(-1), minlength=batch * channels * 256).reshape(batch, channels, 256)
 
