@@ -87,6 +87,10 @@ def test_bad_shapes_raise_clear_errors():
         ops.softmax_spatial_sum(torch.zeros(2, 3, 5), torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="empty"):
         ops.softmax_spatial_sum(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0))
+    with pytest.raises(ValueError, match="different devices"):
+        ops.gated_hadamard(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError, match="different devices"):
+        ops.softmax_spatial_sum(torch.zeros(2, 3, 5, device="meta"), torch.zeros(2, 3, 5))
 
 
 def test_unfused_path_is_the_reference():

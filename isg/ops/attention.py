@@ -53,7 +53,14 @@ def softmax_spatial_sum_reference(logits: torch.Tensor, p: torch.Tensor) -> torc
 # ----------------------------------------------------------------------------- argument checks
 
 
+def _check_device(op: str, *tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: inputs are on different devices: {', '.join(sorted(map(str, devices)))}")
+
+
 def _check_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    _check_device("gated_hadamard", q, k, v)
     if q.dim() != 2 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"gated_hadamard: expected q [M, C], k [M, C, L], v [M, C, L]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -62,6 +69,7 @@ def _check_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _check_softmax(logits: torch.Tensor, p: torch.Tensor) -> None:
+    _check_device("softmax_spatial_sum", logits, p)
     if logits.dim() != 3 or logits.shape != p.shape:
         raise ValueError(f"softmax_spatial_sum: expected logits and p of one shape [M, C, L]; "
                          f"got logits {tuple(logits.shape)}, p {tuple(p.shape)}")
@@ -76,8 +84,8 @@ def _call(name: str, device: torch.device, *args) -> None:
     """``isg._C.<name>`` on CPU, ``isg._C.<name>_cuda`` (with the current stream) on CUDA."""
     module = _ext.ext()
     if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(module, f"{name}_cuda")(*args, stream)
+        with torch.cuda.device(device):  # kernels launch on the current device
+            getattr(module, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
     else:
         getattr(module, name)(*args)
 
