@@ -16,8 +16,9 @@ from isg.features.autoencoder import (
     save_autoencoder,
     tiles_to_input,
 )
+from isg.features.lpips_loss import LPIPSLoss, load_lpips
 
 __all__ = [
     "Autoencoder", "Decoder", "Discriminator", "Encoder",
-    "load_autoencoder", "modulated_conv2d", "save_autoencoder", "tiles_to_input",
+    "LPIPSLoss", "load_autoencoder", "load_lpips", "modulated_conv2d", "save_autoencoder", "tiles_to_input",
 ]
