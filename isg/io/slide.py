@@ -208,6 +208,12 @@ class Slide:
         self._read(x0, y0, level, x1 - x0, y1 - y0, out[y0 - y:y1 - y, x0 - x:x1 - x])
         return out
 
+    def read_tiles(self, coords: np.ndarray, level: int, size: int, out: np.ndarray) -> None:
+        """Fill ``out`` uint8 [B, size, size, 3] with the ``size`` px tiles at level-0 ``coords`` int64 [B, 2]
+        (each exactly ``read_region(coords[i], level, (size, size))``)."""
+        for i, (x, y) in enumerate(coords.tolist()):
+            self.read_region((x, y), level, (size, size), out=out[i])
+
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
         from the coarsest level that is at least that fine."""
@@ -351,6 +357,30 @@ class TiffSlide(Slide):
     def tile_shape(self, level: int) -> tuple[int, int]:
         """(th, tw) of the compressed segments of ``level``."""
         return self._segment_shape(self._pages[level])
+
+    def read_tiles(self, coords, level, size, out):
+        """As :meth:`Slide.read_tiles`; tiles that are whole JPEG tiles of the file are decoded straight into
+        ``out`` in a tight loop (no per-tile Python beyond the read and the decode call)."""
+        page = self._pages[level]
+        th, tw = self._segment_shape(page)
+        args = self._jpeg_args(page)
+        if args is None or (th, tw) != (size, size) or not out.flags.c_contiguous:
+            return super().read_tiles(coords, level, size, out)
+        factor = self.level_downsamples[level]
+        gx, gy = np.round(coords[:, 0] / factor).astype(np.int64), np.round(coords[:, 1] / factor).astype(np.int64)
+        lw, lh = self.level_dimensions[level]
+        whole = (gx % tw == 0) & (gy % th == 0) & (gx >= 0) & (gy >= 0) & (gx + tw <= lw) & (gy + th <= lh)  # [B]
+        index = (gy // th) * -(-lw // tw) + gx // tw
+        offsets, counts = page.dataoffsets, page.databytecounts
+        import imagecodecs
+
+        decode, fd = imagecodecs.jpeg8_decode, self._fd
+        for i, (is_whole, k) in enumerate(zip(whole.tolist(), index.tolist())):
+            if is_whole:
+                decode(os.pread(fd, counts[k], offsets[k]), out=out[i], **args)
+            else:
+                x, y = coords[i].tolist()
+                self.read_region((x, y), level, (size, size), out=out[i])
 
     def _read(self, x, y, level, w, h, out):
         page = self._pages[level]

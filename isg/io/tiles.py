@@ -196,8 +196,7 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     new_batch = pool.get
 
     def read_into(out: np.ndarray, chunk: np.ndarray) -> None:
-        for i, (x, y) in enumerate(chunk.tolist()):
-            slide.read_region((x, y), level, (size, size), out=out[i])
+        slide.read_tiles(chunk, level, size, out)
 
     starts = range(0, len(coords), batch_size)
     if num_workers <= 0:
