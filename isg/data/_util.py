@@ -34,15 +34,28 @@ def table_separator(path: str | os.PathLike) -> str:
         return "\t"
 
 
+def _umask() -> int:  # read once at import: os.umask is process-wide, not for worker threads
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
+
+    The result gets the permissions of a newly created file (0666 & ~umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

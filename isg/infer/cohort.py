@@ -36,13 +36,6 @@ from isg.data._util import atomic_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 CONNECT_TIMEOUT = "20s"  # to reach a Dask scheduler given by address
-_UMASK = os.umask(0o022)  # read once at import (os.umask is process-wide: not while worker threads write)
-os.umask(_UMASK)
-
-
-def make_readable(path: str | os.PathLike) -> None:
-    """Give a temp file from ``atomic_path`` (mkstemp: 0600) the permissions of a new file (0666 & ~umask)."""
-    os.chmod(path, 0o666 & ~_UMASK)
 
 
 @dataclass
@@ -114,7 +107,6 @@ class CohortSummary:
         """Write ``to_dict()`` as JSON atomically (temp file + rename), readable like any new file."""
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-            make_readable(tmp)
 
     def table(self, title: str = "cohort"):
         """A ``rich.table.Table`` with one row per item and a totals caption."""

@@ -40,7 +40,7 @@ import numpy as np
 
 from isg.data._util import atomic_path
 from isg.data.manifest import slide_id_of
-from isg.infer.cohort import make_readable, run_cohort
+from isg.infer.cohort import run_cohort
 
 RULES = ("mean_std", "threshold", "topk")
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
@@ -225,7 +225,6 @@ def preprocess_slide(
                 thumb = slide.thumbnail(PNG_SIZE)
             with atomic_path(out_dir / f"{slide_id}.png") as tmp:
                 save_selection_thumbnail(tmp, thumb, slide.dimensions, all_coords, selected, level0_patch_size)
-                make_readable(tmp)
         with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(slide_id=slide_id, slide_path=str(slide_path.resolve()), isg_version=isg.__version__,
                            backend=slide.backend, level0_mpp=slide.mpp, dimensions=np.asarray(slide.dimensions))
@@ -240,7 +239,6 @@ def preprocess_slide(
             f.create_dataset("all_coords", data=all_coords)  # [N, 2]
             f.create_dataset("scores", data=scores)  # [N]
             f.create_dataset("selected", data=selected)  # [N]
-            make_readable(tmp)
         lap("write")
 
     seconds["total"] = time.perf_counter() - start

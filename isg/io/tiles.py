@@ -192,30 +192,26 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
         yield from _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, _BatchPool(batch_size, size, pin))
         return
 
-    pool = _BatchPool(batch_size, size, pin)
-    new_batch = pool.get
-
-    def read_into(out: np.ndarray, chunk: np.ndarray) -> None:
-        slide.read_tiles(chunk, level, size, out)
-
+    buffers = _BatchPool(batch_size, size, pin)
     starts = range(0, len(coords), batch_size)
     if num_workers <= 0:
         for start in starts:
             chunk = coords[start:start + batch_size]
-            batch = new_batch(len(chunk))
-            read_into(batch.numpy(), chunk)
+            batch = buffers.get(len(chunk))
+            slide.read_tiles(chunk, level, size, batch.numpy())
             yield chunk, batch.to(device, non_blocking=pin)
         return
 
-    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-tiles") as pool:
+    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-tiles") as executor:
         pending: collections.deque = collections.deque()
 
         def submit(start: int) -> None:
             chunk = coords[start:start + batch_size]
-            batch = new_batch(len(chunk))
-            view = batch.numpy()
+            batch = buffers.get(len(chunk))
+            view = batch.numpy()  # [B, size, size, 3]
             step = max(1, -(-len(chunk) // (num_workers * 2)))  # a few tiles per task
-            futures = [pool.submit(read_into, view[i:i + step], chunk[i:i + step]) for i in range(0, len(chunk), step)]
+            futures = [executor.submit(slide.read_tiles, chunk[i:i + step], level, size, view[i:i + step])
+                       for i in range(0, len(chunk), step)]
             pending.append((chunk, batch, futures))
 
         queue = iter(starts)
