@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,14 +216,6 @@ def write_pyramid_tiff(path, levels: list[np.ndarray], mpp: float | None, tile: 
                                              f"|AppMag = {10 / mpp:g}|MPP = {level_mpp:g}")
             writer.write(level, photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
                          subfiletype=1 if i else 0, metadata=None, maxworkers=maxworkers, **kwargs)
-    _default_mode(path)
-
-
-def _default_mode(path) -> None:
-    """Give files written through a temporary file the usual permissions (mkstemp makes them 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------- cohort
@@ -325,8 +316,6 @@ def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=
         "slides": records,
     }
     write_text_atomic(out_dir / "truth.json", json.dumps(truth, indent=1))
-    for name in ("manifest.csv", "msi.csv", "expression.tsv", "truth.json"):
-        _default_mode(out_dir / name)
     return SynthCohort(out_dir, out_dir / "manifest.csv", out_dir / "expression.tsv", out_dir / "msi.csv",
                        out_dir / "truth.json", slide_paths)
 
