@@ -309,6 +309,9 @@ class TiffSlide(Slide):
         self._mpp_meta = _tiff_mpp(self._pages[0])
         self._fd = os.open(str(path), os.O_RDONLY)
         self._jpeg: dict[int, dict | None] = {}
+        for page in self._pages:  # everything lazy is loaded now: reader threads only pread + decode
+            self._jpeg_args(page)
+            _ = page.decode
         self._finish_init()
 
     @staticmethod
