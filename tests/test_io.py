@@ -383,3 +383,27 @@ def test_dali_missing_is_reported(monkeypatch):
 
     monkeypatch.setattr(dali.importlib.util, "find_spec", lambda name: None)
     assert dali.dali_available() is False
+
+
+def test_auto_falls_back_when_cucim_cannot_decode(tmp_path):
+    image = np.full((300, 400, 3), 200, np.uint8)
+    image[100:200, 100:200] = (150, 50, 120)
+    path = tmp_path / "zlib.tif"  # stripped deflate TIFF: cuCIM opens it but cannot decode it
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER", metadata=None)
+    with open_slide(path) as slide:
+        assert slide.backend == "tifffile"
+        np.testing.assert_array_equal(slide.read_region((50, 50), 0, (200, 100)), image[50:150, 50:250])
+
+
+def test_corrupt_tile_data_raises_slide_error(slide_file, tmp_path):
+    path = tmp_path / "bad_tile.tif"
+    data = bytearray(slide_file.read_bytes())
+    with tifffile.TiffFile(slide_file) as tif:
+        offset = tif.pages[0].dataoffsets[5]
+    data[offset:offset + 16] = bytes(16)  # no JPEG SOI marker any more
+    path.write_bytes(bytes(data))
+    with open_slide(path, backend="tifffile") as slide:
+        slide.read_region((0, 0), 0, (128, 128))  # other tiles still read
+        with pytest.raises(SlideError, match=r"bad_tile\.tif: corrupt tile 5 of level 0"):
+            slide.read_region((5 * 128, 0), 0, (128, 128))

@@ -338,11 +338,14 @@ class TiffSlide(Slide):
         """Segment ``index`` of ``page`` as uint8 [th, tw, 3] (into ``out`` when given: C-contiguous, that shape)."""
         data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
         args = self._jpeg_args(page)
-        if args is not None:
-            import imagecodecs
+        try:
+            if args is not None:
+                import imagecodecs
 
-            return imagecodecs.jpeg8_decode(data, out=out, **args)
-        segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                return imagecodecs.jpeg8_decode(data, out=out, **args)
+            segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        except Exception as exc:
+            raise SlideError(self.path, f"corrupt tile {index} of level {self._pages.index(page)} ({type(exc).__name__}: {exc})") from exc
         segment = segment.reshape(segment.shape[-3:])  # [th, tw, C]
         segment = np.repeat(segment, 3, axis=-1) if segment.shape[-1] == 1 else segment[..., :3]
         if out is not None:
@@ -521,7 +524,11 @@ class CuCIMSlide(Slide):
 
     def _read(self, x, y, level, w, h, out):
         location = self._level0_for_backend(x, y, level)
-        out[...] = np.asarray(self._image.read_region(location, (w, h), level))[..., :3]
+        try:
+            region = self._image.read_region(location, (w, h), level)
+        except Exception as exc:  # RuntimeError for compressions cuCIM does not decode, ...
+            raise SlideError(self.path, f"cuCIM read failed at {location} level {level}: {exc}") from exc
+        out[...] = np.asarray(region)[..., :3]
 
     def close(self):
         self._image.close()
@@ -628,8 +635,14 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
         # so cuCIM / OpenSlide never see a broken file.
         tiff = TiffSlide(path, mpp=mpp)
         if suffix in CUCIM_SUFFIXES and _cucim_available():
+            try:
+                slide = CuCIMSlide(path, mpp=mpp)
+                with _quiet_cucim():  # cuCIM opens files whose compression it cannot decode: probe one pixel
+                    slide.read_region((0, 0), 0, (1, 1))
+            except SlideError:
+                return tiff
             tiff.close()
-            return CuCIMSlide(path, mpp=mpp)
+            return slide
         return tiff
     if kind == "image":
         return ImageSlide(path, mpp=mpp)
