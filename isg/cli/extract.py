@@ -28,12 +28,14 @@ def register(subparsers) -> None:
     fit.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--lr", type=float, default=2e-3)
-    fit.add_argument("--global-resolution", type=int, default=128, help="global AE input size; patches are resized (default 128)")
-    fit.add_argument("--local-resolution", type=int, default=64, help="local AE input size (default 64)")
+    fit.add_argument("--global-resolution", type=int, default=64, help="global AE input size; patches are resized (default 64)")
+    fit.add_argument("--local-resolution", type=int, default=32, help="local AE input size (default 32)")
     fit.add_argument("--global-d", type=int, default=512, help="global feature size (default 512)")
     fit.add_argument("--local-d", type=int, default=512, help="local feature size (default 512)")
-    fit.add_argument("--channel-base", type=int, default=8192, help="channels at resolution r: min(base / r, max)")
-    fit.add_argument("--channel-max", type=int, default=256)
+    fit.add_argument("--channel-base", type=int, default=1024,
+                     help="channels at resolution r: min(base / r, max) (default 1024: the compact, fast extractor; "
+                          "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 is the large one)")
+    fit.add_argument("--channel-max", type=int, default=128)
     fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
     fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")

@@ -274,7 +274,7 @@ class Autoencoder(nn.Module):
         mapping_layers: MLP layers from the code to the decoder's w.
     """
 
-    def __init__(self, resolution: int = 64, d: int = 512, channel_base: int = 8192, channel_max: int = 256, mapping_layers: int = 2):
+    def __init__(self, resolution: int = 64, d: int = 512, channel_base: int = 1024, channel_max: int = 128, mapping_layers: int = 2):
         super().__init__()
         self.resolution, self.d = _check_resolution(resolution), int(d)
         self.config = dict(resolution=self.resolution, d=self.d, channel_base=int(channel_base), channel_max=int(channel_max), mapping_layers=int(mapping_layers))

@@ -49,8 +49,8 @@ class AutoencoderTrainConfig:
     # model
     resolution: int = 64
     d: int = 512
-    channel_base: int = 8192
-    channel_max: int = 256
+    channel_base: int = 1024
+    channel_max: int = 128
     mapping_layers: int = 2
     # data
     kind: str = "global"  # which inputs of .h5 sources: "global" patches or "local" sub-patches
