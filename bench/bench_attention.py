@@ -5,8 +5,9 @@
 Tables (printed, and written to bench/results/):
 * ``attention_cpu_<op>_M<M>_C<C>_L<L>``: ms per forward + backward on CPU (all torch / OpenMP threads),
   rows ``eager`` (the PyTorch reference, baseline) and ``fused`` (isg._C), extra column ``peak_mb``:
-  peak resident memory of the step above what was resident before it (glibc set to mmap every block of
-  64 kB and more, so freed tensors leave the resident set; peak reset through /proc/self/clear_refs).
+  peak resident memory of the step above what was resident before it, measured after all timings with
+  glibc set to mmap every block of 64 kB and more (freed tensors leave the resident set; peak reset
+  through /proc/self/clear_refs).
 * ``attention_cpu_summary``: speed-up (eager time / fused time) per op and size, with both peaks.
 * ``attention_cpu_model``: ms per forward + backward of an ISG-10-2 on one slide, fused ops vs references.
 * ``attention_gpu_*``: the same on CUDA (time with synchronisation, peak from torch.cuda.max_memory_allocated),
@@ -51,21 +52,18 @@ def _status(key: str) -> int:
 
 
 def _fixed_mmap_threshold() -> bool:
-    """glibc: serve every block >= 64 kB with mmap (fixed M_MMAP_THRESHOLD), so freed tensors leave the resident set."""
+    """glibc: serve every block >= 64 kB with mmap (fixed M_MMAP_THRESHOLD), so freed tensors leave the resident set.
+
+    Set only for the memory test, which runs after every timing (fresh mmaps page-fault on first touch)."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 65536))
     except OSError:
         return False
 
 
-_MMAP_FIXED = _fixed_mmap_threshold()
-
-
 def _cpu_peak_mb(fn) -> float:
     """Peak resident bytes of ``fn()`` above the resident set before it, in MB (Linux; the kernel's RSS
     counters are synced lazily, so peaks of a few MB are imprecise)."""
-    if not _MMAP_FIXED:
-        return float("nan")
     fn()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM
@@ -85,23 +83,16 @@ def _needs_native(device):
 # ----------------------------------------------------------------------------- CPU
 
 
+_CPU_MS: dict[tuple, dict[str, float]] = {}  # (op, size) -> {"eager": ms, "fused": ms}
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("size", CPU_SIZES, ids=lambda s: "M{}_C{}_L{}".format(*s))
 def test_cpu_fused_vs_eager(op, size, report):
     _needs_native("cpu")
-    table = "attention_cpu_{}_M{}_C{}_L{}".format(op, *size)
     inputs = _inputs(op, *size, "cpu")
-    results = {}
-    for name, fused in (("eager", False), ("fused", True)):
-        seconds = report.measure(lambda: _step(op, inputs, fused), repeat=5)
-        peak = _cpu_peak_mb(lambda: _step(op, inputs, fused))
-        results[name] = (seconds, peak)
-        report.add(table, name, seconds * 1e3, unit="ms fwd+bwd", baseline=name == "eager", higher_is_better=False,
-                   peak_mb=round(peak, 1), threads=torch.get_num_threads())
-    (t_eager, m_eager), (t_fused, m_fused) = results["eager"], results["fused"]
-    report.add("attention_cpu_summary", "{} M{} C{} L{}".format(op, *size), t_eager / t_fused, unit="x speed-up",
-               eager_ms=round(t_eager * 1e3, 2), fused_ms=round(t_fused * 1e3, 2),
-               eager_peak_mb=round(m_eager, 1), fused_peak_mb=round(m_fused, 1))
+    _CPU_MS[op, size] = {name: report.measure(lambda: _step(op, inputs, fused), repeat=5) * 1e3
+                         for name, fused in (("eager", False), ("fused", True))}
 
 
 def test_cpu_model_step(report):
@@ -129,6 +120,23 @@ def test_cpu_model_step(report):
                higher_is_better=False, patches=N)
     report.add("attention_cpu_model", "isg-10-2 fused ops", fused_seconds * 1e3, unit="ms fwd+bwd",
                higher_is_better=False, patches=N)
+
+
+def test_cpu_peak_memory_and_tables(report):
+    """Runs after the timings: peak memory per contender, then the per-size tables and the summary."""
+    _needs_native("cpu")
+    if not _fixed_mmap_threshold():
+        pytest.skip("peak memory needs glibc's mallopt")
+    for (op, size), ms in _CPU_MS.items():
+        inputs = _inputs(op, *size, "cpu")
+        peak = {name: _cpu_peak_mb(lambda: _step(op, inputs, fused)) for name, fused in (("eager", False), ("fused", True))}
+        table = "attention_cpu_{}_M{}_C{}_L{}".format(op, *size)
+        for name in ("eager", "fused"):
+            report.add(table, name, ms[name], unit="ms fwd+bwd", baseline=name == "eager", higher_is_better=False,
+                       peak_mb=round(peak[name], 1), threads=torch.get_num_threads())
+        report.add("attention_cpu_summary", "{} M{} C{} L{}".format(op, *size), ms["eager"] / ms["fused"],
+                   unit="x speed-up", eager_ms=round(ms["eager"], 2), fused_ms=round(ms["fused"], 2),
+                   eager_peak_mb=round(peak["eager"], 1), fused_peak_mb=round(peak["fused"], 1))
 
 
 # ----------------------------------------------------------------------------- GPU
