@@ -21,7 +21,7 @@ def attention_ext(require_ext):
     return require_ext
 
 
-SIZES = [(1, 1, 1), (3, 5, 7), (2, 3, 49), (7, 1, 3), (5, 4, 33), (0, 3, 4)]
+SIZES = [(1, 1, 1), (3, 5, 7), (6, 7, 16), (3, 11, 32), (2, 3, 49), (7, 1, 3), (5, 4, 33), (0, 3, 4)]  # L <= 32: short-row path
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
