@@ -1,6 +1,12 @@
 """Fused Dual Attention ops vs eager PyTorch: forward + backward time and peak memory.
 
     python3 -m pytest bench/bench_attention.py --benchmark-enable -s
+    OMP_WAIT_POLICY=PASSIVE python3 -m pytest bench/bench_attention.py --benchmark-enable -s   # shared machine
+
+On a machine shared with other jobs, OpenMP threads that spin while waiting
+steal the few cores from each other: with 2 busy cores medians grew 10-20x
+for eager and fused alike. ``OMP_WAIT_POLICY=PASSIVE`` (read when OpenMP
+loads, so set it on the command line) gives stable figures there.
 
 Tables (printed, and written to bench/results/):
 * ``attention_cpu_<op>_M<M>_C<C>_L<L>``: ms per forward + backward on CPU (all torch / OpenMP threads),
