@@ -16,8 +16,8 @@ nuclei_size and stain alone (weight 2), and ``null_fraction`` of the other genes
 (unpredictable). MSI status is per patient: MSI-H when ``3 c_density - 2 c_size + N(0, 0.3^2) > 1``
 (lymphocyte-rich tissue: many small nuclei), with at least one patient of each class.
 
-Slides also carry textureless artefacts (solid blobs, pen marks, blurred tissue, uniform-noise
-chunks); their level-0 boxes are listed in ``truth.json``. Output is deterministic given ``seed``.
+Slides also carry textureless artefacts (solid blobs, pen marks, blurred tissue, scattered
+noise chunks: debris specks on glass); their level-0 boxes are listed in ``truth.json``. Output is deterministic given ``seed``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _color_lut(stain: float) -> np.ndarray:
     level = np.arange(256, dtype=np.float32)[:, None, None] / 255
     alpha = np.arange(256, dtype=np.float32)[None, :, None] / 255 * 0.95
     stroma = pink * (0.78 + 0.27 * level)
-    lut = stroma * (1 - alpha) + nucleus * alpha - 6  # -6: centres the grain added later
+    lut = stroma * (1 - alpha) + nucleus * alpha - 2  # -2: centres the grain added later
     lut[0] = BACKGROUND
     return np.clip(np.round(lut), 0, 255).astype(np.uint8)
 
@@ -109,10 +109,11 @@ def render_slide(rng: np.random.Generator, width: int, height: int, params: dict
     nuclei = np.zeros((H, W), np.uint8)
     per_um2 = (40 + 160 * params["density"]) / (128.0 * 128.0)
     expected = per_um2 * tissue.mean() * H * W * mpp * mpp
-    count = rng.poisson(expected * 1.3)
+    count = rng.poisson(expected * 1.9)
     ys, xs = rng.integers(0, H, count), rng.integers(0, W, count)
     cluster = _smooth_noise(rng, (max(8, H // 32), max(8, W // 32)), (max(2, H // 1024 + 2), max(2, W // 1024 + 2)))
-    keep = tissue[ys, xs] & (rng.random(count) < 0.45 + 0.8 * cluster[ys * cluster.shape[0] // H, xs * cluster.shape[1] // W])
+    # nuclei cluster: dense cellular areas next to loose stroma (what makes some patches more informative)
+    keep = tissue[ys, xs] & (rng.random(count) < 0.15 + 1.3 * cluster[ys * cluster.shape[0] // H, xs * cluster.shape[1] // W] ** 2)
     ys, xs = ys[keep], xs[keep]
     radius_px = (2.0 + 3.0 * params["nuclei_size"]) / mpp * rng.lognormal(0, 0.2, len(xs))
     aspect = rng.uniform(0.55, 1.0, len(xs))
@@ -125,7 +126,7 @@ def render_slide(rng: np.random.Generator, width: int, height: int, params: dict
     lut = _color_lut(params["stain"]).reshape(-1, 3)
     index = (level.astype(np.uint16) << 8) | nuclei
     image = np.take(lut, index, axis=0)  # [H, W, 3]
-    grain = (np.frombuffer(rng.bytes(H * W * 3), np.uint8).reshape(H, W, 3) & 15)
+    grain = (np.frombuffer(rng.bytes(H * W * 3), np.uint8).reshape(H, W, 3) & 3)  # sensor grain, 0..3 grey levels
     cv2.add(image, grain, dst=image, mask=tissue.view(np.uint8))
 
     found: list[dict] = []
@@ -172,10 +173,16 @@ def _add_artefacts(rng, image: np.ndarray, tissue: np.ndarray, mpp: float) -> li
         sigma = float(rng.uniform(6, 12)) * 0.5 / mpp
         image[y0:y1, x0:x1] = cv2.GaussianBlur(np.ascontiguousarray(image[y0:y1, x0:x1]), (0, 0), sigma)
         found.append({"kind": "blur", "bbox": [int(x0), int(y0), int(x1), int(y1)]})
-    for _ in range(int(rng.integers(1, 2 + per_area))):  # chunks of uniform noise
-        bw, bh = int(scale * rng.uniform(0.02, 0.06)) + 8, int(scale * rng.uniform(0.02, 0.06)) + 8
+    for _ in range(int(rng.integers(1, 2 + per_area))):  # scattered noise chunks: specks of debris on glass
+        bw, bh = int(scale * rng.uniform(0.04, 0.1)) + 8, int(scale * rng.uniform(0.04, 0.1)) + 8
         x0, y0, x1, y1 = _box(rng, H, W, bw, bh)
-        image[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        region = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        region[:] = BACKGROUND
+        n_specks = max(1, int(0.002 * region.shape[0] * region.shape[1]))  # ~2-3 % of the area covered
+        for cx, cy, radius in zip(rng.integers(0, region.shape[1], n_specks), rng.integers(0, region.shape[0], n_specks),
+                                  rng.integers(1, 3, n_specks)):
+            cv2.circle(region, (int(cx), int(cy)), int(radius), DEBRIS[int(rng.integers(len(DEBRIS)))], -1)
+        image[y0:y1, x0:x1] = region
         found.append({"kind": "noise", "bbox": [x0, y0, x1, y1]})
     return found
 
