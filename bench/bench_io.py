@@ -6,7 +6,9 @@ Table ``io_tiles`` (tiles/s, ratio vs raw OpenSlide), written to bench/results/i
 the same tiles of the same file, one after the other, in interleaved rounds (median of ``ISG_BENCH_IO_REPEAT``
 rounds, default 3), and drop each tile after reading it:
 
-* ``openslide`` / ``tiffslide`` / ``cucim``: the raw libraries, one ``read_region`` per tile, one thread;
+* ``openslide`` / ``tiffslide`` / ``cucim``: the raw libraries, one ``read_region`` per tile, one thread
+  (each tile is dropped at once, so its memory is reused while still in cache);
+* ``cucim into batches``: raw cuCIM tiles copied into a [64, 256, 256, 3] batch, as a loader must;
 * ``isg tifffile 1T`` / ``isg cucim 1T``: :func:`isg.io.iter_tiles` (batches of 64 as torch tensors) on the
   tifffile and cuCIM backends, ``num_workers=0`` (the calling thread only);
 * ``cucim batch NT``: cuCIM's own batch reader with N workers; ``isg tifffile NT`` / ``isg cucim NT``: the
@@ -82,7 +84,14 @@ def _contenders(path, coords):
             for batch in image.read_region(xy, (TILE, TILE), 0, num_workers=THREADS, batch_size=64):
                 np.array(batch)  # copy out: the reader reuses its buffer
 
+        def read_cucim_into_batch():  # what a loader built on raw cuCIM does to hand out batches like iter_tiles
+            batch = np.empty((64, TILE, TILE, 3), np.uint8)
+            for start in range(0, len(xy), 64):
+                for i, location in enumerate(xy[start:start + 64]):
+                    batch[i] = np.asarray(image.read_region(location, (TILE, TILE), 0))
+
         contenders["cucim"] = (read_cucim, 1)
+        contenders["cucim into batches"] = (read_cucim_into_batch, 1)
         contenders[f"cucim batch {THREADS}T"] = (read_cucim_batch, THREADS)
     tiff_slide = open_slide(path, backend="tifffile")
 
