@@ -265,3 +265,14 @@ def test_cohort_rejects_unknown_options(tmp_path):
         preprocess_cohort([], tmp_path, patchsize=128)
     with pytest.raises(ValueError, match="must divide"):
         preprocess_cohort([], tmp_path, local_size=100)
+
+
+def test_otsu_selector_uses_one_threshold_per_slide(cohort, tmp_path):
+    """HE2RNA-style Otsu tissue fraction: the grey threshold comes from the slide, so batching cannot change scores."""
+    slide = cohort.slides[0]
+    preprocess_slide(slide, tmp_path / "b7", patch_size=128, selector="otsu", batch_size=7, thumbnail=False)
+    preprocess_slide(slide, tmp_path / "b64", patch_size=128, selector="otsu", batch_size=64, thumbnail=False)
+    a, b = read_h5(tmp_path / "b7" / f"{slide.stem}.h5"), read_h5(tmp_path / "b64" / f"{slide.stem}.h5")
+    np.testing.assert_array_equal(a["all_coords"], b["all_coords"])
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    assert 0 <= a["scores"].min() and a["scores"].max() <= 1  # tissue fractions

@@ -158,7 +158,7 @@ def preprocess_slide(
 
     import isg
     from isg.io import iter_tiles, open_slide, tile_grid, tissue_mask
-    from isg.select import get_selector, select
+    from isg.select import get_selector, otsu_grey_threshold, select
 
     check_options(patch_size=patch_size, local_size=local_size, mpp=mpp, level=level, selector=selector, rule=rule,
                   threshold=threshold, k=k, n_sigma=n_sigma, batch_size=batch_size)
@@ -191,7 +191,8 @@ def preprocess_slide(
                              f"has >= {tissue_min:.0%} tissue on the thumbnail)")
         lap("grid")
 
-        score_fn = get_selector(selector)
+        # Otsu (HE2RNA-style tissue fraction) needs one grey threshold per slide, not per batch
+        score_fn = get_selector(selector, threshold=otsu_grey_threshold(thumb)) if selector == "otsu" else get_selector(selector)
         scores = np.empty(len(all_coords), np.float64)
         order = []  # [N] rows of all_coords in stream order
         filled = 0
