@@ -313,6 +313,16 @@ def test_iter_tiles_recycles_only_dropped_buffers(slide_file):
                 np.testing.assert_array_equal(view.numpy(), np.stack(reference[8 * i:8 * i + 2]))
 
 
+def test_batch_buffers_are_laid_out_off_32_byte_alignment(slide_file):
+    from isg.io.tiles import BUFFER_OFFSET, release_buffers
+
+    with open_slide(slide_file, backend="tifffile") as slide:
+        coords = tile_grid(slide, 128, tissue_min=0)[:6]
+        for _, tiles in iter_tiles(slide, coords, 128, batch_size=4, num_workers=0):
+            assert tiles.is_contiguous() and all(t.data_ptr() % 64 == BUFFER_OFFSET for t in tiles)
+    release_buffers()
+
+
 def test_iter_tiles_early_stop_and_errors(slide_file):
     with open_slide(slide_file, backend="tifffile") as slide:
         coords = tile_grid(slide, 64, tissue_min=0)
