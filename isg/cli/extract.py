@@ -66,14 +66,12 @@ def register(subparsers) -> None:
 
 def _h5_files(h5_dir: str) -> list[Path]:
     from isg.cli import CLIError
+    from isg.train.autoencoder import h5_sources
 
-    folder = Path(h5_dir)
-    if not folder.is_dir():
-        raise CLIError(f"--h5-dir {folder}: no such directory")
-    files = sorted(folder.glob("*.h5"))
-    if not files:
-        raise CLIError(f"--h5-dir {folder}: holds no .h5 files (run isg preprocess first)")
-    return files
+    try:
+        return h5_sources(h5_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"--h5-dir: {exc} (run isg preprocess first)") from None
 
 
 def _checkpoint(value: str, option: str) -> Path:

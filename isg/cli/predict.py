@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from isg.cli._slides import add_slide_arguments, slides_from_args
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,8 +18,7 @@ def register(subparsers) -> None:
         description="Run the whole pipeline on slides: Shannon selection with the training run's settings, autoencoder "
                     "features, and the average of the fold models of `isg train`. Writes predictions.csv, timings.csv "
                     "(seconds per stage) and summary.json; a rerun skips finished slides.")
-    parser.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (or folders of slides)")
-    parser.add_argument("--manifest", help="CSV/TSV with a slide_path column")
+    add_slide_arguments(parser)
     parser.add_argument("--model", required=True, help="output folder of `isg train` (fold models + pipeline.json)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--global-ae", help="global autoencoder checkpoint (default: the one recorded at training)")
@@ -35,10 +36,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from isg.cli import CLIError
-    from isg.cli.preprocess import _slides_from_args
     from isg.infer.predict import Predictor, predict_slides
 
-    slides = _slides_from_args(args)
+    slides = slides_from_args(args)
     for name in ("batch_size", "num_workers", "workers"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
-                  ".png", ".jpg", ".jpeg")
-
+from isg.cli._slides import add_slide_arguments, slides_from_args
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,8 +18,7 @@ def register(subparsers) -> None:
         description="Score every tissue patch of each slide (Shannon information by default), keep the informative "
                     "ones and write <out>/<slide_id>.h5 (coords, scores, selection) plus a thumbnail PNG. Finished "
                     "slides are skipped on a rerun; failing slides are reported and skipped.")
-    parser.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (or folders of slides)")
-    parser.add_argument("--manifest", help="CSV/TSV with a slide_path column (paths relative to the manifest)")
+    add_slide_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_argument_group("patches")
     group.add_argument("--patch-size", type=int, default=256, help="global patch size p in pixels at the read level (default 256)")
@@ -53,51 +50,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _slides_from_args(args) -> list[Path]:
-    from isg.cli import CLIError
-
-    slides: list[Path] = []
-    missing = []
-    for name in args.slides:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not found:
-                raise CLIError(f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
-            slides += found
-        elif path.is_file():
-            slides.append(path)
-        else:
-            missing.append(name)
-    if args.manifest:
-        from isg.data.manifest import ManifestError
-
-        try:
-            import pandas as pd
-
-            from isg.data._util import table_separator
-
-            manifest_path = Path(args.manifest)
-            if not manifest_path.is_file():
-                raise CLIError(f"--manifest {manifest_path}: no such file")
-            table = pd.read_csv(manifest_path, sep=table_separator(manifest_path), dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ManifestError) as exc:
-            raise CLIError(f"--manifest {args.manifest}: cannot be read ({exc})") from exc
-        if "slide_path" not in table.columns.str.strip():
-            raise CLIError(f"--manifest {args.manifest}: no slide_path column (has: {', '.join(table.columns)})")
-        table.columns = table.columns.str.strip()
-        for name in table["slide_path"].str.strip():
-            path = Path(name) if Path(name).is_absolute() else manifest_path.resolve().parent / name
-            (slides.append(path) if path.is_file() else missing.append(str(path)))
-    if missing:
-        from isg.data._util import list_some
-
-        raise CLIError(f"{len(missing)} slide file(s) not found: {list_some(missing)}")
-    if not slides:
-        raise CLIError("no slides given: pass SLIDE files/folders or --manifest CSV")
-    return slides
-
-
 def _resources(text: str | None) -> dict | None:
     from isg.cli import CLIError
 
@@ -120,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from isg.data.manifest import slide_id_of
     from isg.infer.preprocess import check_options, preprocess_cohort
 
-    slides = _slides_from_args(args)
+    slides = slides_from_args(args)
     ids: dict[str, Path] = {}
     for slide in slides:
         slide_id = slide_id_of(slide)

@@ -101,7 +101,7 @@ def h5_sources(source: str | os.PathLike | list) -> list[Path]:
             raise FileNotFoundError(f"h5 folder {folder}: no such directory")
         paths = sorted(folder.glob("*.h5"))
     if not paths:
-        raise ValueError(f"no .h5 patch files in {source}")
+        raise ValueError(f"h5 folder {source}: holds no .h5 files")
     return paths
 
 
