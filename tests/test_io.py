@@ -323,6 +323,16 @@ def test_batch_buffers_are_laid_out_off_32_byte_alignment(slide_file):
     release_buffers()
 
 
+def test_tifffile_segment_cache_is_bounded_and_exact(slide_file, pages):
+    with open_slide(slide_file, backend="tifffile") as slide:
+        slide.cache_bytes = 3 * 128 * 128 * 3  # three decoded tiles
+        for x, y in tile_grid(slide, 100, tissue_min=0).tolist():  # 100 px tiles straddle the 128 px file tiles
+            region = slide.read_region((x, y), 0, (100, 100))
+            h, w = min(100, 776 - y), min(100, 1000 - x)
+            np.testing.assert_array_equal(region[:h, :w], pages[0][y:y + h, x:x + w])
+            assert slide._cached <= slide.cache_bytes and len(slide._cache) <= 3
+
+
 def test_iter_tiles_early_stop_and_errors(slide_file):
     with open_slide(slide_file, backend="tifffile") as slide:
         coords = tile_grid(slide, 64, tissue_min=0)

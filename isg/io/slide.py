@@ -16,6 +16,7 @@ regions reaching past the slide border are padded white (255).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -245,6 +246,18 @@ class Slide:
 # ----------------------------------------------------------------------------- tifffile
 
 
+def aligned_empty(shape: tuple, offset: int = 16) -> np.ndarray:
+    """Empty uint8 array starting ``offset`` bytes past a 64-byte boundary.
+
+    libjpeg-turbo (imagecodecs' build) decodes into 32-byte-aligned rows about 2x slower than into rows
+    16 bytes off (measured here: 210 vs 113 us per 256 px tile); decode targets are laid out accordingly.
+    """
+    nbytes = int(np.prod(shape))
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = (offset - raw.ctypes.data) % 64
+    return raw[start:start + nbytes].reshape(shape)
+
+
 @contextlib.contextmanager
 def _quiet_logger(name: str):
     """Silence a library's warnings (tifffile logs every broken IFD) while we turn them into SlideErrors."""
@@ -278,9 +291,13 @@ class TiffSlide(Slide):
     and decoded by imagecodecs (GIL released), so concurrent ``read_region`` calls are safe."""
 
     backend = "tifffile"
+    cache_bytes = 64 << 20  # decoded segments kept for reads that do not match the file's tiles
 
     def __init__(self, path, mpp=None):
         super().__init__(path, mpp)
+        self._cache: collections.OrderedDict = collections.OrderedDict()  # (level, index) -> [th, tw, 3]
+        self._cache_lock = threading.Lock()
+        self._cached = 0
         import tifffile
 
         with _quiet_logger("tifffile"):
@@ -353,6 +370,26 @@ class TiffSlide(Slide):
             return out
         return segment
 
+    def _cached_segment(self, level: int, index: int) -> np.ndarray:
+        """Decoded segment [th, tw, 3] from an LRU cache (``cache_bytes``): tiles that do not match the
+        file's tiles (other sizes, offsets or levels) share segments with their neighbours."""
+        key = (level, index)
+        with self._cache_lock:
+            segment = self._cache.get(key)
+            if segment is not None:
+                self._cache.move_to_end(key)
+                return segment
+        page = self._pages[level]
+        out = aligned_empty((*self._segment_shape(page), 3)) if self._jpeg_args(page) is not None else None
+        segment = self._decode(page, index, out=out)
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = segment
+                self._cached += segment.nbytes
+                while self._cached > self.cache_bytes and self._cache:
+                    self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return segment
+
     def read_segment(self, level: int, row: int, col: int) -> np.ndarray:
         """Decoded tile (row, col) of ``level`` [th, tw, 3] (edge tiles keep their padding)."""
         page = self._pages[level]
@@ -397,7 +434,7 @@ class TiffSlide(Slide):
             return
         for row in range(y // th, (y + h - 1) // th + 1):
             for col in range(x // tw, (x + w - 1) // tw + 1):
-                segment = self._decode(page, row * cols + col)
+                segment = self._cached_segment(level, row * cols + col)
                 sy0, sx0 = row * th, col * tw
                 ya, yb = max(y, sy0), min(y + h, sy0 + th)
                 xa, xb = max(x, sx0), min(x + w, sx0 + tw)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from isg.io.slide import Slide
+from isg.io.slide import Slide, aligned_empty
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 
@@ -122,20 +122,14 @@ BUFFER_OFFSET = 16  # batch buffers start this many bytes past a 64-byte boundar
 
 
 def _aligned_batch(shape: tuple, pin: bool = False):
-    """Empty uint8 batch [B, p, p, 3] starting ``BUFFER_OFFSET`` bytes past a 64-byte boundary.
-
-    libjpeg-turbo (imagecodecs' build) decodes into 32-byte-aligned rows about 2x slower than into rows
-    16 bytes off (measured here: 210 vs 113 us per 256 px tile), so tiles are laid out off that alignment
-    (with p * 3 a multiple of 32 every tile and row of the batch shares it).
-    """
+    """Empty uint8 batch [B, p, p, 3] starting ``BUFFER_OFFSET`` bytes past a 64-byte boundary
+    (see :func:`isg.io.slide.aligned_empty`; with p * 3 a multiple of 32 every tile and row shares it)."""
+    if not pin:
+        return aligned_empty(shape, BUFFER_OFFSET)
     nbytes = int(np.prod(shape))
-    if pin:
-        raw = torch.empty(nbytes + 64, dtype=torch.uint8, pin_memory=True)
-        start = (BUFFER_OFFSET - raw.data_ptr()) % 64
-        return raw[start:start + nbytes].view(shape)
-    raw = np.empty(nbytes + 64, np.uint8)
-    start = (BUFFER_OFFSET - raw.ctypes.data) % 64
-    return raw[start:start + nbytes].reshape(shape)
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8, pin_memory=True)
+    start = (BUFFER_OFFSET - raw.data_ptr()) % 64
+    return raw[start:start + nbytes].view(shape)
 
 
 class _BatchPool:
