@@ -1,8 +1,10 @@
-"""Tile reading throughput: every level-0 256 px tile of one synthetic pyramidal JPEG TIFF.
+"""Tile reading throughput: every level-0 tile of one synthetic pyramidal JPEG TIFF (256 px file tiles).
 
     python3 -m pytest bench/bench_io.py --benchmark-enable -s
 
-Table ``io_tiles`` (tiles/s, ratio vs raw OpenSlide), written to bench/results/io_tiles.json. Contenders read
+Table ``io_tiles`` (tiles/s, ratio vs raw OpenSlide): 256 px tiles, the file's own tiles; ``io_tiles_224``: a
+224 px grid, whose tiles straddle up to four file tiles (as HE2RNA-style grids do). Written to
+bench/results/<table>.json. Contenders read
 the same tiles of the same file, one after the other, in interleaved rounds (median of ``ISG_BENCH_IO_REPEAT``
 rounds, default 3), and drop each tile after reading it:
 
@@ -15,7 +17,7 @@ rounds, default 3), and drop each tile after reading it:
   engine with N = ``os.cpu_count()`` reader threads.
 
 Extra columns: ``threads``, ``cpu_us_per_tile`` (process CPU time per tile) and ``load`` (1-minute load
-average while measuring). Table ``io_tiles_cpu`` gives tiles per CPU-second (1e6 / cpu_us_per_tile): for the
+average while measuring). Tables ``<table>_cpu`` give tiles per CPU-second (1e6 / cpu_us_per_tile): for the
 one-thread contenders it is their speed with a core to themselves, robust to other load on a shared machine.
 ``ISG_BENCH_IO_SIZE`` (default 8192) sets the slide side in pixels.
 """
@@ -45,7 +47,7 @@ def slide_path(tmp_path_factory):
     return cohort.slides[0]
 
 
-def _contenders(path, coords):
+def _contenders(path, coords, size):
     xy = [(int(x), int(y)) for x, y in coords]
     contenders = {}
     try:
@@ -55,7 +57,7 @@ def _contenders(path, coords):
 
         def read_openslide():
             for location in xy:
-                np.asarray(osr.read_region(location, 0, (TILE, TILE)))
+                np.asarray(osr.read_region(location, 0, (size, size)))
 
         contenders["openslide"] = (read_openslide, 1)
     except ImportError:
@@ -67,7 +69,7 @@ def _contenders(path, coords):
 
         def read_tiffslide():
             for location in xy:
-                tsl.read_region(location, 0, (TILE, TILE), as_array=True)
+                tsl.read_region(location, 0, (size, size), as_array=True)
 
         contenders["tiffslide"] = (read_tiffslide, 1)
     except ImportError:
@@ -78,17 +80,17 @@ def _contenders(path, coords):
 
         def read_cucim():
             for location in xy:
-                np.asarray(image.read_region(location, (TILE, TILE), 0))
+                np.asarray(image.read_region(location, (size, size), 0))
 
         def read_cucim_batch():
-            for batch in image.read_region(xy, (TILE, TILE), 0, num_workers=THREADS, batch_size=64):
+            for batch in image.read_region(xy, (size, size), 0, num_workers=THREADS, batch_size=64):
                 np.array(batch)  # copy out: the reader reuses its buffer
 
         def read_cucim_into_batch():  # what a loader built on raw cuCIM does to hand out batches like iter_tiles
-            batch = np.empty((64, TILE, TILE, 3), np.uint8)
+            batch = np.empty((64, size, size, 3), np.uint8)
             for start in range(0, len(xy), 64):
                 for i, location in enumerate(xy[start:start + 64]):
-                    batch[i] = np.asarray(image.read_region(location, (TILE, TILE), 0))
+                    batch[i] = np.asarray(image.read_region(location, (size, size), 0))
 
         contenders["cucim"] = (read_cucim, 1)
         contenders["cucim into batches"] = (read_cucim_into_batch, 1)
@@ -97,7 +99,7 @@ def _contenders(path, coords):
 
     def engine(slide, workers):
         def run():
-            for _ in iter_tiles(slide, coords, TILE, batch_size=64, num_workers=workers):
+            for _ in iter_tiles(slide, coords, size, batch_size=64, num_workers=workers):
                 pass
         return run
 
@@ -109,10 +111,12 @@ def _contenders(path, coords):
     return contenders
 
 
-def test_tiles_per_second(slide_path, report):
+@pytest.mark.parametrize("size", [TILE, 224], ids=["file-tiles", "224px"])
+def test_tiles_per_second(slide_path, report, size):
+    table = "io_tiles" if size == TILE else f"io_tiles_{size}"
     with open_slide(slide_path, backend="tifffile") as slide:
-        coords = tile_grid(slide, TILE, tissue_min=0)  # every level-0 tile
-    contenders = _contenders(slide_path, coords)
+        coords = tile_grid(slide, size, tissue_min=0)  # every level-0 tile
+    contenders = _contenders(slide_path, coords, size)
     wall = {name: [] for name in contenders}
     cpu = {name: [] for name in contenders}
     loads = []
@@ -127,9 +131,9 @@ def test_tiles_per_second(slide_path, report):
         loads.append(os.getloadavg()[0])
     n = len(coords)
     for name, (_, threads) in contenders.items():
-        report.add("io_tiles", name, n / statistics.median(wall[name]), unit="tiles/s", baseline=name == "openslide",
+        report.add(table, name, n / statistics.median(wall[name]), unit="tiles/s", baseline=name == "openslide",
                    threads=threads, cpu_us_per_tile=round(statistics.median(cpu[name]) / n * 1e6, 1),
-                   load=round(statistics.median(loads), 2), tiles=n, slide=f"{SIZE}x{SIZE} JPEG q80, {TILE} px tiles")
-        report.add("io_tiles_cpu", name, n / statistics.median(cpu[name]), unit="tiles per CPU-second",
+                   load=round(statistics.median(loads), 2), tiles=n, slide=f"{SIZE}x{SIZE} JPEG q80, {TILE} px file tiles, read {size} px")
+        report.add(f"{table}_cpu", name, n / statistics.median(cpu[name]), unit="tiles per CPU-second",
                    baseline=name == "openslide", threads=threads)
     assert all(statistics.median(v) > 0 for v in wall.values())
