@@ -34,7 +34,13 @@ def is_available(backend: str) -> bool:
     try:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return False
-        importlib.import_module(module if backend != "cucim" else "cucim.clara")
+        if backend == "cucim":
+            from isg.io.slide import _quiet_cucim  # cuCIM's cuFile layer prints libcuda errors without a driver
+
+            with _quiet_cucim():
+                importlib.import_module("cucim.clara")
+        else:
+            importlib.import_module(module)
         return True
     except Exception:  # broken install, missing shared library, ...
         return False
