@@ -14,8 +14,8 @@ same training loop (:func:`isg.train.expression.cross_validate`):
   weights from the torch hub cache when present, else random: said in the
   table), top-k MLP.
 
-Sizes are CPU-sized (``ISG_BENCH_SLIDES``, default 30 slides of 2048 px);
-expect ~10-20 minutes on 2 cores. Run:
+Sizes are CPU-sized (``ISG_BENCH_SLIDES``, default 60 slides of 2048 px);
+expect ~30 minutes on 2 cores. Run:
 ``python3 -m pytest bench/bench_accuracy.py --benchmark-enable -s``.
 """
 
@@ -37,7 +37,7 @@ MODEL_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 4}
 def _train(manifest, features, expression, out, model, **kw):
     from isg.train.expression import TrainConfig, cross_validate
 
-    config = TrainConfig(model=model, epochs=int(os.environ.get("ISG_BENCH_EPOCHS", "40")), patience=10, lr=1e-3,
+    config = TrainConfig(model=model, epochs=int(os.environ.get("ISG_BENCH_EPOCHS", "30")), patience=8, lr=3e-4,
                          batch_size=4, n_splits=5, seed=0, model_kwargs=kw)
     summary = cross_validate(manifest, features, expression, out, config)
     genes = pd.read_csv(Path(out) / "genes.csv").set_index("gene")["r"]
@@ -73,14 +73,14 @@ def test_synthetic_pcc_table(tmp_path_factory, report):
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("accuracy")
-    n = int(os.environ.get("ISG_BENCH_SLIDES", "30"))
+    n = int(os.environ.get("ISG_BENCH_SLIDES", "60"))
     cohort = make_cohort(root / "cohort", n_slides=n, size=int(os.environ.get("ISG_BENCH_SIZE", "2048")), genes=20, seed=7)
     manifest = load_manifest(cohort.manifest)
     expression = load_expression(cohort.expression)
 
     for selector in SELECTORS:
         preprocess_cohort(cohort.slides, root / selector, patch_size=128, local_size=32, selector=selector, progress=False)
-    steps = int(os.environ.get("ISG_BENCH_AE_STEPS", "300"))
+    steps = int(os.environ.get("ISG_BENCH_AE_STEPS", "400"))
     encoders = {}
     for kind, resolution in (("global", 64), ("local", 32)):
         config = AutoencoderTrainConfig(kind=kind, resolution=resolution, d=64, max_steps=steps, batch_size=16, progress=False)

@@ -67,7 +67,7 @@ def run(args) -> int:
     _step(f"5/6 {folds}-fold patient-level cross-validation of {args.model}",
           ["train", "--manifest", str(out / "cohort" / "manifest.csv"), "--expression", str(out / "cohort" / "expression.tsv"),
            "--features", str(out / "patches"), "--out", str(out / "train"), "--model", args.model, "--model-kwargs", model_kwargs,
-           "--folds", folds, "--epochs", epochs, "--patience", "8", "--lr", "1e-3", *device])
+           "--folds", folds, "--epochs", epochs, "--patience", "8", *device])
     _step("6/6 predict new slides end to end (read -> select -> extract -> predict)",
           ["synth", "--out", str(out / "new"), "--slides", "2", "--size", str(size), "--genes", "20", "--seed", "1"])
     _step("   ...", ["predict", str(out / "new" / "slides"), "--model", str(out / "train"), "--out", str(out / "predictions"),

@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 3e-4
     weight_decay: float = 1e-4
+    clip_grad_norm: float = 1.0
     max_patches: int | None = 256  # random subset of patches per bag while training
     n_splits: int = 5
     val_fraction: float = 0.2
@@ -133,6 +134,7 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
             loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)  # transformers diverge without it at high lr
             optimizer.step()
             train_loss.append(loss.item())
         model.eval()
