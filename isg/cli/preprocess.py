@@ -12,6 +12,7 @@ from pathlib import Path
 
 from isg.cli._slides import add_slide_arguments, slides_from_args
 
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "preprocess", help="tissue grid + patch selection per slide -> <out>/<slide_id>.h5",
