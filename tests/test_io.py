@@ -96,8 +96,12 @@ def test_inexact_downsample_round_trips(tmp_path, backend):
             np.testing.assert_array_equal(region[0, 0], level1[gy, gx])
 
 
-def test_auto_prefers_cucim_for_tiff(slide_file):
+def test_auto_picks_tifffile_for_tiff_and_cucim_for_svs(slide_file, tmp_path):
     with open_slide(slide_file) as slide:
+        assert slide.backend == "tifffile"  # the fastest streaming reader for generic TIFF
+    svs = tmp_path / "same.svs"
+    svs.write_bytes(slide_file.read_bytes())
+    with open_slide(svs) as slide:
         assert slide.backend == ("cucim" if "cucim" in TIFF_BACKENDS else "tifffile")
 
 
@@ -408,7 +412,7 @@ def test_dali_missing_is_reported(monkeypatch):
 def test_auto_falls_back_when_cucim_cannot_decode(tmp_path):
     image = np.full((300, 400, 3), 200, np.uint8)
     image[100:200, 100:200] = (150, 50, 120)
-    path = tmp_path / "zlib.tif"  # stripped deflate TIFF: cuCIM opens it but cannot decode it
+    path = tmp_path / "zlib.svs"  # stripped deflate TIFF: cuCIM opens it but cannot decode it
     tifffile.imwrite(path, image, photometric="rgb", compression="zlib", resolution=(20000, 20000),
                      resolutionunit="CENTIMETER", metadata=None)
     with open_slide(path) as slide:

@@ -671,7 +671,9 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
         # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply,
         # so cuCIM / OpenSlide never see a broken file.
         tiff = TiffSlide(path, mpp=mpp)
-        if suffix in CUCIM_SUFFIXES and _cucim_available():
+        # generic TIFFs stream fastest through tifffile (decoded straight into the batch, bench_io);
+        # vendor SVS files (RGB-coded JPEG tiles, Aperio quirks) go to cuCIM
+        if suffix == ".svs" and _cucim_available():
             try:
                 slide = CuCIMSlide(path, mpp=mpp)
                 with _quiet_cucim():  # cuCIM opens files whose compression it cannot decode: probe one pixel
