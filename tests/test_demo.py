@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 
+@pytest.mark.filterwarnings("ignore:LPIPS:UserWarning")  # no AlexNet weights on CI: random backbone, warned
 def test_demo_quick_runs_every_step(tmp_path, capsys):
     from isg.cli import main
 
