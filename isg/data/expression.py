@@ -129,8 +129,9 @@ def _detect_orientation(table: pd.DataFrame, samples: Iterable[str] | None, path
         in_rows, in_columns = table.index.isin(known).sum(), table.columns.isin(known).sum()
         if in_rows == 0 and in_columns == 0:
             raise ExpressionError(
-                f"{path}: cannot detect orientation: none of the {len(known)} known sample ids "
-                f"(e.g. {list_some(sorted(known), 3)}) is a row or column id; pass orientation= explicitly"
+                f"{path}: none of the {len(known)} manifest sample ids (e.g. {list_some(sorted(known), 3)}) is a row "
+                f"or column id of the table: do the manifest and the table use the same ids? (table rows start "
+                f"{list_some(table.index[:3])}, columns {list_some(table.columns[:3])})"
             )
         return "samples_x_genes" if in_rows >= in_columns else "genes_x_samples"
     rows_are_genes = table.index.str.match(_GENE_ID).mean() > 0.5
