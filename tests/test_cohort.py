@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from isg.data._util import atomic_path
+from isg.utils import atomic_path
 from isg.infer.cohort import CohortSummary, clean_stale_temp, run_cohort
 
 

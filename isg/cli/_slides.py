@@ -35,7 +35,7 @@ def slides_from_args(args) -> list[Path]:
         try:
             import pandas as pd
 
-            from isg.data._util import table_separator
+            from isg.utils import table_separator
 
             manifest_path = Path(args.manifest)
             if not manifest_path.is_file():
@@ -50,7 +50,7 @@ def slides_from_args(args) -> list[Path]:
             path = Path(name) if Path(name).is_absolute() else manifest_path.resolve().parent / name
             (slides.append(path) if path.is_file() else missing.append(str(path)))
     if missing:
-        from isg.data._util import list_some
+        from isg.utils import list_some
 
         raise CLIError(f"{len(missing)} slide file(s) not found: {list_some(missing)}")
     if not slides:

@@ -77,7 +77,7 @@ def run(args) -> int:
         raise CLIError(str(exc)) from exc
     missing = [sid for sid in manifest["slide_id"] if not (features / f"{sid}.h5").is_file()]
     if missing:
-        from isg.data._util import list_some
+        from isg.utils import list_some
 
         raise CLIError(f"--features {features}: {len(missing)} slide(s) have no feature file: {list_some(missing)}")
     config = TrainConfig(model=args.model, task=args.task, epochs=args.epochs, patience=args.patience,
@@ -98,7 +98,7 @@ def _write_pipeline(out: Path, features: Path, manifest) -> None:
     """Record how the features were made (preprocess + extractor attrs) so `isg predict` can redo it on new slides."""
     import h5py
 
-    from isg.data._util import write_text_atomic
+    from isg.utils import write_text_atomic
 
     with h5py.File(features / f"{manifest['slide_id'].iloc[0]}.h5", "r") as f:
         def plain(value):

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from isg.data._util import list_some
+from isg.utils import list_some
 
 DATASETS = ("features", "local_features", "coords")
 

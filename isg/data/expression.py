@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from isg.data._util import list_some, table_separator
+from isg.utils import list_some, table_separator
 
 ORIENTATIONS = ("auto", "samples_x_genes", "genes_x_samples")
 TRANSFORMS = ("log10p", None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from isg.data._util import list_some, table_separator
+from isg.utils import list_some, table_separator
 
 REQUIRED_COLUMNS = ("slide_path", "sample_id", "patient_id")
 

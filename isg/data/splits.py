@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from isg.data._util import list_some, write_text_atomic
+from isg.utils import list_some, write_text_atomic
 
 
 class Split(NamedTuple):

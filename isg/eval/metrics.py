@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from isg.data._util import atomic_path, write_text_atomic
+from isg.utils import atomic_path, write_text_atomic
 
 
 def _as_matrix(y, name: str) -> np.ndarray:

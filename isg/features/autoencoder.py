@@ -311,7 +311,7 @@ def tiles_to_input(tiles: torch.Tensor | np.ndarray, resolution: int, device: st
 
 def save_autoencoder(path: str | os.PathLike, ae: Autoencoder, extra: dict[str, Any] | None = None) -> None:
     """Write ``{format, config, state_dict, extra}`` to ``path`` atomically."""
-    from isg.data._util import atomic_path
+    from isg.utils import atomic_path
 
     state = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
     with atomic_path(path) as tmp:

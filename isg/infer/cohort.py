@@ -9,7 +9,7 @@ every item whose output ``out_path_of(item)`` does not exist yet (resume), on
   one task per item, with worker ``resources`` such as ``{"GPU": 1}``.
 
 ``process_one`` must write its output atomically (temp file + rename, see
-:func:`isg.data._util.atomic_path`): an output that exists is then complete by
+:func:`isg.utils.atomic_path`): an output that exists is then complete by
 construction, so killing a run loses no finished output and a rerun skips it.
 Temp files left by a killed run (``.<stem>.*<suffix>`` next to the output) are
 never taken for outputs and are removed before their item is processed again.
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isg.data._util import atomic_path
+from isg.utils import atomic_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 CONNECT_TIMEOUT = "20s"  # to reach a Dask scheduler given by address

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isg.data._util import atomic_path
+from isg.utils import atomic_path
 from isg.features.autoencoder import Autoencoder, tiles_to_input
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
 

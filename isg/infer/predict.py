@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from isg.data._util import atomic_path, write_text_atomic
+from isg.utils import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import slide_id_of
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isg.data._util import atomic_path
+from isg.utils import atomic_path
 from isg.data.manifest import slide_id_of
 from isg.infer.cohort import run_cohort
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from isg.data._util import atomic_path, write_text_atomic
+from isg.utils import atomic_path, write_text_atomic
 
 BACKGROUND = (244, 243, 246)
 INKS = ((35, 60, 150), (30, 115, 65), (25, 25, 30))  # blue, green, black pen

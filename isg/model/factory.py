@@ -54,7 +54,7 @@ def create_model(name: str = DEFAULT_MODEL, d: int = 512, local_grid: int | None
 
 def save_model(path: str | os.PathLike, model: nn.Module, config: dict | None = None, **extra) -> None:
     """Write ``{config, state_dict, **extra}`` atomically; ``config`` defaults to ``model.config``."""
-    from isg.data._util import atomic_path
+    from isg.utils import atomic_path
 
     config = dict(config if config is not None else getattr(model, "config", None) or {})
     if "name" not in config:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from isg.data._util import atomic_path, write_text_atomic
+from isg.utils import atomic_path, write_text_atomic
 from isg.features.autoencoder import CHECKPOINT_FORMAT, Autoencoder, save_autoencoder, tiles_to_input
 from isg.features.lpips_loss import load_lpips
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from isg.data import splits as splits_lib
-from isg.data._util import atomic_path, write_text_atomic
+from isg.utils import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics

@@ -1,4 +1,4 @@
-"""Small helpers shared by the data and evaluation modules."""
+"""Small helpers shared by every layer (the bottom of the import graph: imports nothing from isg)."""
 
 from __future__ import annotations
 
