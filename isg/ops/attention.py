@@ -3,10 +3,14 @@
 Both ops live in the attention-fusion blocks of the Dual Attention network
 (:mod:`isg.model`), one per updater:
 
-* ``gated_hadamard(q [M, C], k [M, C, L], v [M, C, L]) -> [M, C, L]``
-  ``= sigmoid(q[..., None] * k) * v``  (local updater, Eq. 4-5: A = sigmoid(Q (.) K), A (.) V);
-* ``softmax_spatial_sum(logits [M, C, L], p [M, C, L]) -> [M, C]``
-  ``= sum_j softmax_j(logits) * p_j``  (global updater, Eq. 6-8: sum_space(Z (.) P)).
+* ``gated_hadamard(q, k [M, C, L], v [M, C, L]) -> [M, C, L]``
+  ``= sigmoid(q * k) * v`` with q broadcast to k (local updater, Eq. 4-5: A = sigmoid(Q (.) K), A (.) V).
+  q is ``[M, 1, L]`` in the paper's form (one logit per local position, shared over channels)
+  or ``[M, C, 1]`` in the ``-plus`` form (one logit per channel, shared over positions);
+* ``softmax_spatial_sum(logits, p [M, C, L]) -> [M, C]``
+  ``= sum_j softmax_j(logits) * p_j`` over positions j, logits broadcast to p (global updater,
+  Eq. 6-8: Sum(Z (.) P)). logits is ``[M, 1, L]`` in the paper's form (one weight per position,
+  shared over channels) or ``[M, C, L]`` in the ``-plus`` form.
 
 Eager PyTorch materialises the intermediates (q * k, the sigmoid, the softmax)
 and saves them for backward; the fused kernels read their inputs once, keep
@@ -41,12 +45,17 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bflo
 
 
 def gated_hadamard_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(q[..., None] * k) * v``: q [M, C], k and v [M, C, L] -> [M, C, L]."""
-    return torch.sigmoid(q.unsqueeze(-1) * k) * v
+    """``sigmoid(q * k) * v``: q [M, 1, L] or [M, C, 1] (broadcast), k and v [M, C, L] -> [M, C, L].
+
+    A 2-D q [M, C] is shorthand for [M, C, 1] (TODO(kernels): drop the shorthand once callers pass 3-D q).
+    """
+    if q.dim() == 2:
+        q = q.unsqueeze(-1)
+    return torch.sigmoid(q * k) * v
 
 
 def softmax_spatial_sum_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``sum_j softmax_j(logits) * p_j`` over the last axis: logits and p [M, C, L] -> [M, C]."""
+    """``sum_j softmax_j(logits) * p_j`` over the last axis: logits [M, 1, L] or [M, C, L], p [M, C, L] -> [M, C]."""
     return (torch.softmax(logits, dim=-1) * p).sum(-1)
 
 
@@ -61,19 +70,25 @@ def _check_device(op: str, *tensors: torch.Tensor) -> None:
 
 def _check_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     _check_device("gated_hadamard", q, k, v)
-    if q.dim() != 2 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"gated_hadamard: expected q [M, C], k [M, C, L], v [M, C, L]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape != v.shape or tuple(k.shape[:2]) != tuple(q.shape):
-        raise ValueError(f"gated_hadamard: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"gated_hadamard: expected q [M, 1, L] or [M, C, 1], k [M, C, L], v [M, C, L]; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    m, c, length = k.shape
+    if tuple(q.shape) not in ((m, 1, length), (m, c, 1)):
+        raise ValueError(f"gated_hadamard: q {tuple(q.shape)} is neither [M, 1, L] = {(m, 1, length)} "
+                         f"nor [M, C, 1] = {(m, c, 1)} for k {tuple(k.shape)}")
 
 
 def _check_softmax(logits: torch.Tensor, p: torch.Tensor) -> None:
     _check_device("softmax_spatial_sum", logits, p)
-    if logits.dim() != 3 or logits.shape != p.shape:
-        raise ValueError(f"softmax_spatial_sum: expected logits and p of one shape [M, C, L]; "
+    if logits.dim() != 3 or p.dim() != 3:
+        raise ValueError(f"softmax_spatial_sum: expected logits [M, 1, L] or [M, C, L] and p [M, C, L]; "
                          f"got logits {tuple(logits.shape)}, p {tuple(p.shape)}")
-    if logits.shape[-1] == 0:
+    m, c, length = p.shape
+    if tuple(logits.shape) not in ((m, 1, length), (m, c, length)):
+        raise ValueError(f"softmax_spatial_sum: logits {tuple(logits.shape)} is neither [M, 1, L] nor [M, C, L] "
+                         f"for p {tuple(p.shape)}")
+    if length == 0:
         raise ValueError("softmax_spatial_sum: the spatial axis L is empty (softmax over no positions)")
 
 
@@ -212,32 +227,46 @@ def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
-def gated_hadamard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
-    """``sigmoid(q[..., None] * k) * v``: q [M, C], k and v [M, C, L] -> [M, C, L].
+def _native_shape(op: str, small: torch.Tensor, full: torch.Tensor) -> bool:
+    """Whether the native kernels serve this broadcast form (TODO(kernels): the paper's [M, 1, L] form)."""
+    if op == "gated_hadamard":
+        return small.shape[-1] == 1
+    return small.shape[1] == full.shape[1]
 
-    ``fused=None`` uses the native kernel when available for the device and
-    dtype, ``True`` requires it, ``False`` forces the PyTorch reference.
+
+def gated_hadamard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
+    """``sigmoid(q * k) * v``: q [M, 1, L] (paper) or [M, C, 1] (plus), k and v [M, C, L] -> [M, C, L].
+
+    ``fused=None`` uses the native kernel when available for the device,
+    dtype and broadcast form, ``True`` requires it, ``False`` forces the
+    PyTorch reference.
     """
+    if q.dim() == 2:
+        q = q.unsqueeze(-1)  # shorthand for the plus form [M, C, 1]
     _check_gated(q, k, v)
     q, k, v = _common(q, k, v)
+    available = native_available(k) and _native_shape("gated_hadamard", q, k)
     if fused is None:
-        fused = native_available(k)
-    elif fused and not native_available(k):
-        raise RuntimeError(f"gated_hadamard: no fused kernel for {k.dtype} on {k.device} "
+        fused = available
+    elif fused and not available:
+        raise RuntimeError(f"gated_hadamard: no fused kernel for q {tuple(q.shape)} {k.dtype} on {k.device} "
                            f"(isg._C: {_ext.ext_error() or 'built'})")
-    return torch.ops.isg.gated_hadamard(q, k, v) if fused else gated_hadamard_reference(q, k, v)
+    if not fused:
+        return gated_hadamard_reference(q, k, v)
+    return torch.ops.isg.gated_hadamard(q.squeeze(-1), k, v)
 
 
 def softmax_spatial_sum(logits: torch.Tensor, p: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
-    """``sum_j softmax_j(logits) * p_j`` over the last axis: logits and p [M, C, L] -> [M, C].
+    """``sum_j softmax_j(logits) * p_j`` over positions: logits [M, 1, L] (paper) or [M, C, L] (plus), p [M, C, L] -> [M, C].
 
     ``fused`` as in :func:`gated_hadamard`.
     """
     _check_softmax(logits, p)
     logits, p = _common(logits, p)
+    available = native_available(p) and _native_shape("softmax_spatial_sum", logits, p)
     if fused is None:
-        fused = native_available(p)
-    elif fused and not native_available(p):
-        raise RuntimeError(f"softmax_spatial_sum: no fused kernel for {p.dtype} on {p.device} "
-                           f"(isg._C: {_ext.ext_error() or 'built'})")
+        fused = available
+    elif fused and not available:
+        raise RuntimeError(f"softmax_spatial_sum: no fused kernel for logits {tuple(logits.shape)} {p.dtype} "
+                           f"on {p.device} (isg._C: {_ext.ext_error() or 'built'})")
     return torch.ops.isg.softmax_spatial_sum(logits, p) if fused else softmax_spatial_sum_reference(logits, p)
