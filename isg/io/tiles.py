@@ -22,6 +22,10 @@ import torch
 
 from isg.io.slide import Slide, aligned_empty
 
+# Two-level tiling geometry (Sec. 3): the one definition of the defaults; every layer and the CLI read these.
+PATCH_SIZE = 256  # p: global patch side in pixels at the read level
+LOCAL_SIZE = 64  # q: local patch side; must divide p (grid S = p / q)
+
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 
 
