@@ -2,8 +2,9 @@
 # One wheel, any torch: build the isg wheel (or take ISG_WHEEL), install it into a fresh
 # virtual environment that already holds a different torch (default 2.13.0, the CPU build,
 # without torchvision), check that installing isg left that torch in place and pulled no
-# torchvision / nvidia-* packages, then run the op tests from a copy of tests/ outside the
-# source tree against the installed wheel.
+# torchvision / triton / nvidia-* packages, that the process maps one OpenMP runtime whichever
+# of torch and isg._C loads first, then run the op tests from a copy of tests/ outside the
+# source tree against the installed wheel. CI (.ci/run) runs it with ISG_CUDA=OFF.
 #   ISG_WHEEL=path.whl              test this wheel instead of building one
 #   ISG_CHECK_TORCH="torch==2.13.0" the torch the user already has
 #   ISG_CHECK_TORCH_INDEX=URL       index for that torch (e.g. https://download.pytorch.org/whl/cpu)
@@ -29,12 +30,14 @@ fi
 step "fresh venv with $TORCH"
 python3 -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
+# shellcheck disable=SC2086  # ISG_CHECK_TORCH may name several requirements
 "$PY" -m pip install -q $TORCH ${ISG_CHECK_TORCH_INDEX:+--index-url "$ISG_CHECK_TORCH_INDEX"}
-before="$("$PY" -c 'import torch; print(torch.__version__)')"
+version() { "$PY" -W ignore -c 'import torch; print(torch.__version__)' 2>/dev/null; }
+before="$(version)"
 
 step "installing $(basename "$WHEEL")[test] beside torch $before"
-"$PY" -m pip install -q "$WHEEL[test]"
-after="$("$PY" -c 'import torch; print(torch.__version__)')"
+"$PY" -m pip install -q "${WHEEL}[test]"
+after="$(version)"
 if [ "$before" != "$after" ]; then
   echo "check_wheel: FAILED: installing isg replaced torch $before with $after" >&2; exit 1
 fi
@@ -44,8 +47,9 @@ if [ -n "$pulled" ] && [[ "$before" == *+cpu ]]; then
 fi
 
 step "op tests of the installed wheel, from outside the source tree"
-mkdir -p "$WORK/run" && cp -r "$SRC/tests" "$SRC/pyproject.toml" "$WORK/run/"
+mkdir -p "$WORK/run" && cp -r "$SRC/tests" "$SRC/pyproject.toml" "$SRC/tools/check_openmp.py" "$WORK/run/"
 cd "$WORK/run"
+env -u PYTHONPATH -u ISG_EXT_PATH "$PY" check_openmp.py
 env -u PYTHONPATH -u ISG_EXT_PATH ISG_REQUIRE_EXT=1 OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" \
   "$PY" -c 'import isg, isg._C, pathlib, torch; assert "site-packages" in isg.__file__, isg.__file__; print("isg from", pathlib.Path(isg.__file__).parent, "with torch", torch.__version__)'
 env -u PYTHONPATH -u ISG_EXT_PATH ISG_REQUIRE_EXT=1 OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" \
