@@ -78,3 +78,35 @@ def test_bad_arguments_exit_2(slides, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["bench", str(slides[0]), "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_with_a_model_times_extract_and_predict(tmp_path, capsys):
+    import torch
+
+    from isg.data import load_expression, load_manifest
+    from isg.features import Autoencoder, load_autoencoder, save_autoencoder
+    from isg.infer.extract import extract_cohort
+    from isg.infer.preprocess import preprocess_cohort
+    from isg.train.expression import TrainConfig, cross_validate
+
+    assert main(["synth", "--out", str(tmp_path / "cohort"), "--slides", "6", "--size", "1024", "--genes", "3", "--seed", "1"]) == 0
+    slides = sorted((tmp_path / "cohort" / "slides").glob("*.tif"))
+    preprocess_cohort(slides, tmp_path / "patches", patch_size=128, local_size=32, progress=False)
+    torch.manual_seed(0)
+    save_autoencoder(tmp_path / "global.pt", Autoencoder(resolution=32, d=16, channel_base=512, channel_max=32))
+    extract_cohort(sorted((tmp_path / "patches").glob("*.h5")), load_autoencoder(tmp_path / "global.pt"), None, progress=False)
+    cross_validate(load_manifest(tmp_path / "cohort" / "manifest.csv"), tmp_path / "patches",
+                   load_expression(tmp_path / "cohort" / "expression.tsv"), tmp_path / "train",
+                   TrainConfig(model="vit-s", epochs=1, n_splits=3, model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2}))
+    (tmp_path / "train" / "pipeline.json").write_text(json.dumps({
+        "preprocess": {"patch_size": 128, "local_size": 32, "selector": "shannon", "rule": "mean_std", "n_sigma": 1.0},
+        "global_features": {"checkpoint": str(tmp_path / "global.pt")}}))
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(slides[0]), "--model", str(tmp_path / "train"), "--tiles", "4", "--repeats", "1",
+                 "--readers", "tifffile", "--out", str(out), "--quiet"]) == 0
+    pipeline = json.loads(out.read_text())["slides"][0]["pipeline"]
+    stats = preprocess_slide(slides[0], tmp_path / "direct", patch_size=128, local_size=32, thumbnail=False)
+    assert (pipeline["n_tissue"], pipeline["n_kept"]) == (stats["n_tissue"], stats["n_kept"])  # the model's patch size
+    assert pipeline["extract_patches_per_s"] > 0 and pipeline["predict_patches_per_s"] > 0
+    assert "extract p/s" in capsys.readouterr().out
