@@ -4,7 +4,8 @@
 # torchvision is optional, for the HE2RNA baseline; LPIPS is part of isg).
 #   ISG_TORCH="torch==2.14.1 torchvision==0.29.1"  torch pins (default; CUDA 13 build, runs on CPU too)
 #   ISG_TORCH=cpu                                  CPU-only torch (ISG_TORCH_CPU, default torch==2.13.0+cpu,
-#                                                  from ISG_TORCH_CPU_INDEX), no torchvision, no cuCIM/DALI:
+#                                                  from ISG_TORCH_CPU_INDEX), no torchvision, no cuCIM/DALI,
+#                                                  no CUDA kernels (ISG_CUDA=OFF unless set):
 #                                                  a venv of ~1.3 GB instead of ~7 GB (docs/install.md)
 #   ISG_CUDA=AUTO|ON|OFF                           build the CUDA kernels
 #   ISG_SKIP_DALI=1                                skip the optional DALI backend
@@ -16,6 +17,7 @@ CPU_ONLY=0
 if [ "${ISG_TORCH:-}" = "cpu" ]; then
   CPU_ONLY=1
   CPU_INDEX="${ISG_TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}"
+  export ISG_CUDA="${ISG_CUDA:-OFF}"  # no CUDA kernels beside a CPU torch (set ISG_CUDA=AUTO to build them anyway)
 fi
 
 if python3 -c "import torch" 2>/dev/null; then
