@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from isg.cli import main
-from isg.cli.bench import sample_tissue_coords
+from isg.cli.bench import BenchOptions, bench_readers, sample_tissue_coords
 from isg.infer.preprocess import preprocess_slide
 from isg.io import PATCH_SIZE, open_slide, tile_grid
 
@@ -32,6 +32,17 @@ def test_sample_is_spread_over_the_tissue_grid(slides):
     assert {tuple(xy) for xy in sample} <= {tuple(xy) for xy in grid}
     assert np.array_equal(sample[0], grid[0]) and np.array_equal(sample[-1], grid[-1])  # first to last tissue tile
     np.testing.assert_array_equal(everything, grid)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_scored_tiles_are_the_sampled_tiles(slides, batch_size):
+    with open_slide(slides[1]) as slide:
+        coords = sample_tissue_coords(slide, 11)
+        expected = np.stack([slide.read_region(xy, 0, (PATCH_SIZE, PATCH_SIZE)) for xy in coords])  # [11, p, p, 3]
+    options = BenchOptions(repeats=1, batch_size=batch_size, num_workers=2, readers=("tifffile", "openslide"))
+    results, tiles = bench_readers(slides[1], coords, options, "cpu")
+    np.testing.assert_array_equal(tiles.numpy(), expected)  # batch buffers are reused: tiles must be copies
+    assert results["tifffile"]["tiles_per_s"] > 0 and results["tifffile"]["open_seconds"] >= 0
 
 
 def test_bench_measures_every_stage_side_by_side(slides, tmp_path, capsys):

@@ -124,28 +124,32 @@ def bench_readers(path: Path, coords, options: BenchOptions, device: str) -> tup
     results: dict[str, dict] = {}
     tiles = None
     for name in _reader_names(options.readers):
-        if name == "dali":
-            if not (dali_available() and torch.device(device).type == "cuda"):
-                results[name] = {"tiles_per_s": None, "note": "needs nvidia-dali and a CUDA device"}
-                continue
-            backend, stream = "tifffile", lambda s: iter_tiles_dali(s, coords, PATCH_SIZE, batch_size=options.batch_size, device=device)
-        else:
-            backend = name
-            stream = lambda s: iter_tiles(s, coords, PATCH_SIZE, batch_size=options.batch_size, device=device,  # noqa: E731
-                                          num_workers=options.num_workers)
+        if name == "dali" and not (dali_available() and torch.device(device).type == "cuda"):
+            results[name] = {"tiles_per_s": None, "note": "needs nvidia-dali and a CUDA device"}
+            continue
         opened = time.perf_counter()
-        try:
-            slide = open_slide(path, backend=backend)  # the image reader decodes the whole file here
+        try:  # DALI decodes the TIFF's JPEG tiles itself; the image reader decodes the whole file here
+            slide = open_slide(path, backend="tifffile" if name == "dali" else name)
         except (SlideError, ImportError, OSError, RuntimeError, ValueError) as exc:
             results[name] = {"tiles_per_s": None, "note": f"cannot open: {str(exc).splitlines()[0]}"}
             continue
         open_seconds = time.perf_counter() - opened
+
+        def stream(slide=slide, name=name):  # (coords [B, 2], tiles [B, p, p, 3] uint8 on device)
+            if name == "dali":
+                return iter_tiles_dali(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device)
+            return iter_tiles(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device,
+                              num_workers=options.num_workers)
+
+        def consume() -> None:
+            for _ in stream():
+                pass
+
         try:
             with slide:
-                read = lambda: [t for _, t in stream(slide)]  # noqa: E731
-                if tiles is None:
-                    tiles = torch.cat([t.cpu() for t in read()])
-                seconds = _best_seconds(read, options.repeats, device)
+                if tiles is None:  # batch buffers are reused: copy each batch before the next arrives
+                    tiles = torch.cat([batch.cpu().clone() for _, batch in stream()])  # [N, p, p, 3]
+                seconds = _best_seconds(consume, options.repeats, device)
         except Exception as exc:  # a reader that opens a file but cannot decode it (e.g. DALI on Aperio JPEG)
             results[name] = {"tiles_per_s": None, "note": f"cannot read: {str(exc).splitlines()[0]}"}
             continue
