@@ -449,7 +449,11 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, loader):
 def test_old_model_checkpoint_is_converted_with_a_warning(tmp_path):
     old = _model("isg-3-2-plus", n_outputs=2).eval()
     config = {**old.config, "name": "isg-3-2"}  # what isg-3-2 meant before the paper form took the name
-    torch.save({"format": "isg-model/1", "config": config, "state_dict": old.state_dict(), "epoch": 4}, tmp_path / "old.pt")
+    import re
+
+    state = {re.sub(r"\.norm([123])\.", r".bn\1.", k): v for k, v in old.state_dict().items()}  # MBConv names before v2
+    assert any(".bn1." in k for k in state)
+    torch.save({"format": "isg-model/1", "config": config, "state_dict": state, "epoch": 4}, tmp_path / "old.pt")
     with pytest.warns(FutureWarning, match="old.pt: old checkpoint format 'isg-model/1'"):
         loaded = load_model(tmp_path / "old.pt")
     assert loaded.config["name"] == "isg-3-2-plus" and loaded.extra["epoch"] == 4
