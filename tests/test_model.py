@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["isg-2-1", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-2-1", "isg-2-1-plus", "vit-s"])
 def test_a_few_optimizer_steps_reduce_the_loss(name):
     """Synthetic task: targets are linear in the slide's mean global and local features."""
     torch.manual_seed(0)
@@ -272,8 +272,9 @@ def test_init_bias_sets_head():
 # ----------------------------------------------------------------------------- fused ops inside the model
 
 
-def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch):
-    model = _model("isg-4-2")
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-4-2-plus"])
+def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch, name):
+    model = _model(name)
     batch = _collate([_bag(4, seed=1), _bag(6, seed=2)])
     fused_out = _run(model, batch)
     fused_out.sum().backward()
