@@ -419,6 +419,19 @@ def test_explain_per_patch_views(name):
     torch.testing.assert_close(views["global_weights"][0, :, 0], z)
 
 
+def test_he2rna_patch_values_are_its_tile_scores():
+    from isg.model import explain_batch, forward_batch
+
+    model = create_model("he2rna", d=D_IN, n_outputs=3, hidden=(8,), ks=(2,)).eval()
+    batch = _collate([_bag(5, seed=1), _bag(3, seed=2)])
+    batch["local_features"] = batch.pop("local")
+    values = explain_batch(model, batch)["patch_values"]  # [B, N, G]
+    assert values.shape == (2, 5, 3) and (values[1, 3:] == 0).all()
+    top2 = [values[b, : n].topk(2, dim=0).values.mean(0) for b, n in enumerate((5, 3))]  # the prediction: top-2 mean
+    with torch.no_grad():
+        torch.testing.assert_close(forward_batch(model, batch), torch.stack(top2))
+
+
 # ----------------------------------------------------------------------------- safe loading and old formats
 
 
