@@ -404,6 +404,11 @@ def test_explain_per_patch_views(name):
     assert (views["patch_values"][1, 2:] == 0).all()  # padded patches
     single = model.explain(*(_collate(bags[1:])[k] for k in ("features", "local", "coords", "mask")))
     torch.testing.assert_close(views["patch_values"][1, :2], single["patch_values"][0], rtol=1e-4, atol=1e-5)
+    if hasattr(model, "chunk_size"):  # chunking changes no view
+        model.chunk_size = 2
+        chunked = model.explain(batch["features"], batch["local"], batch["coords"], batch["mask"])
+        for key, value in views.items():
+            torch.testing.assert_close(chunked[key], value, rtol=1e-5, atol=1e-6)
     if name.startswith("vit"):
         assert set(views) == {"patch_values"}
         return
