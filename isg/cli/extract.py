@@ -36,9 +36,9 @@ def register(subparsers) -> None:
     fit.add_argument("--global-d", type=int, default=AE.d, help=f"global feature size (default {AE.d})")
     fit.add_argument("--local-d", type=int, default=AE.d, help=f"local feature size (default {AE.d})")
     fit.add_argument("--channel-base", type=int, default=AE.channel_base,
-                     help="channels at resolution r: min(base / r, max) (default 1024: the compact, fast extractor; "
+                     help=f"channels at resolution r: min(base / r, max) (default {AE.channel_base}: the compact, fast extractor; "
                           "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 is the large one)")
-    fit.add_argument("--channel-max", type=int, default=AE.channel_max)
+    fit.add_argument("--channel-max", type=int, default=AE.channel_max, help=f"(default {AE.channel_max})")
     fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
     fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")
