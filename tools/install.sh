@@ -6,7 +6,7 @@
 #   ISG_TORCH=cpu                                  CPU-only torch (ISG_TORCH_CPU, default torch==2.13.0+cpu,
 #                                                  from ISG_TORCH_CPU_INDEX), no torchvision, no cuCIM/DALI,
 #                                                  no CUDA kernels (ISG_CUDA=OFF unless set):
-#                                                  a venv of ~1.3 GB instead of ~7 GB (docs/install.md)
+#                                                  a 1.7 GB venv instead of 6.8 GB (docs/install.md)
 #   ISG_CUDA=AUTO|ON|OFF                           build the CUDA kernels
 #   ISG_SKIP_DALI=1                                skip the optional DALI backend
 # An existing torch is never replaced: uninstall it first to change builds.
