@@ -81,7 +81,7 @@ def test_bad_slide_is_reported_and_the_others_finish(slides, tmp_path, capsys):
     first, second = json.loads(out.read_text())["slides"]
     assert "broken.tif" in first["error"] and "readers" not in first
     assert second["readers"]["tifffile"]["tiles_per_s"] > 0
-    assert "error:" in capsys.readouterr().out
+    assert "broken: error: " in capsys.readouterr().out
 
 
 def test_bad_arguments_exit_2(slides, tmp_path, capsys):

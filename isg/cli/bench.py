@@ -220,10 +220,10 @@ def format_table(report: dict) -> str:
     devices = list(dict.fromkeys(name for s in slides for name in s.get("shannon", {})))
     header = ["slide", *[f"{r} tiles/s" for r in readers], *[f"shannon {d} GB/s" for d in devices],
               "preprocess s", "tissue/kept", "extract p/s", "predict p/s"]
-    rows = []
+    rows, errors = [], []
     for s in slides:
         if "error" in s:
-            rows.append([s["slide_id"], f"error: {s['error']}"])
+            errors.append(f"{s['slide_id']}: error: {s['error']}")
             continue
         pipe = s.get("pipeline", {})
         rows.append([s["slide_id"],
@@ -232,9 +232,10 @@ def format_table(report: dict) -> str:
                      _fmt(pipe.get("preprocess", {}).get("total"), 2),
                      f"{pipe.get('n_tissue', '-')}/{pipe.get('n_kept', '-')}",
                      _fmt(pipe.get("extract_patches_per_s")), _fmt(pipe.get("predict_patches_per_s"))])
-    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
+    lines += errors
     notes = sorted({f"{name}: {r['note']}" for s in slides for name, r in s.get("readers", {}).items() if r.get("note")})
     stages = [s for s in slides if "pipeline" in s]
     if stages:
