@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from isg.cli._slides import SLIDE_SUFFIXES
-from isg.data.gdc import GDC_DEFAULTS, GENE_KEYS, STAR_VALUE_COLUMNS
+from isg.data.gdc_options import GDC_DEFAULTS, GENE_KEYS, STAR_VALUE_COLUMNS
 
 
 def register(subparsers) -> None:

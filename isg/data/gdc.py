@@ -18,44 +18,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from isg.data.expression import ExpressionError
+from isg.data.gdc_options import GDC_DEFAULTS, STAR_ID_COLUMNS, STAR_SUFFIX, STAR_VALUE_COLUMNS, GDCOptions
 from isg.data.manifest import ManifestError
 from isg.data.tcga import match_slide, patient_of, slide_barcode
 from isg.utils import atomic_path, list_some
 
-STAR_SUFFIX = ".rna_seq.augmented_star_gene_counts.tsv"
-STAR_ID_COLUMNS = ("gene_id", "gene_name", "gene_type")
-STAR_VALUE_COLUMNS = ("unstranded", "stranded_first", "stranded_second", "tpm_unstranded", "fpkm_unstranded",
-                      "fpkm_uq_unstranded")
 SHEET_COLUMNS = {"File ID": "file_id", "File Name": "file_name", "Data Category": "data_category",
                  "Data Type": "data_type", "Project ID": "project_id", "Case ID": "case_id",
                  "Sample ID": "sample_id", "Sample Type": "sample_type"}
 SHEET_REQUIRED = ("File ID", "File Name", "Case ID", "Sample ID")
-GENE_KEYS = ("name", "id")
-
-
-@dataclass(frozen=True)
-class GDCOptions:
-    """How STAR gene-count files become a samples x genes table."""
-
-    value: str = "fpkm_uq_unstranded"  # STAR column (HE2RNA: FPKM-UQ); tpm_unstranded, unstranded (raw counts), ...
-    gene_type: str | None = "protein_coding"  # keep genes of this gene_type; None keeps all
-    gene_key: str = "name"  # table columns: gene names ("name") or versioned Ensembl ids ("id")
-
-    def __post_init__(self):
-        if self.value not in STAR_VALUE_COLUMNS:
-            raise ValueError(f"value must be one of {', '.join(STAR_VALUE_COLUMNS)}, got {self.value!r}")
-        if self.gene_key not in GENE_KEYS:
-            raise ValueError(f"gene_key must be one of {', '.join(GENE_KEYS)}, got {self.gene_key!r}")
-
-
-GDC_DEFAULTS = {f.name: f.default for f in fields(GDCOptions)}
 
 
 @dataclass
