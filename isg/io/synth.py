@@ -390,7 +390,7 @@ def _gene_model(rng, genes: int, null_fraction: float) -> dict:
 
 
 def write_slide(path, slide_key: list[int], width: int, height: int, params: dict, mpp: float, tile: int, quality: int,
-                downsample: int, artefacts: bool) -> tuple[list[dict], float]:
+                downsample: int, artefacts: bool, progress: bool = False) -> tuple[list[dict], float]:
     """Render and write one slide; returns (artefacts, tissue fraction).
 
     Up to :data:`STREAM_SIDE` px the slide is rendered whole (``default_rng(slide_key)``); larger ones are
@@ -402,7 +402,12 @@ def write_slide(path, slide_key: list[int], width: int, height: int, params: dic
         return found, tissue_fraction
     step = math.lcm(tile, downsample)
     found, tissue = [], []
-    strips = render_blocks(slide_key, width, height, params, mpp, artefacts, -(-BLOCK // step) * step, found, tissue)
+    block = -(-BLOCK // step) * step
+    strips = render_blocks(slide_key, width, height, params, mpp, artefacts, block, found, tissue)
+    if progress:
+        from tqdm import tqdm
+
+        strips = tqdm(strips, total=len(_block_edges(height, block)) - 1, desc=f"  {Path(path).stem} level 0", unit="strip", leave=False)
     write_streamed_pyramid(path, strips, height, width, mpp, tile=tile, quality=quality, downsample=downsample)
     return found, float(sum(tissue) / (width * height))
 
@@ -450,7 +455,8 @@ def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=
         params = {"density": float(z[0]), "nuclei_size": float(z[1]), "stain": float(z[2]),
                   "tissue_fraction": float(rng.uniform(0.3, 0.6))}
         path = out_dir / "slides" / f"{slide_id}.tif"
-        found, tissue_fraction = write_slide(path, [seed, index], width, height, params, mpp, tile, quality, downsample, artefacts)
+        found, tissue_fraction = write_slide(path, [seed, index], width, height, params, mpp, tile, quality, downsample,
+                                             artefacts, progress)
         log_mean = model["bias"] + model["weights"] @ (2 * z - 1) + rng.normal(0, noise, genes)
         counts.append(rng.poisson(np.exp(log_mean)))
         slide_paths.append(path)
