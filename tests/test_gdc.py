@@ -282,3 +282,19 @@ def test_gdc_download_to_trained_model(tmp_path, capsys):
     for split in splits:  # the two slides of TCGA-AA-3000 are one sample of one patient: never on both sides
         test_patients = {s[:12] for s in split["test"]}
         assert not test_patients & {s[:12] for s in split["train"] + split["val"]}
+
+
+def test_cli_manifest_errors_name_the_input(gdc, capsys):
+    root, _, sheets, _ = gdc
+    assert cli_main(["manifest", str(root / "nowhere"), "--sample-sheet", str(sheets[0]), "--out", str(root / "o")]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
+    damaged = sorted((root / "rna").rglob("*.tsv"))[2]
+    lines = damaged.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("ENSG00000000005.6"))
+    lines[row] = lines[row].rsplit("\t", 1)[0] + "\tNaN"
+    damaged.write_text("\n".join(lines) + "\n")
+    assert cli_main(["manifest", str(root / "slides"), "--sample-sheet", str(sheets[0]), "--sample-sheet", str(sheets[1]),
+                     "--expression-dir", str(root / "rna"), "--out", str(root / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged}: 1 missing (NaN) or infinite fpkm_uq_unstranded value(s) for gene(s) ENSG00000000005.6" in err
+    assert not (root / "o" / "manifest.csv").exists()  # nothing written from a damaged download

@@ -68,7 +68,7 @@ def read_sample_sheet(path: str | os.PathLike) -> pd.DataFrame:
                             "expected a GDC sample sheet (File ID, File Name, ..., Case ID, Sample ID, Sample Type)")
     if sheet.empty:
         raise ManifestError(f"sample sheet {path}: no rows")
-    sheet = sheet.rename(columns=SHEET_COLUMNS)[[c for c in SHEET_COLUMNS.values() if c in sheet.rename(columns=SHEET_COLUMNS)]]
+    sheet = sheet[[c for c in SHEET_COLUMNS if c in sheet.columns]].rename(columns=SHEET_COLUMNS)
     for column in sheet.columns:
         sheet[column] = sheet[column].str.strip()
     for column in ("case_id", "sample_id"):
@@ -80,8 +80,8 @@ def read_sample_sheet(path: str | os.PathLike) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- STAR gene counts
 
 
-def read_star_counts(path: str | os.PathLike, value: str = GDC_DEFAULTS["value"]) -> pd.DataFrame:
-    """One STAR gene-count file: a table indexed by gene_id with gene_name, gene_type and ``value``.
+def read_star_counts(path: str | os.PathLike, value: str = GDC_DEFAULTS["value"], annotation: bool = True) -> pd.DataFrame:
+    """One STAR gene-count file: a table indexed by gene_id with gene_name, gene_type (``annotation``) and ``value``.
 
     The ``N_*`` summary rows are dropped; ``attrs["gene_model"]`` holds the ``# gene-model:`` line.
     Raises :class:`ExpressionError` naming the file for a wrong header, non-numeric, NaN or negative
@@ -100,12 +100,13 @@ def read_star_counts(path: str | os.PathLike, value: str = GDC_DEFAULTS["value"]
             line = handle.readline()
     header = line.rstrip("\n").split("\t")
     missing = [c for c in (*STAR_ID_COLUMNS, value) if c not in header]
+    columns = [*STAR_ID_COLUMNS, value] if annotation else [STAR_ID_COLUMNS[0], value]
     if missing:
         raise ExpressionError(f"{path}: not a GDC STAR gene-count file: the header lacks {', '.join(missing)} "
                               f"(has: {list_some(c for c in header if c)})")
     try:
-        table = pd.read_csv(path, sep="\t", skiprows=len(comments), usecols=[*STAR_ID_COLUMNS, value],
-                            dtype={c: str for c in STAR_ID_COLUMNS}, keep_default_na=False, na_values={value: ["", "NA", "NaN", "nan"]})
+        table = pd.read_csv(path, sep="\t", skiprows=len(comments), usecols=columns,
+                            dtype={c: str for c in columns[:-1]}, keep_default_na=False, na_values={value: ["", "NA", "NaN", "nan"]})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise ExpressionError(f"{path}: cannot be read as a STAR gene-count table ({exc})") from exc
     table = table[~table["gene_id"].str.startswith("N_")].set_index("gene_id")
@@ -149,7 +150,7 @@ def read_star_folder(files: list[Path], value: str = GDC_DEFAULTS["value"]) -> t
     values = np.empty((len(files), len(first)), np.float64)
     values[0] = first[value].to_numpy()
     for row, path in enumerate(files[1:], start=1):
-        table = read_star_counts(path, value)
+        table = read_star_counts(path, value, annotation=False)  # the genes must be the first file's
         if not table.index.equals(first.index):
             only_here, only_there = table.index.difference(first.index), first.index.difference(table.index)
             detail = (f"{len(only_here)} gene id(s) only in it ({list_some(only_here, 3)}), {len(only_there)} only in "
