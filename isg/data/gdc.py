@@ -27,7 +27,7 @@ import pandas as pd
 from isg.data.expression import ExpressionError
 from isg.data.gdc_options import GDC_DEFAULTS, STAR_ID_COLUMNS, STAR_SUFFIX, STAR_VALUE_COLUMNS, GDCOptions
 from isg.data.manifest import ManifestError
-from isg.data.tcga import match_slide, patient_of, slide_barcode
+from isg.data.tcga import match_slide, patient_of, sample_of, slide_barcode
 from isg.utils import atomic_path, list_some
 
 SHEET_COLUMNS = {"File ID": "file_id", "File Name": "file_name", "Data Category": "data_category",
@@ -238,6 +238,7 @@ def _expression_table(files: pd.DataFrame, options: GDCOptions, unmatched: list)
 
 def _slide_rows(slides: Iterable[Path], sheet: pd.DataFrame, expression_samples: Iterable[str] | None,
                 unmatched: list) -> list[dict]:
+    """Manifest rows of the slides that have a sample (and expression, when ``expression_samples`` is known)."""
     listed = sheet.drop_duplicates("file_name").set_index("file_name")
     samples = sorted(set(expression_samples)) if expression_samples is not None else None
     rows, seen = [], {}
@@ -248,7 +249,7 @@ def _slide_rows(slides: Iterable[Path], sheet: pd.DataFrame, expression_samples:
         seen[path.name] = path
         barcode = slide_barcode(path)
         if barcode is not None:
-            sample, patient = barcode[:16], patient_of(barcode)
+            sample, patient = sample_of(barcode), patient_of(barcode)
         elif path.name in listed.index and listed.loc[path.name, "sample_id"] and "," not in listed.loc[path.name, "sample_id"]:
             sample, patient = listed.loc[path.name, "sample_id"], listed.loc[path.name, "case_id"]
         else:
