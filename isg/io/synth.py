@@ -18,6 +18,10 @@ nuclei_size and stain alone (weight 2), and ``null_fraction`` of the other genes
 
 Slides also carry textureless artefacts (solid blobs, pen marks, blurred tissue, scattered
 noise chunks: debris specks on glass); their level-0 boxes are listed in ``truth.json``. Output is deterministic given ``seed``.
+
+Slides with a side above :data:`STREAM_SIDE` (benchmark sizes, up to 100000 px) are rendered in
+:data:`BLOCK`-px blocks, each a small slide of its own, and streamed to the TIFF tile by tile
+(:func:`write_streamed_pyramid`): memory is one strip of blocks, not the slide.
 """
 
 from __future__ import annotations
