@@ -173,7 +173,9 @@ def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
     assert [_digest(p) for p in cohort.slides] == [_digest(p) for p in again.slides]
     truth = json.loads(cohort.truth.read_text())
     record = truth["slides"][0]
-    assert len(record["artefacts"]) >= 4 * 4 * 2  # every block has its own blob, pen, blur and noise artefacts
+    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has exactly one blurred region
+    assert sum(a["kind"] == "blur" for a in record["artefacts"]) == 5 * 3
+    assert {a["kind"] for a in record["artefacts"]} == {"blob", "pen", "blur", "noise"}
     for artefact in record["artefacts"]:
         x0, y0, x1, y1 = artefact["bbox"]
         assert 0 <= x0 < x1 <= 1100 and 0 <= y0 < y1 <= 700
