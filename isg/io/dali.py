@@ -75,7 +75,8 @@ def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int,
 
 def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
                     num_threads: int = 2, damaged: DamagedTiles | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI.
+    """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI;
+    damaged tiles raise :class:`DamagedTileError`, or are left out and logged in ``damaged``.
 
     ``device`` "cpu" runs the pipeline with ``device_id=None`` (no GPU needed); a CUDA device decodes with
     nvJPEG on that GPU. The slide must be a TIFF (any backend; its tiles are read with tifffile).

@@ -95,21 +95,79 @@ class DamagedTiles:
 
 # ----------------------------------------------------------------------------- strict decoding
 
-def jpeg_error(stream: bytes) -> str | None:
-    """None when the JPEG ``stream`` decodes cleanly, else libjpeg-turbo's message (warnings count as errors).
-
-    Decoded to grey by torchvision's libjpeg-turbo operator (``torch.ops.image.decode_jpeg``, called directly:
-    its Python face warns that torchvision's codecs move to TorchCodec), which raises on every libjpeg
-    warning; imagecodecs and cuCIM decode such streams into garbage without failing.
-    """
+def _decode_jpeg(stream: bytes) -> str | None:
+    """Decode ``stream`` to grey with torchvision's libjpeg-turbo operator; its error message, or None."""
     import torch
     from torchvision.io import ImageReadMode  # also registers torch.ops.image
 
-    try:
+    try:  # the operator itself: torchvision's Python face warns that its codecs move to TorchCodec
         torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), ImageReadMode.GRAY.value, False)
     except RuntimeError as exc:
         return str(exc).rsplit(", ", 1)[-1].strip() or "undecodable JPEG"
     return None
+
+
+class _SharedExclusive:
+    """A readers-writer lock: many shared holders at once, or one exclusive holder alone."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._shared:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+_DECODES = _SharedExclusive()
+
+
+def jpeg_error(stream: bytes) -> str | None:
+    """None when the JPEG ``stream`` decodes cleanly, else libjpeg-turbo's message: errors and warnings alike.
+
+    libjpeg reports corrupt data mostly as *warnings* (``Corrupt JPEG data: premature end of data
+    segment``, ``bad Huffman code``, ``extraneous bytes``), printed on stderr while decoding goes on with
+    garbage. The decode therefore runs with the C-level stderr captured; decodes run concurrently
+    (shared), and when anything was printed meanwhile the stream is decoded again alone (exclusive), so
+    that the message is attributed to the stream that caused it.
+    """
+    with quiet_native_output():
+        with _DECODES.shared():
+            before = _NativeOutput.stderr_size()
+            error = _decode_jpeg(stream)
+            printed = _NativeOutput.stderr_size() != before
+        if error or not printed:
+            return error
+        with _DECODES.exclusive():
+            before = _NativeOutput.stderr_size()
+            error = _decode_jpeg(stream)
+            text = _NativeOutput.stderr_since(before).strip()
+        return error or (text.splitlines()[0] if text else None)
 
 
 class TiffSegments:
@@ -249,6 +307,18 @@ class _NativeOutput:
                                                   encoding=sys.stderr.encoding, errors="backslashreplace",
                                                   line_buffering=True, write_through=True)
         cls.python_stderr, sys.stderr = sys.stderr, cls.visible_stderr
+
+    @classmethod
+    def stderr_size(cls) -> int:
+        """Bytes captured from fd 2 so far in the current redirection (call inside it)."""
+        with cls.lock:
+            return os.fstat(cls.sinks[2].fileno()).st_size
+
+    @classmethod
+    def stderr_since(cls, offset: int) -> str:
+        with cls.lock:
+            sink = cls.sinks[2].fileno()
+            return os.pread(sink, os.fstat(sink).st_size - offset, offset).decode("utf-8", "replace")
 
     @classmethod
     def leave(cls, fd: int) -> None:

@@ -364,7 +364,8 @@ class TiffSlide(Slide):
             except Exception as exc:
                 raise SlideError(path, f"corrupt or not a TIFF ({type(exc).__name__}: {exc})") from exc
         if not pages:
-            raise SlideError(path, "corrupt: no readable image directory (IFD) in the TIFF")
+            raise SlideError(path, f"corrupt or truncated: no readable image directory (IFD) in the TIFF "
+                                   f"({os.path.getsize(path)} bytes)")
         self._pages = []
         for page in pages:
             if page.dtype is None or page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or page.imagedepth > 1:

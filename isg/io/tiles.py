@@ -260,6 +260,8 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
         for chunk, batch, reasons in batches:
             if any(reasons):
                 chunk, batch = _drop_damaged(slide, chunk, batch, reasons, damaged, level)
+                if not len(chunk):
+                    continue
             yield chunk, batch.to(device, non_blocking=pin)
 
 
