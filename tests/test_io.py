@@ -590,3 +590,36 @@ def test_damaged_plain_image(tmp_path, kind):
         assert slide.mpp is None or slide.mpp > 0
     with pytest.raises(SlideError, match=rf"{kind}\.jpg: (damaged image|not a readable image)"):
         open_slide(bad)
+
+
+# ----------------------------------------------------------------------------- formats (issue 10, section 4)
+
+
+def test_ome_tiff_written_by_tifffile(tmp_path):
+    """An OME-TIFF pyramid (SubIFDs, JPEG tiles, PhysicalSizeX in the OME-XML) as tifffile writes it."""
+    image = ihc_image()
+    path = tmp_path / "ihc.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, tile=(128, 128), compression="jpeg", subifds=1, photometric="rgb",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm",
+                            "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+        tif.write(np.ascontiguousarray(image[::2, ::2]), tile=(128, 128), compression="jpeg", subfiletype=1,
+                  photometric="rgb")
+    with open_slide(path) as slide, tifffile.TiffFile(path) as tif:
+        assert slide.backend == "tifffile" and slide.level_dimensions == [(1024, 768), (512, 384)]
+        assert slide.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region((100, 60), 0, (300, 200)), tif.series[0].levels[0].asarray()[60:260, 100:400])
+        np.testing.assert_array_equal(slide.read_region((0, 0), 1, (512, 384)), tif.series[0].levels[1].asarray())
+    from isg.data.manifest import slide_id_of
+
+    assert slide_id_of(path) == "ihc"
+
+
+@pytest.mark.skipif("openslide" not in TIFF_BACKENDS, reason="OpenSlide not installed")
+@pytest.mark.parametrize("suffix", [".ndpi", ".mrxs", ".dcm", ".scn"])
+def test_vendor_formats_go_to_openslide_with_a_clear_error(tmp_path, suffix):
+    """No public package ships small NDPI / MRXS files: routing and the error for a broken one are tested."""
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(b"not a slide" * 10)
+    with pytest.raises(SlideError, match=rf"broken\{suffix}: (OpenSlide cannot open it|unsupported format)"):
+        open_slide(path)
