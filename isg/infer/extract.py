@@ -89,7 +89,7 @@ def extract_slide(
     """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into ``h5_path``.
 
     ``slide_path`` None takes the slide from the .h5 root attr ``slide_path``; ``amp``: bfloat16 encoders on CUDA.
-    Returns an :class:`ExtractResult` ("written" or "skipped"); errors raise.
+    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED); errors raise.
     """
     h5_path = Path(h5_path)
     start = time.perf_counter()

@@ -39,6 +39,7 @@ from isg.io.damage import (DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, S
 
 BACKENDS = ("cucim", "openslide", "tifffile", "image")
 CUCIM_SUFFIXES = (".tif", ".tiff", ".svs")
+CUCIM_COMPRESSIONS = (1, 7, 33003, 33005)  # none, JPEG, Aperio JPEG 2000: TIFF codecs cuCIM decodes
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
@@ -788,8 +789,13 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None, max_damage
         # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply and its
         # segment index checks every tile the other backend decodes (cuCIM returns garbage for damaged tiles)
         tiff = TiffSlide(path, mpp=mpp, max_damaged=max_damaged)
+        compression = int(tiff._pages[0].compression)
         segments = tiff.take_segments()
         tiff.close()
+        if backend == "cucim" and compression not in CUCIM_COMPRESSIONS:  # cuCIM crashes the process on these
+            segments.close()
+            raise SlideError(path, f"cuCIM cannot decode TIFF compression {compression} (it decodes "
+                                   f"{', '.join(map(str, CUCIM_COMPRESSIONS))}); use backend 'tifffile'")
         try:
             slide = _CLASSES[backend](path, mpp=mpp)
         except BaseException:
