@@ -623,3 +623,63 @@ def test_vendor_formats_go_to_openslide_with_a_clear_error(tmp_path, suffix):
     path.write_bytes(b"not a slide" * 10)
     with pytest.raises(SlideError, match=rf"broken\{suffix}: (OpenSlide cannot open it|unsupported format)"):
         open_slide(path)
+
+
+# ----------------------------------------------------------------------------- shared helpers (issue 8)
+
+
+def test_otsu_threshold_and_box_fraction_known_answers():
+    from skimage.filters import threshold_otsu
+
+    from isg.io import box_fraction, otsu_threshold
+
+    values = np.concatenate([np.full(100, 40), np.full(60, 200)]).astype(np.uint8)
+    assert otsu_threshold(values) == threshold_otsu(values)
+    assert 40 <= otsu_threshold(values) < 200
+    assert otsu_threshold(values, lower=150) == 150 and otsu_threshold(values, upper=30) == 30
+    assert otsu_threshold(np.full(10, 7)) == 7  # constant input: no threshold to find
+    mask = np.zeros((10, 12), bool)
+    mask[2:6, 3:9] = True  # 4 x 6 block
+    boxes = np.array([[0, 0, 12, 10], [3, 2, 9, 6], [0, 0, 3, 2], [6, 4, 14, 12], [11, 9, 11, 9]])
+    expected = [24 / 120, 1.0, 0.0, (3 * 2) / (8 * 8), 0.0]  # the part past the mask counts as background
+    np.testing.assert_allclose(box_fraction(mask, boxes), expected)
+
+
+def test_native_output_is_captured_and_python_stderr_stays_visible(capfd):
+    import os
+    import sys
+
+    from isg.io import native_messages, quiet_native_output
+
+    before = native_messages()
+    with quiet_native_output():
+        with quiet_native_output():  # nested: one redirection
+            os.write(2, b"ERROR in line 205 while decompressing JPEG image\n")
+        print("progress bar", file=sys.stderr, flush=True)
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
+    out, err = capfd.readouterr()
+    assert "progress bar" in err and "JPEG" not in err
+    assert native_messages() - before == 2
+
+
+def test_jpeg_check_attributes_warnings_under_threads(tmp_path):
+    """Concurrent checks of good and damaged JPEG tiles: libjpeg's printed warnings land on the right tiles."""
+    import concurrent.futures as cf
+
+    from isg.io.damage import jpeg_error
+
+    svs = aperio_ihc_svs(tmp_path / "ihc.svs")
+    streams = []
+    for index in range(48):
+        offset, count = segment(svs, 0, index)
+        data = bytearray(svs.read_bytes()[offset:offset + count])
+        if index % 5 == 0:  # random bytes in the middle: libjpeg warns (premature end / bad Huffman / marker)
+            data[count // 4:count // 4 + 512] = np.random.default_rng(index).bytes(512)
+        streams.append(bytes(data))
+    alone = [jpeg_error(stream) is not None for stream in streams]  # one at a time: nothing to confuse
+    damaged = set(range(0, 48, 5))
+    assert {i for i, bad in enumerate(alone) if bad} <= damaged
+    assert sum(alone) >= 0.8 * len(damaged)  # the rest decode without a word: garbage no decoder can see
+    with cf.ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(jpeg_error, streams * 3))
+    assert [e is not None for e in errors] == alone * 3
