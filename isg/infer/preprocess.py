@@ -38,6 +38,7 @@ resumable cohort runner (:func:`isg.infer.cohort.run_cohort`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -65,6 +66,7 @@ def _default_rule() -> str:
 
 DEFAULT_RULE = _default_rule()
 ON_DAMAGED = ("skip", "fail")
+log = logging.getLogger(__name__)
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
 
 
@@ -454,7 +456,7 @@ def preprocess_cohort(
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
     ``tile_progress``: a tile bar per slide (for one slide at a time). ``slide_mpps`` ({slide id: mpp},
     see :func:`read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.infer.cohort.CohortSummary`."""
-    from isg.io import release_buffers
+    from isg.io import native_messages, release_buffers
 
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
@@ -463,6 +465,7 @@ def preprocess_cohort(
     out_dir = Path(out_dir)
     slides = [Path(s) for s in slides]
     process = _PreprocessOne(out_dir, options, slide_mpps or {}, tile_progress)
+    messages = native_messages()
     try:
         return run_cohort(
             slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
@@ -471,3 +474,6 @@ def preprocess_cohort(
         )
     finally:
         release_buffers()  # the pooled tile batch buffers of this run
+        if native_messages() > messages:  # decoder output was captured, not printed (in this process)
+            log.info("isg preprocess: %d line(s) of decoder output captured; DEBUG logging on 'isg.io' shows them",
+                     native_messages() - messages)
