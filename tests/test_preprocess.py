@@ -326,6 +326,9 @@ def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_pa
     with pytest.raises(DamagedSlideError, match=r"ihc_bad\.svs: 1 of 48 tissue patches touch damaged tiles \(on_damaged='fail'\)"):
         preprocess_slide(bad, tmp_path, on_damaged="fail", **options)
     assert not list(tmp_path.glob("*.h5"))
+    # the thumbnail paints the damaged tile white, yet its patch stays on the grid to be found and counted
+    stats = preprocess_slide(bad, tmp_path / "default", patch_size=128, local_size=32, rule="topk", k=5)
+    assert stats["n_damaged"] == 1
     # the CLI: summary.json and the table carry n_damaged; --on-damaged fail makes the slide a failure
     args = ["preprocess", str(bad), "--out", str(tmp_path / "cli"), "--patch-size", "128", "--local-size", "32",
             "--top-k", "5", "--tissue-min", "0"]

@@ -221,8 +221,9 @@ def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
     level = grid_level(slide, opts.mpp, opts.level)
     downsample = float(slide.level_downsamples[level])
     level0_patch_size = round(opts.patch_size * downsample)
-    thumb = slide.thumbnail(mask_size(slide, level0_patch_size))  # [h, w, 3]
-    mask = tissue_mask(slide, thumbnail=thumb)  # [h, w] bool
+    thumb, damaged = slide.thumbnail(mask_size(slide, level0_patch_size), with_damage=True)  # [h, w, 3], [h, w]
+    # damaged tiles of the thumbnail count as tissue: their patches are read, found damaged, listed and counted
+    mask = tissue_mask(slide, thumbnail=thumb) | damaged  # [h, w] bool
     coords = np.asarray(tile_grid(slide, opts.patch_size, level=level, tissue_min=opts.tissue_min, mask=mask),
                         dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
     if len(coords) == 0:
