@@ -398,3 +398,17 @@ def test_unsupported_format_is_a_clear_error(tmp_path):
 
     with pytest.raises(Error, match=r"slide\.czi: unsupported format \(suffix '\.czi'.*supported: .*\.dcm.*\.svs"):
         open_slide(path)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("nvidia") is None
+                    or __import__("importlib").util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI not installed")
+def test_dali_reader_through_preprocess(cohort, tmp_path):
+    """``reader="dali"`` (``--reader dali``): the same patches as the thread reader (patch size = the file's tiles)."""
+    slide = cohort.slides[0]
+    a = preprocess_slide(slide, tmp_path / "threads", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False)
+    b = preprocess_slide(slide, tmp_path / "dali", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False,
+                         reader="dali")
+    assert (a["n_tissue"], a["n_damaged"]) == (b["n_tissue"], b["n_damaged"])
+    ha, hb = read_h5(tmp_path / "threads" / f"{slide.stem}.h5"), read_h5(tmp_path / "dali" / f"{slide.stem}.h5")
+    np.testing.assert_array_equal(ha["all_coords"], hb["all_coords"])
+    np.testing.assert_allclose(ha["scores"], hb["scores"], rtol=0.05)  # two JPEG decoders: close, not identical
