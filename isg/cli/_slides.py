@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from isg.io import SUPPORTED_SUFFIXES
+
+# slide files a folder listing takes: every format isg.io reads, except DICOM instances (a folder of them is one slide)
+SLIDE_SUFFIXES = tuple(suffix for suffix in SUPPORTED_SUFFIXES if suffix != ".dcm")
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -13,13 +17,9 @@ def _is_dicom_folder(path: Path) -> bool:
 def _slides_in(folder: Path) -> list[Path]:
     """Slide files of a folder (suffixes :data:`isg.io.SUPPORTED_SUFFIXES`, DICOM instances excepted) and its
     subfolders holding a DICOM WSI (one slide each); a folder of DICOM instances is itself one slide."""
-    from isg.io import SUPPORTED_SUFFIXES
-
     if _is_dicom_folder(folder):
         return [folder]
-    return sorted(p for p in folder.iterdir()
-                  if (p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and p.suffix.lower() != ".dcm")
-                  or _is_dicom_folder(p))
+    return sorted(p for p in folder.iterdir() if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or _is_dicom_folder(p))
 
 
 def add_slide_arguments(parser) -> None:
@@ -38,9 +38,7 @@ def slides_from_args(args) -> list[Path]:
         if path.is_dir():
             found = _slides_in(path)
             if not found:
-                from isg.io import SUPPORTED_SUFFIXES
-
-                raise CLIError(f"folder {path} holds no slide files ({', '.join(SUPPORTED_SUFFIXES)}) or DICOM WSI")
+                raise CLIError(f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)}) or DICOM WSI")
             slides += found
         elif path.is_file():
             slides.append(path)
