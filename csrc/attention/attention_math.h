@@ -2,28 +2,27 @@
 // Per-element formulas shared by the CPU and CUDA kernels, so both paths
 // compute the same thing. `acc_t` is float (double for double tensors).
 #include <cmath>
+#include <cstdint>
 
-#ifdef __CUDACC__
-#define ISG_HD __host__ __device__ __forceinline__
-#else
-#define ISG_HD inline
-#endif
+#include "common/hd.h"
 
 namespace isg {
 namespace attention {
 
-// exp in float: __expf on the device; on the host a branch-free Cephes-style
-// polynomial (~1 ulp) that the compiler vectorises (libm's expf does not).
+// exp in float: libm-accurate expf on the device (these kernels are memory-bound: no __expf);
+// on the host a branch-free Cephes-style polynomial (~1 ulp) that the compiler vectorises (libm's
+// expf does not). Defined for every input: NaN -> NaN, +-inf and out-of-range saturate.
 ISG_HD float exp_acc(float x) {
 #ifdef __CUDA_ARCH__
-  return __expf(x);
+  return expf(x);
 #else
-  x = x < -87.0f ? -87.0f : x;  // ternaries, not fminf/fmaxf: these vectorise (NaN passes through)
-  x = x > 88.0f ? 88.0f : x;
-  const float fx = x * 1.44269504088896341f;  // x / ln 2
+  const bool nan = x != x;
+  float y = x > -87.0f ? x : -87.0f;  // ternaries, not fminf/fmaxf: these vectorise; NaN -> -87 here,
+  y = y < 88.0f ? y : 88.0f;          // so the int conversion below is always defined
+  const float fx = y * 1.44269504088896341f;  // y / ln 2, in [-125.6, 127]
   const int n = static_cast<int>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
+  const float r = (y - nf * 0.693359375f) + nf * 2.12194440e-4f;  // y - n ln 2 in two parts
   float poly = 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
@@ -31,9 +30,12 @@ ISG_HD float exp_acc(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   const float er = poly * r * r + r + 1.0f;  // e^r, |r| <= ln 2 / 2
-  union { int i; float f; } scale;
-  scale.i = (n + 127) << 23;  // 2^n
-  return er * scale.f;
+  union { uint32_t u; float f; } scale;
+  scale.u = static_cast<uint32_t>(n + 127) << 23;  // 2^n, n + 127 in [1, 254]
+  float result = er * scale.f;
+  result = x < -87.0f ? 0.0f : result;  // below the float range: 0 (as expf, up to denormals)
+  result = x > 88.0f ? INFINITY : result;  // above: inf
+  return nan ? x : result;
 #endif
 }
 ISG_HD double exp_acc(double x) { return exp(x); }
@@ -60,7 +62,7 @@ ISG_HD acc_t gated_backward(acc_t q, acc_t k, acc_t v, acc_t g, acc_t& grad_k, a
   return dz * k;
 }
 
-// Backward of softmax_spatial_sum for one element with softmax weight w and row output out:
+// Backward of softmax_spatial_sum (plus form) for one element with softmax weight w and row output out:
 // dL/dp_j = g * w_j, dL/dlogit_j = g * w_j * (p_j - out).
 template <typename acc_t>
 ISG_HD void softmax_sum_backward(acc_t w, acc_t p, acc_t out, acc_t g, acc_t& grad_logit, acc_t& grad_p) {
