@@ -212,3 +212,71 @@ def test_cuda_matches_cpu_reference(attention_ext, name, make, fused, reference,
         eager_err = (e.double() - o).abs().max().item() if e.numel() else 0.0
         floor = torch.finfo(dtype).eps * max(o.abs().max().item() if o.numel() else 0.0, 1e-3) * 4
         assert fused_err <= 2 * max(eager_err, floor), (fused_err, eager_err)
+
+
+# ----------------------------------------------------------------------------- findings of the kernel review
+
+
+def test_registered_ops_validate_their_inputs(attention_ext):
+    """torch.compile graphs call torch.ops.isg.* directly: wrong dtypes, shapes or devices must raise there
+    (before: q.half() made the kernel read past q's end, p.double() gave 3e19)."""
+    q, k, v = (t.detach() for t in _gated_inputs(2, 3, 5, form="plus"))
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.isg.gated_hadamard(q.half(), k, v)
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.isg.gated_hadamard(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="neither"):
+        torch.ops.isg.gated_hadamard(q[:, :2], k, v)
+    with pytest.raises(ValueError, match="grad"):
+        torch.ops.isg.gated_hadamard_backward(torch.zeros(2, 3, 4), q, k, v)
+    logits, p = (t.detach() for t in _softmax_inputs(2, 3, 5))
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.isg.softmax_spatial_sum(logits, p.double())
+    with pytest.raises(ValueError, match="grad"):
+        torch.ops.isg.softmax_spatial_sum_backward(torch.zeros(2, 4), logits, p)
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.isg.softmax_spatial_sum(logits.to("meta"), p)
+
+
+def test_kernels_reject_null_pointers(attention_ext):
+    with pytest.raises(ValueError, match="null"):
+        attention_ext.gated_hadamard_forward(0, 0, 0, 0, 2, 3, 4, True, 0, 1)
+    with pytest.raises(ValueError, match="null"):
+        attention_ext.softmax_spatial_sum_backward(0, 0, 0, 0, 0, 2, 3, 4, False, 0, 1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_non_finite_rows_match_reference(attention_ext, form):
+    """All -inf / NaN logits: NaN as in PyTorch (before: NaN was cast to int inside exp, undefined behaviour)."""
+    logits = torch.tensor([[-float("inf")] * 4, [float("nan"), 0.0, 1.0, 2.0], [0.0, 1.0, -float("inf"), 3.0]])[:, None]
+    p = torch.randn(3, 2, 4)
+    logits = logits if form == "paper" else logits.expand(3, 2, 4).contiguous()
+    torch.testing.assert_close(ops.softmax_spatial_sum(logits, p, fused=True), ops.softmax_spatial_sum_reference(logits, p),
+                               equal_nan=True)
+    q = torch.tensor([float("inf"), -float("inf"), float("nan")]).view(3, 1, 1).expand(3, 1, 4).contiguous()
+    q = q if form == "paper" else q[:, :, :1].expand(3, 2, 1).contiguous()
+    k, v = torch.ones(3, 2, 4), torch.ones(3, 2, 4)
+    torch.testing.assert_close(ops.gated_hadamard(q, k, v, fused=True), ops.gated_hadamard_reference(q, k, v), equal_nan=True)
+
+
+def test_cpu_kernels_honour_torch_thread_count(attention_ext, monkeypatch):
+    """The CPU kernels get torch.get_num_threads() explicitly (one OpenMP pool, whatever the import order)."""
+    seen = []
+    module = attention_ext
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                seen.append(args[-1])
+                return getattr(module, name)(*args)
+            return call
+
+    monkeypatch.setattr(ops._ext, "ext", lambda: Spy())
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        q, k, v = _gated_inputs(4, 3, 16)
+        ops.gated_hadamard(q, k, v, fused=True).sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [1, 1]

@@ -207,15 +207,8 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const T* __r
       }
       const acc_t mean = group_sum(w * dw, width);
       if (active && lane < L) store(grad_logits + unit * L + lane, w * (dw - mean));
-    } else {
-      acc_t mean = 0;  // sum_c g_c out_c
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t out = 0;
-        for (int64_t j = lane; active && j < L; j += width)
-          out += exp_acc(acc_t(load(l + j)) - m) * acc_t(load(p + (unit * C + c) * L + j));
-        out = group_sum(out, width) * inv;
-        if (active) mean += acc_t(load(grad + unit * C + c)) * out;
-      }
+    } else {  // L > 32: dw_j is recomputed in a second pass instead of held
+      acc_t mean = 0;  // sum_j w_j dw_j
       for (int64_t j = lane; active && j < L; j += width) {
         const acc_t w = exp_acc(acc_t(load(l + j)) - m) * inv;
         acc_t dw = 0;
@@ -225,6 +218,13 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const T* __r
           dw += g * acc_t(load(p + i));
           store(grad_p + i, g * w);
         }
+        mean += w * dw;
+      }
+      mean = group_sum(mean, width);
+      for (int64_t j = lane; active && j < L; j += width) {
+        const acc_t w = exp_acc(acc_t(load(l + j)) - m) * inv;
+        acc_t dw = 0;
+        for (int64_t c = 0; c < C; ++c) dw += acc_t(load(grad + unit * C + c)) * acc_t(load(p + (unit * C + c) * L + j));
         store(grad_logits + unit * L + j, w * (dw - mean));
       }
     }
