@@ -57,7 +57,7 @@ def emu():
         if os.environ.get("ISG_REQUIRE_EXT") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    spec = importlib.util.spec_from_file_location("_C", path)  # PyInit__C; not registered in sys.modules
+    spec = importlib.util.spec_from_file_location("isg_emulation._C", path)  # PyInit__C; a name of its own
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.built_with_cuda

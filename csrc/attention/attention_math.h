@@ -11,18 +11,19 @@ namespace attention {
 
 // exp in float: libm-accurate expf on the device (these kernels are memory-bound: no __expf);
 // on the host a branch-free Cephes-style polynomial (~1 ulp) that the compiler vectorises (libm's
-// expf does not). Defined for every input: NaN -> NaN, +-inf and out-of-range saturate.
+// expf does not). Defined for every input: NaN -> NaN (the exponent is taken from a NaN-free copy,
+// so no NaN is ever converted to int), out-of-range inputs saturate at exp(-87) and exp(88).
 ISG_HD float exp_acc(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
-  const bool nan = x != x;
-  float y = x > -87.0f ? x : -87.0f;  // ternaries, not fminf/fmaxf: these vectorise; NaN -> -87 here,
-  y = y < 88.0f ? y : 88.0f;          // so the int conversion below is always defined
-  const float fx = y * 1.44269504088896341f;  // y / ln 2, in [-125.6, 127]
+  x = x < -87.0f ? -87.0f : x;  // ternaries, not fminf/fmaxf: these vectorise (NaN passes through)
+  x = x > 88.0f ? 88.0f : x;
+  const float finite = x == x ? x : 0.0f;
+  const float fx = finite * 1.44269504088896341f;  // x / ln 2, in [-125.6, 127]
   const int n = static_cast<int>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
-  const float r = (y - nf * 0.693359375f) + nf * 2.12194440e-4f;  // y - n ln 2 in two parts
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts (NaN stays NaN)
   float poly = 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
@@ -32,10 +33,7 @@ ISG_HD float exp_acc(float x) {
   const float er = poly * r * r + r + 1.0f;  // e^r, |r| <= ln 2 / 2
   union { uint32_t u; float f; } scale;
   scale.u = static_cast<uint32_t>(n + 127) << 23;  // 2^n, n + 127 in [1, 254]
-  float result = er * scale.f;
-  result = x < -87.0f ? 0.0f : result;  // below the float range: 0 (as expf, up to denormals)
-  result = x > 88.0f ? INFINITY : result;  // above: inf
-  return nan ? x : result;
+  return er * scale.f;
 #endif
 }
 ISG_HD double exp_acc(double x) { return exp(x); }
