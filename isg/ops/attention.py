@@ -267,8 +267,6 @@ def gated_hadamard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: 
     ``fused=None`` uses the native kernel when available for the device and
     dtype, ``True`` requires it, ``False`` forces the PyTorch reference.
     """
-    if q.dim() == 2:  # TODO(kernels): shorthand for [M, C, 1], kept until isg.model passes 3-D q
-        q = q.unsqueeze(-1)
     _check_gated(q, k, v)
     q, k, v = _common(q, k, v)
     if _use_fused("gated_hadamard", fused, q, k):
