@@ -208,7 +208,7 @@ def test_other_schedules(emulated, monkeypatch, schedule):
 
 def test_no_fast_math_in_cuda_builds():
     """Accurate expf: at __expf's documented error bound the softmax left the test tolerance (4.5e-7 vs 3.1e-7)."""
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = "\n".join(line.split("#")[0] for line in (ROOT / "CMakeLists.txt").read_text().splitlines())  # code, no comments
     assert "use_fast_math" not in cmake and "-ftz" not in cmake
     for source in (ROOT / "csrc").rglob("*.cu"):
         assert "__expf" not in source.read_text(), source
