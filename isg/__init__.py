@@ -20,7 +20,8 @@ def is_available(backend: str) -> bool:
 
     ``ext``: the native module ``isg._C``; ``cuda``: its CUDA kernels and a CUDA
     device; ``cucim`` / ``openslide`` / ``tifffile`` / ``dali``: slide and
-    decode backends; ``lpips``: the ImageNet AlexNet weights LPIPS needs (LPIPS itself is part of isg).
+    decode backends; ``lpips``: the lpips package (LPIPS itself is built into isg; the package is the
+    reference and ``--lpips-impl lpips``).
     """
     from isg import _ext
 
@@ -30,24 +31,33 @@ def is_available(backend: str) -> bool:
         return _ext.cuda_ready()
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS)}")
-    if backend == "lpips":
-        from isg.features.lpips_loss import cached_alexnet_weights
-
-        return cached_alexnet_weights() is not None
-    module = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dali": "nvidia.dali"}[backend]
+    module = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dali": "nvidia.dali",
+              "lpips": "lpips"}[backend]
     try:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return False
         if backend == "cucim":
-            from isg.io.slide import _quiet_cucim  # cuCIM's cuFile layer prints libcuda errors without a driver
+            from isg.utils import quiet_cucim  # cuCIM's cuFile layer prints libcuda errors without a driver
 
-            with _quiet_cucim():
+            with quiet_cucim():
                 importlib.import_module("cucim.clara")
         else:
             importlib.import_module(module)
         return True
     except Exception:  # broken install, missing shared library, ...
         return False
+
+
+def backend_detail(backend: str) -> str:
+    """One line on a backend's state for ``isg info``: what was built, or why it is off."""
+    from isg import _ext
+
+    if backend == "ext":
+        module = _ext.ext()
+        return f"built with CUDA: {getattr(module, 'built_with_cuda', False)}" if module else str(_ext.ext_error())
+    if backend == "cuda":
+        return _ext.cuda_status()[1]
+    return ""
 
 
 def backends() -> dict[str, bool]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import io
+import logging
 import os
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,3 +69,128 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# ----------------------------------------------------------------------------- output of C libraries
+
+_native_log = logging.getLogger("isg.native")
+
+
+class NativeOutput:
+    """Process-wide, reference-counted redirection of the C-level stdout (1) / stderr (2) to temp files.
+
+    Nested and concurrent users (threads reading several slides) share one redirection per descriptor;
+    the last one to leave restores it, counts the captured lines and logs them.
+    """
+
+    lock = threading.RLock()
+    depth = {1: 0, 2: 0}
+    saved: dict[int, int] = {}
+    sinks: dict[int, object] = {}
+    python_stderr = None  # sys.stderr before the redirection
+    visible_stderr = None  # a text stream on the terminal's stderr, for Python output meanwhile
+    messages = 0
+
+    @classmethod
+    def enter(cls, fd: int) -> None:
+        with cls.lock:
+            if cls.depth[fd] == 0:
+                stream = sys.stdout if fd == 1 else sys.stderr
+                if stream is not None:
+                    stream.flush()
+                cls.saved[fd] = os.dup(fd)
+                sink = tempfile.TemporaryFile()
+                os.dup2(sink.fileno(), fd)
+                cls.sinks[fd] = sink
+                if fd == 2:
+                    cls._keep_python_stderr_visible()
+            cls.depth[fd] += 1
+
+    @classmethod
+    def _keep_python_stderr_visible(cls) -> None:
+        try:
+            is_fd2 = sys.stderr is not None and sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # pytest's capture and the like: leave it alone
+            is_fd2 = False
+        if not is_fd2:
+            return
+        if cls.visible_stderr is None:  # one stream on a duplicate of the terminal, kept for the process
+            cls.visible_stderr = io.TextIOWrapper(os.fdopen(os.dup(cls.saved[2]), "wb", buffering=0),
+                                                  encoding=sys.stderr.encoding, errors="backslashreplace",
+                                                  line_buffering=True, write_through=True)
+        cls.python_stderr, sys.stderr = sys.stderr, cls.visible_stderr
+
+    @classmethod
+    def stderr_size(cls) -> int:
+        """Bytes captured from fd 2 so far in the current redirection (call inside it)."""
+        with cls.lock:
+            return os.fstat(cls.sinks[2].fileno()).st_size
+
+    @classmethod
+    def stderr_since(cls, offset: int) -> str:
+        with cls.lock:
+            sink = cls.sinks[2].fileno()
+            return os.pread(sink, os.fstat(sink).st_size - offset, offset).decode("utf-8", "replace")
+
+    @classmethod
+    def leave(cls, fd: int) -> None:
+        with cls.lock:
+            cls.depth[fd] -= 1
+            if cls.depth[fd]:
+                return
+            if fd == 2 and cls.python_stderr is not None:
+                sys.stderr.flush()
+                sys.stderr, cls.python_stderr = cls.python_stderr, None
+            saved = cls.saved.pop(fd)
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink = cls.sinks.pop(fd)
+            sink.seek(0)
+            lines = [line for line in sink.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            sink.close()
+            cls.messages += len(lines)
+            for line in lines:
+                _native_log.debug("native %s: %s", "stdout" if fd == 1 else "stderr", line)
+
+
+@contextlib.contextmanager
+def quiet_native_output(stdout: bool = False):
+    """Capture what C libraries print on stderr (and on stdout when ``stdout``) for the duration.
+
+    Process-wide and reference-counted: safe to nest and to use from several threads at once. Captured
+    lines are counted (:func:`native_messages`) and logged at DEBUG level on the ``isg.native`` logger.
+    """
+    fds = (2, 1) if stdout else (2,)
+    for fd in fds:
+        NativeOutput.enter(fd)
+    try:
+        yield
+    finally:
+        for fd in reversed(fds):
+            NativeOutput.leave(fd)
+
+
+def native_messages() -> int:
+    """Lines that C libraries printed inside :func:`quiet_native_output` so far (this process)."""
+    return NativeOutput.messages
+
+
+@contextlib.contextmanager
+def quiet_cucim():
+    """Silence cuCIM's cuFile layer while importing cuCIM / opening a file.
+
+    On machines without a CUDA driver cuFile prints libcuda errors on stdout and writes ``cufile.log``
+    into the working directory. ``CUFILE_LOGFILE_PATH`` only helps when set before torch loads
+    libcufile, so the C-level stdout/stderr are captured for the duration (:func:`quiet_native_output`)
+    and a ``cufile.log`` that appeared meanwhile is removed.
+    """
+    os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+    log = Path("cufile.log")
+    had_log = log.exists()
+    with quiet_native_output(stdout=True):
+        try:
+            yield
+        finally:
+            if not had_log:
+                with contextlib.suppress(OSError):
+                    log.unlink()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from isg.features.lpips_loss import ALEXNET_FILE, LINEAR_WEIGHTS, load_lpips
+from isg.features.lpips_loss import ALEXNET_FILE, LINEAR_WEIGHTS, alexnet_features, load_lpips
 
 
 def test_linear_weights_are_lpips_v01_alex():
@@ -46,3 +46,24 @@ def test_random_backbone_warns_in_user_words(tmp_path, monkeypatch):
     assert not loss.pretrained_backbone
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(loss(x, x), torch.zeros(2)) and (loss(x, x.flip(-1)) > 0).all()
+
+
+@pytest.mark.parametrize("size", [41, 80])
+def test_package_impl_equals_builtin(size, tmp_path):
+    """impl='lpips' (the lpips package in the loop) and the built-in impl give the same distance."""
+    pytest.importorskip("lpips")
+    pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    backbone = {"features." + key: value for key, value in alexnet_features().state_dict().items()}
+    torch.save(backbone, tmp_path / ALEXNET_FILE)
+    builtin = load_lpips(tmp_path / ALEXNET_FILE)
+    package = load_lpips(tmp_path / ALEXNET_FILE, impl="lpips")
+    assert package.pretrained_backbone
+    x, y = torch.rand(2, 3, 3, size, size).mul(2).sub(1)
+    with torch.no_grad():
+        torch.testing.assert_close(package(x, y), builtin(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl 'nope'"):
+        load_lpips(impl="nope")

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 BUILD="${1:-build/dev}"
 KERNELS="${2:-shannon;attention}"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DISG_KERNELS="$KERNELS" -DISG_CUDA="${ISG_CUDA:-AUTO}" -DISG_CUDA_ARCHS="${ISG_CUDA_ARCHS:-75;80;90}" \
+  -DISG_KERNELS="$KERNELS" -DISG_CUDA="${ISG_CUDA:-AUTO}" -DISG_CUDA_ARCHS="${ISG_CUDA_ARCHS:-75-real;80-real;90;100-real;120-real}" \
   -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v python3)" >/dev/null
 cmake --build "$BUILD" -j "$(nproc)"
 echo "built: $(ls "$BUILD"/_C*.so)  -> use ISG_EXT_PATH=$BUILD"

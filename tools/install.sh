@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step install of isg and everything it uses, keeping the chosen torch build in place:
 # torch goes first, and nothing installed afterwards may replace it (isg needs only torch>=2.4;
-# torchvision is optional, for the HE2RNA baseline; LPIPS is part of isg).
+# torchvision is optional, for the HE2RNA baseline; LPIPS is part of isg, and the lpips package, the
+# reference it is checked against and `--lpips-impl lpips`, goes in with --no-deps).
 #   ISG_TORCH="torch==2.14.1 torchvision==0.29.1"  torch pins (default; CUDA 13 build, runs on CPU too)
 #   ISG_TORCH=cpu                                  CPU-only torch (ISG_TORCH_CPU, default torch==2.13.0+cpu,
 #                                                  from ISG_TORCH_CPU_INDEX), no torchvision, no cuCIM/DALI,
@@ -31,10 +32,13 @@ else
 fi
 # build backend + the rest of the dependencies, then isg itself (editable)
 $PIP install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+command -v cmake >/dev/null || $PIP install "cmake>=3.18"  # the kernel-emulation tests build with it
 $PIP install -e ".[all]"
 if [ "$CPU_ONLY" = 0 ]; then
   # cuCIM's declared cupy would pull 1.75 GB of CUDA libraries isg does not use
   $PIP install --no-deps "cucim-cu13>=25.10" "lazy-loader>=0.4"
+  # the lpips package declares torch/torchvision pins that would swap torch; it needs only what is here
+  $PIP install --no-deps "lpips==0.1.4"
   if [ "${ISG_SKIP_DALI:-0}" != "1" ]; then
     $PIP install nvidia-dali-cuda130 || echo "warning: DALI could not be installed; the DALI tile path stays off" >&2
   fi

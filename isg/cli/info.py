@@ -12,16 +12,13 @@ def run(args) -> int:
     import torch
 
     import isg
-    from isg import _ext
+    from isg.features.lpips_loss import cached_alexnet_weights
 
     print(f"isg {isg.__version__}  torch {torch.__version__}")
     for name, ok in isg.backends().items():
-        extra = ""
-        if name == "ext" and not ok:
-            extra = f"  ({_ext.ext_error()})"
-        if name == "ext" and ok:
-            extra = f"  (built with CUDA: {getattr(_ext.ext(), 'built_with_cuda', False)})"
-        if name == "cuda":
-            extra = f"  ({_ext.cuda_status()[1]})"
-        print(f"  {name:<10} {'yes' if ok else 'no'}{extra}")
+        detail = isg.backend_detail(name)
+        print(f"  {name:<13} {'yes' if ok else 'no'}{f'  ({detail})' if detail else ''}")
+    weights = cached_alexnet_weights()
+    print(f"  {'lpips-weights':<13} {'yes' if weights else 'no'}  "
+          f"({weights or 'ImageNet AlexNet not in the torch hub cache: LPIPS trains with a random backbone'})")
     return 0

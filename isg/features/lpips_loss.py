@@ -87,12 +87,22 @@ class LPIPSLoss(nn.Module):
             self._load_backbone(path)
         self.eval().requires_grad_(False)
 
-    def _load_backbone(self, path: Path) -> None:
+    @staticmethod
+    def _read_backbone(path: Path) -> dict[str, torch.Tensor]:
+        """torchvision AlexNet ``features.<i>.*`` tensors of a state dict file, keyed ``<i>.*``."""
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS AlexNet weights {path}: no such file")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
+        expected = set(alexnet_features().state_dict())
+        if set(features) != expected:
+            raise ValueError(f"LPIPS AlexNet weights {path}: not a torchvision alexnet state dict "
+                             f"(features keys {sorted(features)[:4]}..., expected {sorted(expected)[:4]}...)")
+        return features
+
+    def _load_backbone(self, path: Path) -> None:
+        features = self._read_backbone(path)
         try:
             self.features.load_state_dict(features)
         except RuntimeError as exc:
@@ -124,6 +134,51 @@ class LPIPSLoss(nn.Module):
         return distance
 
 
-def load_lpips(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LPIPSLoss:
-    """LPIPS(AlexNet) on ``device``; see the module docstring for where weights come from."""
-    return LPIPSLoss(weights).to(device)
+class PackageLPIPSLoss(nn.Module):
+    """The same LPIPS(AlexNet, v0.1) computed by the ``lpips`` package itself (``impl="lpips"``).
+
+    For users who want the reference implementation in the loop. The package is optional (install it
+    with ``pip install --no-deps lpips==0.1.4``: its declared dependencies would replace torch). Its
+    calibrated linear layers come from the package; its AlexNet is filled from the same torchvision
+    state dict as :class:`LPIPSLoss` (never downloaded), else left random with the same warning.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None):
+        super().__init__()
+        try:
+            import lpips
+        except ImportError as exc:
+            raise ImportError("LPIPS impl 'lpips' needs the lpips package: pip install --no-deps lpips==0.1.4 "
+                              "(or use the built-in impl 'isg', the same distance)") from exc
+        with warnings.catch_warnings():  # torchvision's 'pretrained' deprecation inside the package
+            warnings.simplefilter("ignore")
+            self.reference = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        path = Path(weights) if weights is not None else cached_alexnet_weights()
+        self.pretrained_backbone = path is not None
+        if path is None:
+            _warn_random_backbone()
+        else:
+            backbone = LPIPSLoss._read_backbone(path)  # torchvision 'features.<i>.*' -> the package's 'slice<k>.<i>.*'
+            self.reference.net.load_state_dict({key: backbone[key.split(".", 1)[1]] for key in self.reference.net.state_dict()})
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PackageLPIPSLoss:  # always frozen / eval
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] x2 -> [B]
+        if min(x.shape[-2:]) < MIN_SIZE:  # as LPIPSLoss: AlexNet's pooling needs the room
+            size = (max(MIN_SIZE, x.shape[-2]), max(MIN_SIZE, x.shape[-1]))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return self.reference(x.float(), y.float()).reshape(-1)
+
+
+LPIPS_IMPLS = ("isg", "lpips")  # built-in (default) or the lpips package
+
+
+def load_lpips(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               impl: str = "isg") -> nn.Module:
+    """LPIPS(AlexNet) on ``device``: ``impl="isg"`` built in, ``"lpips"`` the lpips package (the same distance)."""
+    if impl not in LPIPS_IMPLS:
+        raise ValueError(f"LPIPS impl {impl!r}: expected one of {', '.join(LPIPS_IMPLS)}")
+    return (LPIPSLoss(weights) if impl == "isg" else PackageLPIPSLoss(weights)).to(device)

@@ -4,12 +4,12 @@ detection (:mod:`isg.io.damage`), a tissue prefilter, tile grids, batched tile s
 cohort generator (:mod:`isg.io.synth`)."""
 
 from isg.io.dali import dali_available, iter_tiles_dali
-from isg.io.damage import (DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, DamagedTiles, native_messages,
-                           quiet_native_output)
+from isg.io.damage import DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, DamagedTiles
 from isg.io.slide import (BACKENDS, MIN_SLIDE_SIZE, SUPPORTED_SUFFIXES, Slide, SlideError, mpp_from_description,
-                          mpp_from_ome, mpp_from_resolution, open_slide, quiet_cucim)
+                          mpp_from_ome, mpp_from_resolution, open_slide)
 from isg.io.tiles import (LOCAL_SIZE, PATCH_SIZE, READERS, box_fraction, grid_level, iter_tiles, local_grid,
                           otsu_threshold, release_buffers, tile_grid, tissue_mask)
+from isg.utils import native_messages, quiet_cucim, quiet_native_output  # C-library output, shared with the root
 
 __all__ = ["BACKENDS", "DAMAGED_LIMIT", "LOCAL_SIZE", "PATCH_SIZE", "MIN_SLIDE_SIZE", "READERS", "SUPPORTED_SUFFIXES",
            "DamagedSlideError", "DamagedTileError", "DamagedTiles", "Slide", "SlideError", "box_fraction",

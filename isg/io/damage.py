@@ -26,15 +26,14 @@ valid Huffman codes) cannot be told from image data by any decoder; every other 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from isg.utils import NativeOutput, quiet_native_output
 
 DAMAGED_LIMIT = 0.05  # default: a slide with a larger fraction of damaged patches (or level tiles) fails
 
@@ -158,15 +157,15 @@ def jpeg_error(stream: bytes) -> str | None:
     """
     with quiet_native_output():
         with _DECODES.shared():
-            before = _NativeOutput.stderr_size()
+            before = NativeOutput.stderr_size()
             error = _decode_jpeg(stream)
-            printed = _NativeOutput.stderr_size() != before
+            printed = NativeOutput.stderr_size() != before
         if error or not printed:
             return error
         with _DECODES.exclusive():
-            before = _NativeOutput.stderr_size()
+            before = NativeOutput.stderr_size()
             error = _decode_jpeg(stream)
-            text = _NativeOutput.stderr_since(before).strip()
+            text = NativeOutput.stderr_since(before).strip()
         return error or (text.splitlines()[0] if text else None)
 
 
@@ -266,100 +265,3 @@ class TiffSegments:
 # ----------------------------------------------------------------------------- native output
 
 
-class _NativeOutput:
-    """Process-wide, reference-counted redirection of the C-level stdout (1) / stderr (2) to temp files.
-
-    Nested and concurrent users (threads reading several slides) share one redirection per descriptor;
-    the last one to leave restores it, counts the captured lines and logs them.
-    """
-
-    lock = threading.RLock()
-    depth = {1: 0, 2: 0}
-    saved: dict[int, int] = {}
-    sinks: dict[int, object] = {}
-    python_stderr = None  # sys.stderr before the redirection
-    visible_stderr = None  # a text stream on the terminal's stderr, for Python output meanwhile
-    messages = 0
-
-    @classmethod
-    def enter(cls, fd: int) -> None:
-        with cls.lock:
-            if cls.depth[fd] == 0:
-                stream = sys.stdout if fd == 1 else sys.stderr
-                if stream is not None:
-                    stream.flush()
-                cls.saved[fd] = os.dup(fd)
-                sink = tempfile.TemporaryFile()
-                os.dup2(sink.fileno(), fd)
-                cls.sinks[fd] = sink
-                if fd == 2:
-                    cls._keep_python_stderr_visible()
-            cls.depth[fd] += 1
-
-    @classmethod
-    def _keep_python_stderr_visible(cls) -> None:
-        try:
-            is_fd2 = sys.stderr is not None and sys.stderr.fileno() == 2
-        except (AttributeError, OSError, ValueError):  # pytest's capture and the like: leave it alone
-            is_fd2 = False
-        if not is_fd2:
-            return
-        if cls.visible_stderr is None:  # one stream on a duplicate of the terminal, kept for the process
-            cls.visible_stderr = io.TextIOWrapper(os.fdopen(os.dup(cls.saved[2]), "wb", buffering=0),
-                                                  encoding=sys.stderr.encoding, errors="backslashreplace",
-                                                  line_buffering=True, write_through=True)
-        cls.python_stderr, sys.stderr = sys.stderr, cls.visible_stderr
-
-    @classmethod
-    def stderr_size(cls) -> int:
-        """Bytes captured from fd 2 so far in the current redirection (call inside it)."""
-        with cls.lock:
-            return os.fstat(cls.sinks[2].fileno()).st_size
-
-    @classmethod
-    def stderr_since(cls, offset: int) -> str:
-        with cls.lock:
-            sink = cls.sinks[2].fileno()
-            return os.pread(sink, os.fstat(sink).st_size - offset, offset).decode("utf-8", "replace")
-
-    @classmethod
-    def leave(cls, fd: int) -> None:
-        with cls.lock:
-            cls.depth[fd] -= 1
-            if cls.depth[fd]:
-                return
-            if fd == 2 and cls.python_stderr is not None:
-                sys.stderr.flush()
-                sys.stderr, cls.python_stderr = cls.python_stderr, None
-            saved = cls.saved.pop(fd)
-            os.dup2(saved, fd)
-            os.close(saved)
-            sink = cls.sinks.pop(fd)
-            sink.seek(0)
-            lines = [line for line in sink.read().decode("utf-8", "replace").splitlines() if line.strip()]
-            sink.close()
-            cls.messages += len(lines)
-            for line in lines:
-                log.debug("native %s: %s", "stdout" if fd == 1 else "stderr", line)
-
-
-@contextlib.contextmanager
-def quiet_native_output(stdout: bool = False):
-    """Capture what C libraries print on stderr (and on stdout when ``stdout``) for the duration.
-
-    Process-wide and reference-counted: safe to nest and to use from several threads at once. Captured
-    lines are counted (:func:`native_messages`) and logged at DEBUG level on the ``isg.io`` logger.
-    """
-    fds = (2, 1) if stdout else (2,)
-    for fd in fds:
-        _NativeOutput.enter(fd)
-    try:
-        yield
-    finally:
-        for fd in reversed(fds):
-            _NativeOutput.leave(fd)
-
-
-def native_messages() -> int:
-    """Lines that C libraries printed inside :func:`quiet_native_output` so far (this process)."""
-    return _NativeOutput.messages

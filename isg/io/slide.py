@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from isg.io.damage import (DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, SlideError, TiffSegments, jpeg_error,
-                           quiet_native_output)
+from isg.io.damage import DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, SlideError, TiffSegments, jpeg_error
+from isg.utils import quiet_cucim, quiet_native_output
 
 BACKENDS = ("cucim", "openslide", "tifffile", "image")
 CUCIM_SUFFIXES = (".tif", ".tiff", ".svs")
@@ -605,28 +605,6 @@ class OpenSlideSlide(Slide):
 # ----------------------------------------------------------------------------- cuCIM
 
 
-@contextlib.contextmanager
-def quiet_cucim():
-    """Silence cuCIM's cuFile layer while importing cuCIM / opening a file.
-
-    On machines without a CUDA driver cuFile prints libcuda errors on stdout and writes ``cufile.log``
-    into the working directory. ``CUFILE_LOGFILE_PATH`` only helps when set before torch loads
-    libcufile, so the C-level stdout/stderr are captured for the duration (:func:`quiet_native_output`)
-    and a ``cufile.log`` that appeared meanwhile is removed.
-    """
-    os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
-    log = Path("cufile.log")
-    had_log = log.exists()
-    with quiet_native_output(stdout=True):
-        try:
-            yield
-        finally:
-            if not had_log:
-                with contextlib.suppress(OSError):
-                    log.unlink()
-
-
-_quiet_cucim = quiet_cucim  # the name isg/__init__.py imports (until it uses the public one)
 
 
 class CuCIMSlide(Slide):

@@ -169,7 +169,7 @@ class _Trainer:
         self.ae = Autoencoder(**config.model_kwargs()).to(self.device)
         self.disc = self.ae.make_discriminator(config.mbstd_group).to(self.device)
         self.decoder_ema = copy.deepcopy(self.ae.decoder).eval().requires_grad_(False)
-        self.lpips = load_lpips(config.lpips_weights, self.device) if config.lpips_weight > 0 else None
+        self.lpips = load_lpips(config.lpips_weights, self.device, config.lpips_impl) if config.lpips_weight > 0 else None
         self.opt_g = torch.optim.Adam(self.ae.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
         r1_ratio = config.r1_interval / (config.r1_interval + 1)  # lazy regularisation (StyleGAN2)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr * r1_ratio, betas=(0.0, 0.99**r1_ratio), eps=1e-8)

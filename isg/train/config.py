@@ -68,6 +68,7 @@ class AutoencoderTrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     lpips_weights: str | None = None  # AlexNet state dict; default: torch hub cache
+    lpips_impl: str = "isg"  # LPIPS computed by isg ("isg") or by the lpips package ("lpips"): the same distance
     progress: bool = True  # the built-in tqdm bar (set False when a progress callback renders instead)
 
     def __post_init__(self):
