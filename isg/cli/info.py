@@ -21,5 +21,11 @@ def run(args) -> int:
             extra = f"  ({_ext.ext_error()})"
         if name == "ext" and ok:
             extra = f"  (built with CUDA: {getattr(_ext.ext(), 'built_with_cuda', False)})"
+        if name == "lpips" and ok:
+            from isg.features.lpips_loss import ALEXNET_FILE, cached_alexnet_weights
+
+            weights = cached_alexnet_weights()
+            extra = f"  (AlexNet weights {weights})" if weights else \
+                f"  (but AlexNet ImageNet weights missing: put {ALEXNET_FILE} in {torch.hub.get_dir()}/checkpoints)"
         print(f"  {name:<10} {'yes' if ok else 'no'}{extra}")
     return 0

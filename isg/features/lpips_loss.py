@@ -49,9 +49,9 @@ class LPIPSLoss(nn.Module):
         self.pretrained_backbone = path is not None
         if path is None:
             warnings.warn(
-                f"LPIPS: no AlexNet ImageNet weights ({ALEXNET_FILE}) in {Path(torch.hub.get_dir()) / 'checkpoints'} and none given: "
-                "the backbone is RANDOM, so the LPIPS term is not the perceptual metric (tests only). "
-                "Copy torchvision's alexnet weights there or pass lpips_weights=PATH.",
+                f"LPIPS: no ImageNet AlexNet weights ({ALEXNET_FILE}) in {Path(torch.hub.get_dir()) / 'checkpoints'}: "
+                "its AlexNet is RANDOM, so the LPIPS term is not a perceptual distance and features will be weaker. "
+                "Copy torchvision's AlexNet weights there, pass --lpips-weights FILE, or use --lpips-weight 0.",
                 stacklevel=3,
             )
         else:

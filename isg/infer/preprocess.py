@@ -140,6 +140,7 @@ def preprocess_slide(
     device: str = "cpu",
     thumbnail: bool = True,
     progress: bool = False,
+    on_tiles=None,
 ) -> dict:
     """Preprocess one slide into ``<out_dir>/<slide_id>.h5`` (+ ``.png``); returns its stats.
 
@@ -149,6 +150,10 @@ def preprocess_slide(
     level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (paper: keep patches
     above mean + ``n_sigma`` std of the slide's scores), ``"threshold"`` (``threshold``,
     default :func:`isg.select.default_threshold_bits`) or ``"topk"`` (``k`` best).
+
+    ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B])`` sees every scored batch (the
+    tiles live in a reused buffer: copy what you keep), so callers can keep the selected tiles
+    instead of reading them again (``isg predict``).
 
     Returns ``n_tissue`` (patches scored), ``n_kept``, ``level``, ``mpp`` and
     ``seconds_<stage>`` for open, grid, read, score, select, write and total.
@@ -208,6 +213,8 @@ def preprocess_slide(
                 lap("read")
                 batch_scores = np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1)  # [B]
                 scores[filled:filled + len(batch_scores)] = batch_scores
+                if on_tiles is not None:
+                    on_tiles(batch_coords, tiles, batch_scores)
                 order.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
                 filled += len(batch_scores)
                 lap("score")
@@ -283,7 +290,7 @@ def preprocess_cohort(
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
     ``tile_progress``: a tile bar per slide (for one slide at a time). Returns the :class:`~isg.infer.cohort.CohortSummary`."""
 
-    slide_options = set(inspect.signature(preprocess_slide).parameters) - {"slide_path", "out_dir", "progress"}
+    slide_options = set(inspect.signature(preprocess_slide).parameters) - {"slide_path", "out_dir", "progress", "on_tiles"}
     unknown = sorted(set(options) - slide_options)
     if unknown:
         raise TypeError(f"preprocess_cohort: unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(slide_options))}")
