@@ -13,17 +13,14 @@ import sys
 from pathlib import Path
 
 
-LOCAL_RESOLUTION = 32  # local patches (q = 64 px) are encoded at 32 px by default
-
-
 def register(subparsers) -> None:
     import inspect
 
     from isg.cli import add_quiet, defaults_of
     from isg.infer.extract import extract_slide
-    from isg.train.autoencoder import AutoencoderTrainConfig
+    from isg.train.config import AutoencoderTrainConfig as AE
 
-    default = defaults_of(AutoencoderTrainConfig)
+    default = defaults_of(AE)
     extract_defaults = {name: p.default for name, p in inspect.signature(extract_slide).parameters.items()}
     parser = subparsers.add_parser("extract", help="autoencoder features of the selected patches (fit | run)",
                                    description="StyleGAN2 autoencoder patch features (ISG Sec. 3.2).")
@@ -39,8 +36,8 @@ def register(subparsers) -> None:
     fit.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
     fit.add_argument("--batch-size", type=int, default=default["batch_size"], help="tiles per step")
     fit.add_argument("--lr", type=float, default=default["lr"], help="Adam learning rate (encoder, decoder, critic)")
-    fit.add_argument("--global-resolution", type=int, default=default["resolution"], help="global AE input size; patches are resized")
-    fit.add_argument("--local-resolution", type=int, default=LOCAL_RESOLUTION, help="local AE input size")
+    fit.add_argument("--global-resolution", type=int, default=AE.GLOBAL_RESOLUTION, help="global AE input size; patches are resized")
+    fit.add_argument("--local-resolution", type=int, default=AE.LOCAL_RESOLUTION, help="local AE input size")
     fit.add_argument("--global-d", type=int, default=default["d"], help="global feature size")
     fit.add_argument("--local-d", type=int, default=default["d"], help="local feature size")
     fit.add_argument("--channel-base", type=int, default=default["channel_base"],

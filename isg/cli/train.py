@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 
 def register(subparsers) -> None:
     from isg.cli import add_quiet, defaults_of
-    from isg.train.expression import TrainConfig
+    from isg.train.config import TrainConfig
 
     default = defaults_of(TrainConfig)
     parser = subparsers.add_parser(
@@ -28,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--label-column", default="msi", help="--task msi: column of --labels holding the class")
     parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
     parser.add_argument("--model", default=default["model"],
-                        help="isg-N-k (Dual Attention), vit-s (global features only) or he2rna")
+                        help="isg-N-k (the paper's Dual Attention, Eqs. 3-8), isg-N-k-plus (our variant), vit-s / vit-t4 "
+                             "(global features only) or he2rna")
     parser.add_argument("--model-kwargs", default="{}", help='JSON of model options, e.g. \'{"embed_dim": 192, "depth": 4}\'')
     parser.add_argument("--folds", type=int, default=default["n_splits"], help="patient-level cross-validation folds")
     parser.add_argument("--epochs", type=int, default=default["epochs"], help="most epochs per fold")
@@ -55,10 +57,9 @@ def run(args) -> int:
     from isg.cli import CLIError
     from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
     from isg.data.labels import LabelError, load_labels
-    import inspect
-
     from isg.cli._progress import TrainProgress
-    from isg.train.expression import TrainConfig, cross_validate
+    from isg.train.config import TrainConfig
+    from isg.train.expression import cross_validate
 
     for name in ("folds", "epochs", "patience", "batch_size", "max_patches", "top_n", "min_samples"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -95,16 +96,15 @@ def run(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device,
                          model_kwargs=model_kwargs)
-    progress = TrainProgress(enabled=not args.quiet)
-    options = {"progress": progress} if "progress" in inspect.signature(cross_validate).parameters else {}
+    progress = TrainProgress()
+    if not getattr(args, "verbose", False):  # the bars show each fold; its result dict is for -v
+        logging.getLogger("isg.train.expression").setLevel(logging.WARNING)
     try:
-        summary = cross_validate(manifest, features, targets, args.out, config, **options)
+        summary = cross_validate(manifest, features, targets, args.out, config, progress=None if args.quiet else progress)
     except (ValueError, TypeError) as exc:  # unknown model name or option, too few patients for the folds, bad feature files
         raise CLIError(str(exc)) from exc
     finally:
         progress.close()
-    if not (Path(args.out) / "pipeline.json").is_file():  # older libraries: cross_validate does not write it
-        _write_pipeline(Path(args.out), features, manifest)
     print(result_line(summary, args.model, args.out))
     return 0
 
@@ -115,23 +115,3 @@ def result_line(summary: dict, model: str, out) -> str:
         return f"{model}: MSI-H vs MSS AUC {summary['auc']:.3f} over {summary.get('n_samples')} samples -> {out}"
     return (f"{model}: mean Pearson r {summary['mean_r']:.3f} over {summary['n_genes']} genes, "
             f"{summary['n_significant']} significant (r > 0, FDR < 0.05), {summary.get('n_samples')} samples -> {out}")
-
-
-def _write_pipeline(out: Path, features: Path, manifest) -> None:
-    """Record how the features were made (preprocess + extractor attrs) so `isg predict` can redo it on new slides."""
-    import h5py
-
-    from isg.utils import write_text_atomic
-
-    with h5py.File(features / f"{manifest['slide_id'].iloc[0]}.h5", "r") as f:
-        def plain(value):
-            if isinstance(value, bytes):
-                return value.decode()
-            return value.tolist() if hasattr(value, "tolist") else value  # numpy scalars and arrays
-
-        def attrs(name):
-            return {key: plain(value) for key, value in f[name].attrs.items()} if name in f else {}
-
-        pipeline = {"features_dir": str(features.resolve()), "preprocess": attrs("coords"),
-                    "global_features": attrs("features"), "local_features": attrs("local_features")}
-    write_text_atomic(out / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
