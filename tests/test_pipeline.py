@@ -53,15 +53,19 @@ def test_train_then_predict_new_slides(cohort, tmp_path, model):
     assert predictions.shape == (2, 5) and np.isfinite(predictions.to_numpy()).all()
     assert set(timings.columns) >= {"read", "select", "features", "predict", "total", "n_patches"}
     assert (timings[["read", "select", "features", "predict"]] >= 0).all().all()
+    assert (timings["n_reread"] == 0).all()  # every selected patch came from the scoring pass (read once)
     written = pd.read_csv(tmp_path / "pred" / "predictions.csv", index_col="slide_id")
-    np.testing.assert_allclose(written.to_numpy(), predictions.to_numpy(), rtol=1e-5)
+    assert list(written.columns) == [c for g in predictor.outputs for c in (g, f"{g}_std")]
+    np.testing.assert_allclose(written[predictor.outputs].to_numpy(), predictions.to_numpy(), rtol=1e-5)
 
     # the preprocessed patches of a new run equal the training ones, so predictions match the cached route
     from isg.data import BagDataset, collate_bags
 
     cached = collate_bags([BagDataset([root / "patches" / f"{s.stem}.h5"], local=model.startswith("isg"))[0] for s in slides[:1]])
-    expected = pd.concat([m.predict(cached) for m in predictor.models]).mean(axis=0)
-    np.testing.assert_allclose(predictions.iloc[0].to_numpy(), expected.to_numpy(), rtol=1e-4, atol=1e-5)
+    folds = pd.concat([m.predict(cached) for m in predictor.models])  # [folds, genes]
+    np.testing.assert_allclose(predictions.iloc[0].to_numpy(), folds.mean(axis=0).to_numpy(), rtol=1e-4, atol=1e-5)
+    spread = written.iloc[0][[f"{g}_std" for g in predictor.outputs]].to_numpy(float)
+    np.testing.assert_allclose(spread, folds.std(axis=0, ddof=0).to_numpy(), rtol=1e-3, atol=1e-6)  # fold disagreement
 
 
 def test_predict_skips_bad_slides_and_resumes(cohort, tmp_path):
@@ -107,3 +111,23 @@ def test_he2rna_slide_pipeline_matches_manual_route(cohort):
     with torch.no_grad():
         expected = model(he2rna_features(tiles, backbone)[None])[0].numpy()
     np.testing.assert_allclose(prediction, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget_tiles", [1, 3, 7])
+def test_tile_keeper_keeps_the_best_scored_tiles_within_budget(budget_tiles):
+    from isg.infer.predict import TileKeeper
+
+    rng = np.random.default_rng(budget_tiles)
+    tiles = torch.from_numpy(rng.integers(0, 255, (11, 4, 4, 3), dtype=np.uint8))
+    coords = np.stack([np.arange(11) * 10, np.arange(11)], axis=1)
+    scores = rng.permutation(11).astype(float)
+    keeper = TileKeeper(max_bytes=budget_tiles * tiles[0].numel())
+    for start in range(0, 11, 4):  # batches of 4, as the reader streams them
+        batch = tiles[start:start + 4].clone()
+        keeper(coords[start:start + 4], batch, scores[start:start + 4])
+        batch.zero_()  # the reader reuses its buffer: kept tiles must be copies
+    best = np.argsort(-scores)[:budget_tiles]
+    assert set(keeper.tiles) == {tuple(map(int, coords[i])) for i in best}
+    for i in best:
+        assert torch.equal(keeper.tiles[tuple(map(int, coords[i]))], tiles[i])
+    assert keeper.bytes == budget_tiles * tiles[0].numel()

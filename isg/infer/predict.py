@@ -253,8 +253,8 @@ def patch_explanations(predictor: Predictor, batch: dict) -> dict:
     """Per-patch values of the fold ensemble for a one-slide batch.
 
     Returns ``patch_values`` [F, N, outputs] (each fold's head applied to each patch token, in
-    target units), ``local_gate`` and ``global_weights`` [F, N, blocks, L] (the fusion blocks'
-    local gate A and global weights Z), F fold models, N patches.
+    target units), ``local_gate`` [F, N, fusion blocks, L] and ``global_weights`` [F, N, blocks, L]
+    (the fusion blocks' local gate A and global weights Z), F fold models, N patches.
     """
     values, gates, weights = [], [], []
     for fold in predictor.models:
@@ -278,8 +278,9 @@ def explain_slide(slide_path: Path, h5_path: Path, predictor: Predictor, out_dir
     ``<out_dir>/heatmaps/<slide_id>/patches.csv``: x, y (level-0 top-left), size (level-0 side)
     and, per gene, the ensemble's per-patch value (mean over folds of the head applied to the
     patch token); ``<gene>.png``: those values over the slide thumbnail.
-    ``<out_dir>/attention/<slide_id>.h5``: ``coords`` [N, 2], ``local_gate`` and
-    ``global_weights`` [F, N, blocks, L] per fold model (L = S x S local positions).
+    ``<out_dir>/attention/<slide_id>.h5``: ``coords`` [N, 2], ``local_gate`` [F, N, fusion blocks, L]
+    (A, averaged over channels) and ``global_weights`` [F, N, blocks with a global updater, L] (Z)
+    per fold model (L = S x S local positions, row-major).
     """
     slide_id = slide_id_of(slide_path)
     batch = load_bag(h5_path, predictor)
@@ -314,4 +315,4 @@ def explain_slide(slide_path: Path, h5_path: Path, predictor: Predictor, out_dir
             f.create_dataset("coords", data=coords)
             for name in ("local_gate", "global_weights"):
                 dset = f.create_dataset(name, data=explained[name][:, :n].astype(np.float32))
-                dset.attrs["dims"] = "fold, patch, block, local position (row-major S x S)"
+                dset.attrs["dims"] = "fold, patch, fusion block, local position (row-major S x S)"
