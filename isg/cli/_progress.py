@@ -17,7 +17,7 @@ class TrainProgress:
 
     Called with a :class:`isg.train.expression.TrainProgress` (or a dict of its fields: ``fold``,
     ``n_folds``, ``epoch``, ``epochs``, losses, ``seconds_left``) after every epoch; shows fold,
-    epoch, losses and the time left for the whole run (folds stop early, so it is an upper bound).
+    epoch, losses and ``run_left``, the time left for the whole run (an upper bound: folds stop early).
     """
 
     def __init__(self, enabled: bool = True):
@@ -45,19 +45,18 @@ class TrainProgress:
         if "epoch" not in event or self.bar is None:
             return
         self.epochs_done += 1
-        self.bar.n = event["epoch"] + 1
+        self.bar.update(event["epoch"] + 1 - self.bar.n)
         shown = {}
         for key in ("train_loss", "val_loss", "best_val_loss"):
             if event.get(key) is not None:
                 shown[key.replace("_loss", "")] = f"{event[key]:.3f}"
         if event.get("seconds_left") is not None:
-            shown["run left <="] = _fmt_seconds(event["seconds_left"])
+            shown["run_left"] = _fmt_seconds(event["seconds_left"])
         elif n_folds and epochs and fold is not None:
             per_epoch = (time.perf_counter() - self.start) / self.epochs_done
             left = (n_folds - fold - 1) * epochs + (epochs - event["epoch"] - 1)
-            shown["run left <="] = _fmt_seconds(per_epoch * left)
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.refresh()
+            shown["run_left"] = _fmt_seconds(per_epoch * left)
+        self.bar.set_postfix(shown)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=default["num_workers"], help="tile reader threads per slide")
     parser.add_argument("--tile-memory-mb", type=float, default=default["tile_memory_mb"],
                         help="per slide: memory for the best-scored tiles kept from the scoring pass so selected patches "
-                             "are read once (those that do not fit are read again)")
+                             "are read once (those that do not fit are read again; 0 reads them all again)")
     parser.add_argument("--workers", type=int, default=1, help="slides in parallel (threads)")
     parser.add_argument("--scheduler", default="threads", help="threads or a Dask scheduler address")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already predicted")
@@ -54,7 +54,9 @@ def run(args) -> int:
     from isg.infer.predict import Predictor, predict_slides
 
     slides = slides_from_args(args)
-    for name in ("batch_size", "num_workers", "workers", "tile_memory_mb"):
+    if args.tile_memory_mb < 0:
+        raise CLIError(f"--tile-memory-mb must be >= 0 (0: read the selected patches again), got {args.tile_memory_mb}")
+    for name in ("batch_size", "num_workers", "workers"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not Path(args.model).is_dir():
