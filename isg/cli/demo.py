@@ -59,7 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--slides", type=int, default=16, help="training slides (>= 6)")
     parser.add_argument("--model", default=DEMO_MODEL, help="slide model (isg-10-2 is the paper's best; slower)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="8 small slides and few steps: a smoke test (~1 minute)")
     add_quiet(parser)
     parser.set_defaults(func=run)
 
@@ -87,6 +87,7 @@ def run(args) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     sizes = QUICK if args.quick else DemoSizes()
+    slides = min(args.slides, 8) if args.quick else args.slides
     device = ["--device", args.device]
     quiet = ["--quiet"] if args.quiet else []
     cohort, new = out / "cohort", out / "new"
@@ -99,7 +100,7 @@ def run(args) -> int:
           "--channel-base", "1024", "--channel-max", str(sizes.ae_channel_max), "--batch-size", "16", *lpips]
 
     _step("1/6 synthetic cohort: pyramidal TIFFs, manifest, expression, MSI",
-          ["synth", "--out", str(cohort), "--slides", str(args.slides), "--size", str(sizes.slide_size), "--genes", "20",
+          ["synth", "--out", str(cohort), "--slides", str(slides), "--size", str(sizes.slide_size), "--genes", "20",
            "--seed", "0", *quiet])
     _step("2/6 Shannon selection of informative patches",
           ["preprocess", "--manifest", str(cohort / "manifest.csv"), "--out", str(out / "patches"),
@@ -121,7 +122,7 @@ def run(args) -> int:
           ["synth", "--out", str(new), "--slides", "2", "--size", str(sizes.slide_size), "--genes", "20", "--seed", "1", *quiet])
     _step("   ...", ["predict", str(new / "slides"), "--model", str(out / "train"), "--out", str(out / "predictions"),
                      "--heatmaps", shown, *quiet, *device])
-    print(summary_text(out, args.model, markers, shown, time.perf_counter() - started, args.slides))
+    print(summary_text(out, args.model, markers, shown, time.perf_counter() - started, slides))
     sys.stdout.flush()
     return 0
 

@@ -138,9 +138,10 @@ class TileKeeper:
                 self.bytes -= gone.numel() * gone.element_size()
 
 
-def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike) -> tuple[pd.Series, dict]:
+def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
+                  tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
-    and stage seconds for one slide."""
+    and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
     from isg.infer.extract import extract_slide
     from isg.infer.preprocess import h5_complete, preprocess_slide
 
@@ -151,7 +152,8 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
     if not h5_complete(h5_path):
         keeper = TileKeeper(predictor.tile_memory_mb * 2**20)
         stats = preprocess_slide(slide_path, work_dir, device=predictor.device, batch_size=predictor.batch_size,
-                                 num_workers=predictor.num_workers, on_tiles=keeper, **predictor.preprocess)
+                                 num_workers=predictor.num_workers, on_tiles=keeper, progress=tile_progress,
+                                 **predictor.preprocess)
         timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read", "write"))
         timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
     start = time.perf_counter()
@@ -209,7 +211,7 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
                 and (not attention_maps or (out_dir / "attention" / f"{sid}.h5").is_file()))
 
     def process(slide: Path) -> dict:
-        prediction, timings = predict_slide(slide, predictor, work_dir)
+        prediction, timings = predict_slide(slide, predictor, work_dir, tile_progress=progress and workers == 1)
         if heatmaps or attention_maps:
             explain_slide(slide, work_dir / f"{slide_id_of(slide)}.h5", predictor, out_dir, heatmaps, attention_maps)
         record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": prediction.to_dict(), "seconds": timings}
