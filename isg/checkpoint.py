@@ -85,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location="cpu") -> C
         raise CheckpointError(f"{kind} checkpoint {path}: not an isg {kind} checkpoint "
                               f"(format {found!r}; expected {FORMAT!r})")
     if checkpoint.kind != kind:
-        raise CheckpointError(f"{kind} checkpoint {path}: holds a {checkpoint.kind}, not a {kind}")
+        raise CheckpointError(f"{kind} checkpoint {path}: holds a {checkpoint.kind!r} checkpoint, not {kind!r}")
     return checkpoint
 
 
@@ -118,6 +118,11 @@ def legacy_model_name(name: str) -> str:
     return {"vit-s": "vit-t4"}.get(name, name)
 
 
+def _legacy_state(state: dict) -> dict:
+    """Slide-model weights before v2: MBConv norms were named bn1..bn3 (now norm1..norm3)."""
+    return {re.sub(r"\.bn([123])\.", r".norm\1.", key): value for key, value in state.items()}
+
+
 def _from_legacy(payload: dict, found: str, path: Path) -> Checkpoint:
     """The three pre-v2 layouts -> :class:`Checkpoint` (same content, new places)."""
     kind = LEGACY_FORMATS[found]
@@ -136,12 +141,12 @@ def _from_legacy(payload: dict, found: str, path: Path) -> Checkpoint:
             extra = {k: v for k, v in payload.items() if k not in ("format", "config", "state_dict")}
             config = dict(payload["config"])
             config["name"] = legacy_model_name(config["name"])
-            return Checkpoint(kind, config, {"model": payload["state_dict"]}, extra, path)
+            return Checkpoint(kind, config, {"model": _legacy_state(payload["state_dict"])}, extra, path)
         train = dict(payload["config"])  # isg-slide-model/1: TrainConfig as a dict, the rest beside it
         n_outputs = 1 if train.get("task") == "msi" else len(payload["outputs"])
         model = {"name": legacy_model_name(train["model"]), "d": payload["d"], "local_grid": payload["local_grid"], "n_outputs": n_outputs,
                  **train.get("model_kwargs", {})}
-        state = {"model": payload["state_dict"]}
+        state = {"model": _legacy_state(payload["state_dict"])}
         if payload.get("target_mean") is not None:
             state["standardizer"] = {"mean": payload["target_mean"], "std": payload["target_std"]}
         config = {"model": model, "task": train.get("task", "regression"), "outputs": list(payload["outputs"]),

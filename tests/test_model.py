@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["isg-2-1", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-2-1", "isg-2-1-plus", "vit-s"])
 def test_a_few_optimizer_steps_reduce_the_loss(name):
     """Synthetic task: targets are linear in the slide's mean global and local features."""
     torch.manual_seed(0)
@@ -272,8 +272,9 @@ def test_init_bias_sets_head():
 # ----------------------------------------------------------------------------- fused ops inside the model
 
 
-def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch):
-    model = _model("isg-4-2")
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-4-2-plus"])
+def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch, name):
+    model = _model(name)
     batch = _collate([_bag(4, seed=1), _bag(6, seed=2)])
     fused_out = _run(model, batch)
     fused_out.sum().backward()
@@ -403,6 +404,11 @@ def test_explain_per_patch_views(name):
     assert (views["patch_values"][1, 2:] == 0).all()  # padded patches
     single = model.explain(*(_collate(bags[1:])[k] for k in ("features", "local", "coords", "mask")))
     torch.testing.assert_close(views["patch_values"][1, :2], single["patch_values"][0], rtol=1e-4, atol=1e-5)
+    if hasattr(model, "chunk_size"):  # chunking changes no view
+        model.chunk_size = 2
+        chunked = model.explain(batch["features"], batch["local"], batch["coords"], batch["mask"])
+        for key, value in views.items():
+            torch.testing.assert_close(chunked[key], value, rtol=1e-5, atol=1e-6)
     if name.startswith("vit"):
         assert set(views) == {"patch_values"}
         return
@@ -416,6 +422,19 @@ def test_explain_per_patch_views(name):
     with torch.no_grad():  # the first block's Z depends on the stem's f alone: a known answer
         z = first.weights(model.stem_global(batch["features"][0]), None)
     torch.testing.assert_close(views["global_weights"][0, :, 0], z)
+
+
+def test_he2rna_patch_values_are_its_tile_scores():
+    from isg.model import explain_batch, forward_batch
+
+    model = create_model("he2rna", d=D_IN, n_outputs=3, hidden=(8,), ks=(2,)).eval()
+    batch = _collate([_bag(5, seed=1), _bag(3, seed=2)])
+    batch["local_features"] = batch.pop("local")
+    values = explain_batch(model, batch)["patch_values"]  # [B, N, G]
+    assert values.shape == (2, 5, 3) and (values[1, 3:] == 0).all()
+    top2 = [values[b, : n].topk(2, dim=0).values.mean(0) for b, n in enumerate((5, 3))]  # the prediction: top-2 mean
+    with torch.no_grad():
+        torch.testing.assert_close(forward_batch(model, batch), torch.stack(top2))
 
 
 # ----------------------------------------------------------------------------- safe loading and old formats
@@ -446,10 +465,30 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, loader):
     assert not marker.exists()
 
 
+def test_checkpoint_of_another_kind_or_version_is_refused(tmp_path):
+    from isg.checkpoint import CheckpointError, save_checkpoint
+    from isg.features import load_autoencoder
+
+    model = _model("isg-2-1")
+    save_model(tmp_path / "m.pt", model)
+    with pytest.raises(CheckpointError, match="m.pt: holds a 'model' checkpoint, not 'autoencoder'"):
+        load_autoencoder(tmp_path / "m.pt")
+    save_checkpoint(tmp_path / "wrong.pt", "model", {**model.config, "channels": 4}, {"model": model.state_dict()})
+    with pytest.raises(CheckpointError, match="wrong.pt: the stored model cannot be rebuilt"):
+        load_model(tmp_path / "wrong.pt")
+    torch.save({"format": "isg-checkpoint", "version": 99, "kind": "model"}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="future.pt: format version 99"):
+        load_model(tmp_path / "future.pt")
+
+
 def test_old_model_checkpoint_is_converted_with_a_warning(tmp_path):
     old = _model("isg-3-2-plus", n_outputs=2).eval()
     config = {**old.config, "name": "isg-3-2"}  # what isg-3-2 meant before the paper form took the name
-    torch.save({"format": "isg-model/1", "config": config, "state_dict": old.state_dict(), "epoch": 4}, tmp_path / "old.pt")
+    import re
+
+    state = {re.sub(r"\.norm([123])\.", r".bn\1.", k): v for k, v in old.state_dict().items()}  # MBConv names before v2
+    assert any(".bn1." in k for k in state)
+    torch.save({"format": "isg-model/1", "config": config, "state_dict": state, "epoch": 4}, tmp_path / "old.pt")
     with pytest.warns(FutureWarning, match="old.pt: old checkpoint format 'isg-model/1'"):
         loaded = load_model(tmp_path / "old.pt")
     assert loaded.config["name"] == "isg-3-2-plus" and loaded.extra["epoch"] == 4

@@ -20,6 +20,7 @@ import inspect
 import re
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 from isg.baselines.he2rna import HE2RNA
@@ -127,6 +128,12 @@ class HE2RNASlide(HE2RNA):
 
     uses_local = False
     batch_inputs = ("features", "mask")
+
+    @torch.no_grad()
+    def explain(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"patch_values": [B, N, n_genes]}``: every tile's scores, of which the prediction is a top-k mean."""
+        values = self.tile_scores(features).transpose(1, 2)  # [B, N, G]
+        return {"patch_values": values if mask is None else torch.where(mask.unsqueeze(-1), values, 0.0)}
 
 
 @register_model("he2rna", HE2RNASlide)
