@@ -3,7 +3,7 @@
 Each step is the ``isg`` command a user would run on their own data, printed
 before it runs: synth -> preprocess -> extract fit -> extract run -> train ->
 predict on new slides (with per-patch heatmaps of a marker gene). Sizes are
-chosen to finish in under 5 minutes on a 2-core CPU while the model still
+chosen to finish within 5 minutes on a 2-core CPU while the model still
 learns the synthetic signal (three marker genes driven by nuclei density,
 nuclei size and stain); ``--quick`` shrinks everything further (smoke test).
 A rerun with the same ``--out`` resumes: finished steps are skipped.
@@ -23,7 +23,7 @@ DESCRIPTION = (
     "known tissue properties (nuclei density, nuclei size, stain): synthesis, Shannon patch selection, autoencoder "
     "training and features, patient-level cross-validation of the Dual Attention model, then prediction (with "
     "per-patch heatmaps) on two new slides. Each step prints the isg command it runs, so the demo doubles as a "
-    "tutorial. About 4 minutes on a 2-core CPU; the last lines are a summary of the result.")
+    "tutorial. A few minutes on a 2-core CPU; the last lines are a summary of the result.")
 
 
 # The plus form of the Dual Attention network: on 16 slides the paper form (isg-4-2) does not learn the
@@ -53,7 +53,7 @@ QUICK = DemoSizes(slide_size=1024, ae_steps=40, ae_d=16, ae_channel_max=16, epoc
 def register(subparsers) -> None:
     from isg.cli import add_quiet
 
-    parser = subparsers.add_parser("demo", help="run the whole pipeline on a synthetic cohort (about 4 minutes on a CPU)",
+    parser = subparsers.add_parser("demo", help="run the whole pipeline on a synthetic cohort (minutes on a CPU)",
                                    description=DESCRIPTION)
     parser.add_argument("--out", default="demo_out", help="output folder; a rerun resumes")
     parser.add_argument("--slides", type=int, default=16, help="training slides (>= 6)")

@@ -41,8 +41,8 @@ def register(subparsers) -> None:
     fit.add_argument("--global-d", type=int, default=default["d"], help="global feature size")
     fit.add_argument("--local-d", type=int, default=default["d"], help="local feature size")
     fit.add_argument("--channel-base", type=int, default=default["channel_base"],
-                     help="channels at resolution r: min(base / r, max); the default is the compact, fast extractor, "
-                          "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 the large one")
+                     help="channels at resolution r: min(base / r, max): the compact, fast extractor; 8192 with "
+                          "--channel-max 256 --global-resolution 128 --local-resolution 64 is the large one")
     fit.add_argument("--channel-max", type=int, default=default["channel_max"], help="most channels of a layer")
     fit.add_argument("--max-tiles", type=int, default=default["max_tiles"], help="cap on training tiles read into memory per AE")
     fit.add_argument("--lpips-weight", type=float, default=default["lpips_weight"], help="lambda of the LPIPS term (Eq. 2)")
