@@ -45,7 +45,7 @@ class TrainProgress:
         if "epoch" not in event or self.bar is None:
             return
         self.epochs_done += 1
-        self.bar.update(event["epoch"] + 1 - self.bar.n)
+        done = event["epoch"] + 1 - self.bar.n
         shown = {}
         for key in ("train_loss", "val_loss", "best_val_loss"):
             if event.get(key) is not None:
@@ -56,7 +56,8 @@ class TrainProgress:
             per_epoch = (time.perf_counter() - self.start) / self.epochs_done
             left = (n_folds - fold - 1) * epochs + (epochs - event["epoch"] - 1)
             shown["run_left"] = _fmt_seconds(per_epoch * left)
-        self.bar.set_postfix(shown)
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(done)  # one redraw per epoch
 
     def close(self) -> None:
         if self.bar is not None:
