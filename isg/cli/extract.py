@@ -135,7 +135,7 @@ def run_fit(args) -> int:
 def run_extract(args) -> int:
     from isg.cli import CLIError
     from isg.features import load_autoencoder
-    from isg.infer.extract import FAILED, extract_cohort
+    from isg.infer.extract import FAILED, SKIPPED, WRITTEN, extract_cohort
 
     files = _h5_files(args.h5_dir)
     _positive(args, ["batch_size"])
@@ -150,8 +150,8 @@ def run_extract(args) -> int:
             raise CLIError(f"{option} {path}: {exc}") from exc
     results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size, device=args.device,
                              num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet, amp=args.amp)
-    counts = {status: sum(r.status == status for r in results) for status in ("written", "skipped", FAILED)}
-    print(f"extract: {counts['written']} written, {counts['skipped']} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
+    counts = {status: sum(r.status == status for r in results) for status in (WRITTEN, SKIPPED, FAILED)}
+    print(f"extract: {counts[WRITTEN]} written, {counts[SKIPPED]} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
     for r in results:
         if r.status == FAILED:
             print(f"  FAILED {r.h5_path}: {r.error}", file=sys.stderr)

@@ -142,7 +142,7 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
                   tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
     and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
-    from isg.infer.extract import extract_slide
+    from isg.infer.extract import WRITTEN, extract_slide
     from isg.infer.preprocess import h5_complete, preprocess_slide
 
     slide_path, work_dir = Path(slide_path), Path(work_dir)
@@ -162,7 +162,7 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
                            tiles=keeper.tiles if keeper is not None else None)
     del keeper
     timings["features"] = time.perf_counter() - start
-    timings["n_reread"] = result.n_read if result.status == "written" else 0  # patches read a second time
+    timings["n_reread"] = result.n_read if result.status == WRITTEN else 0  # patches read a second time
     start = time.perf_counter()
     batch = load_bag(h5_path, predictor)
     folds = pd.concat([model.predict(batch) for model in predictor.models])  # [folds, outputs]
