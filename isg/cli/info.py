@@ -21,6 +21,8 @@ def run(args) -> int:
             extra = f"  ({_ext.ext_error()})"
         if name == "ext" and ok:
             extra = f"  (built with CUDA: {getattr(_ext.ext(), 'built_with_cuda', False)})"
+        if name == "cuda":
+            extra = f"  ({_ext.cuda_status()[1]})"
         if name == "lpips" and ok:
             from isg.features.lpips_loss import ALEXNET_FILE, cached_alexnet_weights
 
