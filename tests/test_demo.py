@@ -1,28 +1,74 @@
-"""`isg demo --quick`: the README's main job, end to end on CPU (smoke test, ~30 s)."""
+"""`isg demo` and the README's example, run exactly as written (the demo with --quick: tiny data)."""
 
 from __future__ import annotations
 
-import json
+import re
+import shlex
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-@pytest.mark.filterwarnings("ignore:LPIPS:UserWarning")  # no AlexNet weights on CI: random backbone, warned
-def test_demo_quick_runs_every_step(tmp_path, capsys):
+
+def readme_example() -> list[str]:
+    """The commands of the README block marked ``<!-- example: explain -->`` (continuation lines joined)."""
+    text = README.read_text()
+    match = re.search(r"<!-- example: explain -->\s*```bash\n(.*?)```", text, re.S)
+    assert match, "README.md lost its '<!-- example: explain -->' block"
+    joined = match.group(1).replace("\\\n", " ")
+    return [line.split("#")[0].strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_example_runs_and_explains(tmp_path, monkeypatch, capfd):
     from isg.cli import main
 
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
-    printed = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    commands = readme_example()
+    assert commands[0].startswith("isg demo") and any("--heatmaps" in c for c in commands)
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "isg"
+        argv = argv[1:] + (["--quick"] if argv[1] == "demo" else [])  # tiny data
+        assert main(argv) == 0, command
+    transcript = capfd.readouterr()
+    printed = transcript.out + transcript.err
+
+    # the demo: every step announced with its command, the closing summary, a clean transcript
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert f"== {step}" in printed
-    summary = json.loads((out / "train" / "summary.json").read_text())
-    assert summary["n_genes"] == 20 and summary["n_samples"] == 16
-    predictions = pd.read_csv(out / "predictions" / "predictions.csv", index_col="slide_id")
-    timings = pd.read_csv(out / "predictions" / "timings.csv", index_col="slide_id")
-    assert predictions.shape == (2, 20) and predictions.notna().all().all()
-    assert list(timings.index) == list(predictions.index) and (timings["total"] > 0).all()
+    assert "== isg demo result" in printed and "marker genes" in printed
+    assert "INFO matplotlib" not in printed and "(tests only)" not in printed
+    assert not [line for line in printed.splitlines() if line.lstrip().startswith("{")]  # no raw JSON
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == len(set(warnings))
+
+    # the README's predict command: heatmaps, attention maps, fold std beside every prediction
+    predict = shlex.split(commands[-1])
+    out = Path(predict[predict.index("--out") + 1])
+    genes = predict[predict.index("--heatmaps") + 1].split(",")
+    table = pd.read_csv(out / "predictions.csv", index_col="slide_id")
+    assert len(table) == 2 and len(table.columns) == 40
+    assert list(table.columns[:2]) == ["SYN0000", "SYN0000_std"]
+    assert (table.filter(like="_std") >= 0).all().all() and table.notna().all().all()
+    for slide_id in table.index:
+        patches = pd.read_csv(out / "heatmaps" / slide_id / "patches.csv")
+        assert list(patches.columns) == ["x", "y", "size", *genes] and len(patches) > 0
+        assert np.isfinite(patches[genes].to_numpy()).all()
+        for gene in genes:
+            assert (out / "heatmaps" / slide_id / f"{gene}.png").read_bytes()[:4] == b"\x89PNG"
+        with h5py.File(out / "attention" / f"{slide_id}.h5", "r") as f:
+            n, folds = len(patches), 3  # --quick: 3 folds
+            assert f["coords"].shape == (n, 2)
+            np.testing.assert_array_equal(f["coords"][:], patches[["x", "y"]].to_numpy())
+            gate, weights = f["local_gate"][:], f["global_weights"][:]
+            assert gate.shape[:2] == weights.shape[:2] == (folds, n) and weights.shape[3] == gate.shape[3]
+            assert np.isfinite(gate).all() and np.isfinite(weights).all()
+    figure = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", README.read_text())
+    assert figure and (README.parent / figure.group(1)).is_file(), "README's example picture is missing"
 
 
 def test_demo_rejects_too_few_slides(tmp_path, capsys):
@@ -30,3 +76,25 @@ def test_demo_rejects_too_few_slides(tmp_path, capsys):
 
     assert main(["demo", "--out", str(tmp_path), "--slides", "3"]) == 2
     assert "--slides must be >= 6" in capsys.readouterr().err
+
+
+def test_help_describes_demo_and_shows_defaults(capsys):
+    from isg.cli import main
+
+    for argv, expected in ((["demo", "--help"], "synthetic cohort"), (["train", "--help"], "(default: 40)"),
+                           (["extract", "fit", "--help"], "(default: 0.002)"), (["predict", "--help"], "(default: 64)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert expected in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_prefers_passive_openmp_unless_set():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, isg.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "ACTIVE"

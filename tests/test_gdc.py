@@ -276,7 +276,8 @@ def test_gdc_download_to_trained_model(tmp_path, capsys):
                      "--genes", str(tmp_path / "genes.txt"), "--features", str(tmp_path / "patches"),
                      "--out", str(tmp_path / "train"), "--model", "isg-2-1", "--folds", "2", "--epochs", "1",
                      "--model-kwargs", '{"embed_dim": 16, "depth": 1, "num_heads": 2}']) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "3 genes" in capsys.readouterr().out  # the result line
+    result = json.loads((tmp_path / "train" / "summary.json").read_text())
     assert result["n_samples"] == 6 and result["n_genes"] == 3
     splits = json.loads(next((tmp_path / "train").glob("splits*.json")).read_text())["splits"]
     for split in splits:  # the two slides of TCGA-AA-3000 are one sample of one patient: never on both sides

@@ -1,10 +1,12 @@
-"""End to end on CPU: synth -> preprocess -> extract -> train -> predict, and the HE2RNA slide pipeline."""
+"""End to end on CPU: synth -> preprocess -> extract -> train -> predict (the model learns the synthetic
+signal; predictions carry fold std, heatmaps, attention maps), and the HE2RNA slide pipeline."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,14 +15,16 @@ import torch
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """A tiny preprocessed cohort with features from small (untrained) autoencoders."""
+    """24 synthetic slides (18 patients), preprocessed, with features from small untrained autoencoders
+    (random convolutions already separate the synthetic textures: ridge on mean features reaches r 0.6-0.9
+    on the three markers)."""
     from isg.features import Autoencoder, load_autoencoder, save_autoencoder
     from isg.infer.extract import extract_cohort
     from isg.infer.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
 
     root = tmp_path_factory.mktemp("pipeline")
-    synth = make_cohort(root / "cohort", n_slides=6, size=1024, genes=5, seed=0)
+    synth = make_cohort(root / "cohort", n_slides=24, size=2048, genes=5, seed=0)
     preprocess_cohort(synth.slides, root / "patches", patch_size=128, local_size=32, progress=False)
     torch.manual_seed(0)
     for role in ("global", "local"):
@@ -30,17 +34,43 @@ def cohort(tmp_path_factory):
     return root, synth
 
 
-@pytest.mark.parametrize("model", ["isg-2-1", "vit-s"])
-def test_train_then_predict_new_slides(cohort, tmp_path, model):
+MARKERS = ["SYN0000", "SYN0001", "SYN0002"]  # expression driven by nuclei density, nuclei size, stain
+SMALL = '{"embed_dim": 32, "depth": 1, "num_heads": 2}'
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    """isg-2-1-plus cross-validated on the cohort through the CLI (3 folds, 30 epochs, seeded)."""
+    from isg.cli import main
+
+    root, synth = cohort
+    train_dir = tmp_path_factory.mktemp("train") / "isg"
+    assert main(["train", "--manifest", str(synth.manifest), "--expression", str(synth.expression), "--features",
+                 str(root / "patches"), "--out", str(train_dir), "--model", "isg-2-1-plus", "--folds", "3",
+                 "--epochs", "30", "--patience", "30", "--model-kwargs", SMALL, "--quiet"]) == 0
+    return train_dir
+
+
+def test_isg_learns_the_stain_marker(trained):
+    genes = pd.read_csv(trained / "genes.csv").set_index("gene")["r"]
+    # measured 0.40 (seed 0; out-of-fold over 24 samples, so noisy): the stain marker is learned. Density
+    # and size are not at this scale (r < 0; ridge on mean features gets 0.65 / 0.73): slide models need
+    # more slides than a unit test affords (see bench/bench_accuracy.py for the 60-slide figures).
+    assert genes["SYN0002"] > 0.2
+
+
+@pytest.mark.parametrize("model", ["isg-2-1-plus", "vit-s"])
+def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
     from isg.cli import main
     from isg.infer.predict import Predictor, predict_slides
 
     root, synth = cohort
-    train_dir = tmp_path / "train"
-    args = ["train", "--manifest", str(synth.manifest), "--expression", str(synth.expression), "--features",
-            str(root / "patches"), "--out", str(train_dir), "--model", model, "--folds", "3", "--epochs", "2",
-            "--model-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}']
-    assert main(args) == 0
+    train_dir = trained
+    if model != "isg-2-1-plus":
+        train_dir = tmp_path / "train"
+        assert main(["train", "--manifest", str(synth.manifest), "--expression", str(synth.expression), "--features",
+                     str(root / "patches"), "--out", str(train_dir), "--model", model, "--folds", "3", "--epochs", "2",
+                     "--model-kwargs", SMALL, "--quiet"]) == 0
     pipeline = json.loads((train_dir / "pipeline.json").read_text())
     assert pipeline["preprocess"]["patch_size"] == 128 and pipeline["global_features"]["checkpoint"].endswith("global.pt")
 
@@ -48,20 +78,44 @@ def test_train_then_predict_new_slides(cohort, tmp_path, model):
     predictor = Predictor.from_train_dir(train_dir)
     assert predictor.preprocess["patch_size"] == 128 and predictor.preprocess["local_size"] == 32
     slides = synth.slides[:2]
-    predictions, timings, summary = predict_slides(slides, predictor, tmp_path / "pred", progress=False)
-    assert summary.ok and list(predictions.columns) == predictor.outputs
+    heatmaps = MARKERS[2:] if model.startswith("isg") else []
+    predictions, timings, summary = predict_slides(slides, predictor, tmp_path / "pred", progress=False,
+                                                   heatmaps=heatmaps, attention_maps=bool(heatmaps))
+    assert summary.ok and list(predictions.columns) == predictor.outputs == [f"SYN{g:04d}" for g in range(5)]
     assert predictions.shape == (2, 5) and np.isfinite(predictions.to_numpy()).all()
     assert set(timings.columns) >= {"read", "select", "features", "predict", "total", "n_patches"}
     assert (timings[["read", "select", "features", "predict"]] >= 0).all().all()
+    assert (timings["n_reread"] == 0).all()  # every selected patch came from the scoring pass (read once)
     written = pd.read_csv(tmp_path / "pred" / "predictions.csv", index_col="slide_id")
-    np.testing.assert_allclose(written.to_numpy(), predictions.to_numpy(), rtol=1e-5)
+    assert list(written.columns) == [c for g in predictor.outputs for c in (g, f"{g}_std")]
+    np.testing.assert_allclose(written[predictor.outputs].to_numpy(), predictions.to_numpy(), rtol=1e-5)
 
     # the preprocessed patches of a new run equal the training ones, so predictions match the cached route
     from isg.data import BagDataset, collate_bags
 
     cached = collate_bags([BagDataset([root / "patches" / f"{s.stem}.h5"], local=predictor.models[0].uses_local)[0] for s in slides[:1]])
-    expected = pd.concat([m.predict(cached) for m in predictor.models]).mean(axis=0)
-    np.testing.assert_allclose(predictions.iloc[0].to_numpy(), expected.to_numpy(), rtol=1e-4, atol=1e-5)
+    folds = pd.concat([m.predict(cached) for m in predictor.models])  # [folds, genes]
+    np.testing.assert_allclose(predictions.iloc[0].to_numpy(), folds.mean(axis=0).to_numpy(), rtol=1e-4, atol=1e-5)
+    spread = written.iloc[0][[f"{g}_std" for g in predictor.outputs]].to_numpy(float)
+    np.testing.assert_allclose(spread, folds.std(axis=0, ddof=0).to_numpy(), rtol=1e-3, atol=1e-6)  # fold disagreement
+    if not heatmaps:
+        return
+
+    # heatmaps: per patch, the fold models' head on that patch's token (their explain()), averaged; attention maps
+    sid = slides[0].stem
+    patches = pd.read_csv(tmp_path / "pred" / "heatmaps" / sid / "patches.csv")
+    with h5py.File(root / "patches" / f"{sid}.h5", "r") as f:
+        np.testing.assert_array_equal(patches[["x", "y"]].to_numpy(), f["coords"][:])
+        assert (patches["size"] == f["coords"].attrs["level0_patch_size"]).all()
+    views = [m.explain(cached) for m in predictor.models]
+    expected = torch.stack([v["patch_values"][0] for v in views]).mean(0)[:, predictor.outputs.index("SYN0002")]
+    np.testing.assert_allclose(patches["SYN0002"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "pred" / "heatmaps" / sid / "SYN0002.png").read_bytes()[:4] == b"\x89PNG"
+    with h5py.File(tmp_path / "pred" / "attention" / f"{sid}.h5", "r") as f:
+        for name in ("local_gate", "global_weights"):
+            stacked = torch.stack([v[name][0] for v in views]).numpy()  # [folds, N, blocks, L]
+            np.testing.assert_allclose(f[name][:], stacked, rtol=1e-4, atol=1e-6)
+        assert f[name].shape[:2] == (3, len(patches)) and f[name].shape[3] == 16  # S x S = (128 / 32)^2
 
 
 def test_predict_skips_bad_slides_and_resumes(cohort, tmp_path):
@@ -105,3 +159,23 @@ def test_he2rna_slide_pipeline_matches_manual_route(cohort):
     with torch.no_grad():
         expected = model(he2rna_features(tiles, backbone)[None])[0].numpy()
     np.testing.assert_allclose(prediction, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget_tiles", [1, 3, 7])
+def test_tile_keeper_keeps_the_best_scored_tiles_within_budget(budget_tiles):
+    from isg.infer.predict import TileKeeper
+
+    rng = np.random.default_rng(budget_tiles)
+    tiles = torch.from_numpy(rng.integers(0, 255, (11, 4, 4, 3), dtype=np.uint8))
+    coords = np.stack([np.arange(11) * 10, np.arange(11)], axis=1)
+    scores = rng.permutation(11).astype(float)
+    keeper = TileKeeper(max_bytes=budget_tiles * tiles[0].numel())
+    for start in range(0, 11, 4):  # batches of 4, as the reader streams them
+        batch = tiles[start:start + 4].clone()
+        keeper(coords[start:start + 4], batch, scores[start:start + 4])
+        batch.zero_()  # the reader reuses its buffer: kept tiles must be copies
+    best = np.argsort(-scores)[:budget_tiles]
+    assert set(keeper.tiles) == {tuple(map(int, coords[i])) for i in best}
+    for i in best:
+        assert torch.equal(keeper.tiles[tuple(map(int, coords[i]))], tiles[i])
+    assert keeper.bytes == budget_tiles * tiles[0].numel()

@@ -14,8 +14,14 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    import inspect
+
+    from isg.cli import add_quiet, defaults_of
+    from isg.infer.extract import extract_slide
     from isg.train.config import AutoencoderTrainConfig as AE
 
+    default = defaults_of(AE)
+    extract_defaults = {name: p.default for name, p in inspect.signature(extract_slide).parameters.items()}
     parser = subparsers.add_parser("extract", help="autoencoder features of the selected patches (fit | run)",
                                    description="StyleGAN2 autoencoder patch features (ISG Sec. 3.2).")
     commands = parser.add_subparsers(dest="extract_command", metavar="{fit,run}")
@@ -26,29 +32,28 @@ def register(subparsers) -> None:
     fit.add_argument("--h5-dir", required=True, help="folder of per-slide .h5 files written by isg preprocess")
     fit.add_argument("--out", required=True, help="checkpoint folder (gets global/ and local/)")
     fit.add_argument("--which", choices=("both", "global", "local"), default="both", help="which autoencoder(s) to train")
-    fit.add_argument("--epochs", type=float, default=10.0, help="passes over the tile bank (default 10)")
+    fit.add_argument("--epochs", type=float, default=default["epochs"], help="passes over the tile bank")
     fit.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
-    fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--lr", type=float, default=AE.lr, help=f"Adam learning rate (default {AE.lr})")
-    fit.add_argument("--global-resolution", type=int, default=AE.GLOBAL_RESOLUTION,
-                     help=f"global AE input size; patches are resized (default {AE.GLOBAL_RESOLUTION})")
-    fit.add_argument("--local-resolution", type=int, default=AE.LOCAL_RESOLUTION, help=f"local AE input size (default {AE.LOCAL_RESOLUTION})")
-    fit.add_argument("--global-d", type=int, default=AE.d, help=f"global feature size (default {AE.d})")
-    fit.add_argument("--local-d", type=int, default=AE.d, help=f"local feature size (default {AE.d})")
-    fit.add_argument("--channel-base", type=int, default=AE.channel_base,
-                     help=f"channels at resolution r: min(base / r, max) (default {AE.channel_base}: the compact, fast extractor; "
-                          "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 is the large one)")
-    fit.add_argument("--channel-max", type=int, default=AE.channel_max, help=f"(default {AE.channel_max})")
-    fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
-    fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
-    fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")
-    fit.add_argument("--r1-gamma", type=float, default=1.0)
+    fit.add_argument("--batch-size", type=int, default=default["batch_size"], help="tiles per step")
+    fit.add_argument("--lr", type=float, default=default["lr"], help="Adam learning rate (encoder, decoder, critic)")
+    fit.add_argument("--global-resolution", type=int, default=AE.GLOBAL_RESOLUTION, help="global AE input size; patches are resized")
+    fit.add_argument("--local-resolution", type=int, default=AE.LOCAL_RESOLUTION, help="local AE input size")
+    fit.add_argument("--global-d", type=int, default=default["d"], help="global feature size")
+    fit.add_argument("--local-d", type=int, default=default["d"], help="local feature size")
+    fit.add_argument("--channel-base", type=int, default=default["channel_base"],
+                     help="channels at resolution r: min(base / r, max): the compact, fast extractor; 8192 with "
+                          "--channel-max 256 --global-resolution 128 --local-resolution 64 is the large one")
+    fit.add_argument("--channel-max", type=int, default=default["channel_max"], help="most channels of a layer")
+    fit.add_argument("--max-tiles", type=int, default=default["max_tiles"], help="cap on training tiles read into memory per AE")
+    fit.add_argument("--lpips-weight", type=float, default=default["lpips_weight"], help="lambda of the LPIPS term (Eq. 2)")
+    fit.add_argument("--adv-weight", type=float, default=default["adv_weight"], help="weight of the adversarial term")
+    fit.add_argument("--r1-gamma", type=float, default=default["r1_gamma"], help="R1 penalty weight on the critic")
     fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: random, warned)")
-    fit.add_argument("--checkpoint-every", type=int, default=500)
-    fit.add_argument("--device", default="cpu", help="cpu or cuda[:i] (mixed precision on CUDA)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"], help="steps between resumable checkpoints")
+    fit.add_argument("--device", default=default["device"], help="cpu or cuda[:i] (mixed precision on CUDA)")
+    fit.add_argument("--seed", type=int, default=default["seed"], help="seed of initialisation and batches")
     fit.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a checkpoint exists")
-    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(fit)
     fit.set_defaults(func=run_fit)
 
     run = commands.add_parser("run", help="write features / local_features into each slide's .h5",
@@ -57,12 +62,12 @@ def register(subparsers) -> None:
     run.add_argument("--h5-dir", required=True, help="folder of per-slide .h5 files written by isg preprocess")
     run.add_argument("--global", dest="global_ckpt", required=True, help="global autoencoder: autoencoder.pt/checkpoint.pt or its folder")
     run.add_argument("--local", dest="local_ckpt", help="local autoencoder (omit to write global features only)")
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--batch-size", type=int, default=64, help="global patches per batch")
-    run.add_argument("--num-workers", type=int, default=4, help="tile reader threads")
+    run.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    run.add_argument("--batch-size", type=int, default=extract_defaults["batch_size"], help="global patches per batch")
+    run.add_argument("--num-workers", type=int, default=extract_defaults["num_workers"], help="tile reader threads")
     run.add_argument("--overwrite", action="store_true", help="recompute slides that already have features")
     run.add_argument("--amp", action="store_true", help="bfloat16 encoders on CUDA (faster; features differ slightly)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(run)
     run.set_defaults(func=run_extract)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 

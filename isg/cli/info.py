@@ -12,13 +12,13 @@ def run(args) -> int:
     import torch
 
     import isg
-    from isg.features.lpips_loss import cached_alexnet_weights
+    from isg.features.lpips_loss import ALEXNET_FILE, cached_alexnet_weights
 
     print(f"isg {isg.__version__}  torch {torch.__version__}")
     for name, ok in isg.backends().items():
         detail = isg.backend_detail(name)
         print(f"  {name:<13} {'yes' if ok else 'no'}{f'  ({detail})' if detail else ''}")
     weights = cached_alexnet_weights()
-    print(f"  {'lpips-weights':<13} {'yes' if weights else 'no'}  "
-          f"({weights or 'ImageNet AlexNet not in the torch hub cache: LPIPS trains with a random backbone'})")
+    missing = f"missing: put {ALEXNET_FILE} in {torch.hub.get_dir()}/checkpoints, else LPIPS uses a random AlexNet"
+    print(f"  {'lpips-weights':<13} {'yes' if weights else 'no'}  ({weights or missing})")
     return 0

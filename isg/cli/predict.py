@@ -13,24 +13,39 @@ from isg.cli._slides import add_slide_arguments, slides_from_args
 
 
 def register(subparsers) -> None:
+    from isg.cli import add_quiet, defaults_of
+    from isg.infer.predict import Predictor
+
+    default = defaults_of(Predictor)
     parser = subparsers.add_parser(
         "predict", help="read -> select -> extract -> predict on new slides with a trained model",
         description="Run the whole pipeline on slides: Shannon selection with the training run's settings, autoencoder "
-                    "features, and the average of the fold models of `isg train`. Writes predictions.csv, timings.csv "
-                    "(seconds per stage) and summary.json; a rerun skips finished slides.")
+                    "features, and the average of the fold models of `isg train`. Writes predictions.csv (per gene the "
+                    "ensemble mean and <gene>_std, the std across fold models), timings.csv (seconds per stage) and "
+                    "summary.json; a rerun skips finished slides. --heatmaps and --attention-maps explain each prediction.")
     add_slide_arguments(parser)
     parser.add_argument("--model", required=True, help="output folder of `isg train` (fold models + pipeline.json)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--global-ae", help="global autoencoder checkpoint (default: the one recorded at training)")
     parser.add_argument("--local-ae", help="local autoencoder checkpoint (default: the one recorded at training)")
     parser.add_argument("--work-dir", help="where per-slide patches/features go (default OUT/patches; reused when present)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=4, help="tile reader threads per slide")
+    parser.add_argument("--heatmaps", metavar="GENE[,GENE...]",
+                        help="per-patch expression maps of these genes: OUT/heatmaps/<slide>/<gene>.png over the slide "
+                             "thumbnail and patches.csv (x, y, size, value per gene); the value of a patch is the model's "
+                             "output head applied to that patch's token, averaged over the fold models")
+    parser.add_argument("--attention-maps", action="store_true",
+                        help="save the fusion blocks' local gate A and global weights Z per patch and fold model to "
+                             "OUT/attention/<slide>.h5 (ISG models)")
+    parser.add_argument("--device", default=default["device"], help="cpu or cuda[:i]")
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="patches per batch (reading and encoding)")
+    parser.add_argument("--num-workers", type=int, default=default["num_workers"], help="tile reader threads per slide")
+    parser.add_argument("--tile-memory-mb", type=float, default=default["tile_memory_mb"],
+                        help="per slide: memory for the best-scored tiles kept from the scoring pass so selected patches "
+                             "are read once (those that do not fit are read again; 0 reads them all again)")
     parser.add_argument("--workers", type=int, default=1, help="slides in parallel (threads)")
     parser.add_argument("--scheduler", default="threads", help="threads or a Dask scheduler address")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already predicted")
-    parser.add_argument("--quiet", action="store_true")
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
@@ -39,6 +54,8 @@ def run(args) -> int:
     from isg.infer.predict import Predictor, predict_slides
 
     slides = slides_from_args(args)
+    if args.tile_memory_mb < 0:
+        raise CLIError(f"--tile-memory-mb must be >= 0 (0: read the selected patches again), got {args.tile_memory_mb}")
     for name in ("batch_size", "num_workers", "workers"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -48,14 +65,24 @@ def run(args) -> int:
         predictor = Predictor.from_train_dir(args.model, args.global_ae, args.local_ae, device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
-    predictor.batch_size, predictor.num_workers = args.batch_size, args.num_workers
+    predictor.batch_size, predictor.num_workers, predictor.tile_memory_mb = args.batch_size, args.num_workers, args.tile_memory_mb
     scheduler = None if args.scheduler == "threads" else args.scheduler
-    predictions, timings, summary = predict_slides(slides, predictor, args.out, work_dir=args.work_dir, scheduler=scheduler,
-                                                   workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    genes = [g.strip() for g in args.heatmaps.split(",") if g.strip()] if args.heatmaps else []
+    try:
+        predictions, timings, summary = predict_slides(
+            slides, predictor, args.out, work_dir=args.work_dir, scheduler=scheduler, workers=args.workers,
+            overwrite=args.overwrite, progress=not args.quiet, heatmaps=genes, attention_maps=args.attention_maps)
+    except ValueError as exc:  # unknown heatmap gene, maps asked of a model without them
+        raise CLIError(str(exc)) from None
     if not args.quiet and len(timings):
         stages = timings[["read", "select", "features", "predict", "total"]].mean()
         print("mean seconds per slide: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), file=sys.stderr)
+        if "n_reread" in timings and timings["n_reread"].sum():
+            print(f"{int(timings['n_reread'].sum())} selected patch(es) read twice (raise --tile-memory-mb to keep them)", file=sys.stderr)
     print(f"{len(predictions)} slide(s) predicted -> {Path(args.out) / 'predictions.csv'}")
+    if genes or args.attention_maps:
+        made = [str(Path(args.out) / "heatmaps")] * bool(genes) + [str(Path(args.out) / "attention")] * args.attention_maps
+        print(f"explanations -> {', '.join(made)}")
     if summary.failed:
         print(f"isg predict: {len(summary.failed)} of {len(slides)} slide(s) failed:", file=sys.stderr)
         for result in summary.failed:

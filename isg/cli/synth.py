@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quality", type=int, default=80, help="JPEG quality (default 80)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad", action="store_true", help="also write broken files (corrupt, truncated, ...) into OUT/bad")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
@@ -26,7 +27,7 @@ def run(args) -> int:
 
     try:
         cohort = make_cohort(args.out, n_slides=args.slides, n_patients=args.patients, size=args.size, tile=args.tile,
-                             seed=args.seed, genes=args.genes, mpp=args.mpp, quality=args.quality, progress=True)
+                             seed=args.seed, genes=args.genes, mpp=args.mpp, quality=args.quality, progress=not args.quiet)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     print(f"wrote {len(cohort.slides)} slides to {cohort.out_dir / 'slides'}; manifest {cohort.manifest}; "

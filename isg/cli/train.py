@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from isg.cli import add_quiet, defaults_of
     from isg.train.config import TrainConfig
 
+    default = defaults_of(TrainConfig)
     parser = subparsers.add_parser(
         "train", help="cross-validate ISG / ViT-S / HE2RNA on extracted features",
         description="Train with k-fold patient-level CV from per-slide feature .h5 files (written by `isg extract`). "
@@ -21,23 +24,26 @@ def register(subparsers) -> None:
                         "unknown ones are listed, see docs/data.md); default: --top-n by variance")
     parser.add_argument("--top-n", type=int, default=None, help="default gene rule: the N most variable expressed genes")
     parser.add_argument("--min-samples", type=int, default=1, help="default gene rule: expressed in at least this many samples")
-    parser.add_argument("--task", choices=("regression", "msi"), default="regression")
+    parser.add_argument("--task", choices=("regression", "msi"), default=default["task"],
+                        help="regression of expression, or MSI-H vs MSS classification")
     parser.add_argument("--labels", help="--task msi: CSV with sample_id and the label column")
-    parser.add_argument("--label-column", default="msi")
+    parser.add_argument("--label-column", default="msi", help="--task msi: column of --labels holding the class")
     parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
-    parser.add_argument("--model", default=TrainConfig.model,
-                        help=f"isg-N-k (the paper's Dual Attention, Eqs. 3-8), isg-N-k-plus (our variant), vit-s / vit-t4 "
-                             f"(global features only) or he2rna (default {TrainConfig.model})")
+    parser.add_argument("--model", default=default["model"],
+                        help="isg-N-k (the paper's Dual Attention, Eqs. 3-8), isg-N-k-plus (our variant), vit-s / vit-t4 "
+                             "(global features only) or he2rna")
     parser.add_argument("--model-kwargs", default="{}", help='JSON of model options, e.g. \'{"embed_dim": 192, "depth": 4}\'')
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--patience", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"AdamW learning rate (default {TrainConfig.lr})")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--max-patches", type=int, default=256, help="random patches per slide per step while training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--folds", type=int, default=default["n_splits"], help="patient-level cross-validation folds")
+    parser.add_argument("--epochs", type=int, default=default["epochs"], help="most epochs per fold")
+    parser.add_argument("--patience", type=int, default=default["patience"],
+                        help="stop a fold after this many epochs without a better validation loss")
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="slides per step")
+    parser.add_argument("--lr", type=float, default=default["lr"], help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=default["weight_decay"], help="AdamW weight decay")
+    parser.add_argument("--max-patches", type=int, default=default["max_patches"], help="random patches per slide per step while training")
+    parser.add_argument("--seed", type=int, default=default["seed"], help="seed of the folds, initialisation and batches")
+    parser.add_argument("--device", default=default["device"], help="cpu or cuda[:i]")
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
@@ -52,7 +58,9 @@ def run(args) -> int:
     from isg.cli import CLIError
     from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
     from isg.data.labels import LabelError, load_labels
-    from isg.train.expression import TrainConfig, cross_validate
+    from isg.cli._progress import TrainProgress
+    from isg.train.config import TrainConfig
+    from isg.train.expression import cross_validate
 
     for name in ("folds", "epochs", "patience", "batch_size", "max_patches", "top_n", "min_samples"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -89,10 +97,22 @@ def run(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device,
                          model_kwargs=model_kwargs)
+    progress = TrainProgress()
+    if not getattr(args, "verbose", False):  # the bars show each fold; its result dict is for -v
+        logging.getLogger("isg.train.expression").setLevel(logging.WARNING)
     try:
-        summary = cross_validate(manifest, features, targets, args.out, config)
+        summary = cross_validate(manifest, features, targets, args.out, config, progress=None if args.quiet else progress)
     except (ValueError, TypeError) as exc:  # unknown model name or option, too few patients for the folds, bad feature files
         raise CLIError(str(exc)) from exc
-    keys = ("auc",) if args.task == "msi" else ("mean_r", "median_r", "n_significant", "n_genes")
-    print(json.dumps({key: summary.get(key) for key in keys if key in summary} | {"n_samples": summary.get("n_samples"), "out": str(args.out)}, default=float))
+    finally:
+        progress.close()
+    print(result_line(summary, args.model, args.out))
     return 0
+
+
+def result_line(summary: dict, model: str, out) -> str:
+    """One line a user reads (and a README can quote): the cross-validated result."""
+    if "auc" in summary:
+        return f"{model}: MSI-H vs MSS AUC {summary['auc']:.3f} over {summary.get('n_samples')} samples -> {out}"
+    return (f"{model}: mean Pearson r {summary['mean_r']:.3f} over {summary['n_genes']} genes, "
+            f"{summary['n_significant']} significant (r > 0, FDR < 0.05), {summary.get('n_samples')} samples -> {out}")

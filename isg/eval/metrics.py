@@ -143,7 +143,7 @@ def save_results(path: str | os.PathLike, results: pd.DataFrame, summary: dict |
         raise ValueError(f"results path {path}: expected a .csv or .json suffix")
 
 
-def _save_figure(figure, path: str | os.PathLike) -> None:
+def save_figure(figure, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -165,7 +165,7 @@ def plot_gene_correlations(results: pd.DataFrame, path: str | os.PathLike) -> No
     axis.axhline(0, color="black", linewidth=0.6)
     axis.set(xlabel="genes (sorted by r)", ylabel="Pearson r", xlim=(-0.5, max(len(ordered), 1) - 0.5))
     axis.set_title(f"mean r = {ordered['r'].mean():.3f}; {int(ordered['significant'].sum())} / {len(results)} genes significant (red)")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_pred_vs_true(y_true, y_pred, genes: Sequence[str], path: str | os.PathLike, columns: int = 4) -> None:
@@ -192,4 +192,4 @@ def plot_pred_vs_true(y_true, y_pred, genes: Sequence[str], path: str | os.PathL
         axis.plot([low, high], [low, high], color="gray", linewidth=0.6, linestyle="--")
         axis.set(title=f"{gene} (r = {r:.2f})", xlabel="true", ylabel="predicted")
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)

@@ -58,7 +58,7 @@ def _warn_random_backbone() -> None:  # Python's default filter shows it once pe
     warnings.warn(
         f"LPIPS: the ImageNet AlexNet weights ({ALEXNET_FILE}) are not in {where} and no path was given, "
         "so the perceptual loss uses a RANDOM AlexNet. Training still works, but the autoencoders will "
-        "not match the paper's quality. Put torchvision's alexnet weights there or pass --lpips-weights PATH.",
+        "not match the paper's quality. Put torchvision's alexnet weights there, pass --lpips-weights PATH, or use --lpips-weight 0.",
         UserWarning,
         stacklevel=4,
     )

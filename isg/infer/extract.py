@@ -13,6 +13,7 @@ original); slides that already have both datasets are skipped unless ``overwrite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ class ExtractResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str | None = None
+    n_read: int = 0  # patches read from the slide (the rest came from memory)
 
 
 @torch.inference_mode()
@@ -85,11 +87,14 @@ def extract_slide(
     overwrite: bool = False,
     backend: str = "auto",
     amp: bool = False,
+    tiles: dict | None = None,
 ) -> ExtractResult:
     """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into ``h5_path``.
 
     ``slide_path`` None takes the slide from the .h5 root attr ``slide_path``; ``amp``: bfloat16 encoders on CUDA.
-    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED); errors raise.
+    ``tiles``: patches already in memory, uint8 [p, p, 3] keyed by level-0 ``(x, y)`` (``isg predict`` keeps
+    them from the scoring pass); only the selected patches missing there are read from the slide.
+    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED, ``n_read`` patches read); errors raise.
     """
     h5_path = Path(h5_path)
     start = time.perf_counter()
@@ -102,22 +107,41 @@ def extract_slide(
     m, s = len(info.coords), info.grid
     features = np.zeros((m, global_ae.d), np.float32)  # [M, d_g]
     local = np.zeros((m, s, s, local_ae.d), np.float16) if local_ae is not None else None  # [M, S, S, d_l]
-    offset = 0
-    if m:
-        with open_patch_slide(info, backend) as slide:
-            for coords, tiles in iter_patches(slide, info.coords, info.patch_size, info.patch_level, batch_size, device, num_workers):
-                b = len(coords)
-                if not np.array_equal(coords, info.coords[offset:offset + b]):
-                    raise RuntimeError(f"{h5_path}: tile reader returned patches out of order at {offset}")
-                features[offset:offset + b] = encode_tiles(global_ae, tiles, device, amp=amp).numpy()
-                if local_ae is not None:
-                    subs = split_local(tiles, info.local_size).reshape(b * s * s, info.local_size, info.local_size, 3)
-                    local[offset:offset + b] = encode_tiles(local_ae, subs, device, amp=amp).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
-                offset += b
+    offset, n_read = 0, 0
+    with contextlib.ExitStack() as stack:
+        if tiles is None:
+            slide = stack.enter_context(open_patch_slide(info, backend)) if m else None
+            batches = iter_patches(slide, info.coords, info.patch_size, info.patch_level, batch_size, device, num_workers) if m else ()
+            n_read = m
+        else:
+            missing = np.asarray([c for c in info.coords if (int(c[0]), int(c[1])) not in tiles], np.int64).reshape(-1, 2)
+            if len(missing):
+                tiles = dict(tiles)
+                with open_patch_slide(info, backend) as slide:
+                    for coords, batch in iter_patches(slide, missing, info.patch_size, info.patch_level, batch_size, "cpu", num_workers):
+                        tiles.update(((int(x), int(y)), tile.clone()) for (x, y), tile in zip(coords, batch))
+            n_read = len(missing)
+            batches = _batches_in_memory(info.coords, tiles, batch_size, device)
+        for coords, batch in batches:  # [b, 2], uint8 [b, p, p, 3]
+            b = len(coords)
+            if not np.array_equal(coords, info.coords[offset:offset + b]):
+                raise RuntimeError(f"{h5_path}: tile reader returned patches out of order at {offset}")
+            features[offset:offset + b] = encode_tiles(global_ae, batch, device, amp=amp).numpy()
+            if local_ae is not None:
+                subs = split_local(batch, info.local_size).reshape(b * s * s, info.local_size, info.local_size, 3)
+                local[offset:offset + b] = encode_tiles(local_ae, subs, device, amp=amp).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
+            offset += b
     if offset != m:
         raise RuntimeError(f"{h5_path}: read {offset} of {m} patches")
     _write_features(h5_path, features, local, _encoder_attrs(global_ae, "global"), _encoder_attrs(local_ae, "local") if local_ae is not None else None)
-    return ExtractResult(str(h5_path), WRITTEN, m, time.perf_counter() - start)
+    return ExtractResult(str(h5_path), WRITTEN, m, time.perf_counter() - start, n_read=n_read)
+
+
+def _batches_in_memory(coords: np.ndarray, tiles: dict, batch_size: int, device):
+    """``(coords [b, 2], uint8 [b, p, p, 3])`` batches of in-memory tiles, in ``coords`` order."""
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i:i + batch_size]
+        yield chunk, torch.stack([tiles[(int(x), int(y))] for x, y in chunk]).to(device)
 
 
 def _write_features(h5_path: Path, features: np.ndarray, local: np.ndarray | None, global_attrs: dict, local_attrs: dict | None) -> None:

@@ -11,12 +11,19 @@ with (``<train_dir>/pipeline.json``). Per slide, :func:`predict_slide`
    when present),
 3. predicts with every fold model and averages,
 
-and reports seconds per stage: ``read`` (open, tissue grid, tile decoding for
-scoring), ``select`` (scoring + rule), ``features`` (reading the selected
-patches again + encoders), ``predict``. :func:`predict_slides` runs a cohort
-through :func:`isg.infer.cohort.run_cohort` (one JSON per slide, written
-atomically: a rerun resumes, a bad slide is reported and skipped) and writes
-``predictions.csv`` and ``timings.csv``.
+and reports seconds per stage: ``read`` (open, tissue grid, tile decoding),
+``select`` (scoring + rule), ``features`` (encoders), ``predict``. Each tissue
+patch is read once: while scoring, the best-scored tiles are kept in memory
+(:class:`TileKeeper`, bounded by ``Predictor.tile_memory_mb``) and the selected
+ones are encoded from there (the selection keeps the top of the score order, so
+they are all kept unless the budget is too small; ``n_reread`` counts those read
+again). :func:`predict_slides` runs a cohort through
+:func:`isg.infer.cohort.run_cohort` (one JSON per slide, written atomically: a
+rerun resumes, a bad slide is reported and skipped) and writes
+``predictions.csv`` (per gene the fold-ensemble mean and, in ``<gene>_std``, the
+standard deviation across the fold models: their disagreement), ``timings.csv``
+and, on request, per-patch expression heatmaps and fusion attention maps
+(:func:`explain_slide`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import slide_id_of
 
 STAGES = ("read", "select", "features", "predict")
+HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail
+STD_SUFFIX = "_std"  # column of the std across fold models, beside each prediction
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Predictor:
     device: str = "cpu"
     batch_size: int = 64
     num_workers: int = 4
+    tile_memory_mb: float = 1024.0  # per slide: best-scored tiles kept from the scoring pass (read once)
 
     @property
     def outputs(self) -> list[str]:
@@ -94,27 +104,69 @@ def preprocess_options(attrs: dict) -> dict:
     return options
 
 
-def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike) -> tuple[pd.Series, dict]:
-    """Prediction (a row over ``predictor.outputs``) and stage seconds for one slide."""
-    from isg.infer.extract import extract_slide
+class TileKeeper:
+    """``on_tiles`` hook of :func:`isg.infer.preprocess.preprocess_slide`: keeps the best-scored tiles.
+
+    Keeps copies of the highest-scored tiles within ``max_bytes`` (a min-heap on score evicts the
+    lowest). Every selection rule keeps the top of the score order, so the selected patches are the
+    kept ones whenever they fit. ``tiles`` maps level-0 ``(x, y)`` to uint8 [p, p, 3] on the CPU.
+    """
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._heap: list = []  # (score, push count, (x, y))
+        self._pushed = 0
+        self.tiles: dict = {}
+
+    def __call__(self, coords, tiles: torch.Tensor, scores: np.ndarray) -> None:
+        import heapq
+
+        tiles = torch.as_tensor(tiles)
+        for (x, y), tile, score in zip(np.asarray(coords), tiles, np.asarray(scores)):
+            size = tile.numel() * tile.element_size()
+            if size > self.max_bytes or (self.bytes + size > self.max_bytes and self._heap and score <= self._heap[0][0]):
+                continue  # would be the first to go
+            key = (int(x), int(y))
+            self._pushed += 1
+            heapq.heappush(self._heap, (float(score), self._pushed, key))
+            self.tiles[key] = tile.to("cpu", copy=True)  # the reader reuses its batch buffer
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, _, dropped = heapq.heappop(self._heap)
+                gone = self.tiles.pop(dropped)
+                self.bytes -= gone.numel() * gone.element_size()
+
+
+def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
+                  tile_progress: bool = False) -> tuple[pd.Series, dict]:
+    """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
+    and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
+    from isg.infer.extract import WRITTEN, extract_slide
     from isg.infer.preprocess import h5_complete, preprocess_slide
 
     slide_path, work_dir = Path(slide_path), Path(work_dir)
     h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
     timings = dict.fromkeys(STAGES, 0.0)
+    keeper = None
     if not h5_complete(h5_path):
+        keeper = TileKeeper(predictor.tile_memory_mb * 2**20)
         stats = preprocess_slide(slide_path, work_dir, device=predictor.device, batch_size=predictor.batch_size,
-                                 num_workers=predictor.num_workers, **predictor.preprocess)
+                                 num_workers=predictor.num_workers, on_tiles=keeper, progress=tile_progress,
+                                 **predictor.preprocess)
         timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read", "write"))
         timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
     start = time.perf_counter()
-    extract_slide(h5_path, slide_path, predictor.global_ae, predictor.local_ae, batch_size=predictor.batch_size,
-                  device=predictor.device, num_workers=predictor.num_workers)
+    result = extract_slide(h5_path, slide_path, predictor.global_ae, predictor.local_ae, batch_size=predictor.batch_size,
+                           device=predictor.device, num_workers=predictor.num_workers,
+                           tiles=keeper.tiles if keeper is not None else None)
+    del keeper
     timings["features"] = time.perf_counter() - start
+    timings["n_reread"] = result.n_read if result.status == WRITTEN else 0  # patches read a second time
     start = time.perf_counter()
-    bag = BagDataset([h5_path], local=predictor.local_ae is not None)[0]
-    batch = collate_bags([bag])
-    prediction = pd.concat([model.predict(batch) for model in predictor.models]).mean(axis=0)  # ensemble of folds
+    batch = load_bag(h5_path, predictor)
+    folds = pd.concat([model.predict(batch) for model in predictor.models])  # [folds, outputs]
+    prediction = pd.concat([folds.mean(axis=0), folds.std(axis=0, ddof=0).add_suffix(STD_SUFFIX)])  # ensemble of folds
     timings["predict"] = time.perf_counter() - start
     with h5py.File(h5_path, "r") as f:
         timings["n_patches"] = int(len(f["coords"]))
@@ -123,13 +175,22 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
     return prediction, timings
 
 
+def load_bag(h5_path: Path, predictor: Predictor) -> dict:
+    """The collated one-slide batch the fold models read."""
+    return collate_bags([BagDataset([h5_path], local=predictor.local_ae is not None)[0]])
+
+
 def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike | None = None,
-                   scheduler=None, workers: int | None = 1, overwrite: bool = False, progress: bool = True):
+                   scheduler=None, workers: int | None = 1, overwrite: bool = False, progress: bool = True,
+                   heatmaps: list[str] | None = None, attention_maps: bool = False):
     """Predict every slide; returns ``(predictions [slides, outputs], timings [slides, stages], summary)``.
 
     Per-slide results go to ``<out_dir>/slides/<slide_id>.json`` (atomic; a rerun
     skips them), patches and features to ``work_dir`` (default ``<out_dir>/patches``);
-    ``predictions.csv``, ``timings.csv`` and ``summary.json`` are written at the end.
+    ``predictions.csv`` (each output followed by its ``_std`` across folds), ``timings.csv``
+    and ``summary.json`` are written at the end. ``heatmaps`` (output names) and
+    ``attention_maps`` add :func:`explain_slide`'s files under ``<out_dir>/heatmaps`` and
+    ``<out_dir>/attention``. The returned ``predictions`` hold the means only.
     """
     from isg.infer.cohort import run_cohort
 
@@ -137,22 +198,123 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "patches"
     per_slide = out_dir / "slides"
     slides = [Path(s) for s in slides]
+    heatmaps = list(heatmaps or [])
+    unknown = [g for g in heatmaps if g not in predictor.outputs]
+    if unknown:
+        raise ValueError(f"heatmaps: {', '.join(unknown)} not predicted by this model (outputs: {_some(predictor.outputs)})")
+    if (heatmaps or attention_maps) and predictor.models[0].config.task == "msi":
+        raise ValueError("heatmaps and attention maps are for expression models (this one predicts MSI)")
+
+    def explained(slide: Path) -> bool:
+        sid = slide_id_of(slide)
+        return (all((out_dir / "heatmaps" / sid / f"{_file_name(g)}.png").is_file() for g in heatmaps)
+                and (not attention_maps or (out_dir / "attention" / f"{sid}.h5").is_file()))
 
     def process(slide: Path) -> dict:
-        prediction, timings = predict_slide(slide, predictor, work_dir)
+        prediction, timings = predict_slide(slide, predictor, work_dir, tile_progress=progress and workers == 1)
+        if heatmaps or attention_maps:
+            explain_slide(slide, work_dir / f"{slide_id_of(slide)}.h5", predictor, out_dir, heatmaps, attention_maps)
         record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": prediction.to_dict(), "seconds": timings}
         write_text_atomic(per_slide / f"{slide_id_of(slide)}.json", json.dumps(record, default=float))
         return {"n_patches": timings["n_patches"], **{f"seconds_{k}": round(timings[k], 4) for k in STAGES}}
 
+    def complete(path: Path) -> bool:  # a slide is done when its JSON and the maps asked for exist
+        return path.is_file() and explained(next(s for s in slides if slide_id_of(s) == path.stem))
+
     summary = run_cohort(slides, process, lambda s: per_slide / f"{slide_id_of(s)}.json", scheduler=scheduler,
                          workers=workers, overwrite=overwrite, progress=progress, name_of=slide_id_of,
-                         summary_path=out_dir / "summary.json", title="isg predict")
+                         is_complete=complete, summary_path=out_dir / "summary.json", title="isg predict")
     records = [json.loads((per_slide / f"{slide_id_of(s)}.json").read_text()) for s in slides
                if (per_slide / f"{slide_id_of(s)}.json").is_file()]
-    predictions = pd.DataFrame([r["prediction"] for r in records], index=pd.Index([r["slide_id"] for r in records], name="slide_id"))
-    timings = pd.DataFrame([r["seconds"] for r in records], index=predictions.index)
-    predictions = predictions.reindex(columns=predictor.outputs)
-    for name, table in (("predictions.csv", predictions), ("timings.csv", timings)):
+    index = pd.Index([r["slide_id"] for r in records], name="slide_id")
+    table = pd.DataFrame([r["prediction"] for r in records], index=index)
+    spread = [f"{name}{STD_SUFFIX}" for name in predictor.outputs]
+    predictions = table.reindex(columns=predictor.outputs)
+    interleaved = [c for name, std in zip(predictor.outputs, spread) for c in (name, std)]
+    timings = pd.DataFrame([r["seconds"] for r in records], index=index)
+    for name, frame in (("predictions.csv", table.reindex(columns=interleaved)), ("timings.csv", timings)):
         with atomic_path(out_dir / name) as tmp:
-            table.to_csv(tmp)
+            frame.to_csv(tmp)
     return predictions, timings, summary
+
+
+def _some(names, n: int = 8) -> str:
+    names = list(names)
+    return ", ".join(map(str, names[:n])) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _file_name(name: str) -> str:
+    """A gene name made safe as a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+# ----------------------------------------------------------------------------- explanations
+
+
+def patch_explanations(predictor: Predictor, batch: dict) -> dict:
+    """Per-patch values of the fold ensemble for a one-slide batch.
+
+    Returns ``patch_values`` [F, N, outputs] (each fold's head applied to each patch token, in
+    target units), ``local_gate`` [F, N, fusion blocks, L] and ``global_weights`` [F, N, blocks, L]
+    (the fusion blocks' local gate A and global weights Z), F fold models, N patches.
+    """
+    values, gates, weights = [], [], []
+    for fold in predictor.models:
+        if not hasattr(fold, "explain"):
+            raise ValueError(f"fold model {fold.path}: this version cannot explain its predictions per patch")
+        out = fold.explain(batch)  # patch_values in target units
+        values.append(out["patch_values"][0].float().cpu())  # [N, outputs]
+        if "local_gate" in out:
+            gates.append(out["local_gate"][0].float().cpu())  # [N, blocks, L]
+            weights.append(out["global_weights"][0].float().cpu())  # [N, blocks, L]
+    result = {"patch_values": torch.stack(values).numpy()}
+    if gates:
+        result["local_gate"], result["global_weights"] = torch.stack(gates).numpy(), torch.stack(weights).numpy()
+    return result
+
+
+def explain_slide(slide_path: Path, h5_path: Path, predictor: Predictor, out_dir: Path, genes: list[str],
+                  attention_maps: bool) -> None:
+    """Heatmaps of ``genes`` and/or the fusion attention maps of one slide.
+
+    ``<out_dir>/heatmaps/<slide_id>/patches.csv``: x, y (level-0 top-left), size (level-0 side)
+    and, per gene, the ensemble's per-patch value (mean over folds of the head applied to the
+    patch token); ``<gene>.png``: those values over the slide thumbnail.
+    ``<out_dir>/attention/<slide_id>.h5``: ``coords`` [N, 2], ``local_gate`` [F, N, fusion blocks, L]
+    (A, averaged over channels) and ``global_weights`` [F, N, blocks with a global updater, L] (Z)
+    per fold model (L = S x S local positions, row-major).
+    """
+    slide_id = slide_id_of(slide_path)
+    batch = load_bag(h5_path, predictor)
+    explained = patch_explanations(predictor, batch)
+    n = int(batch["mask"][0].sum())
+    with h5py.File(h5_path, "r") as f:
+        coords = f["coords"][:n]  # [N, 2] level-0 (x, y), the bag's order
+        side = int(f["coords"].attrs["level0_patch_size"])
+    if genes:
+        values = explained["patch_values"][:, :n].mean(axis=0)  # [N, outputs]
+        column = {name: i for i, name in enumerate(predictor.outputs)}
+        table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "size": side})
+        for gene in genes:
+            table[gene] = values[:, column[gene]]
+        folder = out_dir / "heatmaps" / slide_id
+        with atomic_path(folder / "patches.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        from isg.eval.figures import plot_patch_heatmap
+        from isg.io import open_slide
+
+        with open_slide(slide_path) as slide:
+            thumb, dimensions = slide.thumbnail(HEATMAP_SIZE), slide.dimensions
+        for gene in genes:  # written atomically
+            plot_patch_heatmap(folder / f"{_file_name(gene)}.png", thumb, dimensions, coords, side, table[gene].to_numpy(),
+                               title=f"{slide_id}: {gene}", label="predicted log10(1 + x) per patch")
+    if attention_maps:
+        if "local_gate" not in explained:
+            raise ValueError(f"model {predictor.models[0].config.model} has no fusion attention (ISG models only)")
+        with atomic_path(out_dir / "attention" / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(slide_id=slide_id, slide_path=str(slide_path), level0_patch_size=side,
+                           folds=[str(m.path.name) for m in predictor.models])
+            f.create_dataset("coords", data=coords)
+            for name in ("local_gate", "global_weights"):
+                dset = f.create_dataset(name, data=explained[name][:, :n].astype(np.float32))
+                dset.attrs["dims"] = "fold, patch, fusion block, local position (row-major S x S)"

@@ -232,9 +232,11 @@ def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
     return _Grid(level, downsample, level0_patch_size, thumb, coords)
 
 
-def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress: bool = False):
+def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress: bool = False, on_tiles=None):
     """Step 2: stream the patches and score each with the selector. Patches touching damaged tiles are left
-    out and logged. Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
+    out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B])`` sees every scored
+    batch (the tiles live in a reused buffer: copy what you keep).
+    Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
     import torch
 
     from isg.io import DamagedTiles, iter_tiles
@@ -257,6 +259,8 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
             clock.lap("read")
             scores.append(np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1))  # [B]
             coords.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
+            if on_tiles is not None:  # isg predict keeps the best tiles: selected patches are read once
+                on_tiles(coords[-1], tiles, scores[-1])
             clock.lap("score")
     coords = np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)
     scores = np.concatenate(scores) if scores else np.zeros(0, np.float64)
@@ -330,7 +334,7 @@ def write_outputs(slide, slide_path: Path, out_dir: Path, grid: _Grid, coords, s
 
 
 def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False,
-                     **options) -> dict:
+                     on_tiles=None, **options) -> dict:
     """Preprocess one slide into ``<out_dir>/<slide_id>.h5`` (+ ``.png``); returns its stats.
 
     ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
@@ -343,7 +347,7 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
     The method, step by step: :func:`tissue_grid` -> :func:`score_patches` -> :func:`check_damaged` ->
     :func:`select_patches` -> :func:`write_outputs`. Returns ``n_tissue`` (patches scored), ``n_kept``,
     ``n_damaged`` (patches left out: they touch damaged tiles), ``level``, ``mpp`` (NaN when unknown) and
-    ``seconds_<stage>`` for open, grid, read, score, select, write and total.
+    ``seconds_<stage>`` for open, grid, read, score, select, write and total. ``on_tiles``: see :func:`score_patches`.
     """
     from isg.io import open_slide
 
@@ -355,7 +359,7 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
         clock.lap("open")
         grid = tissue_grid(slide, opts)
         clock.lap("grid")
-        coords, scores, damaged = score_patches(slide, grid, opts, clock, progress)
+        coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
         check_damaged(slide, damaged, len(grid.coords), opts)
         cut, selected = select_patches(scores, opts)
         clock.lap("select")
