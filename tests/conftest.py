@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: spinning threads cost 10x on shared cores
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config):

@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     fit.add_argument("--adv-weight", type=float, default=default["adv_weight"], help="weight of the adversarial term")
     fit.add_argument("--r1-gamma", type=float, default=default["r1_gamma"], help="R1 penalty weight on the critic")
     fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: random, warned)")
+    fit.add_argument("--lpips-impl", choices=("isg", "lpips"), default=default["lpips_impl"],
+                     help="LPIPS computed by isg or by the lpips package (the same distance; the package is optional)")
     fit.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"], help="steps between resumable checkpoints")
     fit.add_argument("--device", default=default["device"], help="cpu or cuda[:i] (mixed precision on CUDA)")
     fit.add_argument("--seed", type=int, default=default["seed"], help="seed of initialisation and batches")
@@ -121,7 +123,7 @@ def run_fit(args) -> int:
             channel_max=args.channel_max, kind=kind, max_tiles=args.max_tiles, epochs=args.epochs, max_steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, lpips_weight=args.lpips_weight, adv_weight=args.adv_weight,
             r1_gamma=args.r1_gamma, device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            lpips_weights=args.lpips_weights, progress=not args.quiet,
+            lpips_weights=args.lpips_weights, lpips_impl=args.lpips_impl, progress=not args.quiet,
         )
         try:
             _, history = train_autoencoder(files, out / kind, config, resume=args.resume)
