@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from isg.cli._slides import add_slide_arguments, slides_from_args
+from isg.select.rules import DEFAULT_RULE, RULES
 
 
 def register(subparsers) -> None:
@@ -30,12 +31,15 @@ def register(subparsers) -> None:
     group.add_argument("--tissue-min", type=float, default=0.05, help="min tissue fraction of a patch on the thumbnail (default 0.05)")
     group = parser.add_argument_group("selection")
     group.add_argument("--selector", default="shannon", help="shannon (default), otsu, gradient, canny, dog, log")
-    group.add_argument("--rule", choices=("mean_std", "threshold", "topk"),
-                       help="mean_std: keep above mean + n_sigma std (paper, default); threshold; topk "
-                            "(default: topk with --top-k, threshold with --threshold)")
+    group.add_argument("--rule", choices=RULES,
+                       help=f"mean_std: keep above mean + n_sigma std of each slide (default {DEFAULT_RULE.rule}); "
+                            "cohort: the paper's rule, mean + n_sigma std over every slide's scores, frozen as an "
+                            "absolute cut in <out>/selection.json (with --threshold: that frozen cut); threshold; "
+                            "topk (default: topk with --top-k, threshold with --threshold)")
     group.add_argument("--threshold", type=float, help="absolute score cut (bits for shannon; default default_threshold_bits(p))")
     group.add_argument("--top-k", type=int, dest="k", help="keep the k best patches")
-    group.add_argument("--n-sigma", type=float, default=1.0, help="sigmas above the mean for mean_std (default 1)")
+    group.add_argument("--n-sigma", type=float, default=DEFAULT_RULE.n_sigma,
+                       help=f"sigmas above the mean for mean_std and cohort (default {DEFAULT_RULE.n_sigma:g})")
     group = parser.add_argument_group("execution")
     group.add_argument("--backend", default="auto", help="slide reader: auto, cucim, openslide, tifffile, image")
     group.add_argument("--device", default="cpu", help="device of the tile tensors (cpu, cuda)")
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"slide id {slide_id!r} given twice ({ids[slide_id]} and {slide}): slide ids (file names "
                            f"without extension) name the outputs and must be unique")
         ids[slide_id] = slide
-    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else "mean_std")
+    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else DEFAULT_RULE.rule)
     options = dict(patch_size=args.patch_size, local_size=args.local_size, mpp=args.mpp, level=args.level,
                    slide_mpp=args.slide_mpp, selector=args.selector, rule=rule, threshold=args.threshold, k=args.k,
                    n_sigma=args.n_sigma, tissue_min=args.tissue_min, backend=args.backend, batch_size=args.batch_size,

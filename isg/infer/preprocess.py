@@ -41,14 +41,13 @@ import numpy as np
 from isg.utils import atomic_path
 from isg.data.manifest import slide_id_of
 from isg.infer.cohort import run_cohort
-
-RULES = ("mean_std", "threshold", "topk")
+from isg.select.rules import DEFAULT_RULE, RULES, SelectionRule, mean_std_threshold
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
 
 
 def check_options(*, patch_size: int, local_size: int, mpp: float | None = None, level: int | None = None,
-                  selector: str = "shannon", rule: str = "mean_std", threshold: float | None = None,
-                  k: int | None = None, n_sigma: float = 1.0, batch_size: int = 64) -> None:
+                  selector: str = "shannon", rule: str = DEFAULT_RULE.rule, threshold: float | None = None,
+                  k: int | None = None, n_sigma: float = DEFAULT_RULE.n_sigma, batch_size: int = 64) -> None:
     """Validate preprocessing options before any slide is opened; raises ValueError naming the argument."""
     from isg.select import SELECTORS
 
@@ -85,7 +84,8 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
     """The absolute cut a rule applies (None for top-k).
 
     ``threshold``: the given value, else :func:`isg.select.default_threshold_bits` (Shannon bits);
-    ``mean_std``: mean + n_sigma * std of this slide's scores (paper: n_sigma = 1).
+    ``mean_std``: mean + n_sigma * std of this slide's scores; ``cohort``: the frozen cohort cut
+    ``threshold`` (NaN while it is pending: :func:`preprocess_cohort` sets it once every slide is scored).
     """
     if rule == "threshold":
         if threshold is not None:
@@ -94,7 +94,9 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
 
         return float(default_threshold_bits(patch_size))
     if rule == "mean_std":
-        return float(scores.mean() + n_sigma * scores.std()) if len(scores) else math.nan
+        return mean_std_threshold(scores, n_sigma) if len(scores) else math.nan
+    if rule == "cohort":
+        return float(threshold) if threshold is not None else math.nan
     return None
 
 
@@ -129,10 +131,10 @@ def preprocess_slide(
     level: int | None = None,
     slide_mpp: float | None = None,
     selector: str = "shannon",
-    rule: str = "mean_std",
+    rule: str = DEFAULT_RULE.rule,
     threshold: float | None = None,
     k: int | None = None,
-    n_sigma: float = 1.0,
+    n_sigma: float = DEFAULT_RULE.n_sigma,
     tissue_min: float = 0.05,
     backend: str = "auto",
     batch_size: int = 64,
@@ -148,7 +150,9 @@ def preprocess_slide(
     resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
     level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (paper: keep patches
     above mean + ``n_sigma`` std of the slide's scores), ``"threshold"`` (``threshold``,
-    default :func:`isg.select.default_threshold_bits`) or ``"topk"`` (``k`` best).
+    default :func:`isg.select.default_threshold_bits`), ``"topk"`` (``k`` best) or ``"cohort"`` (the paper's
+    rule: ``threshold`` is the frozen cohort cut; without it the selection is left empty until
+    :func:`preprocess_cohort` freezes the cut over every slide's scores).
 
     Returns ``n_tissue`` (patches scored), ``n_kept``, ``level``, ``mpp`` and
     ``seconds_<stage>`` for open, grid, read, score, select, write and total.
@@ -217,8 +221,11 @@ def preprocess_slide(
 
         cut = resolve_threshold(scores, selector=selector, rule=rule, patch_size=patch_size,
                                 threshold=threshold, n_sigma=n_sigma)
-        selected = np.asarray(select(scores, rule=rule, threshold=cut if rule == "threshold" else None, k=k,
-                                     n_sigma=n_sigma), dtype=bool)
+        if rule == "cohort" and threshold is None:  # pending: the cut is frozen over the whole cohort
+            selected = np.zeros(len(scores), dtype=bool)
+        else:
+            selected = np.asarray(select(scores, rule=rule, threshold=cut if rule in ("threshold", "cohort") else None,
+                                         k=k, n_sigma=n_sigma, name=str(slide_path)), dtype=bool)
         lap("select")
 
         if thumbnail:
@@ -292,8 +299,15 @@ def preprocess_cohort(
     out_dir = Path(out_dir)
     slides = [Path(s) for s in slides]
     process = functools.partial(preprocess_slide, out_dir=out_dir, progress=tile_progress, **options)
-    return run_cohort(
+    summary = run_cohort(
         slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
         resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
         summary_path=out_dir / "summary.json", title="isg preprocess",
     )
+    if options.get("rule") == "cohort" and options.get("threshold") is None:
+        from isg.select import apply_rule
+
+        done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
+        if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
+            apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_RULE.n_sigma)))
+    return summary
