@@ -173,7 +173,7 @@ def test_otsu_with_slide_threshold_is_batch_independent(tissue_and_background):
     np.testing.assert_array_equal(np.concatenate([scorer(tissue_and_background[:1]), scorer(tissue_and_background[1:])]),
                                   whole)
     grey = grey_tiles(tissue_and_background)
-    np.testing.assert_allclose(whole, (grey < threshold).mean(axis=(1, 2)))
+    np.testing.assert_allclose(whole, (grey <= threshold).mean(axis=(1, 2)))
     with pytest.raises(ValueError, match="takes no options"):
         get_selector("canny", threshold=3)
 

@@ -40,17 +40,15 @@ _ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def otsu_tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
-    """Tissue mask [H, W] bool of an RGB thumbnail [H, W, 3]: pixels darker than the Otsu threshold of its grey levels."""
-    from skimage.color import rgb2gray
-    from skimage.filters import threshold_otsu
+    """Tissue mask [H, W] bool of an RGB thumbnail [H, W, 3]: pixels at or below the Otsu threshold of its grey
+    levels (:func:`isg.select.otsu_grey_threshold`, the same threshold as the ``otsu`` selector)."""
+    # TODO(issue 8): use isg.io's Otsu tissue threshold once it provides one (one Otsu for io, select, baselines)
+    from isg.select import grey_tiles, otsu_grey_threshold
 
     thumbnail = np.asarray(thumbnail)
-    if thumbnail.ndim != 3 or thumbnail.shape[-1] not in (3, 4):
-        raise ValueError(f"thumbnail must be RGB [H, W, 3], got shape {thumbnail.shape}")
-    grey = rgb2gray(thumbnail[..., :3])
-    if np.ptp(grey) == 0:  # blank image: no tissue
-        return np.zeros(grey.shape, dtype=bool)
-    return grey < threshold_otsu(grey)
+    if thumbnail.ndim != 3 or thumbnail.shape[-1] not in (3, 4) or thumbnail.dtype != np.uint8:
+        raise ValueError(f"thumbnail must be uint8 RGB [H, W, 3], got {thumbnail.dtype} {thumbnail.shape}")
+    return grey_tiles(thumbnail[None])[0] <= otsu_grey_threshold(thumbnail)
 
 
 def tissue_tile_coords(
@@ -77,7 +75,8 @@ def tissue_tile_coords(
 # ----------------------------------------------------------------------------- ResNet features
 
 
-def _cached_weights(arch: str) -> str | None:
+def cached_weights(arch: str = "resnet50") -> str | None:
+    """Path of torchvision's ImageNet ``arch`` weights in the local torch hub cache, or None."""
     found = sorted(glob.glob(os.path.join(torch.hub.get_dir(), "checkpoints", f"{arch}-*.pth")))
     return found[-1] if found else None
 
@@ -95,7 +94,7 @@ def load_resnet50(weights: str | os.PathLike | None = None, device: str | torch.
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
     model = getattr(torchvision.models, arch)(weights=None)
-    path = Path(weights) if weights is not None else _cached_weights(arch)
+    path = Path(weights) if weights is not None else cached_weights(arch)
     if path is None:
         warnings.warn(
             f"no {arch} ImageNet weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')} and none given: "
