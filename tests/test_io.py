@@ -11,8 +11,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from isg.io import SlideError, iter_tiles, local_grid, mpp_from_description, mpp_from_resolution, open_slide, tile_grid, tissue_mask
+from isg.io import (DamagedSlideError, DamagedTileError, DamagedTiles, SlideError, iter_tiles, local_grid,
+                    mpp_from_description, mpp_from_resolution, open_slide, tile_grid, tissue_mask)
 from isg.io.synth import make_bad_slides, pyramid, render_slide, write_pyramid_tiff
+from real_slides import DAMAGES, DATA, aperio_ihc_svs, damage, damage_tiff, ihc_image, segment
 
 PARAMS = {"density": 0.7, "nuclei_size": 0.5, "stain": 0.5, "tissue_fraction": 0.45}
 
@@ -96,13 +98,13 @@ def test_inexact_downsample_round_trips(tmp_path, backend):
             np.testing.assert_array_equal(region[0, 0], level1[gy, gx])
 
 
-def test_auto_picks_tifffile_for_tiff_and_cucim_for_svs(slide_file, tmp_path):
+def test_auto_picks_tifffile_for_tiff_and_svs(slide_file, tmp_path):
     with open_slide(slide_file) as slide:
         assert slide.backend == "tifffile"  # the fastest streaming reader for generic TIFF
     svs = tmp_path / "same.svs"
     svs.write_bytes(slide_file.read_bytes())
-    with open_slide(svs) as slide:
-        assert slide.backend == ("cucim" if "cucim" in TIFF_BACKENDS else "tifffile")
+    with open_slide(svs) as slide:  # and for SVS: 2.6x cuCIM on a real Aperio file (issue 10, docs/io.md)
+        assert slide.backend == "tifffile"
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
@@ -135,12 +137,14 @@ def test_image_backend(tmp_path):
         region = slide.read_region((90, 70), 0, (5, 3))
         np.testing.assert_array_equal(region[:1, :3], pixels[70:, 90:])
         assert (region[1:] == 255).all() and (region[:, 3:] == 255).all()
-    with pytest.raises(SlideError, match=r"b\.png.*mpp"):
-        open_slide(without)
+    with open_slide(without) as slide:  # read by pixel level, a plain image needs no mpp (issue 10 section 4)
+        assert slide.mpp is None and slide.level_mpp(0) is None
+        with pytest.raises(SlideError, match=r"b\.png.*mpp"):  # but reading at a resolution does
+            slide.best_level_for_mpp(0.5)
     assert open_slide(without, mpp=0.25).mpp == 0.25
     Image.fromarray(pixels).save(tmp_path / "screen.png", dpi=(72, 72))  # a screen default, not a calibration
-    with pytest.raises(SlideError, match="mpp"):
-        open_slide(tmp_path / "screen.png")
+    with open_slide(tmp_path / "screen.png") as slide, pytest.raises(SlideError, match="mpp"):
+        slide.best_level_for_mpp(0.5)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -431,3 +435,158 @@ def test_corrupt_tile_data_raises_slide_error(slide_file, tmp_path):
         slide.read_region((0, 0), 0, (128, 128))  # other tiles still read
         with pytest.raises(SlideError, match=r"bad_tile\.tif: corrupt tile 5 of level 0"):
             slide.read_region((5 * 128, 0), 0, (128, 128))
+
+
+# ----------------------------------------------------------------------------- damaged tiles (issue 10)
+
+
+@pytest.fixture(scope="module")
+def ihc_svs(tmp_path_factory):
+    return aperio_ihc_svs(tmp_path_factory.mktemp("ihc") / "ihc.svs")
+
+
+def _no_decoder_output(capfd):
+    out, err = capfd.readouterr()
+    for text in (out, err):
+        assert "JPEG" not in text and "ERROR" not in text and "TIFF" not in text, text
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_damaged_tile_of_an_aperio_svs_is_a_failure_not_pixels(ihc_svs, tmp_path, capfd, backend, kind):
+    last = 47  # the last tile of level 0 (bottom right)
+    bad = damage_tiff(ihc_svs, tmp_path / f"{kind}.svs", kind, 0, last)
+    xy = (896, 640)
+    grid = np.stack(np.meshgrid(np.arange(0, 1024, 128), np.arange(0, 768, 128)), -1).reshape(-1, 2)  # [48, 2] row-major
+    with open_slide(ihc_svs, backend=backend) as good, open_slide(bad, backend=backend) as slide:  # 1 of 48 tiles
+        with pytest.raises(DamagedTileError, match=rf"{kind}\.svs: corrupt tile {last} of level 0"):
+            slide.read_region(xy, 0, (128, 128))
+        with pytest.raises(DamagedTileError, match=rf"{kind}\.svs"):  # no log: the stream stops at it
+            list(iter_tiles(slide, grid, 128, batch_size=16, num_workers=2))
+        log = DamagedTiles()
+        coords, tiles = zip(*iter_tiles(slide, grid, 128, batch_size=16, num_workers=2, damaged=log))
+        coords, tiles = np.concatenate(coords), torch.cat(tiles).numpy()
+        np.testing.assert_array_equal(log.coords, [xy])
+        np.testing.assert_array_equal(coords, grid[:last])
+        expected = np.stack([good.read_region(tuple(c), 0, (128, 128)) for c in grid[:last]])
+        np.testing.assert_array_equal(tiles, expected)
+        assert slide.thumbnail(256).shape == (192, 256, 3)  # overviews paint damaged tiles white
+    _no_decoder_output(capfd)
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_damaged_real_aperio_file(tmp_path, monkeypatch, capfd, backend, kind):
+    """The real Aperio SVS (16 px, one JPEG tile with shared JPEGTables) of openslide-python's tests."""
+    monkeypatch.setattr("isg.io.slide.MIN_SLIDE_SIZE", 8)
+    source = DATA / "small.svs"
+    with open_slide(source, backend=backend) as slide:
+        assert slide.mpp == pytest.approx(0.499) and slide.dimensions == (16, 16)
+        pixels = slide.read_region((0, 0), 0, (16, 16))
+    with open_slide(source, backend="openslide") as reference:
+        np.testing.assert_array_equal(pixels, reference.read_region((0, 0), 0, (16, 16)))
+    bad = damage_tiff(source, tmp_path / "small.svs", kind, 0, 0)
+    if kind == "truncated":
+        with pytest.raises(DamagedSlideError, match=r"small\.svs: truncated or damaged: 1 of 1 tiles of level 0"):
+            open_slide(bad, backend=backend)
+        cut = damage(source, tmp_path / "cut.svs", kind, *segment(source, 0, 0))  # cut before its directory
+        with pytest.raises(SlideError, match=r"cut\.svs: corrupt or truncated"):
+            open_slide(cut, backend=backend)
+        if backend == "openslide":  # OpenSlide hashes the smallest level's tiles when it opens an SVS
+            with pytest.raises(SlideError, match=r"small\.svs: OpenSlide cannot open it .*Short read"):
+                open_slide(bad, backend=backend, max_damaged=1.0)
+            return
+    with open_slide(bad, backend=backend, max_damaged=1.0) as slide:
+        with pytest.raises(DamagedTileError, match=r"small\.svs: corrupt tile 0 of level 0"):
+            slide.read_region((0, 0), 0, (16, 16))
+        log = DamagedTiles()
+        assert list(iter_tiles(slide, np.array([[0, 0]]), 16, damaged=log)) == [] or len(log) == 1
+        assert len(log) == 1
+    _no_decoder_output(capfd)
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+@pytest.mark.parametrize("backend", [b for b in TIFF_BACKENDS if b != "cucim"])  # cuCIM does not decode deflate
+def test_damaged_real_deflate_tiff(tmp_path, capfd, backend, kind):
+    """openslide-python's boxes.tiff (300 x 250, deflate tiles of 64 px); boxes.png holds its pixels."""
+    expected = np.asarray(Image.open(DATA / "boxes.png").convert("RGB"))
+    tile = 7  # row 1, column 2: (128, 64)
+    bad = damage_tiff(DATA / "boxes.tiff", tmp_path / "boxes.tiff", kind, 0, tile)
+    xy = (64 * (tile % 5), 64 * (tile // 5))
+    with open_slide(bad, backend=backend, mpp=0.25, max_damaged=1.0) as slide:
+        with pytest.raises(DamagedTileError, match=rf"boxes\.tiff: corrupt tile {tile} of level 0"):
+            slide.read_region(xy, 0, (64, 64))
+        grid = tile_grid(slide, 64, tissue_min=0)
+        log = DamagedTiles()
+        for coords, tiles in iter_tiles(slide, grid, 64, batch_size=7, num_workers=2, damaged=log):
+            for (x, y), pixels in zip(coords.tolist(), tiles.numpy()):
+                reference = np.full((64, 64, 3), 255, np.uint8)
+                part = expected[y:y + 64, x:x + 64]
+                reference[:part.shape[0], :part.shape[1]] = part
+                np.testing.assert_array_equal(pixels, reference)
+        np.testing.assert_array_equal(log.coords, [xy])
+    _no_decoder_output(capfd)
+
+
+def _dicom_frame(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    start = data.index(b"\xff\xd8\xff")
+    return start, data.index(b"\xff\xd9", start) + 2 - start
+
+
+@pytest.mark.skipif("openslide" not in TIFF_BACKENDS, reason="OpenSlide not installed")
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_real_dicom_wsi(tmp_path, monkeypatch, capfd, kind):
+    """openslide-python's DICOM WSI (two instances, JPEG frames) through OpenSlide, as a file and as a folder."""
+    monkeypatch.setattr("isg.io.slide.MIN_SLIDE_SIZE", 8)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+    with open_slide(folder) as slide, open_slide(DATA / "small.svs", backend="openslide") as aperio:
+        assert slide.backend == "openslide" and slide.dimensions == (16, 16) and slide.mpp == pytest.approx(0.499)
+        good = slide.read_region((0, 0), 0, (16, 16))
+        assert good.std() > 0
+    damage(DATA / "boxes_0.dcm", folder / "boxes_0.dcm", kind, *_dicom_frame(DATA / "boxes_0.dcm"))  # its JPEG frame
+    try:
+        slide = open_slide(folder)
+    except SlideError as exc:  # OpenSlide reads the frame index at open: a cut file may not open at all
+        assert kind == "truncated" and "boxes_0.dcm" in str(exc)
+        return
+    with slide:
+        with pytest.raises(DamagedTileError, match=r"boxes_0\.dcm: corrupt a tile of level 0"):
+            slide.read_region((0, 0), 0, (16, 16))
+        log = DamagedTiles()
+        assert list(iter_tiles(slide, np.array([[0, 0]]), 16, damaged=log)) == []
+        assert len(log) == 1
+    _no_decoder_output(capfd)
+
+
+@pytest.mark.skipif(not _has("nvidia.dali"), reason="NVIDIA DALI not installed")
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_dali_reader_skips_damaged_tiles(slide_file, tmp_path, kind):
+    bad = damage_tiff(slide_file, tmp_path / "bad.tif", kind, 0, 5)
+    grid = np.stack(np.meshgrid(np.arange(0, 896, 128), np.arange(0, 768, 128)), -1).reshape(-1, 2)  # whole tiles
+    with open_slide(slide_file) as good, open_slide(bad, max_damaged=1.0) as slide:
+        log = DamagedTiles()
+        coords, tiles = zip(*iter_tiles(slide, grid, 128, reader="dali", damaged=log, batch_size=8))
+        coords, tiles = np.concatenate(coords), torch.cat(tiles).numpy()
+        assert {tuple(xy) for xy in log.coords.tolist()} == {(5 * 128, 0)}
+        assert len(coords) == len(grid) - 1
+        for xy, pixels in zip(coords[:8], tiles[:8]):
+            np.testing.assert_allclose(pixels, good.read_region(tuple(xy), 0, (128, 128)), atol=3)
+        with pytest.raises(DamagedTileError, match=r"bad\.tif"):
+            list(iter_tiles(slide, grid, 128, reader="dali"))
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_plain_image(tmp_path, kind):
+    source = tmp_path / "ihc.jpg"
+    Image.fromarray(ihc_image()).save(source, quality=90)
+    data = source.read_bytes()
+    start = data.index(b"\xff\xda")  # start of scan: the entropy-coded data follows
+    bad = damage(source, tmp_path / f"{kind}.jpg", kind, start + 64, len(data) - start - 66)
+    with open_slide(source) as slide:
+        assert slide.mpp is None or slide.mpp > 0
+    with pytest.raises(SlideError, match=rf"{kind}\.jpg: (damaged image|not a readable image)"):
+        open_slide(bad)

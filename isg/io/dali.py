@@ -7,18 +7,22 @@ to a DALI pipeline through ``fn.external_source``; ``fn.decoders.image`` decodes
 coordinates on the grid of the level), which is what :func:`isg.io.tile_grid` gives with
 ``patch_size`` = tile size. Pixels past the slide border are set white, as everywhere in :mod:`isg.io`.
 
+Every tile's compressed stream is checked first (:class:`isg.io.damage.TiffSegments`): damaged tiles
+raise :class:`~isg.io.damage.DamagedTileError`, or are left out and logged when a ``damaged`` log is
+given, as in :func:`isg.io.iter_tiles` (``reader="dali"`` there, ``--reader dali`` in ``isg preprocess``).
+
 Use :func:`dali_available` to check; without DALI, :func:`iter_tiles_dali` raises ``ImportError``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from isg.io.damage import DamagedTileError, DamagedTiles, quiet_native_output
 from isg.io.slide import Slide, TiffSlide
 
 
@@ -34,9 +38,11 @@ def dali_available() -> bool:
         return False
 
 
-def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Compressed JPEG stream per tile (uint8 arrays) and level (x, y) of each tile [N, 2]."""
-    page = tiff._pages[level]
+def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int,
+                  damaged: DamagedTiles | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Complete JPEG stream per undamaged tile (uint8 arrays), their level-0 coords [M, 2] and level (x, y) [M, 2]."""
+    segments = tiff.segments
+    page = segments.pages[level]
     th, tw = tiff.tile_shape(level)
     if page.compression != 7 or not page.is_tiled or page.samplesperpixel != 3 or page.photometric not in (2, 6):
         raise ValueError(f"{tiff.path}: the DALI path needs 8-bit RGB/YCbCr JPEG tiles (level {level} has "
@@ -53,20 +59,24 @@ def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int) ->
         bad = coords[np.flatnonzero(off_grid)[:3]].tolist()
         raise ValueError(f"{tiff.path}: the DALI path needs coordinates on the {tw} px tile grid of level {level}; "
                          f"{int(off_grid.sum())} are not, e.g. {bad}")
-    tables = page.jpegtables
-    streams = []
-    for x, y in levels.tolist():
+    streams, keep = [], []
+    for i, (x, y) in enumerate(levels.tolist()):
         index = (y // th) * cols + x // tw
-        data = os.pread(tiff._fd, page.databytecounts[index], page.dataoffsets[index])
-        if tables:  # abbreviated tile stream: tables (minus EOI) + tile (minus SOI)
-            data = bytes(tables[:-2]) + data[2:]
-        streams.append(np.frombuffer(data, np.uint8))
-    return streams, levels
+        reason = segments.damage(level, index)
+        if reason is not None:
+            if damaged is None:
+                raise DamagedTileError(tiff.path, level, index, reason)
+            damaged.add(coords[i], DamagedTileError(tiff.path, level, index, reason).problem)
+            continue
+        streams.append(np.frombuffer(segments.jpeg_stream(level, index), np.uint8))  # tables spliced in
+        keep.append(i)
+    return streams, coords[keep], levels[keep]
 
 
 def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
-                    num_threads: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI.
+                    num_threads: int = 2, damaged: DamagedTiles | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI;
+    damaged tiles raise :class:`DamagedTileError`, or are left out and logged in ``damaged``.
 
     ``device`` "cpu" runs the pipeline with ``device_id=None`` (no GPU needed); a CUDA device decodes with
     nvJPEG on that GPU. The slide must be a TIFF (any backend; its tiles are read with tifffile).
@@ -79,7 +89,9 @@ def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size:
     try:
         if not len(coords):
             return
-        streams, levels = _tile_streams(tiff, coords, size, level)
+        streams, coords, levels = _tile_streams(tiff, coords, size, level, damaged)
+        if not streams:
+            return
         lw, lh = tiff.level_dimensions[level]
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
 
@@ -93,10 +105,12 @@ def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size:
             return fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
 
         pipe = pipeline()
-        pipe.build()
+        with quiet_native_output():
+            pipe.build()
         start = 0
         while start < len(coords):
-            (decoded,) = pipe.run()
+            with quiet_native_output():
+                (decoded,) = pipe.run()
             n = len(decoded)
             if device_id is None:
                 tiles = torch.from_numpy(decoded.as_array())  # [B, size, size, 3]

@@ -9,9 +9,16 @@ Backends (``open_slide(path, backend=...)``):
   and the fastest path for tile streaming.
 * ``"image"``: PNG / JPEG / BMP via Pillow, one level, for small inputs.
 
-``"auto"`` picks cuCIM for ``.tif/.tiff/.svs`` when it is installed, OpenSlide for the other
-vendor formats, then tifffile, then image. Every backend returns the same pixels: RGB uint8, and
-regions reaching past the slide border are padded white (255).
+``"auto"`` picks tifffile for TIFF-based files (``.tif/.tiff/.svs``, OME-TIFF, ...; fastest on real
+Aperio SVS, see ``docs/io.md``), OpenSlide for the other vendor formats (NDPI, MRXS, DICOM, ...),
+then image. Every backend returns the same pixels: RGB uint8, and regions reaching past the slide
+border are padded white (255).
+
+Damaged tiles (see :mod:`isg.io.damage`) are failures on every backend: a region touching one raises
+:class:`DamagedTileError`, never pixels. For TIFF files the compressed tiles are checked by
+:class:`isg.io.damage.TiffSegments` whichever backend decodes them; OpenSlide raises on its own for
+the other formats. A file with more than ``max_damaged`` (default 5%) of the tiles of a level missing
+(truncated) is rejected when opened.
 """
 
 from __future__ import annotations
@@ -22,29 +29,21 @@ import logging
 import math
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from isg.io.damage import (DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, SlideError, TiffSegments, jpeg_error,
+                           quiet_native_output)
+
 BACKENDS = ("cucim", "openslide", "tifffile", "image")
 CUCIM_SUFFIXES = (".tif", ".tiff", ".svs")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
 MAX_IMAGE_PIXELS = 30000 * 30000  # the "image" backend decodes the whole file in memory
 _PLAUSIBLE_MPP = (0.01, 50.0)  # um/px; a dpi outside this range is a screen default, not a calibration
-
-
-class SlideError(ValueError):
-    """A slide that cannot be used: the message names the file and the problem."""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -74,6 +73,19 @@ def mpp_from_resolution(x_resolution, unit) -> float | None:
     return um_per_unit / float(x_resolution) if um_per_unit else None
 
 
+def mpp_from_ome(xml: str | None) -> float | None:
+    """OME-XML ``<Pixels PhysicalSizeX="0.25" PhysicalSizeXUnit="µm">`` -> 0.25 (um/px; nm and mm converted), else None."""
+    if not xml or "<OME" not in xml:
+        return None
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', pixels.group(0)) if pixels else None
+    if size is None:
+        return None
+    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', pixels.group(0))
+    factor = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit.group(1) if unit else "µm")
+    return _plausible(float(size.group(1)) * factor) if factor else None
+
+
 def _plausible(mpp: float | None) -> float | None:
     return mpp if mpp is not None and _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
 
@@ -83,6 +95,8 @@ def _tiff_mpp(page) -> float | None:
     tags = page.tags
     description = tags["ImageDescription"].value if "ImageDescription" in tags else None
     mpp = mpp_from_description(description if isinstance(description, str) else None)
+    if mpp is None and isinstance(description, str):
+        mpp = mpp_from_ome(description)
     if mpp is None and "XResolution" in tags:
         unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
         mpp = _plausible(mpp_from_resolution(tags["XResolution"].value, unit))
@@ -111,10 +125,13 @@ class Slide:
     """A multi-resolution slide. Subclasses fill the attributes and implement ``_read``.
 
     Attributes: ``path``, ``backend``, ``dimensions`` (W, H) at level 0, ``level_count``,
-    ``level_dimensions`` [(W, H)], ``level_downsamples`` [float], ``mpp`` (um/px at level 0).
+    ``level_dimensions`` [(W, H)], ``level_downsamples`` [float], ``mpp`` (um/px at level 0, None when
+    unknown: only slides whose class does not ``require_mpp``), ``segments`` (the
+    :class:`~isg.io.damage.TiffSegments` of a TIFF file, whose damage every read checks; None otherwise).
     """
 
     backend = ""
+    require_mpp = True  # whole-slide formats must carry a calibration (or be given one)
 
     def __init__(self, path, mpp: float | None = None):
         self.path = Path(path)
@@ -122,6 +139,7 @@ class Slide:
         self.level_dimensions: list[tuple[int, int]] = []
         self.level_downsamples: list[float] = []
         self._mpp_meta: float | None = None
+        self.segments: TiffSegments | None = None
 
     # -- filled by subclasses
     def _read(self, x: int, y: int, level: int, w: int, h: int, out: np.ndarray) -> None:
@@ -137,13 +155,14 @@ class Slide:
         if self._mpp_override is not None:
             if not (self._mpp_override > 0 and math.isfinite(self._mpp_override)):
                 raise SlideError(self.path, f"mpp= must be a positive number, got {self._mpp_override!r}")
-        elif self._mpp_meta is None:
+        elif self._mpp_meta is None and self.require_mpp:
             raise SlideError(self.path, "no microns-per-pixel (mpp) in the metadata; pass mpp= (e.g. --mpp 0.5) to set it")
 
     # -- public API
     @property
-    def mpp(self) -> float:
-        return float(self._mpp_override if self._mpp_override is not None else self._mpp_meta)
+    def mpp(self) -> float | None:
+        mpp = self._mpp_override if self._mpp_override is not None else self._mpp_meta
+        return None if mpp is None else float(mpp)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -157,11 +176,14 @@ class Slide:
     def slide_id(self) -> str:
         return self.path.stem
 
-    def level_mpp(self, level: int) -> float:
-        return self.mpp * self.level_downsamples[level]
+    def level_mpp(self, level: int) -> float | None:
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
     def best_level_for_mpp(self, mpp: float) -> int:
         """The coarsest level whose resolution is at least as fine as ``mpp`` (1% tolerance); 0 if none."""
+        if self.mpp is None:
+            raise SlideError(self.path, f"reading at {mpp} um/px needs the slide's mpp, which its metadata lacks; "
+                                        "give it (--slide-mpp or --mpp-csv) or read by --level")
         best = 0
         for level in range(self.level_count):
             if self.level_mpp(level) <= mpp * 1.01:
@@ -180,7 +202,7 @@ class Slide:
         factor = self.level_downsamples[level]
         return int(round(location[0] / factor)), int(round(location[1] / factor))
 
-    def _level0_for_backend(self, x: int, y: int, level: int) -> tuple[int, int]:
+    def backend_location(self, x: int, y: int, level: int) -> tuple[int, int]:
         """Level-0 location that OpenSlide / cuCIM (which truncate ``location / downsample``) map to (x, y) at ``level``."""
         factor = self.level_downsamples[level]
         return int(math.ceil(x * factor - 1e-9)), int(math.ceil(y * factor - 1e-9))
@@ -206,14 +228,47 @@ class Slide:
             return out
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out.fill(255)
+        self.check_damage(level, x0, y0, x1 - x0, y1 - y0)
         self._read(x0, y0, level, x1 - x0, y1 - y0, out[y0 - y:y1 - y, x0 - x:x1 - x])
         return out
 
-    def read_tiles(self, coords: np.ndarray, level: int, size: int, out: np.ndarray) -> None:
+    def check_damage(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        """Raise :class:`DamagedTileError` when the in-bounds rectangle (x, y, w, h) at ``level`` touches a damaged
+        tile of the file (TIFF files: checked on the compressed tiles; other formats: their reader raises)."""
+        if self.segments is not None:
+            found = self.segments.region_damage(level, x, y, w, h)
+            if found is not None:
+                raise DamagedTileError(self.path, level, *found)
+
+    def read_tiles(self, coords: np.ndarray, level: int, size: int, out: np.ndarray) -> list[str | None]:
         """Fill ``out`` uint8 [B, size, size, 3] with the ``size`` px tiles at level-0 ``coords`` int64 [B, 2]
-        (each exactly ``read_region(coords[i], level, (size, size))``)."""
+        (each exactly ``read_region(coords[i], level, (size, size))``). Returns, per tile, None or why it is
+        damaged (its rows of ``out`` are then white, not pixels to use)."""
+        damaged: list[str | None] = [None] * len(coords)
         for i, (x, y) in enumerate(coords.tolist()):
-            self.read_region((x, y), level, (size, size), out=out[i])
+            try:
+                self.read_region((x, y), level, (size, size), out=out[i])
+            except DamagedTileError as exc:
+                out[i] = 255
+                damaged[i] = exc.problem
+        return damaged
+
+    def read_region_tolerant(self, location, level: int, size, block: int = 512) -> np.ndarray:
+        """:meth:`read_region`, with the ``block`` px squares that touch damaged tiles left white (for overviews)."""
+        try:
+            return self.read_region(location, level, size)
+        except DamagedTileError:
+            pass
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)
+        factor = self.level_downsamples[level]
+        for by in range(0, h, block):
+            for bx in range(0, w, block):
+                bw, bh = min(block, w - bx), min(block, h - by)
+                xy = (location[0] + round(bx * factor), location[1] + round(by * factor))
+                with contextlib.suppress(DamagedTileError):
+                    self.read_region(xy, level, (bw, bh), out=out[by:by + bh, bx:bx + bw])
+        return out
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
@@ -224,13 +279,15 @@ class Slide:
         scale = min(1.0, max_size / max(W, H))
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(1.0 / scale)
-        region = self.read_region((0, 0), level, self.level_dimensions[level])
+        region = self.read_region_tolerant((0, 0), level, self.level_dimensions[level])  # damaged tiles white
         if region.shape[:2] == (th, tw):
             return region
         return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
 
     def close(self) -> None:
-        pass
+        if self.segments is not None:
+            self.segments.close()
+            self.segments = None
 
     def __enter__(self):
         return self
@@ -240,7 +297,7 @@ class Slide:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
-                f"levels={self.level_count}, mpp={self.mpp if self._mpp_override or self._mpp_meta else None})")
+                f"levels={self.level_count}, mpp={self.mpp})")
 
 
 # ----------------------------------------------------------------------------- tifffile
@@ -293,7 +350,7 @@ class TiffSlide(Slide):
     backend = "tifffile"
     cache_bytes = 64 << 20  # decoded segments kept for reads that do not match the file's tiles
 
-    def __init__(self, path, mpp=None):
+    def __init__(self, path, mpp=None, max_damaged: float = DAMAGED_LIMIT):
         super().__init__(path, mpp)
         self._cache: collections.OrderedDict = collections.OrderedDict()  # (level, index) -> [th, tw, 3]
         self._cache_lock = threading.Lock()
@@ -307,19 +364,23 @@ class TiffSlide(Slide):
             except Exception as exc:
                 raise SlideError(path, f"corrupt or not a TIFF ({type(exc).__name__}: {exc})") from exc
         if not pages:
-            raise SlideError(path, "corrupt: no readable image directory (IFD) in the TIFF")
+            raise SlideError(path, f"corrupt or truncated: no readable image directory (IFD) in the TIFF "
+                                   f"({os.path.getsize(path)} bytes)")
         self._pages = []
-        size = os.path.getsize(path)
         for page in pages:
             if page.dtype is None or page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or page.imagedepth > 1:
                 break
             self._pages.append(page)
         if not self._pages:
             raise SlideError(path, f"unsupported TIFF layout: {pages[0]!r} (need 8-bit gray/RGB images)")
-        for page in self._pages:
-            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
-            if end > size or 0 in page.databytecounts:
-                raise SlideError(path, f"truncated: level data ends at byte {end} but the file has {size} bytes")
+        self.segments = TiffSegments(path, self._pages)
+        for level, missing in enumerate(self.segments.structural):
+            total = self.segments.count(level)
+            if len(missing) > max_damaged * total:
+                problem = (f"truncated or damaged: {len(missing)} of {total} tiles of level {level} have no data in the "
+                           f"file ({self.segments.size} bytes), more than {max_damaged:.0%}; e.g. {next(iter(missing.values()))}")
+                self.close()
+                raise DamagedSlideError(path, problem, len(missing), total)
         W0, H0 = self._pages[0].imagewidth, self._pages[0].imagelength
         self.level_dimensions = [(p.imagewidth, p.imagelength) for p in self._pages]
         self.level_downsamples = [float((W0 / w + H0 / h) / 2) for w, h in self.level_dimensions]
@@ -362,7 +423,7 @@ class TiffSlide(Slide):
                 return imagecodecs.jpeg8_decode(data, out=out, **args)
             segment = page.decode(data, index, jpegtables=page.jpegtables)[0]
         except Exception as exc:
-            raise SlideError(self.path, f"corrupt tile {index} of level {self._pages.index(page)} ({type(exc).__name__}: {exc})") from exc
+            raise DamagedTileError(self.path, self._pages.index(page), index, f"{type(exc).__name__}: {exc}") from exc
         segment = segment.reshape(segment.shape[-3:])  # [th, tw, C]
         segment = np.repeat(segment, 3, axis=-1) if segment.shape[-1] == 1 else segment[..., :3]
         if out is not None:
@@ -417,13 +478,24 @@ class TiffSlide(Slide):
         offsets, counts = page.dataoffsets, page.databytecounts
         import imagecodecs
 
-        decode, fd = imagecodecs.jpeg8_decode, self._fd
+        decode, fd, damage = imagecodecs.jpeg8_decode, self._fd, self.segments.damage
+        damaged: list[str | None] = [None] * len(coords)
         for i, (is_whole, k) in enumerate(zip(whole.tolist(), index.tolist())):
-            if is_whole:
+            try:
+                if not is_whole:
+                    self.read_region(tuple(coords[i].tolist()), level, (size, size), out=out[i])
+                    continue
+                reason = damage(level, k)  # checked on the compressed tile before its pixels are used
+                if reason is not None:
+                    raise DamagedTileError(self.path, level, k, reason)
                 decode(os.pread(fd, counts[k], offsets[k]), out=out[i], **args)
-            else:
-                x, y = coords[i].tolist()
-                self.read_region((x, y), level, (size, size), out=out[i])
+            except DamagedTileError as exc:
+                out[i] = 255
+                damaged[i] = exc.problem
+            except Exception as exc:  # noqa: BLE001 - a decoder error is a damaged tile
+                out[i] = 255
+                damaged[i] = DamagedTileError(self.path, level, k, f"{type(exc).__name__}: {exc}").problem
+        return damaged
 
     def _read(self, x, y, level, w, h, out):
         page = self._pages[level]
@@ -440,7 +512,13 @@ class TiffSlide(Slide):
                 xa, xb = max(x, sx0), min(x + w, sx0 + tw)
                 out[ya - y:yb - y, xa - x:xb - x] = segment[ya - sy0:yb - sy0, xa - sx0:xb - sx0]
 
+    def take_segments(self) -> TiffSegments:
+        """Hand the segment index to another backend opened on the same file (this slide no longer closes it)."""
+        segments, self.segments = self.segments, None
+        return segments
+
     def close(self):
+        super().close()
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
@@ -452,14 +530,21 @@ class TiffSlide(Slide):
 
 
 class OpenSlideSlide(Slide):
+    """OpenSlide 4 (SVS, NDPI, MRXS, DICOM WSI, SCN, BIF, generic tiled TIFF, ...).
+
+    OpenSlide reports a failed decode by raising, and its handle then fails every later read: the handle
+    is reopened and the read retried once, so a damaged tile costs one tile, not the slide."""
+
     backend = "openslide"
 
     def __init__(self, path, mpp=None):
         super().__init__(path, mpp)
         import openslide
 
+        self._reopen_lock = threading.Lock()
         try:
-            self._osr = openslide.OpenSlide(str(path))
+            with quiet_native_output():
+                self._osr = openslide.OpenSlide(str(path))
         except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError
             raise SlideError(path, f"OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
         self.level_dimensions = [tuple(map(int, d)) for d in self._osr.level_dimensions]
@@ -471,12 +556,25 @@ class OpenSlideSlide(Slide):
             self._mpp_meta = float(mpp_x)
         self._finish_init()
 
+    def _reopen(self, broken) -> None:
+        import openslide
+
+        with self._reopen_lock:
+            if self._osr is broken:  # another thread may have reopened it already
+                self._osr = openslide.OpenSlide(str(self.path))
+                broken.close()
+
     def _read(self, x, y, level, w, h, out):
-        location = self._level0_for_backend(x, y, level)
-        try:
-            rgba = np.asarray(self._osr.read_region(location, level, (w, h)))  # [h, w, 4], premultiplied alpha
-        except Exception as exc:
-            raise SlideError(self.path, f"OpenSlide read failed at {location} level {level}: {exc}") from exc
+        location = self.backend_location(x, y, level)
+        for attempt in range(2):
+            osr = self._osr
+            try:
+                rgba = np.asarray(osr.read_region(location, level, (w, h)))  # [h, w, 4], premultiplied alpha
+                break
+            except Exception as exc:  # OpenSlideError: a decode failed here (or in another thread on this handle)
+                self._reopen(osr)
+                if attempt:
+                    raise DamagedTileError(self.path, level, -1, f"OpenSlide read at {location} failed: {exc}") from exc
         alpha = rgba[..., 3:4]
         if alpha.min() == 255:
             out[...] = rgba[..., :3]
@@ -484,6 +582,7 @@ class OpenSlideSlide(Slide):
             out[...] = (rgba[..., :3].astype(np.uint16) + (255 - alpha)).clip(0, 255).astype(np.uint8)
 
     def close(self):
+        super().close()
         self._osr.close()
 
 
@@ -491,37 +590,27 @@ class OpenSlideSlide(Slide):
 
 
 @contextlib.contextmanager
-def _quiet_cucim():
+def quiet_cucim():
     """Silence cuCIM's cuFile layer while importing cuCIM / opening a file.
 
     On machines without a CUDA driver cuFile prints libcuda errors on stdout and writes ``cufile.log``
     into the working directory. ``CUFILE_LOGFILE_PATH`` only helps when set before torch loads
-    libcufile, so stdout/stderr are pointed at /dev/null for the duration (process-wide, a few ms) and
-    a ``cufile.log`` that appeared meanwhile is removed.
+    libcufile, so the C-level stdout/stderr are captured for the duration (:func:`quiet_native_output`)
+    and a ``cufile.log`` that appeared meanwhile is removed.
     """
     os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
     log = Path("cufile.log")
     had_log = log.exists()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with _CUCIM_LOCK:
-        saved = [os.dup(1), os.dup(2)]
-        null = os.open(os.devnull, os.O_WRONLY)
+    with quiet_native_output(stdout=True):
         try:
-            os.dup2(null, 1)
-            os.dup2(null, 2)
             yield
         finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in (*saved, null):
-                os.close(fd)
             if not had_log:
                 with contextlib.suppress(OSError):
                     log.unlink()
 
 
-_CUCIM_LOCK = threading.Lock()
+_quiet_cucim = quiet_cucim  # the name isg/__init__.py imports (until it uses the public one)
 
 
 class CuCIMSlide(Slide):
@@ -530,7 +619,7 @@ class CuCIMSlide(Slide):
     def __init__(self, path, mpp=None, device: str = "cpu"):
         super().__init__(path, mpp)
         try:
-            with _quiet_cucim():
+            with quiet_cucim():
                 from cucim import CuImage
 
                 self._image = CuImage(str(Path(path).resolve()))
@@ -560,14 +649,16 @@ class CuCIMSlide(Slide):
         return self._image
 
     def _read(self, x, y, level, w, h, out):
-        location = self._level0_for_backend(x, y, level)
+        location = self.backend_location(x, y, level)
         try:
-            region = self._image.read_region(location, (w, h), level)
+            with quiet_native_output():  # cuCIM prints decoder errors and returns pixels: the segments decide
+                region = self._image.read_region(location, (w, h), level)
         except Exception as exc:  # RuntimeError for compressions cuCIM does not decode, ...
             raise SlideError(self.path, f"cuCIM read failed at {location} level {level}: {exc}") from exc
         out[...] = np.asarray(region)[..., :3]
 
     def close(self):
+        super().close()
         self._image.close()
 
 
@@ -578,6 +669,7 @@ class ImageSlide(Slide):
     """PNG / JPEG / ... decoded whole by Pillow: one level, for small inputs."""
 
     backend = "image"
+    require_mpp = False  # read by pixel level; the outputs record an unknown mpp
 
     def __init__(self, path, mpp=None):
         super().__init__(path, mpp)
@@ -589,12 +681,16 @@ class ImageSlide(Slide):
                     raise SlideError(path, f"{image.width}x{image.height} px is too large for the 'image' backend; "
                                            "convert it to a tiled pyramidal TIFF")
                 dpi = image.info.get("dpi")
+                if image.format == "JPEG":  # Pillow decodes damaged JPEG data into grey without failing
+                    error = jpeg_error(Path(path).read_bytes())
+                    if error:
+                        raise SlideError(path, f"damaged image: corrupt JPEG data ({error})")
                 image.load()
                 self._pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
         except SlideError:
             raise
-        except Exception as exc:
-            raise SlideError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # truncated files, PNG CRC errors, ...
+            raise SlideError(path, f"not a readable image or damaged ({type(exc).__name__}: {exc})") from exc
         h, w = self._pixels.shape[:2]
         self.level_dimensions, self.level_downsamples = [(w, h)], [1.0]
         self._mpp_meta = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
@@ -613,7 +709,7 @@ def _cucim_available() -> bool:
     if importlib.util.find_spec("cucim") is None:
         return False
     try:
-        with _quiet_cucim():
+        with quiet_cucim():
             from cucim import CuImage  # noqa: F401
         return True
     except Exception:
@@ -641,13 +737,22 @@ def _sniff(path: Path) -> str:
 
 
 _CLASSES = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide, "image": ImageSlide}
+SUPPORTED_SUFFIXES = tuple(sorted(set(OPENSLIDE_SUFFIXES + IMAGE_SUFFIXES + (".ome.tif", ".ome.tiff"))))
 
 
-def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
-    """Open a whole-slide image.
+def _dicom_file(folder: Path) -> Path | None:
+    """The first ``.dcm`` file of a DICOM WSI folder (OpenSlide finds the other instances beside it), else None."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    return files[0] if files else None
+
+
+def open_slide(path, backend: str = "auto", mpp: float | None = None, max_damaged: float = DAMAGED_LIMIT) -> Slide:
+    """Open a whole-slide image (a file, or the folder of a DICOM WSI).
 
     ``backend``: "auto" | "cucim" | "openslide" | "tifffile" | "image". ``mpp`` (um/px at level 0)
-    overrides the metadata; without it a slide lacking mpp metadata raises :class:`SlideError`.
+    overrides the metadata; without it a whole-slide file lacking mpp metadata raises :class:`SlideError`
+    (plain images do not need one: their ``mpp`` is then None). ``max_damaged``: a TIFF with a larger
+    fraction of the tiles of a level missing from the file (truncated) is rejected.
     Missing, corrupt, truncated, unsupported and too-small files raise :class:`SlideError` naming the file.
     """
     path = Path(path)
@@ -655,39 +760,41 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
         raise ValueError(f"unknown slide backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise SlideError(path, "file not found")
+    if path.is_dir() and _dicom_file(path) is not None:
+        path = _dicom_file(path)
     if not path.is_file():
         raise SlideError(path, "not a file")
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file")
     kind = _sniff(path)
     suffix = path.suffix.lower()
-    if backend != "auto":
-        if backend == "cucim" and kind == "tiff":
-            TiffSlide(path, mpp=mpp).close()  # validate first: cuCIM opens truncated files and fails on read
-        return _CLASSES[backend](path, mpp=mpp)
-    if kind != "tiff" and suffix in CUCIM_SUFFIXES:
-        raise SlideError(path, f"corrupt: a {suffix} file must start with a TIFF header, got {path.read_bytes()[:4]!r}")
-    if kind == "tiff" and suffix != ".ndpi":
-        # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply,
-        # so cuCIM / OpenSlide never see a broken file.
-        tiff = TiffSlide(path, mpp=mpp)
-        # generic TIFFs stream fastest through tifffile (decoded straight into the batch, bench_io);
-        # vendor SVS files (RGB-coded JPEG tiles, Aperio quirks) go to cuCIM
-        if suffix == ".svs" and _cucim_available():
-            try:
-                slide = CuCIMSlide(path, mpp=mpp)
-                with _quiet_cucim():  # cuCIM opens files whose compression it cannot decode: probe one pixel
-                    slide.read_region((0, 0), 0, (1, 1))
-            except SlideError:
-                return tiff
-            tiff.close()
-            return slide
-        return tiff
-    if kind == "image":
-        return ImageSlide(path, mpp=mpp)
-    if suffix in OPENSLIDE_SUFFIXES and _openslide_available():
-        return OpenSlideSlide(path, mpp=mpp)
-    if kind == "tiff":
-        return TiffSlide(path, mpp=mpp)
-    raise SlideError(path, f"unsupported format (suffix {suffix or 'none'!r}, not a TIFF or image file; "
-                           f"supported: {', '.join(sorted(set(OPENSLIDE_SUFFIXES + IMAGE_SUFFIXES)))})")
+    if backend == "auto":
+        if kind != "tiff" and suffix in CUCIM_SUFFIXES:
+            raise SlideError(path, f"corrupt: a {suffix} file must start with a TIFF header, got {path.read_bytes()[:4]!r}")
+        if kind == "tiff" and suffix != ".ndpi":
+            backend = "tifffile"  # fastest reader of TIFF/SVS tiles, measured on real Aperio SVS (docs/io.md)
+        elif kind == "image":
+            backend = "image"
+        elif suffix in OPENSLIDE_SUFFIXES and _openslide_available():
+            backend = "openslide"
+        elif kind == "tiff":
+            backend = "tifffile"
+        else:
+            raise SlideError(path, f"unsupported format (suffix {suffix or 'none'!r}, not a TIFF or image file; "
+                                   f"supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    if backend == "tifffile":
+        return TiffSlide(path, mpp=mpp, max_damaged=max_damaged)
+    if backend in ("cucim", "openslide") and kind == "tiff" and suffix != ".ndpi":
+        # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply and its
+        # segment index checks every tile the other backend decodes (cuCIM returns garbage for damaged tiles)
+        tiff = TiffSlide(path, mpp=mpp, max_damaged=max_damaged)
+        segments = tiff.take_segments()
+        tiff.close()
+        try:
+            slide = _CLASSES[backend](path, mpp=mpp)
+        except BaseException:
+            segments.close()
+            raise
+        slide.segments = segments
+        return slide
+    return _CLASSES[backend](path, mpp=mpp)

@@ -1,9 +1,14 @@
 """Tissue prefilter, tile grids, batched tile streaming and two-level (global/local) tiling.
 
+* :func:`otsu_threshold`: Otsu's threshold of a channel, the one used by every tissue rule of isg
+  (this mask, the ``otsu`` selector, the HE2RNA baseline).
 * :func:`tissue_mask`: Otsu threshold on the saturation of a low-resolution thumbnail.
+* :func:`box_fraction`: fraction of a mask inside boxes, by a summed-area table.
+* :func:`grid_level`: the read level for an ``mpp`` or a ``level``.
 * :func:`tile_grid`: level-0 (x, y) of the ``patch_size`` tiles (at the read level) with enough tissue.
 * :func:`iter_tiles`: batches ``(coords [B, 2], tiles torch.uint8 [B, p, p, 3])`` read by threads
-  (cuCIM's batch reader for cuCIM slides), prefetched while the caller works on the previous batch.
+  (cuCIM's batch reader for cuCIM slides, DALI's decoder with ``reader="dali"``), prefetched while the
+  caller works on the previous batch. Damaged tiles raise, or are left out and listed (``damaged=``).
 * :func:`local_grid`: level-0 coordinates of the (p / q)^2 local patches of each global patch.
 
 Tiles reaching past the slide border are padded white (255), as :meth:`Slide.read_region` does.
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from isg.io.damage import DamagedTileError, DamagedTiles, quiet_native_output
 from isg.io.slide import Slide, aligned_empty
 
 # Two-level tiling geometry (Sec. 3): the one definition of the defaults; every layer and the CLI read these.
@@ -27,6 +33,37 @@ PATCH_SIZE = 256  # p: global patch side in pixels at the read level
 LOCAL_SIZE = 64  # q: local patch side; must divide p (grid S = p / q)
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
+READERS = ("threads", "dali")  # how iter_tiles decodes: the slide's reader in threads, or NVIDIA DALI
+
+
+def otsu_threshold(values: np.ndarray, lower: float | None = None, upper: float | None = None) -> float:
+    """Otsu's threshold (scikit-image) of ``values`` (any shape, e.g. a grey or saturation image), clipped to
+    [``lower``, ``upper``] where given. Constant input has no threshold: its value is returned (clipped)."""
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(values)
+    threshold = float(values.flat[0]) if values.size and values.min() == values.max() else float(threshold_otsu(values))
+    if lower is not None:
+        threshold = max(threshold, float(lower))
+    if upper is not None:
+        threshold = min(threshold, float(upper))
+    return threshold
+
+
+def box_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """float64 [N]: fraction of True pixels of ``mask`` bool [h, w] inside each box of ``boxes`` [N, 4]
+    (x0, y0, x1, y1 in mask pixels, half-open), from a summed-area table. The part of a box outside the
+    mask counts as False (the full box area is the denominator); empty boxes count one pixel."""
+    mask = np.asarray(mask, bool)
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # [h+1, w+1]
+    x0 = np.clip(boxes[:, 0], 0, mask.shape[1])
+    y0 = np.clip(boxes[:, 1], 0, mask.shape[0])
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 1) * np.maximum(boxes[:, 3] - boxes[:, 1], 1)
+    x1 = np.clip(boxes[:, 2], x0, mask.shape[1])
+    y1 = np.clip(boxes[:, 3], y0, mask.shape[0])
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / area
 
 
 def tissue_mask(slide: Slide, max_size: int = 2048, level: int | None = None, min_saturation: int = MIN_SATURATION,
@@ -38,7 +75,6 @@ def tissue_mask(slide: Slide, max_size: int = 2048, level: int | None = None, mi
     ``min_saturation``), after a 5 px median filter, followed by a 5 px morphological closing.
     """
     import cv2
-    from skimage.filters import threshold_otsu
 
     if thumbnail is None:
         thumbnail = slide.read_region((0, 0), level, slide.level_dimensions[level]) if level is not None else slide.thumbnail(max_size)
@@ -48,7 +84,7 @@ def tissue_mask(slide: Slide, max_size: int = 2048, level: int | None = None, mi
     saturation = cv2.medianBlur(saturation, 5)
     if int(saturation.max()) <= min_saturation:
         return np.zeros(saturation.shape, bool)
-    threshold = max(float(threshold_otsu(saturation)), float(min_saturation))
+    threshold = otsu_threshold(saturation, lower=min_saturation)
     mask = (saturation > threshold).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     return mask.astype(bool)
@@ -89,16 +125,13 @@ def tile_grid(slide: Slide, patch_size: int, mpp: float | None = None, level: in
     mask = np.asarray(mask, bool)
     W, H = slide.dimensions
     sx, sy = mask.shape[1] / W, mask.shape[0] / H  # mask px per level-0 px
-    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
     extent = patch_size * factor  # level-0 side of a tile
     x0 = np.clip(np.floor(coords[:, 0] * sx), 0, mask.shape[1]).astype(np.int64)
     y0 = np.clip(np.floor(coords[:, 1] * sy), 0, mask.shape[0]).astype(np.int64)
     x1 = np.maximum(np.ceil((coords[:, 0] + extent) * sx).astype(np.int64), x0 + 1)
     y1 = np.maximum(np.ceil((coords[:, 1] + extent) * sy).astype(np.int64), y0 + 1)
-    area = (x1 - x0) * (y1 - y0)  # full tile area: the part outside the slide counts as background
-    x1, y1 = np.minimum(x1, mask.shape[1]), np.minimum(y1, mask.shape[0])
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return coords[inside / area >= tissue_min]
+    # the full tile is the denominator: the part outside the slide counts as background
+    return coords[box_fraction(mask, np.stack([x0, y0, x1, y1], axis=1)) >= tissue_min]
 
 
 def local_grid(coords, p: int, q: int, downsample: float = 1.0) -> np.ndarray:
@@ -187,7 +220,8 @@ def _check_coords(slide: Slide, coords) -> np.ndarray:
 
 
 def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
-               num_workers: int = 4, prefetch: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+               num_workers: int = 4, prefetch: int = 2, damaged: DamagedTiles | None = None,
+               reader: str = "threads") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, size, size, 3])`` on ``device``.
 
     ``coords`` are level-0 (x, y) top-left corners; tiles are ``size`` px at ``level`` (exactly what
@@ -196,7 +230,20 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     devices batches are assembled in pinned memory and copied with ``non_blocking=True``. cuCIM
     slides use cuCIM's own batch reader (``read_region(locations, ..., num_workers=...)``); the tiles
     it returns are copied out of its reused buffer, and tiles crossing the border are re-read white.
+    ``reader="dali"`` decodes whole JPEG tiles of a TIFF with NVIDIA DALI (:func:`isg.io.iter_tiles_dali`).
+
+    Damaged tiles (:mod:`isg.io.damage`) never come out as pixels: without ``damaged`` the first one raises
+    :class:`DamagedTileError`; with a :class:`DamagedTiles` log they are left out of the batches (which
+    are then shorter) and recorded in it. Decoder messages are captured, not printed.
     """
+    if reader not in READERS:
+        raise ValueError(f"unknown tile reader {reader!r}; expected one of {', '.join(READERS)}")
+    if reader == "dali":
+        from isg.io.dali import iter_tiles_dali
+
+        yield from iter_tiles_dali(slide, coords, size, level=level, batch_size=batch_size, device=device,
+                                   num_threads=max(1, num_workers), damaged=damaged)
+        return
     coords = _check_coords(slide, coords)
     if size < 1 or batch_size < 1:
         raise ValueError(f"size and batch_size must be positive, got size={size}, batch_size={batch_size}")
@@ -204,18 +251,40 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
         raise ValueError(f"{slide.path}: level {level} out of range (slide has {slide.level_count} levels)")
     device = torch.device(device)
     pin = device.type == "cuda"
-    if num_workers > 0 and getattr(slide, "backend", "") == "cucim" and len(coords):
-        yield from _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, _BatchPool(batch_size, size, pin))
-        return
+    pool = _BatchPool(batch_size, size, pin)
+    with quiet_native_output():
+        if num_workers > 0 and getattr(slide, "backend", "") == "cucim" and len(coords):
+            batches = _read_cucim(slide, coords, size, level, batch_size, num_workers, pool)
+        else:
+            batches = _read_threads(slide, coords, size, level, batch_size, num_workers, prefetch, pool)
+        for chunk, batch, reasons in batches:
+            if any(reasons):
+                chunk, batch = _drop_damaged(slide, chunk, batch, reasons, damaged, level)
+                if not len(chunk):
+                    continue
+            yield chunk, batch.to(device, non_blocking=pin)
 
-    buffers = _BatchPool(batch_size, size, pin)
+
+def _drop_damaged(slide, chunk, batch, reasons, damaged, level):
+    """The batch without its damaged tiles (logged in ``damaged``; raised when there is no log)."""
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    if damaged is None:
+        x, y = chunk[bad[0]].tolist()
+        raise DamagedTileError(slide.path, level, -1, f"tile at level-0 ({x}, {y}): {reasons[bad[0]]}")
+    for i in bad:
+        damaged.add(chunk[i], reasons[i])
+    keep = np.array([not reason for reason in reasons])
+    return chunk[keep], batch[torch.from_numpy(keep)]
+
+
+def _read_threads(slide, coords, size, level, batch_size, num_workers, prefetch, pool):
+    """``(chunk [B, 2], batch uint8 [B, size, size, 3], damage reasons [B])`` read by ``slide.read_tiles``."""
     starts = range(0, len(coords), batch_size)
     if num_workers <= 0:
         for start in starts:
             chunk = coords[start:start + batch_size]
-            batch = buffers.get(len(chunk))
-            slide.read_tiles(chunk, level, size, batch.numpy())
-            yield chunk, batch.to(device, non_blocking=pin)
+            batch = pool.get(len(chunk))
+            yield chunk, batch, slide.read_tiles(chunk, level, size, batch.numpy())
         return
 
     with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-tiles") as executor:
@@ -223,7 +292,7 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
 
         def submit(start: int) -> None:
             chunk = coords[start:start + batch_size]
-            batch = buffers.get(len(chunk))
+            batch = pool.get(len(chunk))
             view = batch.numpy()  # [B, size, size, 3]
             step = max(1, -(-len(chunk) // (num_workers * 2)))  # a few tiles per task
             futures = [executor.submit(slide.read_tiles, chunk[i:i + step], level, size, view[i:i + step])
@@ -238,33 +307,55 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
                     break
             while pending:
                 chunk, batch, futures = pending.popleft()
-                for future in futures:
-                    future.result()
+                reasons = [reason for future in futures for reason in future.result()]
                 next_start = next(queue, None)
                 if next_start is not None:
                     submit(next_start)
-                yield chunk, batch.to(device, non_blocking=pin)
+                yield chunk, batch, reasons
         finally:
             for _, _, futures in pending:
                 for future in futures:
                     future.cancel()
 
 
-def _iter_cucim(slide, coords, size, level, batch_size, device, num_workers, pool):
+def _read_cucim(slide, coords, size, level, batch_size, num_workers, pool):
+    """As :func:`_read_threads`, decoded by cuCIM's batch reader. Tiles over damaged segments are left to
+    :meth:`Slide.read_tiles` (which reports them): cuCIM itself decodes them into garbage or stops."""
     levels = np.array([slide.to_level(xy, level) for xy in coords.tolist()], np.int64).reshape(-1, 2)  # [N, 2]
     lw, lh = slide.level_dimensions[level]
     crosses = (levels.min(axis=1) < 0) | (levels[:, 0] + size > lw) | (levels[:, 1] + size > lh)  # [N]
-    locations = [slide._level0_for_backend(x, y, level) for x, y in levels.tolist()]
-    reader = slide.cuimage.read_region(locations, (size, size), level, num_workers=max(0, num_workers),
-                                       batch_size=batch_size, prefetch_factor=2)
-    start = 0
-    for array in reader:  # CuImage [B, size, size, 3] ([size, size, 3] when batch_size == 1)
-        # cuCIM reuses the batch buffer for the next batch: copy out before advancing the reader
-        tiles = pool.get(1 if array.ndim == 3 else array.shape[0])
-        view = tiles.numpy()
-        view[...] = np.asarray(array).reshape(len(view), size, size, -1)[..., :3]
-        chunk = coords[start:start + len(view)]
-        for i in np.flatnonzero(crosses[start:start + len(view)]):  # cuCIM pads partial tiles black: redo them white
-            slide.read_region(tuple(chunk[i].tolist()), level, (size, size), out=view[i])
-        start += len(view)
-        yield chunk, tiles.to(device, non_blocking=pool.pin)
+    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-check") as executor:
+        for start in range(0, len(coords), batch_size):
+            chunk, chunk_levels = coords[start:start + batch_size], levels[start:start + batch_size]
+            batch = pool.get(len(chunk))
+            view = batch.numpy()  # [B, size, size, 3]
+            # the border tiles and those over damaged segments go through read_region (white past the border)
+            suspect = list(executor.map(lambda xy: _region_damaged(slide, level, xy, size), chunk_levels.tolist()))
+            direct = np.flatnonzero(~crosses[start:start + len(chunk)] & ~np.array(suspect, bool))
+            if len(direct):
+                locations = [slide.backend_location(x, y, level) for x, y in chunk_levels[direct].tolist()]
+                reader = slide.cuimage.read_region(locations, (size, size), level, num_workers=num_workers,
+                                                   batch_size=len(direct))
+                done = 0
+                for array in reader:  # CuImage [b, size, size, C] ([size, size, C] when b == 1), reused buffer
+                    array = np.asarray(array).reshape(-1, size, size, np.asarray(array).shape[-1])
+                    view[direct[done:done + len(array)]] = array[..., :3]
+                    done += len(array)
+            reasons: list[str | None] = [None] * len(chunk)
+            rest = np.setdiff1d(np.arange(len(chunk)), direct)
+            if len(rest):
+                tiles = np.empty((len(rest), size, size, 3), np.uint8)
+                for i, reason in zip(rest.tolist(), slide.read_tiles(chunk[rest], level, size, tiles)):
+                    reasons[i] = reason
+                view[rest] = tiles
+            yield chunk, batch, reasons
+
+
+def _region_damaged(slide, level, xy, size) -> bool:
+    """Whether the in-bounds part of the ``size`` px tile at level (x, y) touches a damaged segment."""
+    if slide.segments is None:
+        return False
+    lw, lh = slide.level_dimensions[level]
+    x0, y0 = max(xy[0], 0), max(xy[1], 0)
+    x1, y1 = min(xy[0] + size, lw), min(xy[1] + size, lh)
+    return x0 < x1 and y0 < y1 and slide.segments.region_damage(level, x0, y0, x1 - x0, y1 - y0) is not None
