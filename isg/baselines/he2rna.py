@@ -42,7 +42,6 @@ _ARCHS = ("resnet18", "resnet34", "resnet50")
 def otsu_tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     """Tissue mask [H, W] bool of an RGB thumbnail [H, W, 3]: pixels at or below the Otsu threshold of its grey
     levels (:func:`isg.select.otsu_grey_threshold`, the same threshold as the ``otsu`` selector)."""
-    # TODO(issue 8): use isg.io's Otsu tissue threshold once it provides one (one Otsu for io, select, baselines)
     from isg.select import grey_tiles, otsu_grey_threshold
 
     thumbnail = np.asarray(thumbnail)
@@ -63,13 +62,15 @@ def tissue_tile_coords(
     n_rows, n_cols = int(mask.shape[0] // step), int(mask.shape[1] // step)
     if n_rows == 0 or n_cols == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # [H+1, W+1] tissue pixel counts
+    from isg.io import box_fraction
+
     ys = np.round(np.arange(n_rows + 1) * step).astype(np.int64)
     xs = np.round(np.arange(n_cols + 1) * step).astype(np.int64)
-    tissue = integral[ys[1:, None], xs[None, 1:]] - integral[ys[:-1, None], xs[None, 1:]] - integral[ys[1:, None], xs[None, :-1]] + integral[ys[:-1, None], xs[None, :-1]]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    rows, cols = np.nonzero(tissue >= min_tissue * area)  # [n_rows, n_cols] -> tiles
-    return np.stack([cols, rows], axis=1).astype(np.int64) * tile_px
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")  # row-major tiles
+    rows, cols = rows.ravel(), cols.ravel()
+    boxes = np.stack([xs[cols], ys[rows], xs[cols + 1], ys[rows + 1]], axis=1)  # [n_rows * n_cols, 4] in mask px
+    tissue = box_fraction(mask, boxes) >= min_tissue
+    return np.stack([cols[tissue], rows[tissue]], axis=1).astype(np.int64) * tile_px
 
 
 # ----------------------------------------------------------------------------- ResNet features

@@ -53,13 +53,10 @@ def grey_tiles(tiles) -> np.ndarray:
 def otsu_grey_threshold(images) -> float:
     """Otsu threshold of the grey levels of uint8 images ([H, W, C] or tiles [B, H, W, C]), capped at
     ``OTSU_MAX_GREY``; a uniform input gives ``min(its level, OTSU_MAX_GREY)``. Tissue: ``grey <= threshold``."""
-    from skimage.filters import threshold_otsu
+    from isg.io import otsu_threshold
 
     images = images[None] if getattr(images, "ndim", 0) == 3 else images
-    grey = grey_tiles(images)
-    if np.ptp(grey) == 0:
-        return float(min(int(grey.flat[0]), OTSU_MAX_GREY))
-    return float(min(threshold_otsu(grey), OTSU_MAX_GREY))
+    return otsu_threshold(grey_tiles(images), upper=OTSU_MAX_GREY)
 
 
 def _otsu(tiles, threshold: float | None = None) -> np.ndarray:
