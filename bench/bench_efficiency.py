@@ -53,15 +53,17 @@ def _slides(tmp_path_factory) -> list[Path]:
 def _isg_train_dir(root: Path, device: str) -> Path:
     """A train folder as `isg train` writes it: one (random) ISG-10-2 fold model + pipeline.json."""
     from isg.features import Autoencoder, save_autoencoder
-    from isg.train.expression import TrainConfig, _Standardizer, build_model, save_fold_model
+    from isg.model import Standardizer, save_fold_model
+    from isg.train.config import AutoencoderTrainConfig
+    from isg.train.expression import TrainConfig, build_model
 
     torch.manual_seed(0)
-    save_autoencoder(root / "global.pt", Autoencoder(resolution=64, d=D))  # the compact default extractors
-    save_autoencoder(root / "local.pt", Autoencoder(resolution=32, d=D))
+    for kind in ("global", "local"):  # the compact default extractors
+        save_autoencoder(root / f"{kind}.pt", Autoencoder(**AutoencoderTrainConfig(kind=kind, d=D).model_kwargs()))
     config = TrainConfig(model="isg-10-2", device=device)
     model = build_model(config, D, 4, GENES)
-    model.standardizer = _Standardizer(torch.randn(8, GENES))
-    save_fold_model(root / "model_fold0.pt", model, config, d=D, local_grid=4, outputs=[f"g{i}" for i in range(GENES)], fold=0)
+    save_fold_model(root / "model_fold0.pt", model, config, outputs=[f"g{i}" for i in range(GENES)], fold=0,
+                    standardizer=Standardizer.fit(torch.randn(8, GENES)))
     pipeline = {"preprocess": {"patch_size": 256, "local_size": 64, "selector": "shannon", "rule": "mean_std", "n_sigma": 1.0},
                 "global_features": {"checkpoint": str(root / "global.pt")}, "local_features": {"checkpoint": str(root / "local.pt")}}
     (root / "pipeline.json").write_text(json.dumps(pipeline))

@@ -232,6 +232,39 @@ def test_training_rejects_bad_inputs(tmp_path):
         train_autoencoder(tmp_path / "missing", tmp_path, dict(TRAIN, max_steps=1))
 
 
+def test_training_reports_progress_per_step(tmp_path):
+    from isg.train.autoencoder import AutoencoderProgress, train_autoencoder
+
+    reports = []
+    with pytest.warns(UserWarning, match="RANDOM"):
+        _, history = train_autoencoder(smooth_tiles(4, 16), tmp_path, dict(TRAIN, max_steps=4), progress=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3, 4] and all(isinstance(r, AutoencoderProgress) for r in reports)
+    assert all(r.steps == 4 and r.kind == "global" for r in reports) and reports[-1].seconds_left == 0
+    assert [r.losses["l1"] for r in reports] == history["l1"] and set(reports[0].losses) == {"l1", "lpips", "adv", "d_loss", "r1"}
+
+
+def test_resolution_defaults_per_kind():
+    from isg.train.config import AutoencoderTrainConfig
+
+    assert AutoencoderTrainConfig().resolution == AutoencoderTrainConfig.GLOBAL_RESOLUTION == 64
+    assert AutoencoderTrainConfig(kind="local").resolution == AutoencoderTrainConfig.LOCAL_RESOLUTION == 32
+    assert AutoencoderTrainConfig(kind="local", resolution=16).resolution == 16
+    with pytest.raises(ValueError, match="kind"):
+        AutoencoderTrainConfig(kind="other")
+
+
+def test_old_autoencoder_checkpoint_is_converted(tmp_path):
+    ae = Autoencoder(16, 9, **TINY).eval()
+    torch.save({"format": "isg-autoencoder-v1", "config": dict(ae.config), "state_dict": ae.state_dict(), "extra": {"note": "x"}},
+               tmp_path / "old.pt")
+    with pytest.warns(FutureWarning, match="old.pt: old checkpoint format 'isg-autoencoder-v1'"):
+        loaded = load_autoencoder(tmp_path / "old.pt")
+    assert loaded.extra == {"note": "x"}
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), ae.encode(x), rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_cuda_mixed_precision_training(tmp_path):
     from isg.train.autoencoder import train_autoencoder

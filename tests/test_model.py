@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from isg.model import (DualAttentionNet, FusionBlock, GlobalUpdater, GlobalViT, LocalUpdater, MBConv, create_model,
-                       list_models, load_model, parse_model_name, save_model)
+from isg.model import (DualAttentionNet, FusionBlock, GlobalUpdater, GlobalUpdaterPlus, GlobalViT, LocalUpdater,
+                       LocalUpdaterPlus, MBConv, create_model, list_models, load_model, parse_model_name, save_model)
 from isg.model import dual_attention
 from isg.ops import attention as ops
 from isg.model.vit import normalize_coords, sincos_pos_embed_2d
@@ -31,7 +31,9 @@ SMALL_ISG = dict(SMALL, channels=8)  # ISG models only
 
 
 def _small(name):
-    return SMALL if name == "vit-s" else SMALL_ISG
+    if name == "he2rna":
+        return {"hidden": (8,), "ks": (1, 2)}
+    return SMALL if name.startswith("vit") else SMALL_ISG
 
 
 def _bag(n, d=D_IN, grid=GRID, seed=0):
@@ -117,11 +119,11 @@ def test_local_updater_shapes(monkeypatch):
 
     original = dual_attention.gated_hadamard
     monkeypatch.setattr(dual_attention, "gated_hadamard", spy)
-    updater = LocalUpdater(C, D)
+    updater = LocalUpdaterPlus(C, D)
     R = torch.randn(M, C, GRID, GRID)
     R_new = updater(torch.randn(M, D), R)
     L = GRID * GRID
-    assert seen == {"q": (M, C), "k": (M, C, L), "v": (M, C, L), "a_v": (M, C, L)}  # Eq. 3-5: Q, K, V, A (.) V
+    assert seen == {"q": (M, C, 1), "k": (M, C, L), "v": (M, C, L), "a_v": (M, C, L)}  # Eq. 3-5 (plus): Q, K, V, A (.) V
     assert R_new.shape == (M, C, GRID, GRID)  # R'
 
 
@@ -137,17 +139,17 @@ def test_global_updater_shapes(monkeypatch):
         return out
 
     monkeypatch.setattr(dual_attention, "softmax_spatial_sum", spy)
-    updater = GlobalUpdater(C, D, GRID)
+    updater = GlobalUpdaterPlus(C, D, GRID)
     f_new = updater(torch.randn(M, D), torch.randn(M, C, GRID, GRID))
     L = GRID * GRID
-    assert seen == {"z": (M, C, L), "p": (M, C, L), "pooled": (M, C)}  # Eq. 6-8: Z, P, sum_space(Z (.) P)
+    assert seen == {"z": (M, C, L), "p": (M, C, L), "pooled": (M, C)}  # Eq. 6-8 (plus): Z, P, sum_space(Z (.) P)
     assert f_new.shape == (M, D)  # f'
     with pytest.raises(ValueError, match="positions"):
         updater(torch.randn(M, D), torch.randn(M, C, GRID + 1, GRID + 1))
 
 
 def test_softmax_weights_sum_to_one_over_space():
-    updater = GlobalUpdater(4, 6, GRID)
+    updater = GlobalUpdaterPlus(4, 6, GRID)
     f = torch.randn(3, 6)
     z = updater.to_z(updater.norm_f(f)).view(3, 4, GRID * GRID)
     weights = torch.softmax(z, -1)
@@ -222,8 +224,9 @@ def test_empty_slide_in_batch():
 # ----------------------------------------------------------------------------- training
 
 
-def test_forward_backward_reaches_every_parameter():
-    model = _model("isg-4-2").train()
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-5-2", "isg-4-2-plus"])
+def test_forward_backward_reaches_every_parameter(name):
+    model = _model(name).train()
     out = _run(model, _collate([_bag(5, seed=1), _bag(2, seed=2)]))
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -240,7 +243,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["isg-2-1", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-2-1", "isg-2-1-plus", "vit-s"])
 def test_a_few_optimizer_steps_reduce_the_loss(name):
     """Synthetic task: targets are linear in the slide's mean global and local features."""
     torch.manual_seed(0)
@@ -269,8 +272,9 @@ def test_init_bias_sets_head():
 # ----------------------------------------------------------------------------- fused ops inside the model
 
 
-def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch):
-    model = _model("isg-4-2")
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-4-2-plus"])
+def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch, name):
+    model = _model(name)
     batch = _collate([_bag(4, seed=1), _bag(6, seed=2)])
     fused_out = _run(model, batch)
     fused_out.sum().backward()
@@ -300,7 +304,7 @@ def test_save_and_load_rebuild_the_model(tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(_run(loaded, batch), _run(model, batch))
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left behind
-    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert load_model(path).extra["epoch"] == 3
 
 
 def test_checkpoint_errors(tmp_path):
@@ -314,3 +318,173 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="config"):
         save_model(tmp_path / "plain.pt", plain)
     assert isinstance(create_model("vit-s", d=D_IN, n_outputs=2, **SMALL), GlobalViT)
+
+
+# ----------------------------------------------------------------------------- the paper's equations, literally
+
+
+@pytest.mark.parametrize("S", [2, 3, 4, 8])
+def test_fusion_block_is_eqs_3_to_8(S):
+    """Eqs. 3-8 computed with einsum from the block's own weights (fp64): both updaters read f^{t-1}, R^{t-1}."""
+    M, C, D, L = 5, 6, 7, S * S
+    torch.manual_seed(S)
+    block = FusionBlock(C, D, S).double()
+    for p in block.parameters():  # spread the weights so every term matters
+        torch.nn.init.normal_(p, std=0.5)
+    f, R = torch.randn(M, D, dtype=torch.float64), torch.randn(M, C, S, S, dtype=torch.float64)
+    f_new, R_new = block(f, R)
+
+    lu, gu = block.local_updater, block.global_updater
+    W = lambda conv: conv.weight[:, :, 0, 0]  # noqa: E731  1x1 conv [C_out, C_in]: R W has rows R_l W^T
+    rows = R.flatten(2).transpose(1, 2)  # R as L rows of C channels: [M, L, C]
+    Q = torch.einsum("ld,md->ml", lu.to_q.weight, f)  # Eq. 3: Reshape(W_q f), one logit per position [M, L]
+    K = torch.einsum("mlc,oc->mlo", rows, W(lu.to_k))  # R W_k [M, L, C]
+    V = torch.einsum("mlc,oc->mlo", rows, W(lu.to_v))  # R W_v
+    A = torch.sigmoid(Q[:, :, None] * K)  # Eq. 4: Q broadcast over channels
+    R_ref = torch.einsum("mlc,oc->mlo", A * V, W(lu.proj))  # Eq. 5: (A (.) V) W_r
+    Z = torch.softmax(torch.einsum("ld,md->ml", gu.to_z.weight, f), dim=1)  # Eq. 6: softmax over the L positions
+    P = torch.einsum("mlc,oc->mlo", rows, W(gu.to_p))  # Eq. 7: R W_p
+    f_ref = torch.einsum("mc,dc->md", (Z[:, :, None] * P).sum(1), gu.proj.weight)  # Eq. 8: Sum(Z (.) P) W_f
+
+    torch.testing.assert_close(R_new, R_ref.transpose(1, 2).reshape(M, C, S, S), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f_new, f_ref, rtol=1e-6, atol=1e-6)
+    assert tuple(lu.to_q.weight.shape) == (L, D) and tuple(gu.to_z.weight.shape) == (L, D)  # W_q, W_z in R^{L x d}
+
+
+def test_paper_and_plus_forms_are_different_models():
+    paper, plus = _model("isg-4-2"), _model("isg-4-2-plus")
+    assert not paper.plus and plus.plus
+    fusions = [b for b in paper.blocks if isinstance(b, FusionBlock)]
+    assert [b.global_updater is None for b in fusions] == [False, True]  # f after the last fusion feeds nothing
+    assert type(fusions[0].local_updater) is LocalUpdater and type(fusions[0].global_updater) is GlobalUpdater
+    assert all(isinstance(b.local_updater, LocalUpdaterPlus) for b in plus.blocks if isinstance(b, FusionBlock))
+    # paper tokens are the pooled cubes alone: f after the stem changes the tokens only through the fusion blocks
+    f, R = torch.randn(3, D_IN), torch.randn(3, GRID, GRID, D_IN)
+    expected_local = paper.stem_local(R).permute(0, 3, 1, 2)
+    fh = paper.stem_global(f)
+    for block in paper.blocks:
+        fh, expected_local = block(fh, expected_local) if isinstance(block, FusionBlock) else (fh, block(expected_local))
+    expected = paper.token_proj(paper.token_norm(expected_local.mean((2, 3))))
+    torch.testing.assert_close(paper.encode_patches(f, R), expected)
+
+
+def test_registry_names_and_declarations():
+    assert {"isg-10-2", "isg-10-2-plus", "vit-s", "vit-t4", "he2rna"} <= set(list_models())
+    assert list_models("vit-*") == ["vit-s", "vit-t4"]
+    vit_s, vit_t4 = create_model("vit-s", d=D_IN, n_outputs=2), create_model("vit-t4", d=D_IN, n_outputs=2)
+    assert (vit_s.transformer.head.in_features, len(vit_s.transformer.blocks), vit_s.transformer.blocks[0].attn.num_heads) == (384, 12, 6)
+    assert (vit_t4.transformer.head.in_features, len(vit_t4.transformer.blocks), vit_t4.transformer.blocks[0].attn.num_heads) == (192, 4, 4)
+    assert parse_model_name("isg-7-3-plus") == (7, 3)
+    assert isinstance(create_model("isg-7-3-plus", d=D_IN, local_grid=GRID, **SMALL_ISG), DualAttentionNet)
+    for name, uses_local in (("isg-2-1", True), ("isg-2-1-plus", True), ("vit-s", False), ("he2rna", False)):
+        model = create_model(name, d=D_IN, local_grid=GRID, n_outputs=2, **_small(name))
+        assert model.uses_local is uses_local and "features" in model.batch_inputs
+
+
+def test_default_model_has_one_definition():
+    import inspect
+
+    from isg.model import DEFAULT_MODEL
+    from isg.train.config import TrainConfig
+
+    assert DEFAULT_MODEL == "isg-10-2" == TrainConfig.model
+    assert inspect.signature(create_model).parameters["name"].default == DEFAULT_MODEL
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-4-2-plus", "vit-s"])
+def test_explain_per_patch_views(name):
+    model = _model(name, n_outputs=3).eval()
+    bags = [_bag(5, seed=1), _bag(2, seed=2)]
+    batch = _collate(bags)
+    views = model.explain(batch["features"], batch["local"], batch["coords"], batch["mask"])
+    assert views["patch_values"].shape == (2, 5, 3)
+    assert (views["patch_values"][1, 2:] == 0).all()  # padded patches
+    single = model.explain(*(_collate(bags[1:])[k] for k in ("features", "local", "coords", "mask")))
+    torch.testing.assert_close(views["patch_values"][1, :2], single["patch_values"][0], rtol=1e-4, atol=1e-5)
+    if hasattr(model, "chunk_size"):  # chunking changes no view
+        model.chunk_size = 2
+        chunked = model.explain(batch["features"], batch["local"], batch["coords"], batch["mask"])
+        for key, value in views.items():
+            torch.testing.assert_close(chunked[key], value, rtol=1e-5, atol=1e-6)
+    if name.startswith("vit"):
+        assert set(views) == {"patch_values"}
+        return
+    L = GRID * GRID
+    n_global = 1 if name == "isg-4-2" else 2  # the paper form's last fusion block has no global updater
+    assert views["local_gate"].shape == (2, 5, 2, L) and views["global_weights"].shape == (2, 5, n_global, L)
+    gate = views["local_gate"][0]
+    assert ((gate > 0) & (gate < 1)).all()
+    torch.testing.assert_close(views["global_weights"][0].sum(-1), torch.ones(5, n_global))
+    first = next(b for b in model.blocks if isinstance(b, FusionBlock)).global_updater
+    with torch.no_grad():  # the first block's Z depends on the stem's f alone: a known answer
+        z = first.weights(model.stem_global(batch["features"][0]), None)
+    torch.testing.assert_close(views["global_weights"][0, :, 0], z)
+
+
+def test_he2rna_patch_values_are_its_tile_scores():
+    from isg.model import explain_batch, forward_batch
+
+    model = create_model("he2rna", d=D_IN, n_outputs=3, hidden=(8,), ks=(2,)).eval()
+    batch = _collate([_bag(5, seed=1), _bag(3, seed=2)])
+    batch["local_features"] = batch.pop("local")
+    values = explain_batch(model, batch)["patch_values"]  # [B, N, G]
+    assert values.shape == (2, 5, 3) and (values[1, 3:] == 0).all()
+    top2 = [values[b, : n].topk(2, dim=0).values.mean(0) for b, n in enumerate((5, 3))]  # the prediction: top-2 mean
+    with torch.no_grad():
+        torch.testing.assert_close(forward_batch(model, batch), torch.stack(top2))
+
+
+# ----------------------------------------------------------------------------- safe loading and old formats
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("loader", ["fold_models", "model", "autoencoder"])
+def test_a_pickle_that_runs_code_is_refused(tmp_path, loader):
+    from isg.checkpoint import CheckpointError
+    from isg.features import load_autoencoder
+    from isg.model import load_fold_models
+
+    marker = tmp_path / "owned"
+    path = tmp_path / "run" / "model_fold0.pt"
+    path.parent.mkdir()
+    torch.save({"format": "isg-checkpoint", "version": 2, "state": _Evil(marker)}, path)
+    load = {"fold_models": lambda: load_fold_models(path.parent), "model": lambda: load_model(path),
+            "autoencoder": lambda: load_autoencoder(path)}[loader]
+    with pytest.raises(CheckpointError, match="model_fold0.pt: refused"):
+        load()
+    assert not marker.exists()
+
+
+def test_old_model_checkpoint_is_converted_with_a_warning(tmp_path):
+    old = _model("isg-3-2-plus", n_outputs=2).eval()
+    config = {**old.config, "name": "isg-3-2"}  # what isg-3-2 meant before the paper form took the name
+    import re
+
+    state = {re.sub(r"\.norm([123])\.", r".bn\1.", k): v for k, v in old.state_dict().items()}  # MBConv names before v2
+    assert any(".bn1." in k for k in state)
+    torch.save({"format": "isg-model/1", "config": config, "state_dict": state, "epoch": 4}, tmp_path / "old.pt")
+    with pytest.warns(FutureWarning, match="old.pt: old checkpoint format 'isg-model/1'"):
+        loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config["name"] == "isg-3-2-plus" and loaded.extra["epoch"] == 4
+    batch = _collate([_bag(4, seed=1)])
+    with torch.no_grad():
+        torch.testing.assert_close(_run(loaded, batch), _run(old, batch))
+
+    from isg.checkpoint import upgrade_checkpoint
+
+    upgrade_checkpoint(tmp_path / "old.pt", "model")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(tmp_path / "old.pt").config["name"] == "isg-3-2-plus"

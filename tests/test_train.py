@@ -12,7 +12,8 @@ import torch
 
 from isg.data import collate_bags, BagDataset
 from isg.data.labels import LabelError, load_labels
-from isg.train.expression import TrainConfig, cross_validate, load_fold_models
+from isg.model import load_fold_models
+from isg.train.expression import TrainConfig, TrainProgress, cross_validate
 
 
 def _cohort(tmp_path, n_slides=24, d=8, genes=5, seed=0):
@@ -59,6 +60,45 @@ def test_cross_validate_learns_a_known_function_and_writes_results(tmp_path):
     test = BagDataset([feature_dir / f"{s}.h5" for s in fold0.index], local=False)
     again = models[0].predict(collate_bags([test[i] for i in range(len(test))]))
     np.testing.assert_allclose(again.to_numpy(), fold0.to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cross_validate_writes_pipeline_json_and_reports_progress(tmp_path):
+    manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12)
+    with h5py.File(feature_dir / "s0.h5", "a") as f:  # what preprocess / extract record
+        f["coords"].attrs.update({"patch_size": 128, "local_size": 32, "rule": "mean_std"})
+        f["features"].attrs["checkpoint"] = "/ckpt/global/autoencoder.pt"
+    reports = []
+    config = TrainConfig(model="he2rna", epochs=3, patience=3, n_splits=3, model_kwargs={"hidden": (8,), "ks": (1, 2)})
+    cross_validate(manifest, feature_dir, targets, tmp_path / "out", config, progress=reports.append)
+    pipeline = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert pipeline["preprocess"] == {"patch_size": 128, "local_size": 32, "rule": "mean_std"}
+    assert pipeline["global_features"]["checkpoint"] == "/ckpt/global/autoencoder.pt" and pipeline["local_features"] == {}
+    assert pipeline["features_dir"] == str(feature_dir.resolve())
+    assert [(r.fold, r.epoch) for r in reports] == [(k, e) for k in range(3) for e in range(3)]
+    assert all(isinstance(r, TrainProgress) and r.n_folds == 3 and r.epochs == 3 for r in reports)
+    assert all(r.best_val_loss <= r.val_loss + 1e-9 and np.isfinite(r.train_loss) for r in reports)
+    assert reports[-1].seconds_left == 0 and reports[0].seconds_left > 0
+    assert [r.seconds for r in reports] == sorted(r.seconds for r in reports)
+
+
+def test_old_fold_model_is_converted_and_predicts_the_same(tmp_path):
+    from dataclasses import asdict
+
+    from isg.model import SlideModel, create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit-t4", d=8, n_outputs=3, embed_dim=16, depth=1, num_heads=2)
+    old = {"format": "isg-slide-model/1", "config": asdict(TrainConfig(model="vit-s", model_kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2})),
+           "d": 8, "local_grid": None, "outputs": ["a", "b", "c"], "fold": 2, "state_dict": model.state_dict(),
+           "target_mean": torch.tensor([1.0, 2.0, 3.0]), "target_std": torch.tensor([0.5, 1.0, 2.0])}
+    torch.save(old, tmp_path / "model_fold2.pt")
+    with pytest.warns(FutureWarning, match="model_fold2.pt: old checkpoint format 'isg-slide-model/1'"):
+        loaded = SlideModel(tmp_path / "model_fold2.pt")
+    assert loaded.config.model == "vit-t4" and loaded.fold == 2 and loaded.outputs == ["a", "b", "c"] and not loaded.uses_local
+    batch = collate_bags([{"features": torch.randn(4, 8), "coords": torch.randint(0, 999, (4, 2)), "slide_id": "x"}])
+    with torch.no_grad():
+        expected = model.eval()(batch["features"], None, batch["coords"].float(), batch["mask"]) * old["target_std"] + old["target_mean"]
+    np.testing.assert_allclose(loaded.predict(batch).to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_cross_validate_msi_reports_auc(tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from isg.train.config import AutoencoderTrainConfig as AE
+
     parser = subparsers.add_parser("extract", help="autoencoder features of the selected patches (fit | run)",
                                    description="StyleGAN2 autoencoder patch features (ISG Sec. 3.2).")
     commands = parser.add_subparsers(dest="extract_command", metavar="{fit,run}")
@@ -27,15 +29,16 @@ def register(subparsers) -> None:
     fit.add_argument("--epochs", type=float, default=10.0, help="passes over the tile bank (default 10)")
     fit.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
     fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--lr", type=float, default=2e-3)
-    fit.add_argument("--global-resolution", type=int, default=64, help="global AE input size; patches are resized (default 64)")
-    fit.add_argument("--local-resolution", type=int, default=32, help="local AE input size (default 32)")
-    fit.add_argument("--global-d", type=int, default=512, help="global feature size (default 512)")
-    fit.add_argument("--local-d", type=int, default=512, help="local feature size (default 512)")
-    fit.add_argument("--channel-base", type=int, default=1024,
+    fit.add_argument("--lr", type=float, default=AE.lr, help=f"Adam learning rate (default {AE.lr})")
+    fit.add_argument("--global-resolution", type=int, default=AE.GLOBAL_RESOLUTION,
+                     help=f"global AE input size; patches are resized (default {AE.GLOBAL_RESOLUTION})")
+    fit.add_argument("--local-resolution", type=int, default=AE.LOCAL_RESOLUTION, help=f"local AE input size (default {AE.LOCAL_RESOLUTION})")
+    fit.add_argument("--global-d", type=int, default=AE.d, help=f"global feature size (default {AE.d})")
+    fit.add_argument("--local-d", type=int, default=AE.d, help=f"local feature size (default {AE.d})")
+    fit.add_argument("--channel-base", type=int, default=AE.channel_base,
                      help="channels at resolution r: min(base / r, max) (default 1024: the compact, fast extractor; "
                           "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 is the large one)")
-    fit.add_argument("--channel-max", type=int, default=128)
+    fit.add_argument("--channel-max", type=int, default=AE.channel_max)
     fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
     fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")

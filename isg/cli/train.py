@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from isg.train.config import TrainConfig
+
     parser = subparsers.add_parser(
         "train", help="cross-validate ISG / ViT-S / HE2RNA on extracted features",
         description="Train with k-fold patient-level CV from per-slide feature .h5 files (written by `isg extract`). "
@@ -22,13 +24,15 @@ def register(subparsers) -> None:
     parser.add_argument("--labels", help="--task msi: CSV with sample_id and the label column")
     parser.add_argument("--label-column", default="msi")
     parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
-    parser.add_argument("--model", default="isg-10-2", help="isg-N-k (Dual Attention), vit-s (global features only) or he2rna")
+    parser.add_argument("--model", default=TrainConfig.model,
+                        help=f"isg-N-k (the paper's Dual Attention, Eqs. 3-8), isg-N-k-plus (our variant), vit-s / vit-t4 "
+                             f"(global features only) or he2rna (default {TrainConfig.model})")
     parser.add_argument("--model-kwargs", default="{}", help='JSON of model options, e.g. \'{"embed_dim": 192, "depth": 4}\'')
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"AdamW learning rate (default {TrainConfig.lr})")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--max-patches", type=int, default=256, help="random patches per slide per step while training")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,27 +92,6 @@ def run(args) -> int:
         summary = cross_validate(manifest, features, targets, args.out, config)
     except (ValueError, TypeError) as exc:  # unknown model name or option, too few patients for the folds, bad feature files
         raise CLIError(str(exc)) from exc
-    _write_pipeline(Path(args.out), features, manifest)
     keys = ("auc",) if args.task == "msi" else ("mean_r", "median_r", "n_significant", "n_genes")
     print(json.dumps({key: summary.get(key) for key in keys if key in summary} | {"n_samples": summary.get("n_samples"), "out": str(args.out)}, default=float))
     return 0
-
-
-def _write_pipeline(out: Path, features: Path, manifest) -> None:
-    """Record how the features were made (preprocess + extractor attrs) so `isg predict` can redo it on new slides."""
-    import h5py
-
-    from isg.utils import write_text_atomic
-
-    with h5py.File(features / f"{manifest['slide_id'].iloc[0]}.h5", "r") as f:
-        def plain(value):
-            if isinstance(value, bytes):
-                return value.decode()
-            return value.tolist() if hasattr(value, "tolist") else value  # numpy scalars and arrays
-
-        def attrs(name):
-            return {key: plain(value) for key, value in f[name].attrs.items()} if name in f else {}
-
-        pipeline = {"features_dir": str(features.resolve()), "preprocess": attrs("coords"),
-                    "global_features": attrs("features"), "local_features": attrs("local_features")}
-    write_text_atomic(out / "pipeline.json", json.dumps(pipeline, indent=2, default=str))

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 __all__ = [
     "Autoencoder", "Encoder", "Decoder", "Discriminator", "modulated_conv2d",
-    "tiles_to_input", "save_autoencoder", "load_autoencoder", "CHECKPOINT_FORMAT",
+    "tiles_to_input", "save_autoencoder", "load_autoencoder",
 ]
 
-CHECKPOINT_FORMAT = "isg-autoencoder-v1"
 _GAIN = math.sqrt(2.0)  # keeps unit variance through lrelu(0.2)
 
 
@@ -272,9 +273,12 @@ class Autoencoder(nn.Module):
         d: style code (feature) dimension.
         channel_base, channel_max: channels at resolution ``res`` are ``min(channel_base // res, channel_max)``.
         mapping_layers: MLP layers from the code to the decoder's w.
+
+    The defaults (the compact extractor) have one definition:
+    :class:`isg.train.config.AutoencoderTrainConfig` (``.model_kwargs()``).
     """
 
-    def __init__(self, resolution: int = 64, d: int = 512, channel_base: int = 1024, channel_max: int = 128, mapping_layers: int = 2):
+    def __init__(self, resolution: int, d: int, channel_base: int, channel_max: int, mapping_layers: int = 2):
         super().__init__()
         self.resolution, self.d = _check_resolution(resolution), int(d)
         self.config = dict(resolution=self.resolution, d=self.d, channel_base=int(channel_base), channel_max=int(channel_max), mapping_layers=int(mapping_layers))
@@ -310,27 +314,22 @@ def tiles_to_input(tiles: torch.Tensor | np.ndarray, resolution: int, device: st
 
 
 def save_autoencoder(path: str | os.PathLike, ae: Autoencoder, extra: dict[str, Any] | None = None) -> None:
-    """Write ``{format, config, state_dict, extra}`` to ``path`` atomically."""
-    from isg.utils import atomic_path
-
-    state = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "config": dict(ae.config), "state_dict": state, "extra": extra or {}}, tmp)
+    """Write ``ae`` (config + weights, ``extra`` JSON) atomically in the isg checkpoint format (:mod:`isg.checkpoint`)."""
+    save_checkpoint(path, "autoencoder", dict(ae.config), {"model": ae.state_dict()}, extra)
 
 
 def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Autoencoder:
     """Rebuild an :class:`Autoencoder` from a checkpoint written by :func:`save_autoencoder`
-    or by :func:`isg.train.autoencoder.train_autoencoder`; returned in eval mode, ``.extra`` attached."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"autoencoder checkpoint {path}: no such file")
+    or by :func:`isg.train.autoencoder.train_autoencoder`; returned in eval mode, ``.extra`` attached.
+
+    Read with ``weights_only=True``: a file that would unpickle code is refused, naming it.
+    """
+    checkpoint = load_checkpoint(path, "autoencoder", map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"autoencoder checkpoint {path}: cannot be read ({exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"autoencoder checkpoint {path}: not an isg autoencoder checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    ae = Autoencoder(**ckpt["config"])
-    ae.load_state_dict(ckpt["state_dict"])
-    ae.extra = ckpt.get("extra", {})
+        ae = Autoencoder(**checkpoint.config)
+        ae.load_state_dict(checkpoint.state["model"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"autoencoder checkpoint {path}: cannot rebuild the autoencoder ({str(exc).splitlines()[0]})") from None
+    ae.extra = checkpoint.extra
     ae.checkpoint_path = str(path)
     return ae.to(map_location).eval()

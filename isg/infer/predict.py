@@ -42,7 +42,7 @@ STAGES = ("read", "select", "features", "predict")
 
 @dataclass
 class Predictor:
-    models: list  # [isg.train.expression.SlideModel]
+    models: list  # [isg.model.SlideModel]
     global_ae: torch.nn.Module
     local_ae: torch.nn.Module | None
     preprocess: dict = field(default_factory=dict)  # keyword arguments of preprocess_slide
@@ -59,7 +59,7 @@ class Predictor:
                        local_ae: str | os.PathLike | None = None, device: str = "cpu", **preprocess) -> Predictor:
         """Fold models of ``train_dir``; extractors and preprocessing from its pipeline.json unless given."""
         from isg.features import load_autoencoder
-        from isg.train.expression import load_fold_models
+        from isg.model import load_fold_models
 
         train_dir = Path(train_dir)
         models = load_fold_models(train_dir, device)

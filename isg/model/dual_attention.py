@@ -1,21 +1,27 @@
-"""Dual Attention network (ISG paper, Sec. 3.3, Fig. 3) and the global-only ViT baseline.
+"""Dual Attention network (ISG paper, Sec. 3.3, Fig. 3, Eqs. 3-8) and the global-only ViT baseline.
 
-Per patch i the network sees a global feature f_i in R^d (whole p x p patch)
-and a local cube R_i in R^{S x S x d} (the S x S = (p/q)^2 sub-patches). The
-cube runs through N MBConv blocks; after every k-th block an attention-fusion
-block exchanges information between f_i and R_i (ISG-N-k):
+Per patch i the network sees a global feature f_i (whole p x p patch) and a
+local cube R_i (the S x S = (p/q)^2 sub-patches, L = S^2 positions). The cube
+runs through N MBConv blocks; after every k-th block an attention-fusion block
+exchanges information between f and R (ISG-N-k). Both updaters of a fusion
+block read R^{t-1} and f^{t-1}:
 
-* local updater (Eq. 3-5), f -> R:  Q = W_q f [M, C, 1], K = R W_k, V = R W_v [M, C, L],
-  A = sigmoid(Q (.) K), R' = R + (A (.) V) W_r            (fused: ``gated_hadamard``)
-* global updater (Eq. 6-8), R -> f: Z = softmax_space(reshape(W_z f)) [M, C, L], P = R W_p,
-  f' = f + sum_space(Z (.) P) W_f                         (fused: ``softmax_spatial_sum``)
+* local updater (Eqs. 3-5), f -> R:
+  Q = Reshape(W_q f) [M, 1, L] (one logit per position, shared over channels), K = R W_k, V = R W_v [M, C, L],
+  A = sigmoid(Q (.) K), R^t = (A (.) V) W_r                          (fused: ``gated_hadamard``)
+* global updater (Eqs. 6-8), R -> f:
+  Z = Softmax_L(Reshape(W_z f)) [M, 1, L], P = R W_p [M, C, L],
+  f^t = Sum_L(Z (.) P) W_f                                            (fused: ``softmax_spatial_sum``)
 
-W_z maps f to C * L logits (one per channel and position, reshaped to
-[C, L]), as in the paper; the spatial weights thus depend on f alone and the
-cube enters through P. Each cube is then average-pooled and added to its
-patch's global feature, ``token_i = f_i + W_t LN(mean_space R_i)``, and a small
-ViT with a CLS token and 2-D sin-cos position encoding of the patch
-coordinates reads the tokens of a slide (padded patches masked out).
+The average-pooled cubes are the tokens of a ViT over the slide's patches
+(``isg-N-k``, :class:`FusionBlock`). f after the last fusion block is read by
+nothing, so that block has no global updater (it would be dead weights).
+
+``isg-N-k-plus`` (:class:`FusionBlockPlus`) is this project's variant: Q is
+one logit per channel (shared over positions), Z one weight per channel and
+position, both updaters are pre-norm residual blocks applied in sequence (the
+global updater reads the updated cube), and the ViT tokens are
+f + W_t LN(mean R). docs/model.md says why.
 """
 
 from __future__ import annotations
@@ -28,9 +34,91 @@ from isg.model.layers import DropPath, LayerNorm2d, MBConv
 from isg.model.vit import SlideTransformer
 from isg.ops.attention import gated_hadamard, softmax_spatial_sum
 
+BATCH_INPUTS = ("features", "local_features", "coords", "mask")  # what forward(...) takes from a collated batch
+
+
+def _check_grid(R: torch.Tensor, length: int, who: str) -> None:
+    if R.shape[2] * R.shape[3] != length:
+        raise ValueError(f"{who} built for {length} positions, got a cube of {tuple(R.shape[2:])}")
+
+
+# ----------------------------------------------------------------------------- the paper's fusion block (isg-N-k)
+
 
 class LocalUpdater(nn.Module):
-    """Eq. 3-5: the global feature gates the local cube. f [M, D], R [M, C, S, S] -> R' [M, C, S, S]."""
+    """Eqs. 3-5: f [M, D], R [M, C, S, S] -> R^t = (sigmoid(Q (.) K) (.) V) W_r [M, C, S, S]."""
+
+    def __init__(self, channels: int, dim: int, grid: int):
+        super().__init__()
+        self.length = grid * grid
+        self.to_q = nn.Linear(dim, self.length, bias=False)  # W_q in R^{L x D}
+        self.to_k = nn.Conv2d(channels, channels, 1, bias=False)  # W_k
+        self.to_v = nn.Conv2d(channels, channels, 1, bias=False)  # W_v
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)  # W_r
+
+    def qkv(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_grid(R, self.length, "LocalUpdater")
+        q = self.to_q(f).unsqueeze(1)  # Q: [M, 1, L]
+        return q, self.to_k(R).flatten(2), self.to_v(R).flatten(2)  # K, V: [M, C, L]
+
+    def forward(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(f, R)
+        gated = gated_hadamard(q, k, v)  # A (.) V: [M, C, L]
+        return self.proj(gated.view(R.shape))  # R^t: [M, C, S, S]
+
+    def gate(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """A = sigmoid(Q (.) K): [M, C, L]."""
+        q, k, _ = self.qkv(f, R)
+        return torch.sigmoid(q * k)
+
+
+class GlobalUpdater(nn.Module):
+    """Eqs. 6-8: f [M, D], R [M, C, S, S] -> f^t = Sum_L(Softmax_L(W_z f) (.) R W_p) W_f [M, D]."""
+
+    def __init__(self, channels: int, dim: int, grid: int):
+        super().__init__()
+        self.length = grid * grid
+        self.to_z = nn.Linear(dim, self.length, bias=False)  # W_z in R^{L x D}
+        self.to_p = nn.Conv2d(channels, channels, 1, bias=False)  # W_p
+        self.proj = nn.Linear(channels, dim, bias=False)  # W_f
+
+    def forward(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        _check_grid(R, self.length, "GlobalUpdater")
+        z = self.to_z(f).unsqueeze(1)  # logits of Z: [M, 1, L]
+        p = self.to_p(R).flatten(2)  # P: [M, C, L]
+        return self.proj(softmax_spatial_sum(z, p))  # f^t: [M, D]
+
+    def weights(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """Z = Softmax_L(W_z f): [M, L]."""
+        return torch.softmax(self.to_z(f), dim=-1)
+
+
+class FusionBlock(nn.Module):
+    """Eqs. 3-8: (f^{t-1}, R^{t-1}) -> (f^t, R^t), both updaters reading the block's inputs.
+
+    ``with_global=False`` (the last fusion block, whose f nothing reads) keeps f as it is.
+    """
+
+    def __init__(self, channels: int, dim: int, grid: int, with_global: bool = True):
+        super().__init__()
+        self.local_updater = LocalUpdater(channels, dim, grid)
+        self.global_updater = GlobalUpdater(channels, dim, grid) if with_global else None
+
+    def forward(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R_new = self.local_updater(f, R)
+        f_new = self.global_updater(f, R) if self.global_updater is not None else f
+        return f_new, R_new
+
+    def maps(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(A averaged over channels [M, L], Z [M, L] or None) at this block's inputs."""
+        return self.local_updater.gate(f, R).mean(1), None if self.global_updater is None else self.global_updater.weights(f, R)
+
+
+# ----------------------------------------------------------------------------- the plus variant (isg-N-k-plus)
+
+
+class LocalUpdaterPlus(nn.Module):
+    """Plus form of Eqs. 3-5: Q one logit per channel; R' = R + DropPath((A (.) V) W_r) with pre-norm."""
 
     def __init__(self, channels: int, dim: int, drop_path: float = 0.0):
         super().__init__()
@@ -42,18 +130,23 @@ class LocalUpdater(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)  # W_r
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        M, C, S, _ = R.shape
+    def qkv(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = self.norm_r(R)
-        q = self.to_q(self.norm_f(f))  # Q: [M, C] (broadcast over L as [M, C, 1])
-        k = self.to_k(r).flatten(2)  # K: [M, C, L]
-        v = self.to_v(r).flatten(2)  # V: [M, C, L]
-        gated = gated_hadamard(q, k, v)  # A (.) V = sigmoid(Q (.) K) (.) V: [M, C, L]
-        return R + self.drop_path(self.proj(gated.view(M, C, S, S)))  # R': [M, C, S, S]
+        q = self.to_q(self.norm_f(f)).unsqueeze(-1)  # Q: [M, C, 1] (broadcast over L)
+        return q, self.to_k(r).flatten(2), self.to_v(r).flatten(2)  # K, V: [M, C, L]
+
+    def forward(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(f, R)
+        gated = gated_hadamard(q, k, v)  # A (.) V: [M, C, L]
+        return R + self.drop_path(self.proj(gated.view(R.shape)))  # R': [M, C, S, S]
+
+    def gate(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self.qkv(f, R)
+        return torch.sigmoid(q * k)  # [M, C, L]
 
 
-class GlobalUpdater(nn.Module):
-    """Eq. 6-8: the local cube updates the global feature. f [M, D], R [M, C, S, S] -> f' [M, D]."""
+class GlobalUpdaterPlus(nn.Module):
+    """Plus form of Eqs. 6-8: Z one weight per channel and position; f' = f + DropPath(Sum_L(Z (.) P) W_f) with pre-norm."""
 
     def __init__(self, channels: int, dim: int, grid: int, drop_path: float = 0.0):
         super().__init__()
@@ -65,28 +158,36 @@ class GlobalUpdater(nn.Module):
         self.proj = nn.Linear(channels, dim)  # W_f
         self.drop_path = DropPath(drop_path)
 
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        return self.to_z(self.norm_f(f)).view(f.shape[0], self.channels, self.length)  # [M, C, L]
+
     def forward(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        M = f.shape[0]
-        if R.shape[2] * R.shape[3] != self.length:
-            raise ValueError(f"GlobalUpdater built for {self.length} positions, got a cube of {tuple(R.shape[2:])}")
-        z = self.to_z(self.norm_f(f)).view(M, self.channels, self.length)  # logits of Z: [M, C, L]
+        _check_grid(R, self.length, "GlobalUpdater")
         p = self.to_p(self.norm_r(R)).flatten(2)  # P: [M, C, L]
-        pooled = softmax_spatial_sum(z, p)  # sum_space(softmax_space(Z) (.) P): [M, C]
+        pooled = softmax_spatial_sum(self.logits(f), p)  # Sum_L(Softmax_L(Z) (.) P): [M, C]
         return f + self.drop_path(self.proj(pooled))  # f': [M, D]
 
+    def weights(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(f), dim=-1).mean(1)  # [M, L], averaged over channels
 
-class FusionBlock(nn.Module):
-    """Attention fusion: local updater (f -> R), then global updater (R' -> f)."""
+
+class FusionBlockPlus(FusionBlock):
+    """Plus form: local updater, then the global updater on the updated cube."""
 
     def __init__(self, channels: int, dim: int, grid: int, drop_path: float = 0.0):
-        super().__init__()
-        self.local_updater = LocalUpdater(channels, dim, drop_path)
-        self.global_updater = GlobalUpdater(channels, dim, grid, drop_path)
+        nn.Module.__init__(self)
+        self.local_updater = LocalUpdaterPlus(channels, dim, drop_path)
+        self.global_updater = GlobalUpdaterPlus(channels, dim, grid, drop_path)
 
     def forward(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         R = self.local_updater(f, R)
-        f = self.global_updater(f, R)
-        return f, R
+        return self.global_updater(f, R), R
+
+    def maps(self, f: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local_updater.gate(f, R).mean(1), self.global_updater.weights(f, R)
+
+
+# ----------------------------------------------------------------------------- slide models
 
 
 def _check_inputs(features, local, coords, mask, d, local_d=None, grid=None):
@@ -107,24 +208,35 @@ def _check_inputs(features, local, coords, mask, d, local_d=None, grid=None):
     return mask.bool()
 
 
+def _scatter(values: torch.Tensor, valid: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """Rows of the valid patches [M, ...] -> [B, N, ...] with zeros for padded slots."""
+    out = values.new_zeros(B * N, *values.shape[1:]).index_copy(0, valid, values)
+    return out.view(B, N, *values.shape[1:])
+
+
 class DualAttentionNet(nn.Module):
     """ISG-N-k: ``model(features [B, N, d], local [B, N, S, S, d], coords [B, N, 2], mask [B, N]) -> [B, n_outputs]``.
 
-    Only valid patches (``mask`` True) run through the per-patch cube network,
-    in chunks of ``chunk_size`` patches (``grad_checkpoint=True`` recomputes
-    each chunk in backward to bound activation memory).
+    ``plus=False`` is the paper (Eqs. 3-8, pooled-cube tokens), ``plus=True``
+    the isg-N-k-plus variant. Only valid patches (``mask`` True) run through the
+    per-patch cube network, in chunks of ``chunk_size`` patches
+    (``grad_checkpoint=True`` recomputes each chunk in backward).
     """
 
+    uses_local = True  # bags need local feature cubes
+    batch_inputs = BATCH_INPUTS
+
     def __init__(self, d: int, local_grid: int, n_outputs: int, n_blocks: int = 10, fuse_every: int = 2, *,
-                 local_d: int | None = None, channels: int = 64, exp_ratio: float = 4.0, se_ratio: float = 0.25,
-                 embed_dim: int = 192, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, drop: float = 0.0,
-                 drop_path: float = 0.0, pos_scale: float = 100.0, chunk_size: int = 1024, grad_checkpoint: bool = False):
+                 plus: bool = False, local_d: int | None = None, channels: int = 64, exp_ratio: float = 4.0,
+                 se_ratio: float = 0.25, embed_dim: int = 192, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 drop: float = 0.0, drop_path: float = 0.0, pos_scale: float = 100.0, chunk_size: int = 1024,
+                 grad_checkpoint: bool = False):
         super().__init__()
         if n_blocks < 1 or not 1 <= fuse_every <= n_blocks:
             raise ValueError(f"ISG-N-k needs N >= 1 and 1 <= k <= N, got N={n_blocks}, k={fuse_every}")
         if local_grid is None or local_grid < 1:
             raise ValueError(f"local_grid (S = p / q) must be a positive int for the Dual Attention network, got {local_grid}")
-        self.d, self.local_d, self.grid = d, local_d or d, local_grid
+        self.d, self.local_d, self.grid, self.plus = d, local_d or d, local_grid, plus
         self.chunk_size, self.grad_checkpoint = chunk_size, grad_checkpoint
         self.stem_global = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, embed_dim))  # f: d -> D
         self.stem_local = nn.Sequential(nn.LayerNorm(self.local_d), nn.Linear(self.local_d, channels))  # R: d -> C
@@ -134,10 +246,13 @@ class DualAttentionNet(nn.Module):
         for i in range(n_blocks):
             blocks.append(MBConv(channels, exp_ratio, se_ratio, rates[len(blocks)]))
             if (i + 1) % fuse_every == 0:
-                blocks.append(FusionBlock(channels, embed_dim, local_grid, rates[len(blocks)]))
+                if plus:
+                    blocks.append(FusionBlockPlus(channels, embed_dim, local_grid, rates[len(blocks)]))
+                else:  # f of the last fusion block feeds nothing: no global updater there
+                    blocks.append(FusionBlock(channels, embed_dim, local_grid, with_global=(i + 1) // fuse_every < n_fusions))
         self.blocks = nn.ModuleList(blocks)
         self.token_norm = nn.LayerNorm(channels)
-        self.token_proj = nn.Linear(channels, embed_dim)  # W_t
+        self.token_proj = nn.Linear(channels, embed_dim)  # W_t: pooled cube C -> D
         self.transformer = SlideTransformer(embed_dim, n_outputs, depth, num_heads, mlp_ratio, drop, drop_path, pos_scale)
 
     @property
@@ -153,46 +268,86 @@ class DualAttentionNet(nn.Module):
         with torch.no_grad():
             self.transformer.head.bias.copy_(mean)
 
-    def encode_patches(self, f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """Valid patches only: f [M, d], R [M, S, S, d] -> tokens [M, D]."""
+    def encode_patches(self, f: torch.Tensor, R: torch.Tensor, maps: dict | None = None) -> torch.Tensor:
+        """Valid patches only: f [M, d], R [M, S, S, d] -> tokens [M, D].
+
+        ``maps`` (a dict) receives ``local_gate`` and ``global_weights``: lists of [M, L], one per fusion block.
+        """
         f = self.stem_global(f)  # [M, D]
         R = self.stem_local(R).permute(0, 3, 1, 2).contiguous()  # [M, C, S, S]
         for block in self.blocks:
             if isinstance(block, FusionBlock):
+                if maps is not None:
+                    gate, weights = block.maps(f, R)
+                    maps.setdefault("local_gate", []).append(gate)
+                    if weights is not None:
+                        maps.setdefault("global_weights", []).append(weights)
                 f, R = block(f, R)
             else:
                 R = block(R)
-        return f + self.token_proj(self.token_norm(R.mean((2, 3))))  # [M, D]
+        pooled = self.token_proj(self.token_norm(R.mean((2, 3))))  # W_t LN(mean_L R): [M, D]
+        return f + pooled if self.plus else pooled
 
-    def forward(self, features: torch.Tensor, local: torch.Tensor | None, coords: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _tokens(self, features, local, coords, mask, maps=None):
         mask = _check_inputs(features, local, coords, mask, self.d, self.local_d, self.grid)
         B, N = mask.shape
         dtype = self.stem_global[1].weight.dtype
         valid = mask.flatten().nonzero().squeeze(1)  # [M] indices into B * N
         f = features.flatten(0, 1).index_select(0, valid).to(dtype)  # [M, d]
         R = local.flatten(0, 1).index_select(0, valid).to(dtype)  # [M, S, S, d]
-        chunks = []
+        chunks, chunk_maps = [], []
         for start in range(0, len(valid), self.chunk_size):
             f_c, R_c = f[start:start + self.chunk_size], R[start:start + self.chunk_size]
-            if self.grad_checkpoint and torch.is_grad_enabled():
+            if maps is not None:
+                chunk_maps.append({})
+                chunks.append(self.encode_patches(f_c, R_c, chunk_maps[-1]))
+            elif self.grad_checkpoint and torch.is_grad_enabled():
                 chunks.append(checkpoint(self.encode_patches, f_c, R_c, use_reentrant=False))
             else:
                 chunks.append(self.encode_patches(f_c, R_c))
         D = self.token_proj.out_features
-        if chunks:
-            tokens_valid = torch.cat(chunks)  # [M, D]
-        else:
-            tokens_valid = f.new_zeros(0, D)
-        tokens = tokens_valid.new_zeros(B * N, D).index_copy(0, valid, tokens_valid).view(B, N, D)
+        tokens_valid = torch.cat(chunks) if chunks else f.new_zeros(0, D)  # [M, D]
+        if maps is not None:
+            L = self.grid * self.grid
+            for key, count in (("local_gate", self.n_fusion), ("global_weights", self._n_global)):
+                per_block = [torch.cat([c[key][b] for c in chunk_maps]) if chunk_maps else f.new_zeros(0, L) for b in range(count)]
+                stacked = torch.stack(per_block, 1) if per_block else f.new_zeros(len(valid), 0, L)  # [M, blocks, L]
+                maps[key] = _scatter(stacked, valid, B, N)  # [B, N, blocks, L]
+        return _scatter(tokens_valid, valid, B, N), mask  # [B, N, D]
+
+    @property
+    def _n_global(self) -> int:
+        return sum(isinstance(b, FusionBlock) and b.global_updater is not None for b in self.blocks)
+
+    def forward(self, features: torch.Tensor, local: torch.Tensor | None, coords: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens, mask = self._tokens(features, local, coords, mask)
         return self.transformer(tokens, coords, mask)  # [B, n_outputs]
+
+    @torch.no_grad()
+    def explain(self, features: torch.Tensor, local: torch.Tensor | None, coords: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-patch views of one forward pass (same arguments as ``forward``; padded patches are 0).
+
+        ``patch_values`` [B, N, n_outputs]: the head applied to each patch token
+        after the last transformer block; ``local_gate`` [B, N, n_fusion, L]: A
+        averaged over channels per fusion block; ``global_weights`` [B, N, n_global, L]:
+        Z per fusion block with a global updater (paper form: all but the last).
+        L is row-major over the S x S grid.
+        """
+        maps: dict = {}
+        tokens, mask = self._tokens(features, local, coords, mask, maps)
+        return {"patch_values": self.transformer.patch_values(tokens, coords, mask), **maps}
 
 
 class GlobalViT(nn.Module):
-    """"vit-s": the slide transformer on global features only.
+    """The slide transformer on global features only (``vit-s``: ViT-Small 384/12/6; ``vit-t4``: 192/4/4).
 
     ``model(features [B, N, d], local (ignored, may be None), coords [B, N, 2], mask [B, N]) -> [B, n_outputs]``.
     """
+
+    uses_local = False
+    batch_inputs = BATCH_INPUTS
 
     def __init__(self, d: int, n_outputs: int, *, embed_dim: int = 192, depth: int = 4, num_heads: int = 4,
                  mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0, pos_scale: float = 100.0):
@@ -205,8 +360,18 @@ class GlobalViT(nn.Module):
         with torch.no_grad():
             self.transformer.head.bias.copy_(mean)
 
+    def _tokens(self, features, coords, mask):
+        mask = _check_inputs(features, None, coords, mask, self.d)
+        return self.stem(features.to(self.stem[1].weight.dtype)), mask  # [B, N, D]
+
     def forward(self, features: torch.Tensor, local: torch.Tensor | None, coords: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = _check_inputs(features, None, coords, mask, self.d)
-        tokens = self.stem(features.to(self.stem[1].weight.dtype))  # [B, N, D]
+        tokens, mask = self._tokens(features, coords, mask)
         return self.transformer(tokens, coords, mask)
+
+    @torch.no_grad()
+    def explain(self, features: torch.Tensor, local: torch.Tensor | None, coords: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"patch_values": [B, N, n_outputs]}`` (no fusion blocks, so no attention maps)."""
+        tokens, mask = self._tokens(features, coords, mask)
+        return {"patch_values": self.transformer.patch_values(tokens, coords, mask)}

@@ -68,22 +68,22 @@ class MBConv(nn.Module):
         super().__init__()
         mid = int(round(channels * exp_ratio))
         self.conv_pw = nn.Conv2d(channels, mid, 1, bias=False)
-        self.bn1 = norm_layer(mid)
+        self.norm1 = norm_layer(mid)
         self.act1 = act_layer()
         self.conv_dw = nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False)
-        self.bn2 = norm_layer(mid)
+        self.norm2 = norm_layer(mid)
         self.act2 = act_layer()
         self.se = SqueezeExcite(mid, max(1, int(channels * se_ratio)), act_layer) if se_ratio > 0 else nn.Identity()
         self.conv_pwl = nn.Conv2d(mid, channels, 1, bias=False)
-        self.bn3 = norm_layer(channels)
+        self.norm3 = norm_layer(channels)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv_pw(x)))  # [B, mid, S, S]
-        x = self.act2(self.bn2(self.conv_dw(x)))  # [B, mid, S, S]
+        x = self.act1(self.norm1(self.conv_pw(x)))  # [B, mid, S, S]
+        x = self.act2(self.norm2(self.conv_dw(x)))  # [B, mid, S, S]
         x = self.se(x)
-        x = self.bn3(self.conv_pwl(x))  # [B, C, S, S]
+        x = self.norm3(self.conv_pwl(x))  # [B, C, S, S]
         return shortcut + self.drop_path(x)
 
 

@@ -93,7 +93,8 @@ class SlideTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, n_outputs)
 
-    def forward(self, tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def states(self, tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised outputs of the last block: [B, 1 + N, D] (CLS first)."""
         B, N, D = tokens.shape
         pos = sincos_pos_embed_2d(normalize_coords(coords, mask), D, self.pos_scale).to(tokens.dtype)  # [B, N, D]
         x = torch.where(mask.unsqueeze(-1), tokens + pos, 0.0)  # [B, N, D], padded tokens zeroed
@@ -101,4 +102,12 @@ class SlideTransformer(nn.Module):
         key_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # [B, 1 + N]
         for block in self.blocks:
             x = block(x, key_mask)
-        return self.head(self.norm(x[:, 0]))  # [B, n_outputs]
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.states(tokens, coords, mask)[:, 0])  # [B, n_outputs]
+
+    def patch_values(self, tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head applied to every patch token of the last block: [B, N, n_outputs] (padded patches 0)."""
+        values = self.head(self.states(tokens, coords, mask)[:, 1:])  # [B, N, n_outputs]
+        return torch.where(mask.unsqueeze(-1), values, 0.0)

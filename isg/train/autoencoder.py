@@ -1,15 +1,16 @@
 """Training of the StyleGAN2-based patch autoencoders (ISG paper, Sec. 3.2, Eq. 2).
 
-Objective, with u(t) = log sigmoid(t) = -softplus(-t) and C scoring real images high:
+The paper writes the objective with u = Softplus and C the discriminator:
 
     min_{E, D} max_C  |x - D(E(x))|_1 + lambda * LPIPS(x, D(E(x))) + u(C(x)) + u(-C(D(E(x))))
 
-implemented as StyleGAN2 does: E and D minimise L1 + lambda * LPIPS + adv_weight *
-softplus(-C(D(E(x)))) (the non-saturating form of the adversarial term), C minimises
-softplus(C(D(E(x)))) + softplus(-C(x)) plus a lazy R1 penalty on real images. Adam with
-betas (0, 0.99), an exponential moving average of the decoder (exported with the encoder),
-mixed precision on CUDA (bfloat16, or float16 with loss scaling), a resumable checkpoint
-``checkpoint.pt`` (also a valid autoencoder checkpoint) and ``history.json`` in ``out_dir``.
+We train it as StyleGAN2 (which the paper builds on) implements this logistic game, with
+u = softplus: E and D minimise L1 + lambda * LPIPS + adv_weight * u(-C(D(E(x)))) (the
+non-saturating generator term), C minimises u(C(D(E(x)))) + u(-C(x)) plus a lazy R1 penalty on
+real images. Adam with betas (0, 0.99),
+an exponential moving average of the decoder (exported with the encoder), mixed precision on
+CUDA (bfloat16, or float16 with loss scaling), a resumable checkpoint ``checkpoint.pt`` (also a
+valid autoencoder checkpoint) and ``history.json`` in ``out_dir``.
 
 Tiles come from a uint8 array/tensor [N, H, W, 3] or from preprocessed slides: a folder or
 list of per-slide .h5 files whose selected patches (``kind="global"``) or their q-pixel
@@ -23,7 +24,9 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from isg.utils import atomic_path, write_text_atomic
-from isg.features.autoencoder import CHECKPOINT_FORMAT, Autoencoder, save_autoencoder, tiles_to_input
+from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from isg.features.autoencoder import Autoencoder, save_autoencoder, tiles_to_input
 from isg.features.lpips_loss import load_lpips
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
+from isg.train.config import AutoencoderTrainConfig
+from isg.utils import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,50 +47,6 @@ CHECKPOINT = "checkpoint.pt"
 EXPORT = "autoencoder.pt"
 HISTORY = "history.json"
 LOSSES = ("l1", "lpips", "adv", "d_loss", "r1")
-
-
-@dataclass
-class AutoencoderTrainConfig:
-    # model
-    resolution: int = 64
-    d: int = 512
-    channel_base: int = 1024
-    channel_max: int = 128
-    mapping_layers: int = 2
-    # data
-    kind: str = "global"  # which inputs of .h5 sources: "global" patches or "local" sub-patches
-    max_tiles: int | None = 20000  # cap on the in-memory bank (random subset)
-    augment: bool = True  # random flips / 90-degree rotations
-    # optimisation
-    epochs: float = 10.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 32
-    lr: float = 2e-3
-    lpips_weight: float = 1.0  # lambda of Eq. 2
-    adv_weight: float = 1.0
-    r1_gamma: float = 1.0
-    r1_interval: int = 16
-    mbstd_group: int = 4
-    ema_kimg: float = 10.0  # decoder EMA half-life in thousands of images
-    ema_rampup: float = 0.05
-    # run
-    device: str = "cpu"
-    amp: bool = True  # mixed precision on CUDA
-    seed: int = 0
-    checkpoint_every: int = 500
-    lpips_weights: str | None = None  # AlexNet state dict; default: torch hub cache
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AutoencoderTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown autoencoder training option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def model_kwargs(self) -> dict:
-        return dict(resolution=self.resolution, d=self.d, channel_base=self.channel_base, channel_max=self.channel_max, mapping_layers=self.mapping_layers)
 
 
 # ----------------------------------------------------------------------------- data
@@ -181,6 +142,18 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
+@dataclass
+class AutoencoderProgress:
+    """One training step, as :func:`train_autoencoder` reports it to its ``progress`` callback."""
+
+    kind: str  # "global" or "local"
+    step: int  # steps done
+    steps: int  # steps in all
+    losses: dict  # this step's l1, lpips, adv, d_loss, r1
+    seconds: float  # since this call started
+    seconds_left: float  # remaining steps at the mean step time of this call
+
+
 def _export_state(ae: Autoencoder, decoder_ema: torch.nn.Module) -> dict:
     """State dict of E with the EMA decoder: the autoencoder to extract features with."""
     state = {f"encoder.{k}": v for k, v in ae.encoder.state_dict().items()}
@@ -188,17 +161,126 @@ def _export_state(ae: Autoencoder, decoder_ema: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+class _Trainer:
+    """E, D, the EMA decoder, C, LPIPS, optimisers and loss scaling of one run; one method per part of a step."""
+
+    def __init__(self, config: AutoencoderTrainConfig):
+        self.config, self.device = config, torch.device(config.device)
+        self.ae = Autoencoder(**config.model_kwargs()).to(self.device)
+        self.disc = self.ae.make_discriminator(config.mbstd_group).to(self.device)
+        self.decoder_ema = copy.deepcopy(self.ae.decoder).eval().requires_grad_(False)
+        self.lpips = load_lpips(config.lpips_weights, self.device) if config.lpips_weight > 0 else None
+        self.opt_g = torch.optim.Adam(self.ae.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
+        r1_ratio = config.r1_interval / (config.r1_interval + 1)  # lazy regularisation (StyleGAN2)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr * r1_ratio, betas=(0.0, 0.99**r1_ratio), eps=1e-8)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def batch(self, bank: torch.Tensor, step: int) -> torch.Tensor:
+        """Real images [B, 3, r, r] of ``step``: a function of (seed, step), so a resumed run draws the same."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(bank), (self.config.batch_size,), generator=generator)
+        real = tiles_to_input(bank[idx], self.config.resolution, self.device)
+        return _augment(real, generator) if self.config.augment else real
+
+    def generator_step(self, real: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """E, D: L1 + lambda LPIPS + the non-saturating adversarial term u(-C(D(E(x))))."""
+        config, zero = self.config, torch.zeros((), device=self.device)
+        self.disc.requires_grad_(False)
+        with self.autocast():
+            fake = self.ae(real)
+            l1 = (fake.float() - real).abs().mean()
+            perceptual = self.lpips(fake, real).mean() if self.lpips is not None else zero
+            adv = F.softplus(-self.disc(fake)).float().mean() if config.adv_weight > 0 else zero
+            loss = l1 + config.lpips_weight * perceptual + config.adv_weight * adv
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_g)
+        return fake, {"l1": l1, "lpips": perceptual, "adv": adv}
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> dict:
+        """C: u(C(fake)) + u(-C(real)), plus R1 = |grad_x C(x)|^2 on real images every ``r1_interval`` steps."""
+        config = self.config
+        d_loss = r1 = torch.zeros((), device=self.device)
+        if config.adv_weight > 0:
+            self.disc.requires_grad_(True)
+            do_r1 = config.r1_gamma > 0 and step % config.r1_interval == 0
+            real_d = real.detach().requires_grad_(do_r1)
+            with self.autocast():
+                real_logits = self.disc(real_d).float()  # [B]
+                d_loss = (F.softplus(self.disc(fake.detach()).float()) + F.softplus(-real_logits)).mean()
+            loss = d_loss
+            if do_r1:
+                (grad,) = torch.autograd.grad(real_logits.sum(), real_d, create_graph=True)
+                r1 = grad.float().square().sum(dim=(1, 2, 3)).mean()
+                loss = loss + r1 * (config.r1_gamma / 2) * config.r1_interval
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt_d)
+        self.scaler.update()
+        return {"d_loss": d_loss, "r1": r1}
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """EMA of the decoder: half-life ``ema_kimg`` thousand images, ramped up early on."""
+        config = self.config
+        ema_nimg = min(config.ema_kimg * 1000, (step + 1) * config.batch_size * config.ema_rampup)
+        beta = 0.5 ** (config.batch_size / max(ema_nimg, 1e-8))
+        for p_ema, p in zip(self.decoder_ema.parameters(), self.ae.decoder.parameters()):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b in zip(self.decoder_ema.buffers(), self.ae.decoder.buffers()):
+            b_ema.copy_(b)
+
+    def exported(self) -> Autoencoder:
+        """E + the EMA decoder, on CPU."""
+        result = Autoencoder(**self.config.model_kwargs())
+        result.load_state_dict(_export_state(self.ae, self.decoder_ema))
+        return result
+
+    def save(self, path: Path, step: int, history: dict) -> None:
+        """Resumable checkpoint (an autoencoder checkpoint whose ``state["train"]`` holds the training state)."""
+        train_state = {
+            "autoencoder": self.ae.state_dict(), "decoder_ema": self.decoder_ema.state_dict(), "discriminator": self.disc.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+        }
+        extra = {"train_config": asdict(self.config), "step": step, "history": history}
+        save_checkpoint(path, "autoencoder", dict(self.ae.config), {"model": _export_state(self.ae, self.decoder_ema), "train": train_state}, extra)
+        write_text_atomic(path.parent / HISTORY, json.dumps(history))
+
+    def resume(self, path: Path) -> tuple[int, dict]:
+        """(step, history) of the run saved at ``path``, with every state restored."""
+        try:
+            checkpoint = load_checkpoint(path, "autoencoder")
+        except (CheckpointError, OSError) as exc:
+            raise ValueError(f"{exc}; delete it or use resume=False") from exc
+        saved = checkpoint.extra.get("train_config", {})
+        if "train" not in checkpoint.state:
+            raise ValueError(f"{path}: not a resumable isg autoencoder checkpoint")
+        if saved.get("kind") != self.config.kind or checkpoint.config != self.ae.config:
+            raise ValueError(f"{path}: written with a different model/kind ({checkpoint.config}, kind={saved.get('kind')}); "
+                             "use another --out or resume=False")
+        state = checkpoint.state["train"]
+        self.ae.load_state_dict(state["autoencoder"])
+        self.decoder_ema.load_state_dict(state["decoder_ema"])
+        self.disc.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        history = checkpoint.extra.get("history", {})
+        return int(checkpoint.extra["step"]), {k: list(v) for k, v in history.items()}
 
 
-def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: AutoencoderTrainConfig | dict | None = None, resume: bool = True) -> tuple[Autoencoder, dict]:
+def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: AutoencoderTrainConfig | dict | None = None,
+                      resume: bool = True, progress: Callable[[AutoencoderProgress], None] | None = None) -> tuple[Autoencoder, dict]:
     """Train one autoencoder (global or local) and write it to ``out_dir``.
 
     Args:
@@ -208,6 +290,8 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
             ``autoencoder.pt`` (encoder + EMA decoder) and ``history.json``.
         config: :class:`AutoencoderTrainConfig` or a dict of its fields.
         resume: continue from ``out_dir/checkpoint.pt`` when present (same config required).
+        progress: called with an :class:`AutoencoderProgress` after every step (None: silent;
+            ``config.progress`` draws a tqdm bar besides).
 
     Returns:
         (autoencoder with the EMA decoder, in eval mode, history {"step": [...], "l1": [...], ...}).
@@ -215,129 +299,39 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
     config = config if isinstance(config, AutoencoderTrainConfig) else AutoencoderTrainConfig.from_dict(config or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
     bank = _as_bank(tiles_source, config)  # uint8 [N, H, W, 3] on CPU
     steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * len(bank) / config.batch_size))
-
-    ae = Autoencoder(**config.model_kwargs()).to(device)
-    disc = ae.make_discriminator(config.mbstd_group).to(device)
-    decoder_ema = copy.deepcopy(ae.decoder).eval().requires_grad_(False)
-    lpips = load_lpips(config.lpips_weights, device) if config.lpips_weight > 0 else None
-    adam = dict(lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
-    opt_g = torch.optim.Adam(ae.parameters(), **adam)
-    r1_ratio = config.r1_interval / (config.r1_interval + 1)  # lazy regularisation (StyleGAN2)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr * r1_ratio, betas=(0.0, 0.99**r1_ratio), eps=1e-8)
-
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)  # noqa: E731
-
-    history = {"step": [], **{k: [] for k in LOSSES}}
-    start = 0
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{ckpt_path}: cannot be read ({exc}); delete it or use resume=False") from exc
-        saved = ckpt.get("extra", {}).get("train_config", {})
-        if ckpt.get("format") != CHECKPOINT_FORMAT or "train_state" not in ckpt:
-            raise ValueError(f"{ckpt_path}: not a resumable isg autoencoder checkpoint")
-        if saved.get("kind") != config.kind or ckpt["config"] != ae.config:
-            raise ValueError(f"{ckpt_path}: written with a different model/kind ({ckpt['config']}, kind={saved.get('kind')}); use another --out or resume=False")
-        ts = ckpt["train_state"]
-        ae.load_state_dict(ts["autoencoder"])
-        decoder_ema.load_state_dict(ts["decoder_ema"])
-        disc.load_state_dict(ts["discriminator"])
-        opt_g.load_state_dict(ts["opt_g"])
-        opt_d.load_state_dict(ts["opt_d"])
-        scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["rng"])
-        if device.type == "cuda" and "cuda_rng" in ts:
-            torch.cuda.set_rng_state(ts["cuda_rng"], device)
-        start, history = int(ts["step"]), {k: list(v) for k, v in ts["history"].items()}
+    trainer = _Trainer(config)
+    start, history = 0, {"step": [], **{k: [] for k in LOSSES}}
+    if resume and (out_dir / CHECKPOINT).is_file():
+        start, history = trainer.resume(out_dir / CHECKPOINT)
         log.info("resuming %s from step %d", out_dir, start)
 
-    def save_checkpoint(step: int) -> None:
-        extra = {"train_config": asdict(config), "step": step, "history": history}
-        state = {
-            "format": CHECKPOINT_FORMAT, "config": dict(ae.config), "state_dict": _export_state(ae, decoder_ema), "extra": extra,
-            "train_state": _cpu({
-                "autoencoder": ae.state_dict(), "decoder_ema": decoder_ema.state_dict(), "discriminator": disc.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
-                "rng": torch.get_rng_state(), "step": step, "history": history,
-                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            }),
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
-        write_text_atomic(out_dir / HISTORY, json.dumps(history))
-
-    ae.train(), disc.train()
+    trainer.ae.train(), trainer.disc.train()
+    clock = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"autoencoder ({config.kind})", disable=not config.progress)
     for step in bar:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # batch = f(seed, step): exact resume
-        idx = torch.randint(0, len(bank), (config.batch_size,), generator=generator)
-        real = tiles_to_input(bank[idx], config.resolution, device)  # [B, 3, r, r]
-        if config.augment:
-            real = _augment(real, generator)
-
-        # E, D: L1 + lambda LPIPS + non-saturating adversarial term
-        disc.requires_grad_(False)
-        with autocast():
-            fake = ae(real)
-            l1 = (fake.float() - real).abs().mean()
-            perceptual = lpips(fake, real).mean() if lpips is not None else torch.zeros((), device=device)
-            adv = F.softplus(-disc(fake)).float().mean() if config.adv_weight > 0 else torch.zeros((), device=device)
-            loss_g = l1 + config.lpips_weight * perceptual + config.adv_weight * adv
-        opt_g.zero_grad(set_to_none=True)
-        scaler.scale(loss_g).backward()
-        scaler.step(opt_g)
-
-        # C: softplus(C(fake)) + softplus(-C(real)), lazy R1 on real images
-        d_loss = r1 = torch.zeros((), device=device)
-        if config.adv_weight > 0:
-            disc.requires_grad_(True)
-            do_r1 = config.r1_gamma > 0 and step % config.r1_interval == 0
-            real_d = real.detach().requires_grad_(do_r1)
-            with autocast():
-                real_logits = disc(real_d).float()  # [B]
-                d_loss = (F.softplus(disc(fake.detach()).float()) + F.softplus(-real_logits)).mean()
-            loss_d = d_loss
-            if do_r1:  # R1 = |grad_x C(x)|^2 on real images, applied every r1_interval steps
-                (grad,) = torch.autograd.grad(real_logits.sum(), real_d, create_graph=True)
-                r1 = grad.float().square().sum(dim=(1, 2, 3)).mean()
-                loss_d = loss_d + r1 * (config.r1_gamma / 2) * config.r1_interval
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(loss_d).backward()
-            scaler.step(opt_d)
-        scaler.update()
-
-        # EMA of the decoder (half-life ema_kimg thousand images, ramped up early on)
-        with torch.no_grad():
-            ema_nimg = min(config.ema_kimg * 1000, (step + 1) * config.batch_size * config.ema_rampup)
-            beta = 0.5 ** (config.batch_size / max(ema_nimg, 1e-8))
-            for p_ema, p in zip(decoder_ema.parameters(), ae.decoder.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
-            for b_ema, b in zip(decoder_ema.buffers(), ae.decoder.buffers()):
-                b_ema.copy_(b)
-
-        values = {"l1": l1, "lpips": perceptual, "adv": adv, "d_loss": d_loss, "r1": r1}
+        real = trainer.batch(bank, step)
+        fake, losses = trainer.generator_step(real)
+        losses.update(trainer.discriminator_step(real, fake, step))
+        trainer.update_ema(step)
         history["step"].append(step)
-        for k, v in values.items():
-            history[k].append(float(v.detach()))
+        for name, value in losses.items():
+            history[name].append(float(value.detach()))
         bar.set_postfix(l1=f"{history['l1'][-1]:.3f}", lpips=f"{history['lpips'][-1]:.3f}", d=f"{history['d_loss'][-1]:.3f}")
+        if progress is not None:
+            seconds = time.perf_counter() - clock
+            progress(AutoencoderProgress(config.kind, step + 1, steps, {k: history[k][-1] for k in LOSSES}, seconds,
+                                         seconds / (step + 1 - start) * (steps - step - 1)))
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(step + 1)
+            trainer.save(out_dir / CHECKPOINT, step + 1, history)
     bar.close()
 
-    save_checkpoint(steps)
-    result = Autoencoder(**config.model_kwargs())
-    result.load_state_dict(_export_state(ae, decoder_ema))
+    trainer.save(out_dir / CHECKPOINT, steps, history)
+    result = trainer.exported()
     save_autoencoder(out_dir / EXPORT, result, extra={"train_config": asdict(config), "steps": steps, "n_tiles": len(bank)})
-    return result.to(device).eval(), history
+    return result.to(trainer.device).eval(), history
 
 
-__all__ = ["AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources"]
+__all__ = ["AutoencoderProgress", "AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources"]

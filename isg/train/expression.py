@@ -1,12 +1,15 @@
 """Cross-validated training of slide-level predictors (wiring only).
 
-One loop serves every slide-level model of the project: the Dual Attention
-network (``isg-N-k``), the ViT on global features only (``vit-s``) and the
-HE2RNA baseline (``he2rna``). Per patient-level fold: train with L2 loss on
+One loop serves every slide-level model of the registry (:mod:`isg.model`): the
+Dual Attention network (``isg-N-k``, ``isg-N-k-plus``), the ViTs on global
+features only (``vit-s``, ``vit-t4``) and the HE2RNA baseline (``he2rna``); it
+asks each model what inputs it takes (``uses_local``, ``batch_inputs``). Per patient-level fold: train with L2 loss on
 per-gene standardised log10(1 + x) expression (or binary cross-entropy for
 MSI-H vs MSS), stop early on the validation loss, keep the best weights,
 predict the held-out fold. Out-of-fold predictions are averaged per sample and
-scored per gene (Pearson r, BH-FDR, significant genes) or by AUC.
+scored per gene (Pearson r, BH-FDR, significant genes) or by AUC. The output
+folder also gets ``pipeline.json``: how the features were made, so
+``isg predict`` can redo it on new slides.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,70 +29,34 @@ import torch
 from torch.utils.data import DataLoader
 
 from isg.data import splits as splits_lib
-from isg.utils import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
+from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
+from isg.train.config import TrainConfig
+from isg.utils import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    model: str = "isg-4-2"  # "isg-N-k", "vit-s" or "he2rna"
-    task: str = "regression"  # or "msi" (binary classification)
-    epochs: int = 40
-    patience: int = 8
-    batch_size: int = 4
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    clip_grad_norm: float = 1.0
-    max_patches: int | None = 256  # random subset of patches per bag while training
-    n_splits: int = 5
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "cpu"
-    model_kwargs: dict = field(default_factory=dict)
-
-
 def build_model(config: TrainConfig, d: int, local_grid: int | None, n_outputs: int) -> torch.nn.Module:
-    """The slide-level model named by ``config.model``."""
-    if config.model == "he2rna":
-        from isg.baselines.he2rna import HE2RNA
-
-        return HE2RNA(d, n_outputs, **config.model_kwargs)
-    from isg.model import create_model
-
+    """The slide-level model named by ``config.model`` (with ``config.model_kwargs``)."""
     return create_model(config.model, d=d, local_grid=local_grid, n_outputs=n_outputs, **config.model_kwargs)
 
 
-def uses_local_features(name: str) -> bool:
-    return name.startswith("isg-")
+@dataclass
+class TrainProgress:
+    """One finished epoch, as :func:`cross_validate` reports it to its ``progress`` callback."""
 
-
-def forward_batch(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """[B, n_outputs] predictions of any slide-level model for a collated batch of bags."""
-    mask = batch["mask"].to(device)
-    features = batch["features"].to(device)
-    if model.__class__.__name__ == "HE2RNA":
-        return model(features, mask)
-    local = batch.get("local_features")
-    coords = batch["coords"].to(device, torch.float32)  # [B, N, 2] level-0 pixels
-    return model(features, None if local is None else local.to(device), coords, mask)
-
-
-class _Standardizer:
-    """Per-gene z-scoring with the training fold's statistics ([G] mean and std)."""
-
-    def __init__(self, targets: torch.Tensor):
-        self.mean = targets.mean(0)
-        self.std = targets.std(0).clamp_min(1e-6)
-
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.mean.to(y.device)) / self.std.to(y.device)
-
-    def invert(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std.to(z.device) + self.mean.to(z.device)
+    fold: int  # 0-based
+    n_folds: int
+    epoch: int  # 0-based
+    epochs: int  # the most this fold runs (early stopping may end it sooner)
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    seconds: float  # since cross_validate started
+    seconds_left: float  # upper bound: every remaining epoch of every fold at the mean epoch time so far
 
 
 def _loader(dataset: BagDataset, config: TrainConfig, shuffle: bool) -> DataLoader:
@@ -106,14 +74,19 @@ def _predict(model, loader, device) -> tuple[list[str], torch.Tensor]:
     return ids, torch.cat(outputs)
 
 
-def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, local_grid: int | None) -> tuple[torch.nn.Module, dict]:
-    """Train one model with early stopping on ``val``; returns the best model and its history."""
+def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, local_grid: int | None,
+             on_epoch: Callable[[dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train one model with early stopping on ``val``; returns the best model and its history.
+
+    The model gets ``.standardizer`` (the targets' :class:`Standardizer`, None for MSI);
+    ``on_epoch`` receives each epoch's history row.
+    """
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     classify = config.task == "msi"
     n_outputs = 1 if classify else train.targets.shape[1]
     model = build_model(config, d, local_grid, n_outputs).to(device)
-    scale = None if classify else _Standardizer(train.targets)
+    scale = None if classify else Standardizer.fit(train.targets)
     if hasattr(model, "init_bias") and scale is not None:
         model.init_bias(torch.zeros(n_outputs))  # targets are standardised: the training mean is 0
 
@@ -145,8 +118,10 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
             best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= config.patience:
-                break
+        if on_epoch is not None:
+            on_epoch({**history[-1], "best_val_loss": best})
+        if stale >= config.patience:
+            break
     model.load_state_dict(best_state)
     model.standardizer = scale
     return model, {"history": history, "best_val_loss": best, "epochs_run": len(history)}
@@ -172,109 +147,90 @@ def cross_validate(
     targets: pd.DataFrame,
     out_dir: str | Path,
     config: TrainConfig,
+    progress: Callable[[TrainProgress], None] | None = None,
 ) -> dict:
-    """Patient-level k-fold CV; writes splits, per-fold and overall results, figures and per-fold models.
+    """Patient-level k-fold CV; writes splits, per-fold and overall results, figures, per-fold models and pipeline.json.
 
     Args:
         manifest: slides (columns slide_path, slide_id, sample_id, patient_id).
         targets: samples x genes (log-normalised) or, for ``task="msi"``, one 0/1 column.
+        progress: called with a :class:`TrainProgress` after every epoch (None: silent).
     Returns the overall summary dict (also written to ``out_dir/summary.json``).
     """
+    clock = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, targets = match_samples(manifest, targets)
     stratify = targets.iloc[:, 0].astype(int).astype(str) if config.task == "msi" else None
     folds = splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
     splits_lib.save_splits(out_dir / "splits.json", folds, seed=config.seed)
-    local = uses_local_features(config.model)
+    local = model_class(config.model).uses_local  # whether the model reads local cubes, as it declares
 
     def bags(sample_ids, **kw) -> BagDataset:
         part = manifest[manifest["sample_id"].astype(str).isin(sample_ids)]
         return BagDataset.from_manifest(part, feature_dir, targets, local=local, **kw)
 
-    predictions, fold_rows = [], []
+    predictions, fold_rows, epoch_seconds = [], [], []
+
+    def report(k: int, row: dict) -> None:
+        epoch_seconds.append(time.perf_counter() - clock - sum(epoch_seconds))
+        left = (config.epochs - row["epoch"] - 1) + (len(folds) - k - 1) * config.epochs
+        progress(TrainProgress(fold=k, n_folds=len(folds), epoch=row["epoch"], epochs=config.epochs,
+                               train_loss=row["train_loss"], val_loss=row["val_loss"], best_val_loss=row["best_val_loss"],
+                               seconds=time.perf_counter() - clock, seconds_left=left * float(np.mean(epoch_seconds))))
+
     for k, split in enumerate(folds):
         started = time.perf_counter()
         train = bags(split.train, max_patches=config.max_patches, cache=True)
         val = bags(split.val or split.train, cache=True)
         test = bags(split.test)
         d, grid = _feature_shape(train)
-        model, info = fit_fold(config, train, val, d, grid)
+        model, info = fit_fold(config, train, val, d, grid, None if progress is None else lambda row, k=k: report(k, row))
         pred = predict_bags(model, test, config)
         pred.insert(0, "fold", k)
         predictions.append(pred)
         fold_score = _score(pred.drop(columns="fold"), manifest, targets, config)
         fold_rows.append({"fold": k, **fold_score, "epochs_run": info["epochs_run"], "best_val_loss": info["best_val_loss"], "seconds": time.perf_counter() - started})
-        save_fold_model(out_dir / f"model_fold{k}.pt", model, config, d=d, local_grid=grid, outputs=list(targets.columns), fold=k)
+        save_fold_model(out_dir / f"model_fold{k}.pt", model, config, outputs=list(targets.columns), fold=k, standardizer=model.standardizer)
         log.info("fold %d: %s", k, {key: round(v, 4) if isinstance(v, float) else v for key, v in fold_rows[-1].items()})
 
     oof = pd.concat(predictions)
     oof.index.name = "slide_id"
-    oof.to_csv(out_dir / "predictions_oof.csv")
+    with atomic_path(out_dir / "predictions_oof.csv") as tmp:
+        oof.to_csv(tmp)
     per_sample = _per_sample(oof.drop(columns="fold"), manifest)
     summary = _score(per_sample, manifest, targets, config, out_dir=out_dir, aggregated=True)
     summary.update({"model": config.model, "task": config.task, "folds": fold_rows, "config": asdict(config)})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-    pd.DataFrame(fold_rows).to_csv(out_dir / "folds.csv", index=False)
+    with atomic_path(out_dir / "folds.csv") as tmp:
+        pd.DataFrame(fold_rows).to_csv(tmp, index=False)
+    write_pipeline(out_dir, feature_dir, manifest["slide_id"].iloc[0])
     return summary
 
 
-def save_fold_model(path: str | Path, model: torch.nn.Module, config: TrainConfig, *, d: int, local_grid: int | None, outputs: list[str], fold: int) -> None:
-    """A fold's model with everything needed to rebuild and use it alone (written atomically)."""
-    scale = model.standardizer
-    checkpoint = {
-        "format": "isg-slide-model/1",
-        "config": asdict(config),
-        "d": d,
-        "local_grid": local_grid,
-        "outputs": [str(name) for name in outputs],  # gene names, or the MSI column
-        "fold": fold,
-        "state_dict": model.state_dict(),
-        "target_mean": None if scale is None else scale.mean,
-        "target_std": None if scale is None else scale.std,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) -> None:
+    """``out_dir/pipeline.json``: how the features were made, so ``isg predict`` can redo it on new slides.
 
+    Keys: ``features_dir``; ``preprocess`` (attrs of ``coords``: patch_size, local_size, selector,
+    rule, ...); ``global_features`` and ``local_features`` (attrs of those datasets: checkpoint,
+    resolution, d, ...), read from one slide's feature file.
+    """
+    import h5py
 
-class SlideModel:
-    """A trained fold model ready for inference: ``predict(batch) -> DataFrame`` in target units."""
+    feature_dir = Path(feature_dir)
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if checkpoint.get("format") != "isg-slide-model/1":
-            raise ValueError(f"{path}: not an isg slide-level model checkpoint (written by `isg train`)")
-        self.path, self.outputs, self.fold = Path(path), checkpoint["outputs"], checkpoint["fold"]
-        self.config = TrainConfig(**{**checkpoint["config"], "device": device})
-        self.d, self.local_grid = checkpoint["d"], checkpoint["local_grid"]
-        n_outputs = 1 if self.config.task == "msi" else len(self.outputs)
-        self.model = build_model(self.config, self.d, self.local_grid, n_outputs)
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.to(device).eval()
-        self.model.standardizer = None
-        if checkpoint["target_mean"] is not None:
-            self.model.standardizer = _Standardizer.__new__(_Standardizer)
-            self.model.standardizer.mean, self.model.standardizer.std = checkpoint["target_mean"], checkpoint["target_std"]
+    def plain(value):
+        if isinstance(value, bytes):
+            return value.decode()
+        return value.tolist() if hasattr(value, "tolist") else value  # numpy scalars and arrays
 
-    @property
-    def uses_local(self) -> bool:
-        return uses_local_features(self.config.model)
+    with h5py.File(feature_dir / f"{slide_id}.h5", "r") as f:
+        def attrs(name):
+            return {key: plain(value) for key, value in f[name].attrs.items()} if name in f else {}
 
-    @torch.no_grad()
-    def predict(self, batch: dict) -> pd.DataFrame:
-        """Per-slide predictions (rows ``batch["slide_id"]``) for a collated batch of bags."""
-        out = forward_batch(self.model, batch, torch.device(self.config.device)).float().cpu()
-        if self.config.task == "msi":
-            return pd.DataFrame({"msi_h_probability": torch.sigmoid(out[:, 0]).numpy()}, index=batch["slide_id"])
-        return pd.DataFrame(self.model.standardizer.invert(out).numpy(), index=batch["slide_id"], columns=self.outputs)
-
-
-def load_fold_models(train_dir: str | Path, device: str = "cpu") -> list[SlideModel]:
-    """Every fold model saved by :func:`cross_validate` in ``train_dir`` (an ensemble for inference)."""
-    paths = sorted(Path(train_dir).glob("model_fold*.pt"))
-    if not paths:
-        raise FileNotFoundError(f"{train_dir}: no model_fold*.pt checkpoints (train a model with `isg train` first)")
-    return [SlideModel(path, device) for path in paths]
+        pipeline = {"features_dir": str(feature_dir.resolve()), "preprocess": attrs("coords"),
+                    "global_features": attrs("features"), "local_features": attrs("local_features")}
+    write_text_atomic(Path(out_dir) / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:

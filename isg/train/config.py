@@ -1,0 +1,93 @@
+"""Training options: the one definition of every training default (the CLI reads these; no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from isg.model.names import DEFAULT_MODEL
+
+
+@dataclass
+class TrainConfig:
+    """Cross-validated training of a slide-level model (:func:`isg.train.expression.cross_validate`)."""
+
+    model: str = DEFAULT_MODEL  # a registry name: isg-N-k, isg-N-k-plus, vit-s, vit-t4, he2rna
+    task: str = "regression"  # or "msi" (binary classification)
+    epochs: int = 40
+    patience: int = 8
+    batch_size: int = 4
+    lr: float = 3e-4  # AdamW
+    weight_decay: float = 1e-4
+    clip_grad_norm: float = 1.0
+    max_patches: int | None = 256  # random subset of patches per bag while training
+    n_splits: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """One autoencoder (global or local) and its training (:func:`isg.train.autoencoder.train_autoencoder`).
+
+    ``resolution=None`` takes the default of ``kind``: ``GLOBAL_RESOLUTION`` (whole
+    p-pixel patches resized to 64) or ``LOCAL_RESOLUTION`` (q-pixel sub-patches
+    resized to 32). The model fields are the compact extractor; ``channel_base=8192,
+    channel_max=256`` with resolutions 128 / 64 is the large one (docs/features.md).
+    """
+
+    GLOBAL_RESOLUTION: ClassVar[int] = 64
+    LOCAL_RESOLUTION: ClassVar[int] = 32
+    # model
+    resolution: int | None = None
+    d: int = 512
+    channel_base: int = 1024
+    channel_max: int = 128
+    mapping_layers: int = 2
+    # data
+    kind: str = "global"  # which inputs of .h5 sources: "global" patches or "local" sub-patches
+    max_tiles: int | None = 20000  # cap on the in-memory bank (random subset)
+    augment: bool = True  # random flips / 90-degree rotations
+    # optimisation
+    epochs: float = 10.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 32
+    lr: float = 2e-3  # Adam, betas (0, 0.99), as StyleGAN2
+    lpips_weight: float = 1.0  # lambda of Eq. 2
+    adv_weight: float = 1.0
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    mbstd_group: int = 4
+    ema_kimg: float = 10.0  # decoder EMA half-life in thousands of images
+    ema_rampup: float = 0.05
+    # run
+    device: str = "cpu"
+    amp: bool = True  # mixed precision on CUDA
+    seed: int = 0
+    checkpoint_every: int = 500
+    lpips_weights: str | None = None  # AlexNet state dict; default: torch hub cache
+    progress: bool = True  # the built-in tqdm bar (set False when a progress callback renders instead)
+
+    def __post_init__(self):
+        if self.kind not in ("global", "local"):
+            raise ValueError(f"kind must be 'global' or 'local', got {self.kind!r}")
+        if self.resolution is None:
+            self.resolution = self.GLOBAL_RESOLUTION if self.kind == "global" else self.LOCAL_RESOLUTION
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AutoencoderTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown autoencoder training option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def model_kwargs(self) -> dict:
+        """The :class:`isg.features.Autoencoder` arguments."""
+        return dict(resolution=self.resolution, d=self.d, channel_base=self.channel_base, channel_max=self.channel_max,
+                    mapping_layers=self.mapping_layers)
+
+
+__all__ = ["AutoencoderTrainConfig", "TrainConfig"]
