@@ -137,7 +137,7 @@ def shared(tmp_path_factory) -> Shared:
             folder = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
             shared.scores.setdefault(selector, {})[slide_id] = _aligned_scores(folder / f"{slide_id}.h5", reference)
     shared.seconds["preprocess"] = time.perf_counter() - clock
-    print(f"[bench_accuracy] preprocess: {shared.seconds['preprocess']:.0f} s", flush=True)
+    print(f"[bench_accuracy] preprocess: {shared.seconds['preprocess']:.0f} s (process CPU {time.process_time():.0f} s)", flush=True)
 
     clock = time.perf_counter()
     steps = _env("AE_STEPS", 300)
@@ -147,12 +147,12 @@ def shared(tmp_path_factory) -> Shared:
         encoders[kind] = train_autoencoder(sorted(shared.all_dir.glob("*.h5")), root / f"ae_{kind}", config)[0]
     extract_cohort(sorted(shared.all_dir.glob("*.h5")), encoders["global"], encoders["local"], progress=False)
     shared.seconds["features"] = time.perf_counter() - clock
-    print(f"[bench_accuracy] autoencoders + features: {shared.seconds['features']:.0f} s", flush=True)
+    print(f"[bench_accuracy] autoencoders + features: {shared.seconds['features']:.0f} s (process CPU {time.process_time():.0f} s)", flush=True)
 
     clock = time.perf_counter()
     _he2rna_bags(shared, cohort.slides)
     shared.seconds["he2rna_features"] = time.perf_counter() - clock
-    print(f"[bench_accuracy] HE2RNA features: {shared.seconds['he2rna_features']:.0f} s", flush=True)
+    print(f"[bench_accuracy] HE2RNA features: {shared.seconds['he2rna_features']:.0f} s (process CPU {time.process_time():.0f} s)", flush=True)
     return shared
 
 
@@ -212,7 +212,8 @@ def _train(shared: Shared, name: str, bags: Path, model: str, stats: dict, **mod
     summary = cross_validate(shared.manifest, bags, shared.expression, run, config)
     genes = pd.read_csv(run / "genes.csv").set_index("gene")["r"]
     markers = [genes.get(g, np.nan) for g in shared.expression.columns[:3]]
-    print(f"[bench_accuracy] {name}: mean r {summary['mean_r']:.3f} in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"[bench_accuracy] {name}: mean r {summary['mean_r']:.3f} in {time.perf_counter() - start:.0f} s "
+          f"(process CPU {time.process_time():.0f} s)", flush=True)
     shared.trained[name] = {"name": name, "model": model, "mean_r": float(summary["mean_r"]),
                             "significant": int(summary["n_significant"]), "genes": int(summary["n_genes"]),
                             "markers": " ".join(f"{r:.2f}" for r in markers), **stats,
