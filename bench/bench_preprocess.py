@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 import torch
 
+from isg.io import PATCH_SIZE as PATCH
+
 TABLE = "preprocess"
-PATCH = 256
 SIZE = int(os.environ.get("ISG_BENCH_PREPROCESS_SIZE", 4096))
 N_SLIDES = int(os.environ.get("ISG_BENCH_PREPROCESS_SLIDES", 2))
 

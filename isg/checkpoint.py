@@ -85,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location="cpu") -> C
         raise CheckpointError(f"{kind} checkpoint {path}: not an isg {kind} checkpoint "
                               f"(format {found!r}; expected {FORMAT!r})")
     if checkpoint.kind != kind:
-        raise CheckpointError(f"{kind} checkpoint {path}: holds a {checkpoint.kind}, not a {kind}")
+        raise CheckpointError(f"{kind} checkpoint {path}: holds a {checkpoint.kind!r} checkpoint, not {kind!r}")
     return checkpoint
 
 

@@ -590,3 +590,96 @@ def test_damaged_plain_image(tmp_path, kind):
         assert slide.mpp is None or slide.mpp > 0
     with pytest.raises(SlideError, match=rf"{kind}\.jpg: (damaged image|not a readable image)"):
         open_slide(bad)
+
+
+# ----------------------------------------------------------------------------- formats (issue 10, section 4)
+
+
+def test_ome_tiff_written_by_tifffile(tmp_path):
+    """An OME-TIFF pyramid (SubIFDs, JPEG tiles, PhysicalSizeX in the OME-XML) as tifffile writes it."""
+    image = ihc_image()
+    path = tmp_path / "ihc.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, tile=(128, 128), compression="jpeg", subifds=1, photometric="rgb",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm",
+                            "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+        tif.write(np.ascontiguousarray(image[::2, ::2]), tile=(128, 128), compression="jpeg", subfiletype=1,
+                  photometric="rgb")
+    with open_slide(path) as slide, tifffile.TiffFile(path) as tif:
+        assert slide.backend == "tifffile" and slide.level_dimensions == [(1024, 768), (512, 384)]
+        assert slide.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region((100, 60), 0, (300, 200)), tif.series[0].levels[0].asarray()[60:260, 100:400])
+        np.testing.assert_array_equal(slide.read_region((0, 0), 1, (512, 384)), tif.series[0].levels[1].asarray())
+    from isg.data.manifest import slide_id_of
+
+    assert slide_id_of(path) == "ihc"
+
+
+@pytest.mark.skipif("openslide" not in TIFF_BACKENDS, reason="OpenSlide not installed")
+@pytest.mark.parametrize("suffix", [".ndpi", ".mrxs", ".dcm", ".scn"])
+def test_vendor_formats_go_to_openslide_with_a_clear_error(tmp_path, suffix):
+    """No public package ships small NDPI / MRXS files: routing and the error for a broken one are tested."""
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(b"not a slide" * 10)
+    with pytest.raises(SlideError, match=rf"broken\{suffix}: (OpenSlide cannot open it|unsupported format)"):
+        open_slide(path)
+
+
+# ----------------------------------------------------------------------------- shared helpers (issue 8)
+
+
+def test_otsu_threshold_and_box_fraction_known_answers():
+    from skimage.filters import threshold_otsu
+
+    from isg.io import box_fraction, otsu_threshold
+
+    values = np.concatenate([np.full(100, 40), np.full(60, 200)]).astype(np.uint8)
+    assert otsu_threshold(values) == threshold_otsu(values)
+    assert 40 <= otsu_threshold(values) < 200
+    assert otsu_threshold(values, lower=150) == 150 and otsu_threshold(values, upper=30) == 30
+    assert otsu_threshold(np.full(10, 7)) == 7  # constant input: no threshold to find
+    mask = np.zeros((10, 12), bool)
+    mask[2:6, 3:9] = True  # 4 x 6 block
+    boxes = np.array([[0, 0, 12, 10], [3, 2, 9, 6], [0, 0, 3, 2], [6, 4, 14, 12], [11, 9, 11, 9]])
+    expected = [24 / 120, 1.0, 0.0, (3 * 2) / (8 * 8), 0.0]  # the part past the mask counts as background
+    np.testing.assert_allclose(box_fraction(mask, boxes), expected)
+
+
+def test_native_output_is_captured_and_python_stderr_stays_visible(capfd):
+    import os
+    import sys
+
+    from isg.io import native_messages, quiet_native_output
+
+    before = native_messages()
+    with quiet_native_output():
+        with quiet_native_output():  # nested: one redirection
+            os.write(2, b"ERROR in line 205 while decompressing JPEG image\n")
+        print("progress bar", file=sys.stderr, flush=True)
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
+    out, err = capfd.readouterr()
+    assert "progress bar" in err and "JPEG" not in err
+    assert native_messages() - before == 2
+
+
+def test_jpeg_check_attributes_warnings_under_threads(tmp_path):
+    """Concurrent checks of good and damaged JPEG tiles: libjpeg's printed warnings land on the right tiles."""
+    import concurrent.futures as cf
+
+    from isg.io.damage import jpeg_error
+
+    svs = aperio_ihc_svs(tmp_path / "ihc.svs")
+    streams = []
+    for index in range(48):
+        offset, count = segment(svs, 0, index)
+        data = bytearray(svs.read_bytes()[offset:offset + count])
+        if index % 5 == 0:  # random bytes in the middle: libjpeg warns (premature end / bad Huffman / marker)
+            data[count // 4:count // 4 + 512] = np.random.default_rng(index).bytes(512)
+        streams.append(bytes(data))
+    alone = [jpeg_error(stream) is not None for stream in streams]  # one at a time: nothing to confuse
+    damaged = set(range(0, 48, 5))
+    assert {i for i, bad in enumerate(alone) if bad} <= damaged
+    assert sum(alone) >= 0.8 * len(damaged)  # the rest decode without a word: garbage no decoder can see
+    with cf.ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(jpeg_error, streams * 3))
+    assert [e is not None for e in errors] == alone * 3

@@ -465,6 +465,22 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, loader):
     assert not marker.exists()
 
 
+def test_checkpoint_of_another_kind_or_version_is_refused(tmp_path):
+    from isg.checkpoint import CheckpointError, save_checkpoint
+    from isg.features import load_autoencoder
+
+    model = _model("isg-2-1")
+    save_model(tmp_path / "m.pt", model)
+    with pytest.raises(CheckpointError, match="m.pt: holds a 'model' checkpoint, not 'autoencoder'"):
+        load_autoencoder(tmp_path / "m.pt")
+    save_checkpoint(tmp_path / "wrong.pt", "model", {**model.config, "channels": 4}, {"model": model.state_dict()})
+    with pytest.raises(CheckpointError, match="wrong.pt: the stored model cannot be rebuilt"):
+        load_model(tmp_path / "wrong.pt")
+    torch.save({"format": "isg-checkpoint", "version": 99, "kind": "model"}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="future.pt: format version 99"):
+        load_model(tmp_path / "future.pt")
+
+
 def test_old_model_checkpoint_is_converted_with_a_warning(tmp_path):
     old = _model("isg-3-2-plus", n_outputs=2).eval()
     config = {**old.config, "name": "isg-3-2"}  # what isg-3-2 meant before the paper form took the name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 
 from isg.cli import main as cli_main
 from isg.infer.preprocess import h5_complete, preprocess_cohort, preprocess_slide
+from isg.io import SlideError
 
 P, Q = 128, 32  # small global / local patches for fast tests
 
@@ -276,3 +278,137 @@ def test_otsu_selector_uses_one_threshold_per_slide(cohort, tmp_path):
     np.testing.assert_array_equal(a["all_coords"], b["all_coords"])
     np.testing.assert_array_equal(a["scores"], b["scores"])
     assert 0 <= a["scores"].min() and a["scores"].max() <= 1  # tissue fractions
+
+
+# ----------------------------------------------------------------------------- damaged tiles, mpp, formats (issue 10)
+
+
+@pytest.fixture(scope="module")
+def damaged_svs(tmp_path_factory):
+    """The Aperio-layout IHC SVS (48 tiles of 128 px at level 0) and a copy with tile 9 (at (128, 128)) zeroed."""
+    from real_slides import aperio_ihc_svs, damage_tiff
+
+    root = tmp_path_factory.mktemp("damaged")
+    (root / "good").mkdir()
+    good = aperio_ihc_svs(root / "good" / "ihc.svs")
+    bad = damage_tiff(good, root / "ihc_bad.svs", "zeroed", 0, 9)
+    return good, bad
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "cucim"])
+def test_damaged_patches_are_excluded_listed_and_counted(damaged_svs, tmp_path, capfd, backend):
+    pytest.importorskip(backend)
+    good, bad = damaged_svs
+    options = dict(patch_size=128, local_size=32, rule="topk", k=5, tissue_min=0, backend=backend)
+    clean = preprocess_slide(good, tmp_path / "good", **options)
+    stats = preprocess_slide(bad, tmp_path / "bad", **options)
+    assert (clean["n_damaged"], stats["n_damaged"]) == (0, 1)
+    assert stats["n_tissue"] == clean["n_tissue"] - 1
+    a, b = read_h5(tmp_path / "good" / "ihc.h5"), read_h5(tmp_path / "bad" / "ihc_bad.h5")
+    np.testing.assert_array_equal(b["damaged_coords"], [[128, 128]])
+    assert "zeroed" in b["damaged_reasons"][0].decode() and b["attrs"]["n_damaged"] == 1
+    assert [128, 128] not in b["all_coords"].tolist() and [128, 128] in a["all_coords"].tolist()
+    keep = [xy != [128, 128] for xy in a["all_coords"].tolist()]  # every other patch scored exactly as on the good file
+    np.testing.assert_array_equal(b["all_coords"], a["all_coords"][keep])
+    np.testing.assert_array_equal(b["scores"], a["scores"][keep])
+    out, err = capfd.readouterr()
+    assert "JPEG" not in out + err and "ERROR" not in out + err
+
+
+def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_path, capsys):
+    _, bad = damaged_svs
+    options = dict(patch_size=128, local_size=32, rule="topk", k=5, tissue_min=0)
+    from isg.io import DamagedSlideError
+
+    with pytest.raises(DamagedSlideError, match=r"ihc_bad\.svs: 1 of 48 tissue patches \(2\.1%\) touch damaged tiles, "
+                                                r"more than the 1% allowed"):
+        preprocess_slide(bad, tmp_path, max_damaged=0.01, **options)
+    with pytest.raises(DamagedSlideError, match=r"ihc_bad\.svs: 1 of 48 tissue patches touch damaged tiles \(on_damaged='fail'\)"):
+        preprocess_slide(bad, tmp_path, on_damaged="fail", **options)
+    assert not list(tmp_path.glob("*.h5"))
+    # the thumbnail paints the damaged tile white, yet its patch stays on the grid to be found and counted
+    stats = preprocess_slide(bad, tmp_path / "default", patch_size=128, local_size=32, rule="topk", k=5)
+    assert stats["n_damaged"] == 1
+    # the CLI: summary.json and the table carry n_damaged; --on-damaged fail makes the slide a failure
+    args = ["preprocess", str(bad), "--out", str(tmp_path / "cli"), "--patch-size", "128", "--local-size", "32",
+            "--top-k", "5", "--tissue-min", "0"]
+    assert cli_main(args) == 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["totals"]["n_damaged"] == 1 and summary["items"][0]["stats"]["n_damaged"] == 1
+    assert "n_damaged" in capsys.readouterr().err
+    assert cli_main(args + ["--on-damaged", "fail", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "1 of 48 tissue patches" in err
+
+
+def test_mpp_csv_and_plain_images_without_mpp(cohort, bad_slides, tmp_path, capsys):
+    from PIL import Image
+
+    from isg.infer.preprocess import read_mpp_csv
+
+    # a plain image read by pixel level needs no mpp: the outputs record it as unknown
+    image = tmp_path / "plain.png"
+    with __import__("isg.io", fromlist=["open_slide"]).open_slide(cohort.slides[0]) as slide:
+        Image.fromarray(slide.read_region((0, 0), 0, (600, 500))).save(image)
+    stats = preprocess_slide(image, tmp_path / "png", patch_size=P, local_size=Q)
+    assert stats["n_kept"] >= 1 and np.isnan(stats["mpp"])
+    h5 = read_h5(tmp_path / "png" / "plain.h5")
+    assert np.isnan(h5["attrs"]["level0_mpp"]) and np.isnan(h5["coords_attrs"]["mpp"])
+    with pytest.raises(SlideError, match=r"plain\.png: reading at 0\.5 um/px needs the slide's mpp"):
+        preprocess_slide(image, tmp_path / "png2", patch_size=P, local_size=Q, mpp=0.5)
+    # --mpp-csv: per-slide mpp by file name, path or id
+    table = tmp_path / "mpp.csv"
+    table.write_text(f"slide,mpp\n{bad_slides['no_mpp'].name},0.25\n")
+    assert read_mpp_csv(table) == {"no_mpp": 0.25}
+    out = tmp_path / "cli"
+    args = ["preprocess", str(bad_slides["no_mpp"]), "--out", str(out), "--patch-size", str(P), "--local-size", str(Q)]
+    assert cli_main(args + ["--quiet"]) == 1  # no mpp in the file
+    assert cli_main(args + ["--quiet", "--mpp-csv", str(table)]) == 0
+    assert read_h5(out / "no_mpp.h5")["attrs"]["level0_mpp"] == 0.25
+    for text, message in (("slide,um\nx,1\n", "needs columns slide, mpp"), ("slide,mpp\nx,-1\n", "line 2: mpp must be a positive"),
+                          ("slide,mpp\nx,1\nx.svs,2\n", "two mpp values")):
+        table.write_text(text)
+        assert cli_main(args + ["--mpp-csv", str(table)]) == 2
+        err = capsys.readouterr().err
+        assert str(table) in err and message in err
+
+
+def test_dicom_wsi_folder_through_the_cli(tmp_path, monkeypatch):
+    pytest.importorskip("openslide")
+    from real_slides import DATA
+
+    monkeypatch.setattr("isg.io.slide.MIN_SLIDE_SIZE", 8)
+    folder = tmp_path / "slides" / "case1"
+    folder.mkdir(parents=True)
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+    args = ["preprocess", str(tmp_path / "slides"), "--out", str(tmp_path / "out"), "--patch-size", "8",
+            "--local-size", "4", "--tissue-min", "0", "--top-k", "1", "--quiet"]
+    assert cli_main(args) == 0
+    h5 = read_h5(tmp_path / "out" / "case1.h5")
+    assert h5["attrs"]["backend"] == "openslide" and h5["attrs"]["level0_mpp"] == pytest.approx(0.499)
+    assert h5["all_coords"].shape == (4, 2)
+
+
+def test_unsupported_format_is_a_clear_error(tmp_path):
+    path = tmp_path / "slide.czi"
+    path.write_bytes(b"ZISRAWFILE" + bytes(100))
+    from isg.io import SlideError as Error
+    from isg.io import open_slide
+
+    with pytest.raises(Error, match=r"slide\.czi: unsupported format \(suffix '\.czi'.*supported: .*\.dcm.*\.svs"):
+        open_slide(path)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("nvidia") is None
+                    or __import__("importlib").util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI not installed")
+def test_dali_reader_through_preprocess(cohort, tmp_path):
+    """``reader="dali"`` (``--reader dali``): the same patches as the thread reader (patch size = the file's tiles)."""
+    slide = cohort.slides[0]
+    a = preprocess_slide(slide, tmp_path / "threads", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False)
+    b = preprocess_slide(slide, tmp_path / "dali", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False,
+                         reader="dali")
+    assert (a["n_tissue"], a["n_damaged"]) == (b["n_tissue"], b["n_damaged"])
+    ha, hb = read_h5(tmp_path / "threads" / f"{slide.stem}.h5"), read_h5(tmp_path / "dali" / f"{slide.stem}.h5")
+    np.testing.assert_array_equal(ha["all_coords"], hb["all_coords"])
+    np.testing.assert_allclose(ha["scores"], hb["scores"], rtol=0.05)  # two JPEG decoders: close, not identical

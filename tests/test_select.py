@@ -71,16 +71,12 @@ def test_cohort_threshold_pools_slides():
 
 
 def test_rule_defaults_have_one_definition():
-    import inspect
-
     from isg.cli import build_parser
-    from isg.infer.preprocess import check_options, preprocess_slide
+    from isg.infer.preprocess import PreprocessOptions
 
     assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
     assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} and set(NATURAL_RULES) == set(SELECTORS)
-    for fn in (preprocess_slide, check_options):
-        params = inspect.signature(fn).parameters
-        assert params["rule"].default == DEFAULT_RULE.rule and params["n_sigma"].default == DEFAULT_RULE.n_sigma
+    assert PreprocessOptions().rule == DEFAULT_RULE.rule and PreprocessOptions().n_sigma == DEFAULT_RULE.n_sigma
     for command in ("preprocess", "select"):
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
         assert args.n_sigma == DEFAULT_RULE.n_sigma

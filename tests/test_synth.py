@@ -14,7 +14,8 @@ import tifffile
 from isg.cli import main as cli_main
 from isg.data import load_expression, load_manifest, match_samples
 from isg.io import open_slide
-from isg.io.synth import make_cohort, pyramid, render_slide
+from isg.io import synth
+from isg.io.synth import make_cohort, pyramid, pyramid_shapes, render_slide, write_pyramid_tiff, write_streamed_pyramid
 
 
 def _digest(path) -> str:
@@ -125,3 +126,86 @@ def test_cli_synth(tmp_path, capsys):
     assert "wrote 2 slides" in capsys.readouterr().out
     assert cli_main(["synth", "--out", str(out), "--slides", "3", "--patients", "1"]) == 2
     assert "n_patients=1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- large slides, streamed
+
+
+@pytest.mark.parametrize("height, width, tile", [(1040, 1280, 64), (1000, 700, 64), (333, 517, 32)])
+def test_streamed_pyramid_equals_the_in_memory_one(tmp_path, height, width, tile):
+    image, _, _ = render_slide(np.random.default_rng(1), width, height, {"density": 0.5, "nuclei_size": 0.5, "stain": 0.5})
+    write_pyramid_tiff(tmp_path / "memory.tif", pyramid(image, tile), 0.5, tile=tile)
+    rows = 4 * tile * 2
+    shapes = write_streamed_pyramid(tmp_path / "streamed.tif", (image[y:y + rows] for y in range(0, height, rows)),
+                                    height, width, 0.5, tile=tile)
+    assert shapes == pyramid_shapes(height, width, tile) == [level.shape[:2] for level in pyramid(image, tile)]
+    with tifffile.TiffFile(tmp_path / "memory.tif") as memory, tifffile.TiffFile(tmp_path / "streamed.tif") as streamed:
+        assert [p.subfiletype for p in streamed.pages] == [p.subfiletype for p in memory.pages] == [0] + [1] * (len(shapes) - 1)
+        assert all(p.is_tiled and not p.subifds for p in streamed.pages)
+        assert [p.description for p in streamed.pages] == [p.description for p in memory.pages]
+        np.testing.assert_array_equal(streamed.pages[0].asarray(), memory.pages[0].asarray())
+        divisible = all(h % 4 == 0 and w % 4 == 0 for h, w in shapes[:-1])
+        for level, (a, b) in enumerate(zip(streamed.pages[1:], memory.pages[1:]), start=1):
+            difference = np.abs(a.asarray().astype(np.int16) - b.asarray()).mean()
+            # sides divisible by 4: the same pixels; else box means of whole 4 x 4 blocks vs INTER_AREA's fractional ones
+            assert difference == 0 if divisible else difference < 3.0, (level, difference)
+    if divisible:
+        assert _digest(tmp_path / "memory.tif") == _digest(tmp_path / "streamed.tif")  # the same file, byte for byte
+
+
+def test_streamed_strips_are_checked(tmp_path):
+    strips = [np.zeros((100, 256, 3), np.uint8), np.zeros((156, 256, 3), np.uint8)]
+    with pytest.raises(ValueError, match=r"strip of shape \(100, 256, 3\) at row 0"):
+        write_streamed_pyramid(tmp_path / "bad.tif", iter(strips), 256, 256, 0.5, tile=64)
+    assert not (tmp_path / "bad.tif").exists()  # atomic: nothing half-written is left
+
+
+@pytest.fixture
+def small_stream(monkeypatch):
+    """Stream slides above 512 px in 256 px blocks, so a small cohort takes the large-slide path."""
+    monkeypatch.setattr(synth, "STREAM_SIDE", 512)
+    monkeypatch.setattr(synth, "BLOCK", 256)
+
+
+def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
+    cohort = make_cohort(tmp_path / "a", n_slides=2, size=(1100, 700), tile=64, seed=5, genes=4)
+    again = make_cohort(tmp_path / "b", n_slides=2, size=(1100, 700), tile=64, seed=5, genes=4)
+    assert [_digest(p) for p in cohort.slides] == [_digest(p) for p in again.slides]
+    truth = json.loads(cohort.truth.read_text())
+    record = truth["slides"][0]
+    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has exactly one blurred region
+    assert sum(a["kind"] == "blur" for a in record["artefacts"]) == 5 * 3
+    assert {a["kind"] for a in record["artefacts"]} == {"blob", "pen", "blur", "noise"}
+    for artefact in record["artefacts"]:
+        x0, y0, x1, y1 = artefact["bbox"]
+        assert 0 <= x0 < x1 <= 1100 and 0 <= y0 < y1 <= 700
+    assert 0.1 < record["params"]["tissue_fraction"] < 0.8
+    with tifffile.TiffFile(cohort.slides[0]) as tif:
+        assert [p.shape[:2] for p in tif.pages] == [(700, 1100), (175, 275)]
+        assert [p.subfiletype for p in tif.pages] == [0, 1]
+    for backend in ("tifffile", "openslide"):
+        with open_slide(cohort.slides[0], backend=backend) as slide:
+            assert slide.level_count == 2 and slide.mpp == pytest.approx(0.5)
+            region = slide.read_region((0, 0), 0, (1100, 700))
+            assert region.shape == (700, 1100, 3) and (region.std(axis=(0, 1)) > 5).all()  # texture, not blank
+
+
+def test_streamed_slide_memory_is_a_strip_not_the_slide(tmp_path, small_stream, monkeypatch):
+    """Peak Python-tracked allocations (numpy and OpenCV arrays) while streaming a 2048 x 1536 slide in
+    256-row strips: below the slide's own size and a fraction of rendering it whole (~17 bytes per pixel)."""
+    import tracemalloc
+
+    params = {"density": 0.5, "nuclei_size": 0.5, "stain": 0.5, "tissue_fraction": 0.45}
+
+    def peak_bytes(name):
+        tracemalloc.start()
+        try:
+            synth.write_slide(tmp_path / name, [0, 0], 2048, 1536, params, 0.5, 128, 80, 4, True)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    streamed = peak_bytes("streamed.tif")
+    monkeypatch.setattr(synth, "STREAM_SIDE", 4096)  # the same slide rendered whole
+    whole = peak_bytes("whole.tif")
+    assert streamed < 0.2 * whole and streamed < 2048 * 1536 * 3, (streamed, whole)

@@ -36,9 +36,9 @@ def register(subparsers) -> None:
     fit.add_argument("--global-d", type=int, default=AE.d, help=f"global feature size (default {AE.d})")
     fit.add_argument("--local-d", type=int, default=AE.d, help=f"local feature size (default {AE.d})")
     fit.add_argument("--channel-base", type=int, default=AE.channel_base,
-                     help="channels at resolution r: min(base / r, max) (default 1024: the compact, fast extractor; "
+                     help=f"channels at resolution r: min(base / r, max) (default {AE.channel_base}: the compact, fast extractor; "
                           "8192 with --channel-max 256 --global-resolution 128 --local-resolution 64 is the large one)")
-    fit.add_argument("--channel-max", type=int, default=AE.channel_max)
+    fit.add_argument("--channel-max", type=int, default=AE.channel_max, help=f"(default {AE.channel_max})")
     fit.add_argument("--max-tiles", type=int, default=20000, help="cap on training tiles read into memory per AE")
     fit.add_argument("--lpips-weight", type=float, default=1.0, help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")
@@ -130,7 +130,7 @@ def run_fit(args) -> int:
 def run_extract(args) -> int:
     from isg.cli import CLIError
     from isg.features import load_autoencoder
-    from isg.infer.extract import FAILED, extract_cohort
+    from isg.infer.extract import FAILED, SKIPPED, WRITTEN, extract_cohort
 
     files = _h5_files(args.h5_dir)
     _positive(args, ["batch_size"])
@@ -145,8 +145,8 @@ def run_extract(args) -> int:
             raise CLIError(f"{option} {path}: {exc}") from exc
     results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size, device=args.device,
                              num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet, amp=args.amp)
-    counts = {status: sum(r.status == status for r in results) for status in ("written", "skipped", FAILED)}
-    print(f"extract: {counts['written']} written, {counts['skipped']} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
+    counts = {status: sum(r.status == status for r in results) for status in (WRITTEN, SKIPPED, FAILED)}
+    print(f"extract: {counts[WRITTEN]} written, {counts[SKIPPED]} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
     for r in results:
         if r.status == FAILED:
             print(f"  FAILED {r.h5_path}: {r.error}", file=sys.stderr)

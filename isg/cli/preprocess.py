@@ -11,40 +11,63 @@ import sys
 from pathlib import Path
 
 from isg.cli._slides import add_slide_arguments, slides_from_args
-from isg.select.rules import DEFAULT_RULE, RULES
 
 
 def register(subparsers) -> None:
+    from isg.infer.preprocess import ON_DAMAGED, PreprocessOptions
+    from isg.io import BACKENDS, READERS
+    from isg.select import RULES, SELECTORS
+
+    defaults = PreprocessOptions()  # the one definition of every default
     parser = subparsers.add_parser(
         "preprocess", help="tissue grid + patch selection per slide -> <out>/<slide_id>.h5",
         description="Score every tissue patch of each slide (Shannon information by default), keep the informative "
                     "ones and write <out>/<slide_id>.h5 (coords, scores, selection) plus a thumbnail PNG. Finished "
-                    "slides are skipped on a rerun; failing slides are reported and skipped.")
+                    "slides are skipped on a rerun; failing slides are reported and skipped. Patches touching damaged "
+                    "tiles of the file are left out, listed in the h5 and counted (n_damaged).")
     add_slide_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_argument_group("patches")
-    group.add_argument("--patch-size", type=int, default=256, help="global patch size p in pixels at the read level (default 256)")
-    group.add_argument("--local-size", type=int, default=64, help="local patch size q; must divide p (default 64)")
+    group.add_argument("--patch-size", type=int, default=defaults.patch_size,
+                       help=f"global patch size p in pixels at the read level (default {defaults.patch_size})")
+    group.add_argument("--local-size", type=int, default=defaults.local_size,
+                       help=f"local patch size q; must divide p (default {defaults.local_size})")
     group.add_argument("--mpp", type=float, help="read at the level closest to (and not coarser than) this um/px")
     group.add_argument("--level", type=int, help="read at this pyramid level (default 0)")
     group.add_argument("--slide-mpp", type=float, help="level-0 um/px for slides whose metadata lacks it")
-    group.add_argument("--tissue-min", type=float, default=0.05, help="min tissue fraction of a patch on the thumbnail (default 0.05)")
+    group.add_argument("--mpp-csv", help="CSV/TSV with columns slide, mpp: level-0 um/px per slide (file name, path or "
+                                         "slide id), for slides whose metadata lacks it; overrides --slide-mpp")
+    group.add_argument("--tissue-min", type=float, default=defaults.tissue_min,
+                       help=f"min tissue fraction of a patch on the thumbnail (default {defaults.tissue_min})")
     group = parser.add_argument_group("selection")
-    group.add_argument("--selector", default="shannon", help="shannon (default), otsu, gradient, canny, dog, log")
+    group.add_argument("--selector", default=defaults.selector,
+                       help=f"{', '.join(SELECTORS)} (default {defaults.selector})")
     group.add_argument("--rule", choices=RULES,
-                       help=f"mean_std: keep above mean + n_sigma std of each slide (default {DEFAULT_RULE.rule}); "
-                            "cohort: the paper's rule, mean + n_sigma std over every slide's scores, frozen as an "
-                            "absolute cut in <out>/selection.json (with --threshold: that frozen cut); threshold; "
-                            "topk (default: topk with --top-k, threshold with --threshold)")
+                       help=f"mean_std: keep above mean + n_sigma std of each slide; cohort: the paper's rule, mean + "
+                            "n_sigma std over every slide's scores frozen as one cut in <out>/selection.json (with "
+                            f"--threshold: that frozen cut); threshold; topk (default {defaults.rule}; "
+                            "topk with --top-k, threshold with --threshold)")
     group.add_argument("--threshold", type=float, help="absolute score cut (bits for shannon; default default_threshold_bits(p))")
     group.add_argument("--top-k", type=int, dest="k", help="keep the k best patches")
-    group.add_argument("--n-sigma", type=float, default=DEFAULT_RULE.n_sigma,
-                       help=f"sigmas above the mean for mean_std and cohort (default {DEFAULT_RULE.n_sigma:g})")
+    group.add_argument("--n-sigma", type=float, default=defaults.n_sigma,
+                       help=f"sigmas above the mean for mean_std and cohort (default {defaults.n_sigma:g})")
+    group = parser.add_argument_group("damaged tiles")
+    group.add_argument("--on-damaged", choices=ON_DAMAGED, default=defaults.on_damaged,
+                       help=f"skip: leave out (and list) patches touching damaged tiles; fail: fail the slide "
+                            f"(default {defaults.on_damaged})")
+    group.add_argument("--max-damaged", type=float, default=defaults.max_damaged,
+                       help=f"fail a slide when more than this fraction of its tissue patches touch damaged tiles "
+                            f"(default {defaults.max_damaged:g})")
     group = parser.add_argument_group("execution")
-    group.add_argument("--backend", default="auto", help="slide reader: auto, cucim, openslide, tifffile, image")
-    group.add_argument("--device", default="cpu", help="device of the tile tensors (cpu, cuda)")
-    group.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
-    group.add_argument("--num-workers", type=int, default=4, help="tile reader threads per slide (default 4)")
+    group.add_argument("--backend", default=defaults.backend,
+                       help=f"slide reader: auto, {', '.join(BACKENDS)} (default {defaults.backend})")
+    group.add_argument("--reader", choices=READERS, default=defaults.reader,
+                       help=f"tile decoding: threads (the slide reader) or dali (NVIDIA DALI; whole JPEG tiles of a "
+                            f"TIFF, --patch-size = tile size) (default {defaults.reader})")
+    group.add_argument("--device", default=defaults.device, help=f"device of the tile tensors (cpu, cuda; default {defaults.device})")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"tiles per batch (default {defaults.batch_size})")
+    group.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                       help=f"tile reader threads per slide (default {defaults.num_workers})")
     group.add_argument("--workers", type=int, help="slides in parallel (threads/processes; default min(4, cpus))")
     group.add_argument("--scheduler", default="threads",
                        help="threads (default, in-process), processes, or a Dask scheduler address (tcp://host:8786)")
@@ -75,7 +98,7 @@ def _resources(text: str | None) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     from isg.cli import CLIError
     from isg.data.manifest import slide_id_of
-    from isg.infer.preprocess import check_options, preprocess_cohort
+    from isg.infer.preprocess import check_options, preprocess_cohort, read_mpp_csv
 
     slides = slides_from_args(args)
     ids: dict[str, Path] = {}
@@ -85,22 +108,21 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"slide id {slide_id!r} given twice ({ids[slide_id]} and {slide}): slide ids (file names "
                            f"without extension) name the outputs and must be unique")
         ids[slide_id] = slide
-    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else DEFAULT_RULE.rule)
+    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else None)
     options = dict(patch_size=args.patch_size, local_size=args.local_size, mpp=args.mpp, level=args.level,
-                   slide_mpp=args.slide_mpp, selector=args.selector, rule=rule, threshold=args.threshold, k=args.k,
-                   n_sigma=args.n_sigma, tissue_min=args.tissue_min, backend=args.backend, batch_size=args.batch_size,
+                   slide_mpp=args.slide_mpp, selector=args.selector, threshold=args.threshold, k=args.k,
+                   n_sigma=args.n_sigma, tissue_min=args.tissue_min, backend=args.backend, reader=args.reader,
+                   on_damaged=args.on_damaged, max_damaged=args.max_damaged, batch_size=args.batch_size,
                    num_workers=args.num_workers, device=args.device, thumbnail=args.thumbnail)
+    if rule is not None:
+        options["rule"] = rule
     try:
-        check_options(**{k: options[k] for k in ("patch_size", "local_size", "mpp", "level", "selector", "rule",
-                                                 "threshold", "k", "n_sigma", "batch_size")})
+        check_options(**options)
+        slide_mpps = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     if args.workers is not None and args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
-    if args.slide_mpp is not None and not args.slide_mpp > 0:
-        raise CLIError(f"--slide-mpp must be positive, got {args.slide_mpp}")
-    if not 0 <= args.tissue_min <= 1:
-        raise CLIError(f"--tissue-min must be in [0, 1], got {args.tissue_min}")
     if args.device.startswith("cuda") and args.scheduler in ("threads", "processes"):
         import torch
 
@@ -111,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,
                                     resources=_resources(args.resources), overwrite=args.overwrite,
-                                    progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet, **options)
+                                    progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet,
+                                    slide_mpps=slide_mpps, **options)
     except ConnectionError as exc:
         raise CLIError(f"--scheduler: {exc}") from None
     if summary.failed:

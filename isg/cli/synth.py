@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--slides", type=int, default=8, help="number of slides (default 8)")
     parser.add_argument("--patients", type=int, default=None, help="number of patients (default ceil(0.75 * slides); 1 or 2 slides each)")
-    parser.add_argument("--size", type=int, default=4096, help="level-0 side in pixels (default 4096)")
+    parser.add_argument("--size", type=int, default=4096, help="level-0 side in pixels (default 4096); sides above 8192 are rendered in "
+                        "2048 px blocks and streamed tile by tile (bounded memory, e.g. --size 100000)")
     parser.add_argument("--tile", type=int, default=256, help="TIFF tile size (default 256)")
     parser.add_argument("--genes", type=int, default=50, help="number of genes (default 50)")
     parser.add_argument("--mpp", type=float, default=0.5, help="microns per pixel at level 0 (default 0.5)")

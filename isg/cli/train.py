@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
     parser.add_argument("--out", required=True, help="output folder (splits, fold models, results, figures)")
     parser.add_argument("--expression", help="samples x genes table (raw counts or FPKM-UQ; TCGA genes x samples accepted)")
-    parser.add_argument("--genes", help="file with the genes to predict (one per line); default: --top-n by variance")
+    parser.add_argument("--genes", help="file with the genes to predict, one per line: names or Ensembl ids (with or without version; "
+                        "unknown ones are listed, see docs/data.md); default: --top-n by variance")
     parser.add_argument("--top-n", type=int, default=None, help="default gene rule: the N most variable expressed genes")
     parser.add_argument("--min-samples", type=int, default=1, help="default gene rule: expressed in at least this many samples")
     parser.add_argument("--task", choices=("regression", "msi"), default="regression")

@@ -26,6 +26,8 @@ from isg.utils import list_some, table_separator
 
 ORIENTATIONS = ("auto", "samples_x_genes", "genes_x_samples")
 TRANSFORMS = ("log10p", None)
+_ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
+ANNOTATION_COLUMNS = ("gene", "gene_id", "gene_name")  # written by isg manifest beside its table
 _GENE_ID = re.compile(r"^(ENS[A-Z]*G\d+(\.\d+)?|[A-Z0-9][A-Za-z0-9\-\.]*\|\d+)$")  # Ensembl ids, TCGA "SYMBOL|entrez"
 
 
@@ -63,6 +65,7 @@ def load_expression(
     transform: str | None = "log10p",
     orientation: str = "auto",
     samples: Iterable[str] | None = None,
+    annotation: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Read an expression table as a samples x genes float32 DataFrame.
 
@@ -80,6 +83,9 @@ def load_expression(
             them holds the samples; without, rows are genes when they look like gene ids
             (Ensembl ``ENSG...`` or ``SYMBOL|entrez``) and columns do not.
         samples: known sample ids, used only by ``orientation="auto"``.
+        annotation: gene annotation (columns gene, gene_id, gene_name) that lets ``genes`` name
+            the table's genes by Ensembl id or by name (:func:`resolve_genes`); default: the
+            ``<table>.genes.tsv`` written beside the table by ``isg manifest``, if present.
     """
     path = Path(path)
     if not path.is_file():
@@ -110,17 +116,81 @@ def load_expression(
     _check_unique(table.index, "sample id", path)
     _check_unique(table.columns, "gene name", path)
     if genes is not None:  # only the requested genes are validated
-        wanted = read_gene_list(genes)
-        missing = [gene for gene in wanted if gene not in table.columns]
-        if missing:
-            raise ExpressionError(f"{path}: {len(missing)} requested gene(s) not in the table: {list_some(missing)}")
-        table = table[wanted]
+        annotation = gene_annotation_of(path) if annotation is None else annotation
+        table = table[resolve_genes(read_gene_list(genes), table.columns, annotation, source=path)]
     values = _numeric_values(table, path)
     _check_values(values, table, path, nonnegative=transform == "log10p")
     if transform == "log10p":
         values = np.log10(1.0 + values)
     expression = pd.DataFrame(values.astype(np.float32), index=table.index, columns=table.columns)
     return expression if genes is not None else _default_genes(expression, min_samples, top_n, select, path)
+
+
+def gene_annotation_of(table_path: str | os.PathLike) -> pd.DataFrame | None:
+    """The gene annotation written beside an expression table (``X.tsv`` -> ``X.genes.tsv``), or None."""
+    path = Path(table_path)
+    base = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
+    annotation = path.with_name(f"{base}.genes.tsv")
+    if not annotation.is_file():
+        return None
+    genes = pd.read_csv(annotation, sep="\t", dtype=str, keep_default_na=False)
+    if not set(ANNOTATION_COLUMNS) <= set(genes.columns):
+        raise ExpressionError(f"{annotation}: not a gene annotation: needs columns {', '.join(ANNOTATION_COLUMNS)} "
+                              f"(has: {list_some(genes.columns)})")
+    return genes
+
+
+def _unversioned(gene: str) -> str | None:
+    match = _ENSEMBL.match(gene)
+    return match.group(1) if match else None
+
+
+def resolve_genes(wanted: list[str], columns: Iterable[str], annotation: pd.DataFrame | None = None,
+                  source: str | os.PathLike = "expression table") -> list[str]:
+    """The table columns of the requested genes, in order.
+
+    A requested gene is found as a column name; else, case-insensitively, as an Ensembl id with or
+    without its version (``ENSG00000141510`` finds ``ENSG00000141510.17``), as the name part of a
+    ``NAME|GENE_ID`` column, or through ``annotation`` (gene -> gene_id, gene_name) as the id or name of
+    a column. Genes found nowhere, or found as several columns, are an :class:`ExpressionError` listing them.
+    """
+    columns = pd.Index(columns)
+    aliases: dict[str, set[str]] = {}
+
+    def alias(key: str | None, column: str) -> None:
+        if key:
+            aliases.setdefault(key.upper(), set()).add(column)
+            alias(_unversioned(key) if _unversioned(key) != key else None, column)
+
+    for column in columns:
+        alias(column, column)
+        name, _, gene_id = column.partition("|")
+        alias(name if gene_id else None, column)
+        alias(gene_id or None, column)
+    if annotation is not None:
+        for gene, gene_id, name in annotation[list(ANNOTATION_COLUMNS)].itertuples(index=False):
+            if gene in columns:
+                alias(gene_id, gene)
+                alias(name, gene)
+    resolved, unknown, ambiguous = [], [], []
+    for gene in wanted:
+        hits = {gene} if gene in columns else aliases.get(gene.upper(), set()) or aliases.get(str(_unversioned(gene)).upper(), set())
+        if len(hits) == 1:
+            resolved.append(next(iter(hits)))
+        elif hits:
+            ambiguous.append(f"{gene} ({' or '.join(sorted(hits))})")
+        else:
+            unknown.append(gene)
+    if unknown:
+        raise ExpressionError(f"{source}: {len(unknown)} requested gene(s) not in the table: {list_some(unknown)} "
+                              f"(the table has {len(columns)} genes, e.g. {list_some(columns[:3])})")
+    if ambiguous:
+        raise ExpressionError(f"{source}: {len(ambiguous)} requested gene(s) name several genes of the table: "
+                              f"{list_some(ambiguous)}; request them by Ensembl id")
+    twice = pd.Index(resolved)[pd.Index(resolved).duplicated()].unique()
+    if len(twice):
+        raise ExpressionError(f"{source}: gene(s) requested twice under different names: {list_some(twice)}")
+    return resolved
 
 
 def _detect_orientation(table: pd.DataFrame, samples: Iterable[str] | None, path: Path) -> str:

@@ -3,7 +3,8 @@
 A manifest is a CSV/TSV with (at least) the columns ``slide_path``,
 ``sample_id`` and ``patient_id``; other columns (e.g. ``msi_status``) are kept.
 A sample may have several slides and a patient several samples (TCGA), which is
-why splits are made by patient (:mod:`isg.data.splits`).
+why splits are made by patient (:mod:`isg.data.splits`). Without a ``patient_id`` column, TCGA
+sample ids give it (their first 12 characters).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from isg.data.tcga import patient_ids
 from isg.utils import list_some, table_separator
 
 REQUIRED_COLUMNS = ("slide_path", "sample_id", "patient_id")
@@ -47,6 +49,10 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataF
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest {path}: cannot be read as a CSV/TSV table ({exc})") from exc
     table.columns = table.columns.str.strip()
+    if "patient_id" not in table.columns and "sample_id" in table.columns:
+        patients = patient_ids(table["sample_id"].str.strip())  # TCGA: patient = first 12 characters of the sample id
+        if patients is not None:
+            table["patient_id"] = patients
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
         raise ManifestError(

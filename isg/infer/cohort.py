@@ -112,7 +112,7 @@ class CohortSummary:
         """A ``rich.table.Table`` with one row per item and a totals caption."""
         from rich.table import Table
 
-        keys = [k for k in ("n_tissue", "n_kept") if any(k in r.stats for r in self.results)]
+        keys = [k for k in ("n_tissue", "n_kept", "n_damaged") if any(k in r.stats for r in self.results)]
         table = Table(title=title, show_lines=False)
         table.add_column("item")
         table.add_column("status")

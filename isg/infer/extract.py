@@ -23,22 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from isg.utils import atomic_path
 from isg.features.autoencoder import Autoencoder, tiles_to_input
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
+from isg.infer.cohort import DONE, FAILED, SKIPPED, run_cohort
+from isg.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
+WRITTEN = DONE  # the cohort runner's status words, one set for every command
 MAX_ENCODE_BATCH = 1024  # local sub-patches encoded per call
 
 
 @dataclass
 class ExtractResult:
     h5_path: str
-    status: str  # "written" | "skipped" | "failed"
+    status: str  # "done" (WRITTEN) | "skipped" | "failed"
     n_patches: int = 0
     seconds: float = 0.0
     error: str | None = None
@@ -89,7 +89,7 @@ def extract_slide(
     """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into ``h5_path``.
 
     ``slide_path`` None takes the slide from the .h5 root attr ``slide_path``; ``amp``: bfloat16 encoders on CUDA.
-    Returns an :class:`ExtractResult` ("written" or "skipped"); errors raise.
+    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED); errors raise.
     """
     h5_path = Path(h5_path)
     start = time.perf_counter()
@@ -149,23 +149,30 @@ def extract_cohort(
     progress: bool = True,
     amp: bool = False,
 ) -> list[ExtractResult]:
-    """:func:`extract_slide` over many .h5 files; a slide that fails is logged, reported and skipped.
+    """:func:`extract_slide` over many .h5 files with the cohort runner (:func:`isg.infer.cohort.run_cohort`,
+    one slide at a time: the encoders hold the device); a slide that fails is logged, reported and skipped,
+    slides that have their features already are skipped unless ``overwrite``.
 
     ``slide_paths`` optionally maps an .h5 path (or its stem, the slide id) to its slide.
     """
     slide_paths = slide_paths or {}
-    results = []
-    bar = tqdm(list(h5_paths), desc="extract", unit="slide", disable=not progress)
-    for h5_path in bar:
-        h5_path = Path(h5_path)
+    h5_paths = [Path(p) for p in h5_paths]
+
+    def extract_one(h5_path: Path) -> dict:
         slide_path = slide_paths.get(str(h5_path), slide_paths.get(h5_path.stem))
+        result = extract_slide(h5_path, slide_path, global_ae, local_ae, batch_size, device, num_workers, True, amp=amp)
+        return {"n_patches": result.n_patches}
+
+    def has_features(h5_path: Path) -> bool:
         try:
-            result = extract_slide(h5_path, slide_path, global_ae, local_ae, batch_size, device, num_workers, overwrite, amp=amp)
-        except Exception as exc:  # one bad slide must not stop the cohort
-            log.warning("extract: %s failed: %s: %s", h5_path, type(exc).__name__, exc)
-            result = ExtractResult(str(h5_path), FAILED, error=f"{type(exc).__name__}: {exc}")
-        results.append(result)
-        bar.set_postfix(status=result.status)
+            return _has_features(h5_path, local_ae is not None)
+        except (OSError, ValueError):  # absent or not HDF5: processing it reports the problem
+            return False
+
+    summary = run_cohort(h5_paths, extract_one, lambda p: p, workers=1, overwrite=overwrite, progress=progress,
+                         name_of=lambda p: Path(p).stem, is_complete=has_features, title="isg extract")
+    results = [ExtractResult(r.output, r.status, int(r.stats.get("n_patches", 0)), r.seconds,
+                             f"{r.error_type}: {r.error}" if r.error_type else None) for r in summary.results]
     failed = [r for r in results if r.status == FAILED]
     if failed:
         log.warning("extract: %d of %d slide(s) failed: %s", len(failed), len(results), ", ".join(Path(r.h5_path).name for r in failed))

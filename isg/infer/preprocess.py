@@ -12,7 +12,10 @@ keeps the informative ones (:func:`isg.select.select`) and writes, atomically,
                               ``downsample``, ``level_dim``, ``mpp`` (at the read level), ``local_size`` (q),
                               ``selector``, ``rule``, ``threshold`` (effective cut, NaN for top-k), ``k``, ``n_sigma``
     ``all_coords`` int64 [N, 2]  every tissue patch scored; ``scores`` float64 [N]; ``selected`` bool [N]
-    root attrs ``slide_id``, ``slide_path``, ``isg_version``, ``backend``, ``level0_mpp``, ``dimensions``
+    ``damaged_coords`` int64 [D, 2]  tissue patches left out because they touch a damaged tile of the
+                              file (:mod:`isg.io.damage`), with ``damaged_reasons`` [D] (strings)
+    root attrs ``slide_id``, ``slide_path``, ``isg_version``, ``backend``, ``level0_mpp``, ``dimensions``,
+    ``n_damaged``; an unknown mpp (plain images read by level) is recorded as NaN
 
 and ``<out>/<slide_id>.png``, a thumbnail with kept patches outlined in green and dropped ones in red.
 
@@ -22,61 +25,116 @@ patch (i, j) (row i, column j) having its top-left at level 0
 ``(x + j * q * downsample, y + i * q * downsample)`` and size q at ``patch_level``
 (:func:`isg.io.local_grid` computes them).
 
-:func:`preprocess_cohort` runs :func:`preprocess_slide` over many slides with the
+Damaged tiles never reach selection: with ``on_damaged="skip"`` (default) the patches touching them are
+left out, listed and counted (``n_damaged``), and a slide with more than ``max_damaged`` (default 5%)
+of its tissue patches damaged fails with an error naming the file and the count; ``"fail"`` fails on
+the first one.
+
+Every option is a field of :class:`PreprocessOptions` (the one definition of the defaults, which the
+CLI reads). :func:`preprocess_cohort` runs :func:`preprocess_slide` over many slides with the
 resumable cohort runner (:func:`isg.infer.cohort.run_cohort`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import dataclasses
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from isg.utils import atomic_path
 from isg.data.manifest import slide_id_of
 from isg.infer.cohort import run_cohort
-from isg.select.rules import DEFAULT_RULE, RULES, SelectionRule, mean_std_threshold
+from isg.io import DAMAGED_LIMIT, LOCAL_SIZE, PATCH_SIZE, READERS
+from isg.select import DEFAULT_RULE as DEFAULT_SELECTION
+from isg.select import RULES, SelectionRule, mean_std_threshold, select
+from isg.utils import atomic_path
+
+
+DEFAULT_RULE = DEFAULT_SELECTION.rule  # isg.select.DEFAULT_RULE: the one definition of the default rule
+ON_DAMAGED = ("skip", "fail")
+log = logging.getLogger(__name__)
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
 
 
-def check_options(*, patch_size: int, local_size: int, mpp: float | None = None, level: int | None = None,
-                  selector: str = "shannon", rule: str = DEFAULT_RULE.rule, threshold: float | None = None,
-                  k: int | None = None, n_sigma: float = DEFAULT_RULE.n_sigma, batch_size: int = 64) -> None:
-    """Validate preprocessing options before any slide is opened; raises ValueError naming the argument."""
-    from isg.select import SELECTORS
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Options of :func:`preprocess_slide`; the one definition of their defaults (``isg preprocess`` reads them)."""
 
-    if not isinstance(patch_size, (int, np.integer)) or patch_size < 2:
-        raise ValueError(f"patch_size must be an integer >= 2, got {patch_size!r}")
-    if not isinstance(local_size, (int, np.integer)) or local_size < 1:
-        raise ValueError(f"local_size must be a positive integer, got {local_size!r}")
-    if patch_size % local_size:
-        raise ValueError(f"local_size ({local_size}) must divide patch_size ({patch_size}) to tile each global patch "
-                         f"into an S x S grid of local patches")
-    if mpp is not None and level is not None:
-        raise ValueError("give either mpp or level, not both")
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise ValueError(f"mpp must be a positive number, got {mpp!r}")
-    if level is not None and level < 0:
-        raise ValueError(f"level must be >= 0, got {level!r}")
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; expected one of {', '.join(SELECTORS)}")
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
-    if rule == "threshold" and threshold is None and selector != "shannon":
-        raise ValueError(f"rule 'threshold' with selector {selector!r} needs an explicit threshold "
-                         f"(the default threshold is in bits, for the shannon selector only)")
-    if rule == "topk" and (k is None or k < 1):
-        raise ValueError(f"rule 'topk' needs k >= 1, got k={k!r}")
-    if not n_sigma == n_sigma:  # NaN
-        raise ValueError("n_sigma must be a number")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    patch_size: int = PATCH_SIZE  # p: global patch side in pixels at the read level
+    local_size: int = LOCAL_SIZE  # q: local patch side; must divide p
+    mpp: float | None = None  # read at the coarsest level at least this fine (um/px)
+    level: int | None = None  # or read at this level (default 0)
+    slide_mpp: float | None = None  # level-0 um/px for slides whose metadata lacks it
+    selector: str = "shannon"
+    rule: str = DEFAULT_RULE  # mean_std (per slide), cohort (the paper's frozen cohort cut), threshold, topk
+    threshold: float | None = None  # absolute cut for "threshold" (default: isg.select.default_threshold_bits),
+    #                                 the frozen cut for "cohort" (None: frozen by preprocess_cohort over all slides)
+    k: int | None = None  # patches kept by rule "topk"
+    n_sigma: float = DEFAULT_SELECTION.n_sigma  # mean_std / cohort: keep above mean + n_sigma std (paper: 1)
+    tissue_min: float = 0.05  # minimum tissue fraction of a patch on the thumbnail mask
+    backend: str = "auto"  # slide reader (isg.io.open_slide)
+    reader: str = READERS[0]  # tile decoding: the slide reader in threads, or "dali"
+    on_damaged: str = ON_DAMAGED[0]  # "skip": leave out (and list) patches touching damaged tiles; "fail"
+    max_damaged: float = DAMAGED_LIMIT  # a slide with a larger fraction of damaged patches fails
+    batch_size: int = 64
+    num_workers: int = 4  # tile reader threads per slide
+    device: str = "cpu"  # device of the tile tensors
+    thumbnail: bool = True  # write <slide_id>.png
+
+    def check(self) -> None:
+        """Validate before any slide is opened; raises ValueError naming the option."""
+        from isg.select import SELECTORS
+
+        if not isinstance(self.patch_size, (int, np.integer)) or self.patch_size < 2:
+            raise ValueError(f"patch_size must be an integer >= 2, got {self.patch_size!r}")
+        if not isinstance(self.local_size, (int, np.integer)) or self.local_size < 1:
+            raise ValueError(f"local_size must be a positive integer, got {self.local_size!r}")
+        if self.patch_size % self.local_size:
+            raise ValueError(f"local_size ({self.local_size}) must divide patch_size ({self.patch_size}) to tile each "
+                             f"global patch into an S x S grid of local patches")
+        if self.mpp is not None and self.level is not None:
+            raise ValueError("give either mpp or level, not both")
+        for name in ("mpp", "slide_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.level is not None and self.level < 0:
+            raise ValueError(f"level must be >= 0, got {self.level!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}; expected one of {', '.join(SELECTORS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        if self.rule == "threshold" and self.threshold is None and self.selector != "shannon":
+            raise ValueError(f"rule 'threshold' with selector {self.selector!r} needs an explicit threshold "
+                             f"(the default threshold is in bits, for the shannon selector only)")
+        if self.rule == "topk" and (self.k is None or self.k < 1):
+            raise ValueError(f"rule 'topk' needs k >= 1, got k={self.k!r}")
+        if not self.n_sigma == self.n_sigma:  # NaN
+            raise ValueError("n_sigma must be a number")
+        if not 0 <= self.tissue_min <= 1:
+            raise ValueError(f"tissue_min must be in [0, 1], got {self.tissue_min!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"unknown reader {self.reader!r}; expected one of {', '.join(READERS)}")
+        if self.on_damaged not in ON_DAMAGED:
+            raise ValueError(f"on_damaged must be one of {', '.join(ON_DAMAGED)}, got {self.on_damaged!r}")
+        if not 0 <= self.max_damaged <= 1:
+            raise ValueError(f"max_damaged must be a fraction in [0, 1], got {self.max_damaged!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+
+
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(PreprocessOptions))
+
+
+def check_options(**options) -> None:
+    """Validate preprocessing options (fields of :class:`PreprocessOptions`); raises ValueError naming the argument."""
+    PreprocessOptions(**options).check()
 
 
 def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_size: int,
@@ -121,142 +179,197 @@ def h5_complete(path: str | os.PathLike) -> bool:
         return False
 
 
-def preprocess_slide(
-    slide_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    patch_size: int = 256,
-    local_size: int = 64,
-    mpp: float | None = None,
-    level: int | None = None,
-    slide_mpp: float | None = None,
-    selector: str = "shannon",
-    rule: str = DEFAULT_RULE.rule,
-    threshold: float | None = None,
-    k: int | None = None,
-    n_sigma: float = DEFAULT_RULE.n_sigma,
-    tissue_min: float = 0.05,
-    backend: str = "auto",
-    batch_size: int = 64,
-    num_workers: int = 4,
-    device: str = "cpu",
-    thumbnail: bool = True,
-    progress: bool = False,
-) -> dict:
-    """Preprocess one slide into ``<out_dir>/<slide_id>.h5`` (+ ``.png``); returns its stats.
+# ----------------------------------------------------------------------------- one slide, step by step
 
-    Patches are ``patch_size`` pixels at ``level`` (default 0) or at the level chosen for
-    ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at least as fine, no
-    resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
-    level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (paper: keep patches
-    above mean + ``n_sigma`` std of the slide's scores), ``"threshold"`` (``threshold``,
-    default :func:`isg.select.default_threshold_bits`), ``"topk"`` (``k`` best) or ``"cohort"`` (the paper's
-    rule: ``threshold`` is the frozen cohort cut; without it the selection is left empty until
-    :func:`preprocess_cohort` freezes the cut over every slide's scores).
 
-    Returns ``n_tissue`` (patches scored), ``n_kept``, ``level``, ``mpp`` and
-    ``seconds_<stage>`` for open, grid, read, score, select, write and total.
-    """
-    import h5py
+class _Clock:
+    """Seconds per stage: ``lap(stage)`` adds the time since the previous lap to ``stage``."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def stats(self) -> dict[str, float]:
+        return {**{f"seconds_{k}": round(v, 4) for k, v in self.seconds.items()},
+                "seconds_total": round(time.perf_counter() - self.start, 4)}
+
+
+@dataclass
+class _Grid:
+    """Where patches are read: the read ``level``, its ``downsample``, and the tissue patches ``coords`` [N, 2]."""
+
+    level: int
+    downsample: float
+    level0_patch_size: int
+    thumb: np.ndarray  # [h, w, 3] the thumbnail the tissue mask came from
+    coords: np.ndarray  # [N, 2] level-0 (x, y)
+
+
+def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
+    """Step 1: the read level (:func:`isg.io.grid_level`) and the patches with enough tissue on the thumbnail."""
+    from isg.io import grid_level, tile_grid, tissue_mask
+
+    level = grid_level(slide, opts.mpp, opts.level)
+    downsample = float(slide.level_downsamples[level])
+    level0_patch_size = round(opts.patch_size * downsample)
+    thumb, damaged = slide.thumbnail(mask_size(slide, level0_patch_size), with_damage=True)  # [h, w, 3], [h, w]
+    # damaged tiles of the thumbnail count as tissue: their patches are read, found damaged, listed and counted
+    mask = tissue_mask(slide, thumbnail=thumb) | damaged  # [h, w] bool
+    coords = np.asarray(tile_grid(slide, opts.patch_size, level=level, tissue_min=opts.tissue_min, mask=mask),
+                        dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
+    if len(coords) == 0:
+        raise ValueError(f"{slide.path}: no tissue found (no {opts.patch_size} px patch at level {level} "
+                         f"has >= {opts.tissue_min:.0%} tissue on the thumbnail)")
+    return _Grid(level, downsample, level0_patch_size, thumb, coords)
+
+
+def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress: bool = False):
+    """Step 2: stream the patches and score each with the selector. Patches touching damaged tiles are left
+    out and logged. Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
     import torch
 
+    from isg.io import DamagedTiles, iter_tiles
+    from isg.select import get_selector, otsu_grey_threshold
+
+    # Otsu (HE2RNA-style tissue fraction) needs one grey threshold per slide, not per batch
+    options = {"threshold": otsu_grey_threshold(grid.thumb)} if opts.selector == "otsu" else {}
+    score_fn = get_selector(opts.selector, **options)
+    damaged = DamagedTiles()
+    batches = iter_tiles(slide, grid.coords, opts.patch_size, level=grid.level, batch_size=opts.batch_size,
+                         device=opts.device, num_workers=opts.num_workers, damaged=damaged, reader=opts.reader)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(grid.coords) / opts.batch_size), desc=slide.slide_id,
+                       unit="batch", leave=False)
+    coords, scores = [], []
+    with torch.inference_mode():
+        for batch_coords, tiles in batches:  # [B, 2], [B, p, p, 3] uint8
+            clock.lap("read")
+            scores.append(np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1))  # [B]
+            coords.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
+            clock.lap("score")
+    coords = np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)
+    scores = np.concatenate(scores) if scores else np.zeros(0, np.float64)
+    if len(coords) + len(damaged) != len(grid.coords):
+        raise RuntimeError(f"{slide.path}: tile stream returned {len(coords)} tiles (+{len(damaged)} damaged) "
+                           f"for {len(grid.coords)} coordinates")
+    return coords, scores, damaged
+
+
+def check_damaged(slide, damaged, n_patches: int, opts: PreprocessOptions) -> None:
+    """Step 3: fail the slide when damaged patches are not allowed or too many (the error names the file and the count)."""
+    from isg.io import DamagedSlideError
+
+    n = len(damaged)
+    if n and opts.on_damaged == "fail":
+        raise DamagedSlideError(slide.path, f"{n} of {n_patches} tissue patches touch damaged tiles (on_damaged='fail'): "
+                                            f"{damaged.summary()}", n, n_patches)
+    if n > opts.max_damaged * n_patches:
+        raise DamagedSlideError(slide.path, f"{n} of {n_patches} tissue patches ({n / n_patches:.1%}) touch damaged tiles, "
+                                            f"more than the {opts.max_damaged:.0%} allowed (max_damaged): "
+                                            f"{damaged.summary()}", n, n_patches)
+    if n == n_patches:
+        raise DamagedSlideError(slide.path, f"all {n} tissue patches touch damaged tiles: {damaged.summary()}", n, n_patches)
+
+
+def select_patches(scores: np.ndarray, opts: PreprocessOptions, name: str | None = None) -> tuple[float | None, np.ndarray]:
+    """Step 4: the rule's cut (None for top-k) and the kept patches bool [N]."""
+    cut = resolve_threshold(scores, selector=opts.selector, rule=opts.rule, patch_size=opts.patch_size,
+                            threshold=opts.threshold, n_sigma=opts.n_sigma)
+    if opts.rule == "cohort" and opts.threshold is None:  # pending: the cut is frozen over the whole cohort
+        return cut, np.zeros(len(scores), dtype=bool)
+    selected = select(scores, rule=opts.rule, threshold=cut if opts.rule in ("threshold", "cohort") else None, k=opts.k,
+                      n_sigma=opts.n_sigma, name=name)
+    return cut, np.asarray(selected, dtype=bool)
+
+
+def write_outputs(slide, slide_path: Path, out_dir: Path, grid: _Grid, coords, scores, selected, cut, damaged,
+                  opts: PreprocessOptions) -> None:
+    """Step 5: ``<slide_id>.png`` (optional) and ``<slide_id>.h5``, each written atomically."""
+    import h5py
+
     import isg
-    from isg.io import iter_tiles, open_slide, tile_grid, tissue_mask
-    from isg.select import get_selector, otsu_grey_threshold, select
 
-    check_options(patch_size=patch_size, local_size=local_size, mpp=mpp, level=level, selector=selector, rule=rule,
-                  threshold=threshold, k=k, n_sigma=n_sigma, batch_size=batch_size)
-    slide_path, out_dir = Path(slide_path), Path(out_dir)
-    slide_id = slide_id_of(slide_path)
-    seconds: dict[str, float] = {}
-    clock = [time.perf_counter()]
-    start = clock[0]
+    slide_id = slide_id_of(slide_path)  # the input's name (a DICOM WSI folder opens one of its files)
+    if opts.thumbnail:
+        thumb = grid.thumb
+        if max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
+            thumb = slide.thumbnail(PNG_SIZE)
+        with atomic_path(out_dir / f"{slide_id}.png") as tmp:
+            save_selection_thumbnail(tmp, thumb, slide.dimensions, coords, selected, grid.level0_patch_size,
+                                     damaged=damaged.coords)
+    unknown = math.nan
+    read_mpp = slide.level_mpp(grid.level)
+    with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(slide_id=slide_id, slide_path=str(Path(slide_path).resolve()), isg_version=isg.__version__,
+                       backend=slide.backend, level0_mpp=unknown if slide.mpp is None else slide.mpp,
+                       dimensions=np.asarray(slide.dimensions), n_damaged=len(damaged))
+        dataset = f.create_dataset("coords", data=coords[selected])  # [M, 2]
+        dataset.attrs.update(
+            patch_size=opts.patch_size, patch_level=grid.level, level0_patch_size=grid.level0_patch_size,
+            downsample=np.asarray([grid.downsample, grid.downsample]),
+            level_dim=np.asarray(slide.level_dimensions[grid.level]), mpp=unknown if read_mpp is None else read_mpp,
+            local_size=opts.local_size, selector=opts.selector, rule=opts.rule,
+            threshold=math.nan if cut is None else cut, k=-1 if opts.k is None else opts.k, n_sigma=opts.n_sigma,
+            tissue_min=opts.tissue_min, name=slide_id,
+        )
+        f.create_dataset("all_coords", data=coords)  # [N, 2]
+        f.create_dataset("scores", data=scores)  # [N]
+        f.create_dataset("selected", data=selected)  # [N]
+        f.create_dataset("damaged_coords", data=damaged.coords)  # [D, 2]
+        f.create_dataset("damaged_reasons", data=np.asarray(damaged.reasons, dtype=object),
+                         dtype=h5py.string_dtype())  # [D]
 
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock[0]
-        clock[0] = now
 
-    with open_slide(slide_path, backend=backend, mpp=slide_mpp) as slide:
-        read_level = slide.best_level_for_mpp(mpp) if mpp is not None else (level or 0)
-        if read_level >= slide.level_count:
-            raise ValueError(f"{slide_path}: level {read_level} out of range (slide has {slide.level_count} levels)")
-        downsample = float(slide.level_downsamples[read_level])
-        read_mpp = float(slide.level_mpp(read_level))
-        lap("open")
+def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False,
+                     **options) -> dict:
+    """Preprocess one slide into ``<out_dir>/<slide_id>.h5`` (+ ``.png``); returns its stats.
 
-        level0_patch_size = round(patch_size * downsample)
-        thumb = slide.thumbnail(mask_size(slide, level0_patch_size))  # [h, w, 3]
-        mask = tissue_mask(slide, thumbnail=thumb)  # [h, w] bool
-        all_coords = np.asarray(tile_grid(slide, patch_size, level=read_level, tissue_min=tissue_min, mask=mask),
-                                dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
-        if len(all_coords) == 0:
-            raise ValueError(f"{slide_path}: no tissue found (no {patch_size} px patch at level {read_level} "
-                             f"has >= {tissue_min:.0%} tissue on the thumbnail)")
-        lap("grid")
+    ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
+    (default 0) or at the level chosen for ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at
+    least as fine, no resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
+    level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (keep patches above mean + ``n_sigma``
+    std of the slide's scores), ``"cohort"`` (the paper's rule: ``threshold`` is the frozen cohort cut;
+    without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
+    slide's scores), ``"threshold"`` (``threshold``, default :func:`isg.select.default_threshold_bits`) or
+    ``"topk"`` (``k`` best).
 
-        # Otsu (HE2RNA-style tissue fraction) needs one grey threshold per slide, not per batch
-        score_fn = get_selector(selector, threshold=otsu_grey_threshold(thumb)) if selector == "otsu" else get_selector(selector)
-        scores = np.empty(len(all_coords), np.float64)
-        order = []  # [N] rows of all_coords in stream order
-        filled = 0
-        tiles_iter = iter_tiles(slide, all_coords, patch_size, level=read_level, batch_size=batch_size,
-                                device=device, num_workers=num_workers)
-        if progress:
-            from tqdm.auto import tqdm
+    The method, step by step: :func:`tissue_grid` -> :func:`score_patches` -> :func:`check_damaged` ->
+    :func:`select_patches` -> :func:`write_outputs`. Returns ``n_tissue`` (patches scored), ``n_kept``,
+    ``n_damaged`` (patches left out: they touch damaged tiles), ``level``, ``mpp`` (NaN when unknown) and
+    ``seconds_<stage>`` for open, grid, read, score, select, write and total.
+    """
+    from isg.io import open_slide
 
-            tiles_iter = tqdm(tiles_iter, total=math.ceil(len(all_coords) / batch_size), desc=slide_id,
-                              unit="batch", leave=False)
-        with torch.inference_mode():
-            for batch_coords, tiles in tiles_iter:  # [B, 2], [B, p, p, 3] uint8
-                lap("read")
-                batch_scores = np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1)  # [B]
-                scores[filled:filled + len(batch_scores)] = batch_scores
-                order.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
-                filled += len(batch_scores)
-                lap("score")
-        if filled != len(all_coords):
-            raise RuntimeError(f"{slide_path}: tile stream returned {filled} tiles for {len(all_coords)} coordinates")
-        all_coords = np.concatenate(order)  # the stream's order (== grid order for in-order readers)
-
-        cut = resolve_threshold(scores, selector=selector, rule=rule, patch_size=patch_size,
-                                threshold=threshold, n_sigma=n_sigma)
-        if rule == "cohort" and threshold is None:  # pending: the cut is frozen over the whole cohort
-            selected = np.zeros(len(scores), dtype=bool)
-        else:
-            selected = np.asarray(select(scores, rule=rule, threshold=cut if rule in ("threshold", "cohort") else None,
-                                         k=k, n_sigma=n_sigma, name=str(slide_path)), dtype=bool)
-        lap("select")
-
-        if thumbnail:
-            if max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
-                thumb = slide.thumbnail(PNG_SIZE)
-            with atomic_path(out_dir / f"{slide_id}.png") as tmp:
-                save_selection_thumbnail(tmp, thumb, slide.dimensions, all_coords, selected, level0_patch_size)
-        with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(slide_id=slide_id, slide_path=str(slide_path.resolve()), isg_version=isg.__version__,
-                           backend=slide.backend, level0_mpp=slide.mpp, dimensions=np.asarray(slide.dimensions))
-            coords = f.create_dataset("coords", data=all_coords[selected])  # [M, 2]
-            coords.attrs.update(
-                patch_size=patch_size, patch_level=read_level, level0_patch_size=level0_patch_size,
-                downsample=np.asarray([downsample, downsample]), level_dim=np.asarray(slide.level_dimensions[read_level]),
-                mpp=read_mpp, local_size=local_size, selector=selector, rule=rule,
-                threshold=math.nan if cut is None else cut, k=-1 if k is None else k, n_sigma=n_sigma,
-                tissue_min=tissue_min, name=slide_id,
-            )
-            f.create_dataset("all_coords", data=all_coords)  # [N, 2]
-            f.create_dataset("scores", data=scores)  # [N]
-            f.create_dataset("selected", data=selected)  # [N]
-        lap("write")
-
-    seconds["total"] = time.perf_counter() - start
-    return {"n_tissue": int(len(all_coords)), "n_kept": int(selected.sum()), "level": read_level,
-            "mpp": read_mpp, **{f"seconds_{stage}": round(value, 4) for stage, value in seconds.items()}}
+    opts = PreprocessOptions(**options)
+    opts.check()
+    out_dir = Path(out_dir)
+    clock = _Clock()
+    with open_slide(slide_path, backend=opts.backend, mpp=opts.slide_mpp, max_damaged=opts.max_damaged) as slide:
+        clock.lap("open")
+        grid = tissue_grid(slide, opts)
+        clock.lap("grid")
+        coords, scores, damaged = score_patches(slide, grid, opts, clock, progress)
+        check_damaged(slide, damaged, len(grid.coords), opts)
+        cut, selected = select_patches(scores, opts, name=str(slide_path))
+        clock.lap("select")
+        write_outputs(slide, Path(slide_path), out_dir, grid, coords, scores, selected, cut, damaged, opts)
+        clock.lap("write")
+        read_mpp = slide.level_mpp(grid.level)
+    return {"n_tissue": int(len(coords)), "n_kept": int(selected.sum()), "n_damaged": len(damaged), "level": grid.level,
+            "mpp": math.nan if read_mpp is None else float(read_mpp), **clock.stats()}
 
 
 def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.ndarray, selected: np.ndarray,
-                             level0_patch_size: int) -> None:
-    """PNG of ``thumb`` [h, w, 3] with kept patches outlined green (tinted) and dropped ones red."""
+                             level0_patch_size: int, damaged: np.ndarray | None = None) -> None:
+    """PNG of ``thumb`` [h, w, 3] with kept patches outlined green (tinted), dropped ones red and the patches
+    left out for damaged tiles crossed out in magenta."""
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(np.ascontiguousarray(thumb)).convert("RGBA")
@@ -270,7 +383,60 @@ def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.nda
             draw.rectangle(box, fill=(0, 200, 0, 60), outline=(0, 160, 0, 255))
         else:
             draw.rectangle(box, outline=(220, 0, 0, 200))
+    for x, y in (damaged if damaged is not None else np.zeros((0, 2))) * scale:
+        draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(230, 0, 230, 255))
+        draw.line((x, y, x + side - 1, y + side - 1), fill=(230, 0, 230, 255))
+        draw.line((x, y + side - 1, x + side - 1, y), fill=(230, 0, 230, 255))
     Image.alpha_composite(image, overlay).convert("RGB").save(path, format="PNG")
+
+
+# ----------------------------------------------------------------------------- cohorts
+
+
+def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
+    """Per-slide level-0 mpp from a CSV/TSV with columns ``slide`` (file name, path or slide id) and ``mpp``;
+    returns {slide id: mpp}. Raises ValueError naming the file and the bad row."""
+    import pandas as pd
+
+    from isg.utils import table_separator
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot be read as a table ({exc})") from exc
+    table.columns = table.columns.str.strip().str.lower()
+    if not {"slide", "mpp"} <= set(table.columns):
+        raise ValueError(f"{path}: needs columns slide, mpp (has: {', '.join(table.columns)})")
+    mpps: dict[str, float] = {}
+    for row, (name, text) in enumerate(zip(table["slide"].str.strip(), table["mpp"].str.strip()), start=2):
+        try:
+            mpp = float(text)
+        except ValueError:
+            mpp = math.nan
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"{path}: line {row}: mpp must be a positive number, got {text!r} for {name!r}")
+        slide_id = slide_id_of(name)
+        if slide_id in mpps and mpps[slide_id] != mpp:
+            raise ValueError(f"{path}: line {row}: slide {slide_id!r} is given two mpp values ({mpps[slide_id]}, {mpp})")
+        mpps[slide_id] = mpp
+    return mpps
+
+
+class _PreprocessOne:
+    """``preprocess_slide`` for one slide of a cohort, with its mpp from ``slide_mpps`` (picklable for process pools)."""
+
+    def __init__(self, out_dir: Path, options: dict, slide_mpps: Mapping[str, float], progress: bool):
+        self.out_dir, self.options, self.slide_mpps, self.progress = out_dir, options, dict(slide_mpps), progress
+
+    def __call__(self, slide) -> dict:
+        options = self.options
+        mpp = self.slide_mpps.get(slide_id_of(slide))
+        if mpp is not None:
+            options = {**options, "slide_mpp": mpp}
+        return preprocess_slide(slide, self.out_dir, progress=self.progress, **options)
 
 
 def preprocess_cohort(
@@ -283,31 +449,39 @@ def preprocess_cohort(
     overwrite: bool = False,
     progress: bool = True,
     tile_progress: bool = False,
+    slide_mpps: Mapping[str, float] | None = None,
     **options,
 ):
-    """:func:`preprocess_slide` for every slide (``options`` are its keyword arguments) with
+    """:func:`preprocess_slide` for every slide (``options`` are :class:`PreprocessOptions` fields) with
     :func:`isg.infer.cohort.run_cohort`: finished slides are skipped, failures recorded, and
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
-    ``tile_progress``: a tile bar per slide (for one slide at a time). Returns the :class:`~isg.infer.cohort.CohortSummary`."""
+    ``tile_progress``: a tile bar per slide (for one slide at a time). ``slide_mpps`` ({slide id: mpp},
+    see :func:`read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.infer.cohort.CohortSummary`."""
+    from isg.io import native_messages, release_buffers
 
-    slide_options = set(inspect.signature(preprocess_slide).parameters) - {"slide_path", "out_dir", "progress"}
-    unknown = sorted(set(options) - slide_options)
+    unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
-        raise TypeError(f"preprocess_cohort: unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(slide_options))}")
-    checked = inspect.signature(check_options).parameters
-    check_options(**{k: v for k, v in {"patch_size": 256, "local_size": 64, **options}.items() if k in checked})
+        raise TypeError(f"preprocess_cohort: unknown option(s) {', '.join(unknown)}; expected {', '.join(OPTION_NAMES)}")
+    check_options(**options)
     out_dir = Path(out_dir)
     slides = [Path(s) for s in slides]
-    process = functools.partial(preprocess_slide, out_dir=out_dir, progress=tile_progress, **options)
-    summary = run_cohort(
-        slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
-        resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
-        summary_path=out_dir / "summary.json", title="isg preprocess",
-    )
-    if options.get("rule") == "cohort" and options.get("threshold") is None:
-        from isg.select import apply_rule
+    process = _PreprocessOne(out_dir, options, slide_mpps or {}, tile_progress)
+    messages = native_messages()
+    try:
+        summary = run_cohort(
+            slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
+            resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
+            summary_path=out_dir / "summary.json", title="isg preprocess",
+        )
+        if options.get("rule") == "cohort" and options.get("threshold") is None:
+            from isg.select import apply_rule
 
-        done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
-        if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
-            apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_RULE.n_sigma)))
-    return summary
+            done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
+            if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
+                apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_SELECTION.n_sigma)))
+        return summary
+    finally:
+        release_buffers()  # the pooled tile batch buffers of this run
+        if native_messages() > messages:  # decoder output was captured, not printed (in this process)
+            log.info("isg preprocess: %d line(s) of decoder output captured; DEBUG logging on 'isg.io' shows them",
+                     native_messages() - messages)

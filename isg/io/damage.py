@@ -285,7 +285,9 @@ class _NativeOutput:
     def enter(cls, fd: int) -> None:
         with cls.lock:
             if cls.depth[fd] == 0:
-                (sys.stdout if fd == 1 else sys.stderr).flush()
+                stream = sys.stdout if fd == 1 else sys.stderr
+                if stream is not None:
+                    stream.flush()
                 cls.saved[fd] = os.dup(fd)
                 sink = tempfile.TemporaryFile()
                 os.dup2(sink.fileno(), fd)

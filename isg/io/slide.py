@@ -39,6 +39,7 @@ from isg.io.damage import (DAMAGED_LIMIT, DamagedSlideError, DamagedTileError, S
 
 BACKENDS = ("cucim", "openslide", "tifffile", "image")
 CUCIM_SUFFIXES = (".tif", ".tiff", ".svs")
+CUCIM_COMPRESSIONS = (1, 7, 33003, 33005)  # none, JPEG, Aperio JPEG 2000: TIFF codecs cuCIM decodes
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
@@ -253,36 +254,51 @@ class Slide:
                 damaged[i] = exc.problem
         return damaged
 
-    def read_region_tolerant(self, location, level: int, size, block: int = 512) -> np.ndarray:
-        """:meth:`read_region`, with the ``block`` px squares that touch damaged tiles left white (for overviews)."""
+    def read_region_tolerant(self, location, level: int, size, block: int = 512,
+                             damaged: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`read_region`, with the parts over damaged tiles left white (for overviews and tissue masks):
+        the file's own tiles of ``level`` when the slide has a segment index, else ``block`` px squares.
+        ``damaged`` (bool [h, w], optional) is set True over those parts."""
         try:
             return self.read_region(location, level, size)
         except DamagedTileError:
             pass
         w, h = int(size[0]), int(size[1])
         out = np.full((h, w, 3), 255, np.uint8)
+        x, y = self.to_level(location, level)  # top-left at the read level
+        bh, bw = self.segments.shape(level) if self.segments is not None else (block, block)
         factor = self.level_downsamples[level]
-        for by in range(0, h, block):
-            for bx in range(0, w, block):
-                bw, bh = min(block, w - bx), min(block, h - by)
-                xy = (location[0] + round(bx * factor), location[1] + round(by * factor))
-                with contextlib.suppress(DamagedTileError):
-                    self.read_region(xy, level, (bw, bh), out=out[by:by + bh, bx:bx + bw])
+        for gy in range(y - y % bh, y + h, bh):  # blocks aligned with the file's tiles
+            for gx in range(x - x % bw, x + w, bw):
+                x0, y0, x1, y1 = max(gx, x), max(gy, y), min(gx + bw, x + w), min(gy + bh, y + h)
+                try:
+                    self.read_region((round(x0 * factor), round(y0 * factor)), level, (x1 - x0, y1 - y0),
+                                     out=out[y0 - y:y1 - y, x0 - x:x1 - x])
+                except DamagedTileError:
+                    if damaged is not None:
+                        damaged[y0 - y:y1 - y, x0 - x:x1 - x] = True
         return out
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+    def thumbnail(self, max_size: int = 1024, with_damage: bool = False):
         """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
-        from the coarsest level that is at least that fine."""
+        from the coarsest level that is at least that fine. Damaged tiles are painted white; ``with_damage``
+        returns ``(thumbnail, damaged bool [h, w])`` marking them."""
         from PIL import Image
 
         W, H = self.dimensions
         scale = min(1.0, max_size / max(W, H))
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(1.0 / scale)
-        region = self.read_region_tolerant((0, 0), level, self.level_dimensions[level])  # damaged tiles white
-        if region.shape[:2] == (th, tw):
-            return region
-        return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
+        lw, lh = self.level_dimensions[level]
+        damaged = np.zeros((lh, lw), bool)
+        region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
+        if region.shape[:2] != (th, tw):
+            region = np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
+            if damaged.any():
+                damaged = np.asarray(Image.fromarray(damaged).resize((tw, th), Image.Resampling.NEAREST))
+            else:
+                damaged = np.zeros((th, tw), bool)
+        return (region, damaged) if with_damage else region
 
     def close(self) -> None:
         if self.segments is not None:
@@ -788,8 +804,13 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None, max_damage
         # tifffile parses the header first: it validates the file (corrupt / truncated data) cheaply and its
         # segment index checks every tile the other backend decodes (cuCIM returns garbage for damaged tiles)
         tiff = TiffSlide(path, mpp=mpp, max_damaged=max_damaged)
+        compression = int(tiff._pages[0].compression)
         segments = tiff.take_segments()
         tiff.close()
+        if backend == "cucim" and compression not in CUCIM_COMPRESSIONS:  # cuCIM crashes the process on these
+            segments.close()
+            raise SlideError(path, f"cuCIM cannot decode TIFF compression {compression} (it decodes "
+                                   f"{', '.join(map(str, CUCIM_COMPRESSIONS))}); use backend 'tifffile'")
         try:
             slide = _CLASSES[backend](path, mpp=mpp)
         except BaseException:

@@ -18,12 +18,18 @@ nuclei_size and stain alone (weight 2), and ``null_fraction`` of the other genes
 
 Slides also carry textureless artefacts (solid blobs, pen marks, blurred tissue, scattered
 noise chunks: debris specks on glass); their level-0 boxes are listed in ``truth.json``. Output is deterministic given ``seed``.
+
+Slides with a side above :data:`STREAM_SIDE` (benchmark sizes, up to 100000 px) are rendered in
+:data:`BLOCK`-px blocks, each a small slide of its own, and streamed to the TIFF tile by tile
+(:func:`write_streamed_pyramid`): memory is one strip of blocks, not the slide.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +205,29 @@ def pyramid(image: np.ndarray, tile: int, downsample: int = 4) -> list[np.ndarra
     return levels
 
 
+def pyramid_shapes(height: int, width: int, tile: int, downsample: int = 4) -> list[tuple[int, int]]:
+    """(height, width) of every level :func:`pyramid` makes, without the pixels."""
+    shapes = [(height, width)]
+    while min(shapes[-1]) // downsample >= tile:
+        shapes.append((shapes[-1][0] // downsample, shapes[-1][1] // downsample))
+    return shapes
+
+
+def _page_options(level: int, width: int, shape0: tuple[int, int], mpp: float | None, tile: int, quality: int,
+                  description: bool) -> dict:
+    """tifffile.write options of one pyramid page (level 0 full resolution, reduced levels subfiletype 1)."""
+    H0, W0 = shape0
+    options = dict(photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
+                   subfiletype=1 if level else 0, metadata=None)
+    if mpp is not None:
+        level_mpp = mpp * W0 / width
+        options.update(resolution=(1e4 / level_mpp, 1e4 / level_mpp), resolutionunit="CENTIMETER")
+        if description:
+            options["description"] = (f"isg-synth {W0}x{H0} [0,0 {W0}x{H0}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+                                      f"|AppMag = {10 / mpp:g}|MPP = {level_mpp:g}")
+    return options
+
+
 def write_pyramid_tiff(path, levels: list[np.ndarray], mpp: float | None, tile: int = 256, quality: int = 80,
                        description: bool = True, maxworkers: int | None = None) -> None:
     """Write a tiled JPEG pyramid: one top-level page per level, reduced levels flagged ``subfiletype=1``.
@@ -210,22 +239,109 @@ def write_pyramid_tiff(path, levels: list[np.ndarray], mpp: float | None, tile: 
     """
     import tifffile
 
-    H0, W0 = levels[0].shape[:2]
+    shape0 = levels[0].shape[:2]
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=sum(l.nbytes for l in levels) > 2**31) as writer:
         for i, level in enumerate(levels):
-            h, w = level.shape[:2]
-            kwargs = {}
-            if mpp is not None:
-                level_mpp = mpp * W0 / w
-                kwargs.update(resolution=(1e4 / level_mpp, 1e4 / level_mpp), resolutionunit="CENTIMETER")
-                if description:
-                    kwargs["description"] = (f"isg-synth {W0}x{H0} [0,0 {W0}x{H0}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-                                             f"|AppMag = {10 / mpp:g}|MPP = {level_mpp:g}")
-            writer.write(level, photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
-                         subfiletype=1 if i else 0, metadata=None, maxworkers=maxworkers, **kwargs)
+            writer.write(level, maxworkers=maxworkers, **_page_options(i, level.shape[1], shape0, mpp, tile, quality, description))
+
+
+def write_streamed_pyramid(path, strips: Iterable[np.ndarray], height: int, width: int, mpp: float | None,
+                           tile: int = 256, quality: int = 80, downsample: int = 4, description: bool = True,
+                           maxworkers: int | None = None) -> list[tuple[int, int]]:
+    """The pyramid of :func:`write_pyramid_tiff`, written tile by tile from level-0 strips in bounded memory.
+
+    ``strips`` yields level 0 top to bottom as uint8 [rows, width, 3] strips whose rows are a multiple of
+    ``tile * downsample`` (the last may be shorter). Each level's tiles go to the TIFF as they come, while
+    its ``downsample``-fold box average (INTER_AREA) is appended, strip by strip, to a raw scratch file
+    that is the next level's source. Memory is one strip per level, whatever the slide size. The pixels
+    equal :func:`pyramid`'s when every level's sides are multiples of ``downsample`` (otherwise reduced
+    levels average whole ``downsample``-blocks, dropping the last partial row/column of blocks).
+    Returns the (height, width) of the levels.
+    """
+    import tempfile
+
+    import tifffile
+
+    shapes = pyramid_shapes(height, width, tile, downsample)
+    step = math.lcm(tile, downsample)
+    rows = max(1, 2048 // step) * step  # scratch strips of reduced levels
+    bigtiff = sum(h * w * 3 for h, w in shapes) > 2**31
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=".isg-synth-", dir=Path(tmp).parent) as scratch, \
+            tifffile.TiffWriter(tmp, bigtiff=bigtiff) as writer:
+        source: Iterable[np.ndarray] = strips
+        for level, (h, w) in enumerate(shapes):
+            below = Path(scratch) / f"level{level + 1}.raw" if level + 1 < len(shapes) else None
+            with open(below, "wb") if below else contextlib.nullcontext() as sink:
+                writer.write(_tiles(source, h, w, tile, sink, downsample), shape=(h, w, 3), dtype=np.uint8,
+                             maxworkers=maxworkers, **_page_options(level, w, shapes[0], mpp, tile, quality, description))
+            if below:
+                source = _raw_strips(below, *shapes[level + 1], rows)
+    return shapes
+
+
+def _tiles(strips: Iterable[np.ndarray], height: int, width: int, tile: int, sink, downsample: int) -> Iterator[np.ndarray]:
+    """Tiles [tile, tile, 3] of the strips in row-major order (edges zero-padded, as tifffile pads arrays);
+    each strip's downsampled copy goes to ``sink`` (a binary file) when there is one."""
+    done = 0
+    for strip in strips:
+        n = strip.shape[0]
+        if strip.shape[1:] != (width, 3) or (n % tile and done + n != height):
+            raise ValueError(f"strip of shape {strip.shape} at row {done}: expected [k * {tile} rows, {width}, 3]")
+        if sink is not None:  # before the tiles: the writer stops pulling after the last tile
+            whole = strip[: n // downsample * downsample, : width // downsample * downsample]
+            sink.write(cv2.resize(whole, (width // downsample, n // downsample), interpolation=cv2.INTER_AREA).tobytes())
+        done += n
+        for y in range(0, n, tile):
+            for x in range(0, width, tile):
+                block = strip[y:y + tile, x:x + tile]
+                if block.shape[:2] != (tile, tile):
+                    block = np.pad(block, ((0, tile - block.shape[0]), (0, tile - block.shape[1]), (0, 0)))
+                yield np.ascontiguousarray(block)
+        if done >= height:
+            break
+    if done != height:
+        raise ValueError(f"strips hold {done} rows, expected {height}")
+
+
+def _raw_strips(path: Path, height: int, width: int, rows: int) -> Iterator[np.ndarray]:
+    with open(path, "rb") as handle:
+        for y in range(0, height, rows):
+            n = min(rows, height - y)
+            yield np.fromfile(handle, np.uint8, n * width * 3).reshape(n, width, 3)
+
+
+# ----------------------------------------------------------------------------- large slides
+
+
+def _block_edges(size: int, block: int) -> list[int]:
+    """Block boundaries 0 = e0 < ... < size: multiples of ``block``; a last block under block / 4 joins its neighbour."""
+    edges = list(range(0, size, block)) + [size]
+    if len(edges) > 2 and size - edges[-2] < block // 4:
+        del edges[-2]
+    return edges
+
+
+def render_blocks(key: list[int], width: int, height: int, params: dict, mpp: float, artefacts: bool, block: int,
+                  found: list[dict], tissue: list[float]) -> Iterator[np.ndarray]:
+    """Level 0 of a large slide as strips [block rows, width, 3], each block rendered by :func:`render_slide`
+    with its own generator ``default_rng(key + [by, bx])``: memory is one strip, the slide a mosaic of
+    blocks of tissue. Artefact boxes (level-0 coordinates) go to ``found``; per-block tissue area to ``tissue``."""
+    xs = _block_edges(width, block)
+    for by, (y0, y1) in enumerate(zip(ys := _block_edges(height, block), ys[1:])):
+        strip = np.empty((y1 - y0, width, 3), np.uint8)
+        for bx, (x0, x1) in enumerate(zip(xs, xs[1:])):
+            rng = np.random.default_rng([*key, by, bx])
+            strip[:, x0:x1], block_found, fraction = render_slide(rng, x1 - x0, y1 - y0, params, mpp=mpp, artefacts=artefacts)
+            found += [{**a, "bbox": [a["bbox"][0] + x0, a["bbox"][1] + y0, a["bbox"][2] + x0, a["bbox"][3] + y0]} for a in block_found]
+            tissue.append(fraction * (x1 - x0) * (y1 - y0))
+        yield strip
 
 
 # ----------------------------------------------------------------------------- cohort
+
+
+STREAM_SIDE = 8192  # slides with a longer side are rendered in blocks and streamed (bounded memory)
+BLOCK = 2048  # block side of streamed slides (rounded up to a multiple of tile * downsample)
 
 
 def _latents(rng, n_patients: int, slides_per_patient: list[int]):
@@ -238,16 +354,8 @@ def _latents(rng, n_patients: int, slides_per_patient: list[int]):
     return patients, rows
 
 
-def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=4096, tile: int = 256, seed: int = 0,
-                genes: int = 50, mpp: float = 0.5, quality: int = 80, downsample: int = 4, noise: float = 0.15,
-                null_fraction: float = 0.2, artefacts: bool = True, progress: bool = False) -> SynthCohort:
-    """Write a synthetic cohort into ``out_dir`` (see the module docstring for the ground truth).
-
-    Files: ``slides/<slide_id>.tif`` (pyramidal JPEG TIFFs), ``manifest.csv`` (slide_path relative,
-    sample_id, patient_id, msi), ``expression.tsv`` (samples x genes raw counts), ``msi.csv``
-    (sample_id, msi) and ``truth.json``. ``size`` is an int or (width, height). Patients get one or two
-    slides (one sample per slide); ``n_patients`` defaults to ``ceil(0.75 * n_slides)``.
-    """
+def _check_cohort_arguments(n_slides: int, n_patients: int | None, size, genes: int) -> tuple[int, int, int]:
+    """(n_patients, width, height), or ValueError."""
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
     n_patients = n_patients if n_patients is not None else max(1, math.ceil(0.75 * n_slides))
@@ -258,23 +366,23 @@ def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=
         raise ValueError(f"size must be at least 64 px per side, got {width}x{height}")
     if genes < 3:
         raise ValueError(f"genes must be >= 3 (three marker genes), got {genes}")
-    out_dir = Path(out_dir)
-    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    return n_patients, width, height
 
-    slides_per_patient = [2 if p < n_slides - n_patients else 1 for p in range(n_patients)]
-    patients, rows = _latents(rng, n_patients, slides_per_patient)
 
-    # MSI per patient: lymphocyte-rich (dense, small nuclei)
+def _msi_status(rng, patients: np.ndarray) -> np.ndarray:
+    """bool [patients]: MSI-H for lymphocyte-rich tissue (dense, small nuclei); at least one of each class."""
     c_patient = 2 * patients - 1
-    msi_logit = 3 * c_patient[:, 0] - 2 * c_patient[:, 1] + rng.normal(0, 0.3, n_patients)
+    msi_logit = 3 * c_patient[:, 0] - 2 * c_patient[:, 1] + rng.normal(0, 0.3, len(patients))
     msi_high = msi_logit > 1.0
-    if n_patients >= 2 and msi_high.all():
+    if len(patients) >= 2 and msi_high.all():
         msi_high[np.argmin(msi_logit)] = False
-    if n_patients >= 2 and not msi_high.any():
+    if len(patients) >= 2 and not msi_high.any():
         msi_high[np.argmax(msi_logit)] = True
+    return msi_high
 
-    # genes
+
+def _gene_model(rng, genes: int, null_fraction: float) -> dict:
+    """names, weights [genes, 3] (genes 0-2 markers), null mask, bias (log mean counts)."""
     names = [f"SYN{g:04d}" for g in range(genes)]
     weights = rng.normal(0, 1.2, (genes, 3))
     weights[:3] = 2.0 * np.eye(3)
@@ -282,6 +390,61 @@ def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=
     null[:3] = False
     weights[null] = 0.0
     bias = rng.uniform(math.log(20), math.log(2000), genes)
+    return {"names": names, "weights": weights, "null": null, "bias": bias}
+
+
+def write_slide(path, slide_key: list[int], width: int, height: int, params: dict, mpp: float, tile: int, quality: int,
+                downsample: int, artefacts: bool, progress: bool = False) -> tuple[list[dict], float]:
+    """Render and write one slide; returns (artefacts, tissue fraction).
+
+    Up to :data:`STREAM_SIDE` px the slide is rendered whole (``default_rng(slide_key)``); larger ones are
+    rendered block by block (:func:`render_blocks`) and streamed to the TIFF (:func:`write_streamed_pyramid`).
+    """
+    if max(width, height) <= STREAM_SIDE:
+        image, found, tissue_fraction = render_slide(np.random.default_rng(slide_key), width, height, params, mpp=mpp, artefacts=artefacts)
+        write_pyramid_tiff(path, pyramid(image, tile, downsample), mpp, tile=tile, quality=quality)
+        return found, tissue_fraction
+    step = math.lcm(tile, downsample)
+    found, tissue = [], []
+    block = -(-BLOCK // step) * step
+    strips = render_blocks(slide_key, width, height, params, mpp, artefacts, block, found, tissue)
+    if progress:
+        from tqdm import tqdm
+
+        strips = tqdm(strips, total=len(_block_edges(height, block)) - 1, desc=f"  {Path(path).stem} level 0", unit="strip", leave=False)
+    write_streamed_pyramid(path, strips, height, width, mpp, tile=tile, quality=quality, downsample=downsample)
+    return found, float(sum(tissue) / (width * height))
+
+
+def _write_tables(out_dir: Path, records: list[dict], names: list[str], counts: list[np.ndarray]) -> None:
+    """manifest.csv, msi.csv and expression.tsv (samples x genes raw counts)."""
+    header = "slide_path,sample_id,patient_id,msi\n"
+    write_text_atomic(out_dir / "manifest.csv", header + "".join(
+        f"{r['slide_path']},{r['sample_id']},{r['patient_id']},{r['msi']}\n" for r in records))
+    write_text_atomic(out_dir / "msi.csv", "sample_id,msi\n" + "".join(f"{r['sample_id']},{r['msi']}\n" for r in records))
+    lines = ["sample_id\t" + "\t".join(names)]
+    lines += [r["sample_id"] + "\t" + "\t".join(map(str, row.tolist())) for r, row in zip(records, counts)]
+    write_text_atomic(out_dir / "expression.tsv", "\n".join(lines) + "\n")
+
+
+def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=4096, tile: int = 256, seed: int = 0,
+                genes: int = 50, mpp: float = 0.5, quality: int = 80, downsample: int = 4, noise: float = 0.15,
+                null_fraction: float = 0.2, artefacts: bool = True, progress: bool = False) -> SynthCohort:
+    """Write a synthetic cohort into ``out_dir`` (see the module docstring for the ground truth).
+
+    Files: ``slides/<slide_id>.tif`` (pyramidal JPEG TIFFs), ``manifest.csv`` (slide_path relative,
+    sample_id, patient_id, msi), ``expression.tsv`` (samples x genes raw counts), ``msi.csv``
+    (sample_id, msi) and ``truth.json``. ``size`` is an int or (width, height). Patients get one or two
+    slides (one sample per slide); ``n_patients`` defaults to ``ceil(0.75 * n_slides)``. Slides with a
+    side above :data:`STREAM_SIDE` are streamed in bounded memory (:func:`write_slide`).
+    """
+    n_patients, width, height = _check_cohort_arguments(n_slides, n_patients, size, genes)
+    out_dir = Path(out_dir)
+    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)  # one stream, drawn in this order: latents, MSI, genes, then per slide
+    patients, rows = _latents(rng, n_patients, [2 if p < n_slides - n_patients else 1 for p in range(n_patients)])
+    msi_high = _msi_status(rng, patients)
+    model = _gene_model(rng, genes, null_fraction)
 
     records, counts, slide_paths = [], [], []
     iterator = enumerate(rows)
@@ -295,32 +458,24 @@ def make_cohort(out_dir, n_slides: int = 8, n_patients: int | None = None, size=
         slide_id = f"{sample_id}-DX1"
         params = {"density": float(z[0]), "nuclei_size": float(z[1]), "stain": float(z[2]),
                   "tissue_fraction": float(rng.uniform(0.3, 0.6))}
-        slide_rng = np.random.default_rng([seed, index])
-        image, found, tissue_fraction = render_slide(slide_rng, width, height, params, mpp=mpp, artefacts=artefacts)
         path = out_dir / "slides" / f"{slide_id}.tif"
-        write_pyramid_tiff(path, pyramid(image, tile, downsample), mpp, tile=tile, quality=quality)
-        c = 2 * z - 1
-        log_mean = bias + weights @ c + rng.normal(0, noise, genes)
+        found, tissue_fraction = write_slide(path, [seed, index], width, height, params, mpp, tile, quality, downsample,
+                                             artefacts, progress)
+        log_mean = model["bias"] + model["weights"] @ (2 * z - 1) + rng.normal(0, noise, genes)
         counts.append(rng.poisson(np.exp(log_mean)))
         slide_paths.append(path)
         records.append({"slide_id": slide_id, "slide_path": f"slides/{slide_id}.tif", "sample_id": sample_id,
                         "patient_id": patient_id, "msi": "MSI-H" if msi_high[p] else "MSS",
                         "params": {**params, "tissue_fraction": tissue_fraction}, "artefacts": found})
 
-    header = "slide_path,sample_id,patient_id,msi\n"
-    write_text_atomic(out_dir / "manifest.csv", header + "".join(
-        f"{r['slide_path']},{r['sample_id']},{r['patient_id']},{r['msi']}\n" for r in records))
-    write_text_atomic(out_dir / "msi.csv", "sample_id,msi\n" + "".join(f"{r['sample_id']},{r['msi']}\n" for r in records))
-    lines = ["sample_id\t" + "\t".join(names)]
-    lines += [r["sample_id"] + "\t" + "\t".join(map(str, row.tolist())) for r, row in zip(records, counts)]
-    write_text_atomic(out_dir / "expression.tsv", "\n".join(lines) + "\n")
+    _write_tables(out_dir, records, model["names"], counts)
     truth = {
         "seed": seed, "size": [width, height], "tile": tile, "mpp": mpp, "quality": quality, "downsample": downsample,
         "parameters": ["density", "nuclei_size", "stain"],
         "expression_model": "counts ~ Poisson(exp(bias + weights @ (2 z - 1) + N(0, noise^2))), z = [density, nuclei_size, stain]",
         "msi_model": "MSI-H if 3 c_density - 2 c_nuclei_size + N(0, 0.3^2) > 1 (per patient; >= 1 of each class)",
-        "noise": noise, "genes": names, "bias": bias.tolist(), "weights": weights.tolist(), "null_genes": [n for n, z in zip(names, null) if z],
-        "slides": records,
+        "noise": noise, "genes": model["names"], "bias": model["bias"].tolist(), "weights": model["weights"].tolist(),
+        "null_genes": [n for n, z in zip(model["names"], model["null"]) if z], "slides": records,
     }
     write_text_atomic(out_dir / "truth.json", json.dumps(truth, indent=1))
     return SynthCohort(out_dir, out_dir / "manifest.csv", out_dir / "expression.tsv", out_dir / "msi.csv",
