@@ -18,6 +18,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = true;
   m.def("cuda_device_count", &isg::cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
   m.def("cuda_runtime_version", &isg::cuda_runtime_version);
+  m.def("cuda_runtime_version_code", &isg::cuda_runtime_version_code, "version of the static CUDA runtime (13000 = 13.0)");
+  m.def("cuda_driver_version_code", &isg::cuda_driver_version_code, "CUDA version the driver supports (0: no driver)");
+  m.def("cuda_device_error", &isg::cuda_device_error, "cudaError_t of cudaGetDeviceCount (0: success)");
 #else
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_count", []() { return 0; });

@@ -4,6 +4,11 @@ The extension is optional at import time: every kernel has a pure-PyTorch
 reference in :mod:`isg.ops` that is used when the extension (or its CUDA part)
 is missing. ``ISG_EXT_PATH=/path/to/build`` loads a development build of
 ``_C`` from that folder instead of the installed one (see tools/dev_build.sh).
+
+torch is imported before ``_C``: both use OpenMP, and the runtime loaded first is the one both
+use (a wheel repaired by auditwheel vendors its own libgomp; loaded first, it would start a second
+thread pool that ``torch.set_num_threads`` does not control). A failed load is remembered only
+when torch was importable, so an import-order problem never disables the kernels for the process.
 """
 
 from __future__ import annotations
@@ -20,8 +25,17 @@ _error: str | None = None
 _loaded = False
 
 
+# The static CUDA 13 runtime in _C needs a driver that supports CUDA 13 (R580 or newer).
+MIN_DRIVER_CUDA_VERSION = 13000
+
+
 def _load() -> None:
     global _module, _error, _loaded
+    try:
+        import torch  # noqa: F401  (first: one OpenMP runtime for torch and _C)
+    except ImportError as exc:  # not cached: a later call may succeed
+        _module, _error = None, f"torch could not be imported before isg._C: {exc}"
+        return
     _loaded = True
     override = os.environ.get("ISG_EXT_PATH")
     try:
@@ -59,14 +73,47 @@ def has(function: str) -> bool:
     return module is not None and hasattr(module, function)
 
 
-def cuda_ready() -> bool:
-    """True when the native module has CUDA kernels and a CUDA device is usable."""
+_cuda_status: tuple[bool, str] | None = None
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, why): whether isg's CUDA kernels can run in this process, and the reason when not (cached)."""
+    global _cuda_status
+    if _cuda_status is None:
+        status = _query_cuda()
+        if ext() is None and not _loaded:  # the load will be retried: do not cache
+            return status
+        _cuda_status = status
+    return _cuda_status
+
+
+def _query_cuda() -> tuple[bool, str]:
     module = ext()
-    if module is None or not getattr(module, "built_with_cuda", False):
-        return False
+    if module is None:
+        return False, f"isg._C not loaded ({_error})"
+    if not getattr(module, "built_with_cuda", False):
+        return False, "isg._C was built without CUDA (rebuild with ISG_CUDA=ON and nvcc on PATH)"
     try:
+        driver = module.cuda_driver_version_code() if hasattr(module, "cuda_driver_version_code") else None
+        runtime = module.cuda_runtime_version_code() if hasattr(module, "cuda_runtime_version_code") else None
+        if driver == 0:
+            return False, "no NVIDIA driver (libcuda.so.1 not found)"
+        if driver is not None and runtime is not None and driver < runtime:
+            return False, (f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than the static "
+                           f"CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime in isg._C needs (driver >= 580 for CUDA 13)")
+        if module.cuda_device_count() == 0:
+            return False, "no CUDA device visible (CUDA_VISIBLE_DEVICES, driver state)"
         import torch
 
-        return torch.cuda.is_available() and module.cuda_device_count() > 0
-    except Exception:  # pragma: no cover - driver oddities
-        return False
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} is a CPU build"
+        if not torch.cuda.is_available():
+            return False, f"torch {torch.__version__} sees no CUDA device"
+        return True, f"{module.cuda_device_count()} device(s), driver CUDA {driver // 1000}.{driver % 1000 // 10}" if driver else "ok"
+    except Exception as exc:  # pragma: no cover - driver oddities
+        return False, f"CUDA query failed: {exc}"
+
+
+def cuda_ready() -> bool:
+    """True when the native module has CUDA kernels and a CUDA device is usable."""
+    return cuda_status()[0]

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "emu: runs CUDA kernels on the CPU in the host emulator (builds build/emu on demand)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

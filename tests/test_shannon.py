@@ -169,7 +169,52 @@ def test_opcheck(native):
     tiles = torch.from_numpy(_tiles(3, 9, 11, 3))
     torch.library.opcheck(torch.ops.isg.shannon_histogram.default, (tiles,))
     torch.library.opcheck(torch.ops.isg.shannon_grid_histogram.default, (tiles[0], 4, 5, 3, 2))
-    torch.library.opcheck(torch.ops.isg.shannon_bits_from_histogram.default, (torch.ops.isg.shannon_histogram(tiles),))
+    torch.library.opcheck(torch.ops.isg.shannon_bits_from_histogram.default, (torch.ops.isg.shannon_histogram(tiles).long(),))
+
+
+def test_registered_ops_validate_their_inputs(native):
+    """torch.compile graphs call the registered ops directly: bad input must raise, never reach a kernel."""
+    hist = torch.ops.isg.shannon_histogram(torch.from_numpy(_tiles(2, 9, 11, 3)))
+    assert hist.dtype == torch.int32
+    with pytest.raises(ValueError, match="int64"):
+        torch.ops.isg.shannon_bits_from_histogram(hist)                  # was 4.9e12 bits instead of ~1795
+    with pytest.raises(ValueError, match="int64"):
+        torch.ops.isg.shannon_bits_from_histogram(hist.long()[..., :255])
+    with pytest.raises(ValueError, match="uint8"):
+        torch.ops.isg.shannon_histogram(torch.zeros(2, 8, 8, 3, dtype=torch.int16))
+    with pytest.raises(ValueError, match="uint8"):
+        torch.ops.isg.shannon_histogram(torch.zeros(8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="do not fit"):
+        torch.ops.isg.shannon_grid_histogram(torch.zeros(8, 8, 3, dtype=torch.uint8), 9, 4, 1, 1)
+
+
+def test_launch_switches_to_the_tensors_device(monkeypatch):
+    """A tensor on cuda:1 while cuda:0 is current must launch on cuda:1 (device guard around every launch)."""
+    current = ["cuda:0"]
+    launched = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device, self.previous = str(device), None
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    class Stream:
+        cuda_stream = 1234
+
+    class Module:
+        def shannon_histogram_cuda(self, *args):
+            launched.append((current[0], args[-1]))
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(shannon._ext, "ext", lambda: Module())
+    shannon._call("shannon_histogram", torch.device("cuda:1"), 1, 2, 3)
+    assert launched == [("cuda:1", 1234)]
 
 
 @pytest.mark.gpu

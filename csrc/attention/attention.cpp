@@ -12,6 +12,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "attention/attention_math.h"
 #include "common/check.h"
 
@@ -83,10 +87,12 @@ void dispatch(DType dtype, F&& fn) {
   ISG_CHECK(false, "attention: unsupported dtype code " + std::to_string(int(dtype)));
 }
 
-// ----------------------------------------------------------------------------- kernels (one row = one (m, c))
-// Each kernel handles rows [r0, r1); `parallel_rows` spreads blocks of rows over
-// OpenMP threads. On x86-64 the kernels are cloned for AVX-512 and AVX2 and the
-// best clone is picked at load time (the default build targets SSE2 only).
+// ----------------------------------------------------------------------------- kernels
+// A row is one (m, c) of [M, C, L]. Plus-form kernels handle rows [r0, r1); paper-form kernels
+// handle batches [m0, m1) (their small operand is shared by the C rows of a batch, and its
+// gradient sums over them). `parallel_for` spreads blocks of units over `threads` OpenMP
+// threads. On x86-64 the kernels are cloned for AVX-512 and AVX2 and the best clone is picked
+// at load time (the default build targets SSE2 only).
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ISG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -95,26 +101,35 @@ void dispatch(DType dtype, F&& fn) {
 #endif
 
 template <typename F>
-void parallel_rows(int64_t rows, int64_t length, F&& kernel) {
-  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length));  // ~16k elements per task
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t r0 = 0; r0 < rows; r0 += block) kernel(r0, std::min(rows, r0 + block));
+void parallel_for(int64_t units, int64_t unit_size, int threads, F&& kernel) {
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, unit_size));  // ~16k elements per task
+#ifdef _OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t u0 = 0; u0 < units; u0 += block) kernel(u0, std::min(units, u0 + block));
 }
 
-template <typename T>
-ISG_CLONES void gated_forward_rows(const T* q, const T* k, const T* v, T* out, int64_t r0, int64_t r1, int64_t length) {
+// gated_hadamard forward; plus form: rows [r0, r1), q [rows]; paper form: batches [r0, r1), q [M, L].
+template <bool kPaper, typename T>
+ISG_CLONES void gated_forward_units(const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1, const Shape& s) {
   using acc_t = typename Acc<T>::type;
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_t qr = load(q + r);
-    const int64_t base = r * length;
+  const int64_t length = s.length, rows_per_unit = kPaper ? s.channels : 1;
+  for (int64_t u = u0; u < u1; ++u) {
+    for (int64_t c = 0; c < rows_per_unit; ++c) {
+      const int64_t base = (u * rows_per_unit + c) * length;
+      const T* qu = kPaper ? q + u * length : q;  // paper: q[m, 0, :]
+      const acc_t qr = kPaper ? acc_t(0) : acc_t(load(q + u));
 #pragma omp simd
-    for (int64_t j = 0; j < length; ++j) {
-      const acc_t value = gated_forward<acc_t>(qr, load(k + base + j), load(v + base + j));
-      store(out + base + j, value);
+      for (int64_t j = 0; j < length; ++j) {
+        const acc_t qj = kPaper ? acc_t(load(qu + j)) : qr;
+        store(out + base + j, gated_forward<acc_t>(qj, load(k + base + j), load(v + base + j)));
+      }
     }
   }
 }
 
+// Plus form: dL/dq[r] = sum_j over the row.
 template <typename T>
 ISG_CLONES void gated_backward_rows(const T* grad, const T* q, const T* k, const T* v, T* grad_q, T* grad_k, T* grad_v,
                                     int64_t r0, int64_t r1, int64_t length) {
@@ -134,6 +149,29 @@ ISG_CLONES void gated_backward_rows(const T* grad, const T* q, const T* k, const
   }
 }
 
+// Paper form: dL/dq[m, j] = sum_c over the batch's channels.
+template <typename T>
+ISG_CLONES void gated_backward_batches(const T* grad, const T* q, const T* k, const T* v, T* grad_q, T* grad_k, T* grad_v,
+                                       int64_t m0, int64_t m1, const Shape& s) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t length = s.length;
+  std::vector<acc_t> qm(length), dq(length);
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t j = 0; j < length; ++j) qm[j] = load(q + m * length + j), dq[j] = 0;
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const int64_t base = (m * s.channels + c) * length;
+#pragma omp simd
+      for (int64_t j = 0; j < length; ++j) {
+        acc_t gk, gv;
+        dq[j] += gated_backward<acc_t>(qm[j], load(k + base + j), load(v + base + j), load(grad + base + j), gk, gv);
+        store(grad_k + base + j, gk);
+        store(grad_v + base + j, gv);
+      }
+    }
+    for (int64_t j = 0; j < length; ++j) store(grad_q + m * length + j, dq[j]);
+  }
+}
+
 // exp(logit_j - max) of one row into e[0:length]; returns their sum.
 template <typename T, typename acc_t>
 inline acc_t row_exp(const T* logits, int64_t length, acc_t* e) {
@@ -149,6 +187,7 @@ inline acc_t row_exp(const T* logits, int64_t length, acc_t* e) {
   return sum;
 }
 
+// Plus form, one row per loop (L > kShortRow).
 template <typename T>
 ISG_CLONES void softmax_forward_rows(const T* logits, const T* p, T* out, int64_t r0, int64_t r1, int64_t length) {
   using acc_t = typename Acc<T>::type;
@@ -163,6 +202,25 @@ ISG_CLONES void softmax_forward_rows(const T* logits, const T* p, T* out, int64_
   }
 }
 
+// Paper form: the softmax of logits[m, 0, :] once per batch, then one weighted sum per channel.
+template <typename T>
+ISG_CLONES void softmax_forward_batches(const T* logits, const T* p, T* out, int64_t m0, int64_t m1, const Shape& s) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t length = s.length;
+  std::vector<acc_t> w(length);
+  for (int64_t m = m0; m < m1; ++m) {
+    const acc_t inv = acc_t(1) / row_exp(logits + m * length, length, w.data());
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const int64_t base = (m * s.channels + c) * length;
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < length; ++j) acc += w[j] * acc_t(load(p + base + j));
+      store(out + m * s.channels + c, acc * inv);
+    }
+  }
+}
+
+// Plus form backward, one row per loop.
 template <typename T>
 ISG_CLONES void softmax_backward_rows(const T* grad, const T* logits, const T* p, T* grad_logits, T* grad_p, int64_t r0, int64_t r1,
                                       int64_t length) {
@@ -186,12 +244,37 @@ ISG_CLONES void softmax_backward_rows(const T* grad, const T* logits, const T* p
   }
 }
 
-// Forward of softmax_spatial_sum on short rows (L <= kShortRow): one row per
-// vector lane instead of one row per loop. A group of kGroup rows is
-// transposed into [L][kGroup] buffers, so the max, exp and the sums run across
-// rows with no horizontal reductions (these dominate when a row is a single
-// vector: 2.5x faster at L = 16). The backward keeps one row per loop: its
-// transposed write-back of two gradients costs more than it saves.
+// Paper form backward: with w = softmax(logits[m]) and dw_j = sum_c g_c p[c, j],
+// dL/dp[c, j] = g_c w_j and dL/dlogits_j = w_j (dw_j - sum_i w_i dw_i).
+template <typename T>
+ISG_CLONES void softmax_backward_batches(const T* grad, const T* logits, const T* p, T* grad_logits, T* grad_p, int64_t m0,
+                                         int64_t m1, const Shape& s) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t length = s.length;
+  std::vector<acc_t> w(length), dw(length);
+  for (int64_t m = m0; m < m1; ++m) {
+    const acc_t inv = acc_t(1) / row_exp(logits + m * length, length, w.data());
+    for (int64_t j = 0; j < length; ++j) w[j] *= inv, dw[j] = 0;
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const int64_t base = (m * s.channels + c) * length;
+      const acc_t g = load(grad + m * s.channels + c);
+#pragma omp simd
+      for (int64_t j = 0; j < length; ++j) {
+        dw[j] += g * acc_t(load(p + base + j));
+        store(grad_p + base + j, g * w[j]);
+      }
+    }
+    acc_t mean = 0;
+    for (int64_t j = 0; j < length; ++j) mean += w[j] * dw[j];
+    for (int64_t j = 0; j < length; ++j) store(grad_logits + m * length + j, w[j] * (dw[j] - mean));
+  }
+}
+
+// Forward of softmax_spatial_sum on short rows (plus form, L <= kShortRow): one row per
+// vector lane instead of one row per loop. A group of kGroup rows is transposed into
+// [L][kGroup] buffers, so the max, exp and the sums run across rows with no horizontal
+// reductions (these dominate when a row is a single vector: 2.5x faster at L = 16). The
+// backward keeps one row per loop: its transposed write-back of two gradients costs more than it saves.
 constexpr int64_t kShortRow = 32;
 constexpr int kGroup = 16;
 
@@ -241,61 +324,96 @@ ISG_CLONES void softmax_forward_short_rows(const T* logits, const T* p, T* out, 
   }
 }
 
-void check_sizes(const char* op, int64_t rows, int64_t length) {
-  ISG_CHECK(rows >= 0 && length >= 0, std::string(op) + ": negative size (rows=" + std::to_string(rows) +
-                                           ", length=" + std::to_string(length) + ")");
+void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
+  ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0,
+            std::string(op) + ": negative size (M=" + std::to_string(s.batch) + ", C=" + std::to_string(s.channels) +
+                ", L=" + std::to_string(s.length) + ")");
+  if (s.batch * s.channels * s.length == 0) return;
+  for (const void* p : pointers) ISG_CHECK(p != nullptr, std::string(op) + ": null data pointer");
 }
 
 }  // namespace
 
 // ----------------------------------------------------------------------------- public CPU entry points
 
-void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, int64_t rows, int64_t length, DType dtype) {
-  check_sizes("gated_hadamard_forward", rows, length);
+void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, Shape s, DType dtype, int threads) {
+  check_args("gated_hadamard_forward", s, {q, k, v, out});
+  if (s.batch * s.channels * s.length == 0) return;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
-      gated_forward_rows(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out), r0, r1,
-                         length);
-    });
+    const T *qq = static_cast<const T*>(q), *kk = static_cast<const T*>(k), *vv = static_cast<const T*>(v);
+    T* o = static_cast<T*>(out);
+    if (s.shared_over_channels)
+      parallel_for(s.batch, s.channels * s.length, threads,
+                   [&](int64_t m0, int64_t m1) { gated_forward_units<true>(qq, kk, vv, o, m0, m1, s); });
+    else
+      parallel_for(s.batch * s.channels, s.length, threads,
+                   [&](int64_t r0, int64_t r1) { gated_forward_units<false>(qq, kk, vv, o, r0, r1, s); });
   });
 }
 
 void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k, const void* v, void* grad_q, void* grad_k,
-                                 void* grad_v, int64_t rows, int64_t length, DType dtype) {
-  check_sizes("gated_hadamard_backward", rows, length);
+                                 void* grad_v, Shape s, DType dtype, int threads) {
+  check_args("gated_hadamard_backward", s, {grad, q, k, v, grad_q, grad_k, grad_v});
+  const int64_t q_size = s.shared_over_channels ? s.batch * s.length : s.batch * s.channels;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
-      gated_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                          static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), r0, r1, length);
-    });
+    if (s.batch * s.channels * s.length == 0) {  // the gradient of a sum over nothing
+      if (q_size) std::fill_n(static_cast<T*>(grad_q), q_size, T{});
+      return;
+    }
+    const T *g = static_cast<const T*>(grad), *qq = static_cast<const T*>(q), *kk = static_cast<const T*>(k),
+            *vv = static_cast<const T*>(v);
+    T *gq = static_cast<T*>(grad_q), *gk = static_cast<T*>(grad_k), *gv = static_cast<T*>(grad_v);
+    if (s.shared_over_channels)
+      parallel_for(s.batch, s.channels * s.length, threads,
+                   [&](int64_t m0, int64_t m1) { gated_backward_batches(g, qq, kk, vv, gq, gk, gv, m0, m1, s); });
+    else
+      parallel_for(s.batch * s.channels, s.length, threads,
+                   [&](int64_t r0, int64_t r1) { gated_backward_rows(g, qq, kk, vv, gq, gk, gv, r0, r1, s.length); });
   });
 }
 
-void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, int64_t rows, int64_t length, DType dtype) {
-  check_sizes("softmax_spatial_sum_forward", rows, length);
-  ISG_CHECK(length > 0 || rows == 0, "softmax_spatial_sum_forward: softmax over an empty spatial axis");
+void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, Shape s, DType dtype, int threads) {
+  check_args("softmax_spatial_sum_forward", s, {logits, p, out});
+  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_forward: softmax over an empty spatial axis");
+  if (s.batch * s.channels == 0) return;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
-      if (length <= kShortRow)
-        softmax_forward_short_rows(static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(out), r0, r1, length);
-      else
-        softmax_forward_rows(static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(out), r0, r1, length);
-    });
+    const T *l = static_cast<const T*>(logits), *pp = static_cast<const T*>(p);
+    T* o = static_cast<T*>(out);
+    if (s.shared_over_channels)
+      parallel_for(s.batch, s.channels * s.length, threads,
+                   [&](int64_t m0, int64_t m1) { softmax_forward_batches(l, pp, o, m0, m1, s); });
+    else
+      parallel_for(s.batch * s.channels, s.length, threads, [&](int64_t r0, int64_t r1) {
+        if (s.length <= kShortRow)
+          softmax_forward_short_rows(l, pp, o, r0, r1, s.length);
+        else
+          softmax_forward_rows(l, pp, o, r0, r1, s.length);
+      });
   });
 }
 
 void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, const void* p, void* grad_logits, void* grad_p,
-                                      int64_t rows, int64_t length, DType dtype) {
-  check_sizes("softmax_spatial_sum_backward", rows, length);
+                                      Shape s, DType dtype, int threads) {
+  check_args("softmax_spatial_sum_backward", s, {grad, logits, p, grad_logits, grad_p});
+  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_backward: softmax over an empty spatial axis");
+  if (s.batch * s.channels == 0) {
+    if (s.shared_over_channels && s.batch * s.length > 0)  // no channel reads the logits: zero gradient
+      dispatch(dtype, [&](auto tag) { std::fill_n(static_cast<decltype(tag)*>(grad_logits), s.batch * s.length, decltype(tag){}); });
+    return;
+  }
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(rows, length, [&](int64_t r0, int64_t r1) {
-      softmax_backward_rows(static_cast<const T*>(grad), static_cast<const T*>(logits), static_cast<const T*>(p),
-                            static_cast<T*>(grad_logits), static_cast<T*>(grad_p), r0, r1, length);
-    });
+    const T *g = static_cast<const T*>(grad), *l = static_cast<const T*>(logits), *pp = static_cast<const T*>(p);
+    T *gl = static_cast<T*>(grad_logits), *gp = static_cast<T*>(grad_p);
+    if (s.shared_over_channels)
+      parallel_for(s.batch, s.channels * s.length, threads,
+                   [&](int64_t m0, int64_t m1) { softmax_backward_batches(g, l, pp, gl, gp, m0, m1, s); });
+    else
+      parallel_for(s.batch * s.channels, s.length, threads,
+                   [&](int64_t r0, int64_t r1) { softmax_backward_rows(g, l, pp, gl, gp, r0, r1, s.length); });
   });
 }
 
@@ -306,74 +424,95 @@ void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, cons
 namespace {
 template <typename T = void>
 T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
 attention::DType to_dtype(int code) {
   ISG_CHECK(code >= 0 && code <= 3, "attention: dtype code must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16), got " +
                                         std::to_string(code));
   return static_cast<attention::DType>(code);
 }
+
+attention::Shape to_shape(int64_t batch, int64_t channels, int64_t length, bool paper) { return {batch, channels, length, paper}; }
+
+// Every entry point takes (pointers..., M, C, L, shared_over_channels, dtype code, threads | stream).
+#define ISG_SHAPE_ARGS py::arg("batch"), py::arg("channels"), py::arg("length"), py::arg("shared_over_channels"), py::arg("dtype")
 }  // namespace
 
 void register_attention(py::module_& m) {
   using namespace attention;
   m.def("gated_hadamard_forward",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t rows, int64_t length, int dtype) {
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, int threads) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          gated_hadamard_forward_cpu(ptr(q), ptr(k), ptr(v), ptr(out), rows, length, dt);
+          gated_hadamard_forward_cpu(ptr(q), ptr(k), ptr(v), ptr(out), to_shape(M, C, L, paper), dt, threads);
         },
-        "out[r, j] = sigmoid(q[r] * k[r, j]) * v[r, j] on CPU (raw pointers; rows = M * C, length = L)");
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("num_threads"),
+        "out = sigmoid(q * k) * v on CPU; q [M, 1, L] (shared_over_channels) or [M, C, 1], k, v, out [M, C, L]");
   m.def("gated_hadamard_backward",
-        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t rows,
-           int64_t length, int dtype) {
+        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t M,
+           int64_t C, int64_t L, bool paper, int dtype, int threads) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          gated_hadamard_backward_cpu(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), rows, length, dt);
+          gated_hadamard_backward_cpu(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), to_shape(M, C, L, paper),
+                                      dt, threads);
         },
-        "gradients of gated_hadamard on CPU");
+        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
+        ISG_SHAPE_ARGS, py::arg("num_threads"), "gradients of gated_hadamard on CPU");
   m.def("softmax_spatial_sum_forward",
-        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t rows, int64_t length, int dtype) {
+        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, int threads) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          softmax_spatial_sum_forward_cpu(ptr(logits), ptr(p), ptr(out), rows, length, dt);
+          softmax_spatial_sum_forward_cpu(ptr(logits), ptr(p), ptr(out), to_shape(M, C, L, paper), dt, threads);
         },
-        "out[r] = sum_j softmax_j(logits[r, :]) * p[r, j] on CPU");
+        py::arg("logits"), py::arg("p"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("num_threads"),
+        "out[m, c] = sum_j softmax_j(logits) * p[m, c, j] on CPU; logits [M, 1, L] (shared_over_channels) or [M, C, L]");
   m.def("softmax_spatial_sum_backward",
-        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t rows, int64_t length,
-           int dtype) {
+        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t M, int64_t C, int64_t L,
+           bool paper, int dtype, int threads) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          softmax_spatial_sum_backward_cpu(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), rows, length, dt);
+          softmax_spatial_sum_backward_cpu(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), to_shape(M, C, L, paper), dt,
+                                           threads);
         },
-        "gradients of softmax_spatial_sum on CPU (the forward output is recomputed in float)");
+        py::arg("grad"), py::arg("logits"), py::arg("p"), py::arg("grad_logits"), py::arg("grad_p"), ISG_SHAPE_ARGS,
+        py::arg("num_threads"), "gradients of softmax_spatial_sum on CPU (the forward output is recomputed in float)");
 #ifdef ISG_WITH_CUDA
   m.def("gated_hadamard_forward_cuda",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t rows, int64_t length, int dtype, uintptr_t stream) {
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype,
+           uintptr_t stream) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          gated_hadamard_forward_cuda(ptr(q), ptr(k), ptr(v), ptr(out), rows, length, dt, ptr(stream));
-        });
+          gated_hadamard_forward_cuda(ptr(q), ptr(k), ptr(v), ptr(out), to_shape(M, C, L, paper), dt, ptr(stream));
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("stream"),
+        "CUDA version of gated_hadamard_forward (device pointers, async on stream)");
   m.def("gated_hadamard_backward_cuda",
-        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t rows,
-           int64_t length, int dtype, uintptr_t stream) {
+        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t M,
+           int64_t C, int64_t L, bool paper, int dtype, uintptr_t stream) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          gated_hadamard_backward_cuda(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), rows, length, dt,
-                                       ptr(stream));
-        });
+          gated_hadamard_backward_cuda(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v),
+                                       to_shape(M, C, L, paper), dt, ptr(stream));
+        },
+        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
+        ISG_SHAPE_ARGS, py::arg("stream"), "CUDA version of gated_hadamard_backward");
   m.def("softmax_spatial_sum_forward_cuda",
-        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t rows, int64_t length, int dtype, uintptr_t stream) {
+        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, uintptr_t stream) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          softmax_spatial_sum_forward_cuda(ptr(logits), ptr(p), ptr(out), rows, length, dt, ptr(stream));
-        });
+          softmax_spatial_sum_forward_cuda(ptr(logits), ptr(p), ptr(out), to_shape(M, C, L, paper), dt, ptr(stream));
+        },
+        py::arg("logits"), py::arg("p"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("stream"),
+        "CUDA version of softmax_spatial_sum_forward");
   m.def("softmax_spatial_sum_backward_cuda",
-        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t rows, int64_t length,
-           int dtype, uintptr_t stream) {
+        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t M, int64_t C, int64_t L,
+           bool paper, int dtype, uintptr_t stream) {
           const DType dt = to_dtype(dtype);
           py::gil_scoped_release release;
-          softmax_spatial_sum_backward_cuda(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), rows, length, dt,
-                                            ptr(stream));
-        });
+          softmax_spatial_sum_backward_cuda(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), to_shape(M, C, L, paper),
+                                            dt, ptr(stream));
+        },
+        py::arg("grad"), py::arg("logits"), py::arg("p"), py::arg("grad_logits"), py::arg("grad_p"), ISG_SHAPE_ARGS,
+        py::arg("stream"), "CUDA version of softmax_spatial_sum_backward");
 #endif
 }
 

@@ -1,10 +1,13 @@
 #pragma once
-// Fused Dual Attention ops (isg/ops/attention.py):
-//   gated_hadamard:      out[r, j] = sigmoid(q[r] * k[r, j]) * v[r, j]
-//   softmax_spatial_sum: out[r]    = sum_j softmax_j(logits[r, :]) * p[r, j]
-// over rows r = (m, c) of [M, C, L] tensors (q and out of the second op are [M, C]).
-// Plain functions over raw pointers, sizes and (CUDA) a stream; math in float
-// (double for double), storage in the tensor's dtype.
+// Fused Dual Attention ops (isg/ops/attention.py) over [M, C, L] tensors (batch M, channels C,
+// local positions L), in two broadcast forms of the small operand (q, logits):
+//   paper form (`shared_over_channels`): q, logits [M, 1, L], one value per position (Eq. 3, 6);
+//   plus form:                           q [M, C, 1] (one per channel), logits [M, C, L].
+//   gated_hadamard:      out[m, c, j] = sigmoid(q[m, ., .] * k[m, c, j]) * v[m, c, j]
+//   softmax_spatial_sum: out[m, c]    = sum_j softmax_j(logits[m, ., :]) * p[m, c, j]
+// Backward reduces the gradient of the small operand over its broadcast axis (positions for the
+// plus q, channels for the paper q and logits). Plain functions over raw pointers, sizes and (CUDA)
+// a stream; math in float (double for double), storage in the tensor's dtype.
 #include <cstdint>
 
 namespace isg {
@@ -13,24 +16,27 @@ namespace attention {
 // Codes shared with isg/ops/attention.py (_DTYPE_CODES).
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
-// CPU (OpenMP over rows).
-void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, int64_t rows, int64_t length, DType dtype);
+struct Shape {
+  int64_t batch, channels, length;  // M, C, L
+  bool shared_over_channels;        // paper form: q / logits are [M, 1, L]
+};
+
+// CPU (OpenMP over M; `num_threads` <= 0: OpenMP's default).
+void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, Shape shape, DType dtype, int num_threads);
 void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k, const void* v, void* grad_q, void* grad_k,
-                                 void* grad_v, int64_t rows, int64_t length, DType dtype);
-void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, int64_t rows, int64_t length, DType dtype);
+                                 void* grad_v, Shape shape, DType dtype, int num_threads);
+void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, Shape shape, DType dtype, int num_threads);
 void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, const void* p, void* grad_logits, void* grad_p,
-                                      int64_t rows, int64_t length, DType dtype);
+                                      Shape shape, DType dtype, int num_threads);
 
 #ifdef ISG_WITH_CUDA
-// CUDA launchers (attention_cuda.cu); `stream` is a cudaStream_t.
-void gated_hadamard_forward_cuda(const void* q, const void* k, const void* v, void* out, int64_t rows, int64_t length, DType dtype,
-                                 void* stream);
+// CUDA launchers (attention_cuda.cu); device pointers, asynchronous on `stream` (a cudaStream_t).
+void gated_hadamard_forward_cuda(const void* q, const void* k, const void* v, void* out, Shape shape, DType dtype, void* stream);
 void gated_hadamard_backward_cuda(const void* grad, const void* q, const void* k, const void* v, void* grad_q, void* grad_k,
-                                  void* grad_v, int64_t rows, int64_t length, DType dtype, void* stream);
-void softmax_spatial_sum_forward_cuda(const void* logits, const void* p, void* out, int64_t rows, int64_t length, DType dtype,
-                                      void* stream);
+                                  void* grad_v, Shape shape, DType dtype, void* stream);
+void softmax_spatial_sum_forward_cuda(const void* logits, const void* p, void* out, Shape shape, DType dtype, void* stream);
 void softmax_spatial_sum_backward_cuda(const void* grad, const void* logits, const void* p, void* grad_logits, void* grad_p,
-                                       int64_t rows, int64_t length, DType dtype, void* stream);
+                                       Shape shape, DType dtype, void* stream);
 #endif
 
 }  // namespace attention

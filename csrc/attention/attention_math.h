@@ -2,28 +2,28 @@
 // Per-element formulas shared by the CPU and CUDA kernels, so both paths
 // compute the same thing. `acc_t` is float (double for double tensors).
 #include <cmath>
+#include <cstdint>
 
-#ifdef __CUDACC__
-#define ISG_HD __host__ __device__ __forceinline__
-#else
-#define ISG_HD inline
-#endif
+#include "common/hd.h"
 
 namespace isg {
 namespace attention {
 
-// exp in float: __expf on the device; on the host a branch-free Cephes-style
-// polynomial (~1 ulp) that the compiler vectorises (libm's expf does not).
+// exp in float: libm-accurate expf on the device (these kernels are memory-bound: no __expf);
+// on the host a branch-free Cephes-style polynomial (~1 ulp) that the compiler vectorises (libm's
+// expf does not). Defined for every input: NaN -> NaN (the exponent is taken from a NaN-free copy,
+// so no NaN is ever converted to int), out-of-range inputs saturate at exp(-87) and exp(88).
 ISG_HD float exp_acc(float x) {
 #ifdef __CUDA_ARCH__
-  return __expf(x);
+  return expf(x);
 #else
   x = x < -87.0f ? -87.0f : x;  // ternaries, not fminf/fmaxf: these vectorise (NaN passes through)
   x = x > 88.0f ? 88.0f : x;
-  const float fx = x * 1.44269504088896341f;  // x / ln 2
+  const float finite = x == x ? x : 0.0f;
+  const float fx = finite * 1.44269504088896341f;  // x / ln 2, in [-125.6, 127]
   const int n = static_cast<int>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts (NaN stays NaN)
   float poly = 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
@@ -31,8 +31,8 @@ ISG_HD float exp_acc(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   const float er = poly * r * r + r + 1.0f;  // e^r, |r| <= ln 2 / 2
-  union { int i; float f; } scale;
-  scale.i = (n + 127) << 23;  // 2^n
+  union { uint32_t u; float f; } scale;
+  scale.u = static_cast<uint32_t>(n + 127) << 23;  // 2^n, n + 127 in [1, 254]
   return er * scale.f;
 #endif
 }
@@ -60,7 +60,7 @@ ISG_HD acc_t gated_backward(acc_t q, acc_t k, acc_t v, acc_t g, acc_t& grad_k, a
   return dz * k;
 }
 
-// Backward of softmax_spatial_sum for one element with softmax weight w and row output out:
+// Backward of softmax_spatial_sum (plus form) for one element with softmax weight w and row output out:
 // dL/dp_j = g * w_j, dL/dlogit_j = g * w_j * (p_j - out).
 template <typename acc_t>
 ISG_HD void softmax_sum_backward(acc_t w, acc_t p, acc_t out, acc_t g, acc_t& grad_logit, acc_t& grad_p) {

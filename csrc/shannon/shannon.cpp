@@ -62,7 +62,7 @@ int lanes_for(int64_t channels) {
   return int(channels);
 }
 
-void tile_histogram(const TileBatch& t, int64_t tile, int64_t* hist, std::vector<uint8_t>& rows,
+void tile_histogram(const TileBatch& t, int64_t tile, int32_t* hist, std::vector<uint8_t>& rows,
                     std::vector<uint32_t>& sub) {
   const int64_t n = t.width * t.channels;
   const bool packed = t.stride_w == t.channels && t.stride_c == 1;  // rows are contiguous bytes
@@ -91,15 +91,15 @@ void tile_histogram(const TileBatch& t, int64_t tile, int64_t* hist, std::vector
     }
     prev = cur;
   }
-  int64_t* out = hist + tile * t.channels * 256;
-  std::memset(out, 0, sizeof(int64_t) * size_t(t.channels) * 256);
+  int32_t* out = hist + tile * t.channels * 256;
+  std::memset(out, 0, sizeof(int32_t) * size_t(t.channels) * 256);
   for (int l = 0; l < lanes; ++l)
-    for (int s = 0; s < 256; ++s) out[(l % t.channels) * 256 + s] += sub[l * 256 + s];
+    for (int s = 0; s < 256; ++s) out[(l % t.channels) * 256 + s] += int32_t(sub[l * 256 + s]);
 }
 
 }  // namespace
 
-void histograms_cpu(const TileBatch& batch, int64_t* hist, int num_threads) {
+void histograms_cpu(const TileBatch& batch, int32_t* hist, int num_threads) {
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #pragma omp parallel num_threads(num_threads)
@@ -131,6 +131,7 @@ shannon::TileBatch make_batch(uintptr_t base, uintptr_t offsets, int64_t tiles, 
   ISG_CHECK(tiles >= 0, "shannon: tiles must be >= 0");
   ISG_CHECK(height >= 1 && width >= 1, "shannon: tile height and width must be >= 1");
   ISG_CHECK(channels >= 1 && channels <= 64, "shannon: channels must be in 1..64");
+  ISG_CHECK(height * width < (int64_t(1) << 31), "shannon: tiles of 2^31 pixels or more overflow int32 counts");
   ISG_CHECK(tiles == 0 || (base != 0 && offsets != 0), "shannon: null data or offsets pointer");
   return {reinterpret_cast<const uint8_t*>(base), reinterpret_cast<const int64_t*>(offsets), tiles, height, width,
           channels, stride_h, stride_w, stride_c};
@@ -146,12 +147,12 @@ void register_shannon(py::module_& m) {
         auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
         ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
         py::gil_scoped_release release;
-        shannon::histograms_cpu(batch, reinterpret_cast<int64_t*>(hist), num_threads);
+        shannon::histograms_cpu(batch, reinterpret_cast<int32_t*>(hist), num_threads);
       },
       py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
       py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
       py::arg("num_threads") = 0,
-      "Residual histograms int64 [tiles, channels, 256] of uint8 tiles at base + offsets[t] (host pointers).");
+      "Residual histograms int32 [tiles, channels, 256] of uint8 tiles at base + offsets[t] (host pointers).");
   m.def(
       "shannon_bits_cpu",
       [](uintptr_t hist, int64_t tiles, int64_t channels, uintptr_t bits, int num_threads) {
@@ -171,21 +172,11 @@ void register_shannon(py::module_& m) {
         auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
         ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
         py::gil_scoped_release release;
-        shannon::histograms_cuda(batch, reinterpret_cast<int64_t*>(hist), stream);
+        shannon::histograms_cuda(batch, reinterpret_cast<int32_t*>(hist), stream);
       },
       py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
       py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
       py::arg("stream") = 0, "CUDA version of shannon_histogram_cpu (device pointers, async on stream).");
-  m.def(
-      "shannon_bits_cuda",
-      [](uintptr_t hist, int64_t tiles, int64_t channels, uintptr_t bits, uintptr_t stream) {
-        ISG_CHECK(tiles >= 0 && channels >= 1, "shannon: bad histogram shape");
-        py::gil_scoped_release release;
-        shannon::bits_cuda(reinterpret_cast<const int64_t*>(hist), tiles, channels, reinterpret_cast<double*>(bits),
-                           stream);
-      },
-      py::arg("hist"), py::arg("tiles"), py::arg("channels"), py::arg("bits"), py::arg("stream") = 0,
-      "CUDA version of shannon_bits_cpu (device pointers, async on stream).");
 #endif
 }
 

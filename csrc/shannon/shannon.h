@@ -6,7 +6,9 @@
 // element strides inside a tile (row, column, channel): a [B, H, W, C] tensor
 // (offsets b * stride_b) and a tile grid over a decoded region [H, W, C]
 // (offsets y * row_stride + x * col_stride) are the same call.
-// Outputs: int64 residual histograms [tiles, channels, 256] and float64 bits [tiles].
+// Outputs: int32 residual histograms [tiles, channels, 256] (counts <= H * W < 2^31) and, from
+// int64 histograms, float64 bits [tiles]. Bits are computed on the host only, for tiles scored on
+// any device, so identical histograms give identical bits.
 #include <cstdint>
 
 namespace isg {
@@ -19,13 +21,13 @@ struct TileBatch {
   int64_t stride_h, stride_w, stride_c;
 };
 
-void histograms_cpu(const TileBatch& batch, int64_t* hist, int num_threads);
+void histograms_cpu(const TileBatch& batch, int32_t* hist, int num_threads);
 void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, int num_threads);
 
 #ifdef ISG_WITH_CUDA
-// Device pointers (base, offsets, hist, bits); asynchronous on `stream` (a cudaStream_t).
-void histograms_cuda(const TileBatch& batch, int64_t* hist, uintptr_t stream);
-void bits_cuda(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, uintptr_t stream);
+constexpr int kMaxCudaChannels = 4;
+// Device pointers (base, offsets, hist); asynchronous on `stream` (a cudaStream_t).
+void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream);
 #endif
 
 }  // namespace shannon

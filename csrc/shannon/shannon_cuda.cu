@@ -1,86 +1,87 @@
-// Shannon scorer, CUDA: one block per (tile, channel) builds the MED residual
-// histogram in shared memory (one copy per warp; warp-aggregated atomics on flat
-// areas), then one thread per tile turns histograms into bits with the same double
-// formula as the CPU (shannon_bits.h), so identical histograms give identical bits.
+// Shannon scorer, CUDA: MED residual histograms, one block per tile (bits are computed from the
+// histograms on the host, by the same code as the CPU path: a ranking never depends on the device).
+//
+// Warp w of the block walks a band of rows [i0, i1) down, 32 columns at a time: lane l holds
+// pixel (i, x0 + l) of every channel. Each pixel is read once from memory (the warp's loads of a
+// row are one contiguous span for packed RGB), its upper neighbours stay in registers from the
+// previous row, the left ones come from the next lower lane by __shfl_up_sync (lane 0 reads its
+// two). Residuals are counted in shared int32 histograms (one copy per warp parity) with
+// warp-aggregated atomics: __match_any_sync groups lanes holding the same residual and one lane
+// adds the group's size, so flat background costs one atomic per warp instead of 32.
 #include <cuda_runtime.h>
 
 #include "common/check.h"
 #include "shannon/shannon.h"
-#include "shannon/shannon_bits.h"
 
 namespace isg {
 namespace shannon {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kCopies = 8;  // shared sub-histograms (warp w -> copy w % kCopies)
+constexpr int kCopies = 2;  // shared sub-histograms (warp w -> copy w % kCopies)
+static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loop needs full-warp shuffles");
+static_assert((kThreads / 32) % kCopies == 0, "every histogram copy serves the same number of warps");
+constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ int med_predict(const uint8_t* p, int64_t i, int64_t j, int64_t sh, int64_t sw) {
-  if (i == 0) return j == 0 ? 0 : __ldg(p - sw);             // first row: left; (0, 0): 0
-  const int b = __ldg(p - sh);
-  if (j == 0) return b;                                      // first column: up
-  const int a = __ldg(p - sw), c = __ldg(p - sh - sw);
+__device__ __forceinline__ int med_predict(int a, int b, int c) {
   const int lo = min(a, b), hi = max(a, b);
-  return min(max(a + b - c, lo), hi);                        // median(a, b, a + b - c)
+  return min(max(a + b - c, lo), hi);  // median(a, b, a + b - c)
 }
 
-// Each warp takes rows i = warp, warp + warps, ...; its lanes walk the columns. When all lanes hold the
-// same residual (flat background) they add it with one shared atomic, so flat areas do not serialize.
-__global__ void histogram_kernel(TileBatch t, int64_t* __restrict__ hist) {
-  __shared__ unsigned int sub[kCopies][256];
-  for (int k = threadIdx.x; k < kCopies * 256; k += blockDim.x) (&sub[0][0])[k] = 0u;
+__global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, int32_t* __restrict__ hist) {
+  __shared__ unsigned sub[kCopies][kMaxCudaChannels][256];
+  for (int k = threadIdx.x; k < kCopies * kMaxCudaChannels * 256; k += blockDim.x) (&sub[0][0][0])[k] = 0u;
   __syncthreads();
 
-  const int64_t tile = blockIdx.x / t.channels, channel = blockIdx.x % t.channels;
-  const uint8_t* origin = t.base + t.offsets[tile] + channel * t.stride_c;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  unsigned int* mine = sub[warp % kCopies];
-  for (int64_t i = warp; i < t.height; i += warps) {
-    const uint8_t* row = origin + i * t.stride_h;
-    for (int64_t j = lane; j < t.width; j += 32) {
-      const uint8_t* p = row + j * t.stride_w;
-      const unsigned residual = uint8_t(__ldg(p) - med_predict(p, i, j, t.stride_h, t.stride_w));
-      // flat areas: the whole warp holds one residual -> one atomic; else one atomic per lane
-      const unsigned active = __activemask();
-      const int leader = __ffs(active) - 1;
-      const unsigned first = __shfl_sync(active, residual, leader);
-      if (__all_sync(active, residual == first)) {
-        if (lane == leader) atomicAdd(&mine[residual], unsigned(__popc(active)));
-      } else {
-        atomicAdd(&mine[residual], 1u);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const uint8_t* origin = t.base + t.offsets[blockIdx.x];
+  const int64_t band = (t.height + warps - 1) / warps;
+  const int64_t i0 = warp * band, i1 = min(t.height, i0 + band);
+  unsigned (*mine)[256] = sub[warp % kCopies];
+  for (int64_t x0 = 0; x0 < t.width; x0 += 32) {   // warp-uniform loops: every lane reaches the collectives
+    const int64_t j = x0 + lane;
+    const bool inside = j < t.width;
+    const uint8_t* column = origin + j * t.stride_w;
+    int up[kMaxCudaChannels] = {0, 0, 0, 0};          // pixel (i - 1, j)
+    if (i0 > 0 && inside)
+      for (int c = 0; c < t.channels; ++c) up[c] = __ldg(column + (i0 - 1) * t.stride_h + c * t.stride_c);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* p = column + i * t.stride_h;
+#pragma unroll
+      for (int c = 0; c < kMaxCudaChannels; ++c) {
+        if (c >= t.channels) break;                    // uniform over the warp
+        const int cur = inside ? __ldg(p + c * t.stride_c) : 0;
+        int left = __shfl_up_sync(kFullMask, cur, 1), up_left = __shfl_up_sync(kFullMask, up[c], 1);
+        if (lane == 0 && j > 0) {                      // the chunk's first column: neighbours from memory
+          left = __ldg(p - t.stride_w + c * t.stride_c);
+          up_left = i > 0 ? __ldg(p - t.stride_h - t.stride_w + c * t.stride_c) : 0;
+        }
+        const int pred = i == 0 ? (j == 0 ? 0 : left) : (j == 0 ? up[c] : med_predict(left, up[c], up_left));
+        const unsigned residual = unsigned(cur - pred) & 255u;
+        const unsigned key = inside ? residual : 256u;   // lanes past the edge form their own group
+        const unsigned peers = __match_any_sync(kFullMask, key);
+        if (inside && lane == __ffs(int(peers)) - 1) atomicAdd(&mine[c][residual], unsigned(__popc(peers)));
+        up[c] = cur;
       }
     }
   }
   __syncthreads();
 
-  int64_t* out = hist + int64_t(blockIdx.x) * 256;
-  for (int s = threadIdx.x; s < 256; s += blockDim.x) {
-    int64_t total = 0;
-    for (int c = 0; c < kCopies; ++c) total += sub[c][s];
-    out[s] = total;
+  int32_t* out = hist + int64_t(blockIdx.x) * t.channels * 256;
+  for (int k = threadIdx.x; k < t.channels * 256; k += blockDim.x) {
+    unsigned total = 0;
+    for (int copy = 0; copy < kCopies; ++copy) total += sub[copy][k >> 8][k & 255];
+    out[k] = int32_t(total);
   }
-}
-
-__global__ void bits_kernel(const int64_t* __restrict__ hist, int64_t tiles, int64_t channels, double* __restrict__ bits) {
-  const int64_t tile = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (tile < tiles) bits[tile] = tile_bits(hist + tile * channels * 256, channels);
 }
 
 }  // namespace
 
-void histograms_cuda(const TileBatch& batch, int64_t* hist, uintptr_t stream) {
+void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream) {
   if (batch.tiles == 0) return;
-  const int64_t blocks = batch.tiles * batch.channels;
-  ISG_CHECK(blocks < (int64_t(1) << 31), "shannon: too many tiles x channels for one launch");
-  histogram_kernel<<<unsigned(blocks), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, hist);
-  ISG_CUDA_CHECK(cudaGetLastError());
-}
-
-void bits_cuda(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, uintptr_t stream) {
-  if (tiles == 0) return;
-  const int threads = 128;
-  const int64_t blocks = (tiles + threads - 1) / threads;
-  bits_kernel<<<unsigned(blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(hist, tiles, channels, bits);
+  ISG_CHECK(batch.channels <= kMaxCudaChannels, "shannon (CUDA): at most 4 channels per tile");
+  ISG_CHECK(batch.tiles < (int64_t(1) << 31), "shannon (CUDA): too many tiles for one launch");
+  histogram_kernel<<<unsigned(batch.tiles), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, hist);
   ISG_CUDA_CHECK(cudaGetLastError());
 }
 

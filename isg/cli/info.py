@@ -21,5 +21,7 @@ def run(args) -> int:
             extra = f"  ({_ext.ext_error()})"
         if name == "ext" and ok:
             extra = f"  (built with CUDA: {getattr(_ext.ext(), 'built_with_cuda', False)})"
+        if name == "cuda":
+            extra = f"  ({_ext.cuda_status()[1]})"
         print(f"  {name:<10} {'yes' if ok else 'no'}{extra}")
     return 0

@@ -45,12 +45,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bflo
 
 
 def gated_hadamard_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(q * k) * v``: q [M, 1, L] or [M, C, 1] (broadcast), k and v [M, C, L] -> [M, C, L].
-
-    A 2-D q [M, C] is shorthand for [M, C, 1] (TODO(kernels): drop the shorthand once callers pass 3-D q).
-    """
-    if q.dim() == 2:
-        q = q.unsqueeze(-1)
+    """``sigmoid(q * k) * v``: q [M, 1, L] or [M, C, 1] (broadcast), k and v [M, C, L] -> [M, C, L]."""
     return torch.sigmoid(q * k) * v
 
 
@@ -92,56 +87,85 @@ def _check_softmax(logits: torch.Tensor, p: torch.Tensor) -> None:
         raise ValueError("softmax_spatial_sum: the spatial axis L is empty (softmax over no positions)")
 
 
+def _check_native(op: str, *tensors: torch.Tensor) -> None:
+    """What the kernels need beyond shapes: one supported dtype, one CPU or CUDA device."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1 or next(iter(dtypes)) not in _DTYPE_CODES:
+        raise ValueError(f"isg::{op}: expected tensors of one dtype among float32, float64, float16, bfloat16; "
+                         f"got {', '.join(str(t.dtype) for t in tensors)}")
+    _check_device(f"isg::{op}", *tensors)
+    if tensors[0].device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"isg::{op}: no kernel for device {tensors[0].device} (cpu or cuda)")
+
+
+def _check_gated_op(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    """Checks inside the registered ops (what torch.compile graphs call), before any pointer is read."""
+    _check_gated(q, k, v)
+    if grad is not None and grad.shape != k.shape:
+        raise ValueError(f"isg::{op}: grad {tuple(grad.shape)} does not match k {tuple(k.shape)}")
+    _check_native(op, q, k, v, *([] if grad is None else [grad]))
+
+
+def _check_softmax_op(op: str, logits: torch.Tensor, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    _check_softmax(logits, p)
+    if grad is not None and grad.shape != p.shape[:2]:
+        raise ValueError(f"isg::{op}: grad {tuple(grad.shape)} is not [M, C] = {tuple(p.shape[:2])}")
+    _check_native(op, logits, p, *([] if grad is None else [grad]))
+
+
 # ----------------------------------------------------------------------------- native calls
 
 
 def _call(name: str, device: torch.device, *args) -> None:
-    """``isg._C.<name>`` on CPU, ``isg._C.<name>_cuda`` (with the current stream) on CUDA."""
+    """``isg._C.<name>`` on CPU (with torch's thread count), ``isg._C.<name>_cuda`` on CUDA (on the
+    tensors' device and its current stream). The one place where kernels are launched."""
     module = _ext.ext()
     if device.type == "cuda":
         with torch.cuda.device(device):  # kernels launch on the current device
             getattr(module, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
     else:
-        getattr(module, name)(*args)
+        getattr(module, name)(*args, torch.get_num_threads())
 
 
-def _dims(x: torch.Tensor) -> tuple[int, int]:
-    """(rows = M * C, L) of a [M, C, L] tensor."""
-    return x.shape[0] * x.shape[1], x.shape[2]
+def _shape_args(small: torch.Tensor, full: torch.Tensor) -> tuple[int, int, int, bool, int]:
+    """(M, C, L, shared_over_channels, dtype code) of a [M, C, L] op whose small operand is ``small``."""
+    m, c, length = full.shape
+    paper = small.shape[1] == 1 and small.shape[2] == length  # [M, 1, L] (for C = 1 both forms agree)
+    return m, c, length, paper, _DTYPE_CODES[full.dtype]
 
 
 @torch.library.custom_op("isg::gated_hadamard", mutates_args=())
 def _gated_hadamard_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    _check_gated_op("gated_hadamard", q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(k)
-    rows, length = _dims(k)
-    if rows * length:
+    if k.numel():
         _call("gated_hadamard_forward", k.device, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-              rows, length, _DTYPE_CODES[k.dtype])
+              *_shape_args(q, k))
     return out
 
 
 @_gated_hadamard_op.register_fake
 def _(q, k, v):
+    _check_gated_op("gated_hadamard", q, k, v)
     return torch.empty_like(k, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("isg::gated_hadamard_backward", mutates_args=())
 def _gated_hadamard_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_gated_op("gated_hadamard_backward", q, k, v, grad)
     grad, q, k, v = grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    rows, length = _dims(k)
-    if rows * length:
+    if q.numel():  # with k empty the kernel zeroes grad_q (a sum over nothing)
         _call("gated_hadamard_backward", k.device, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-              grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), rows, length, _DTYPE_CODES[k.dtype])
-    elif rows:
-        grad_q.zero_()
+              grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), *_shape_args(q, k))
     return grad_q, grad_k, grad_v
 
 
 @_gated_hadamard_backward_op.register_fake
 def _(grad, q, k, v):
+    _check_gated_op("gated_hadamard_backward", q, k, v, grad)
     fmt = torch.contiguous_format
     return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
             torch.empty_like(v, memory_format=fmt))
@@ -161,35 +185,37 @@ _gated_hadamard_op.register_autograd(_gated_hadamard_grad, setup_context=_gated_
 
 @torch.library.custom_op("isg::softmax_spatial_sum", mutates_args=())
 def _softmax_spatial_sum_op(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    _check_softmax_op("softmax_spatial_sum", logits, p)
     logits, p = logits.contiguous(), p.contiguous()
-    out = logits.new_empty(logits.shape[:2])
-    rows, length = _dims(logits)
-    if rows:
-        _call("softmax_spatial_sum_forward", logits.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
-              rows, length, _DTYPE_CODES[logits.dtype])
+    out = p.new_empty(p.shape[:2])
+    if out.numel():
+        _call("softmax_spatial_sum_forward", p.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
+              *_shape_args(logits, p))
     return out
 
 
 @_softmax_spatial_sum_op.register_fake
 def _(logits, p):
-    return logits.new_empty(logits.shape[:2])
+    _check_softmax_op("softmax_spatial_sum", logits, p)
+    return p.new_empty(p.shape[:2])
 
 
 @torch.library.custom_op("isg::softmax_spatial_sum_backward", mutates_args=())
 def _softmax_spatial_sum_backward_op(grad: torch.Tensor, logits: torch.Tensor,
                                      p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # the forward output is recomputed in float inside the kernel (not saved, not rounded)
+    _check_softmax_op("softmax_spatial_sum_backward", logits, p, grad)
     grad, logits, p = grad.contiguous(), logits.contiguous(), p.contiguous()
     grad_logits, grad_p = torch.empty_like(logits), torch.empty_like(p)
-    rows, length = _dims(logits)
-    if rows:
-        _call("softmax_spatial_sum_backward", logits.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
-              grad_logits.data_ptr(), grad_p.data_ptr(), rows, length, _DTYPE_CODES[logits.dtype])
+    if logits.numel():  # with C = 0 the kernel zeroes the paper-form grad_logits
+        _call("softmax_spatial_sum_backward", p.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
+              grad_logits.data_ptr(), grad_p.data_ptr(), *_shape_args(logits, p))
     return grad_logits, grad_p
 
 
 @_softmax_spatial_sum_backward_op.register_fake
 def _(grad, logits, p):
+    _check_softmax_op("softmax_spatial_sum_backward", logits, p, grad)
     fmt = torch.contiguous_format
     return torch.empty_like(logits, memory_format=fmt), torch.empty_like(p, memory_format=fmt)
 
@@ -227,33 +253,25 @@ def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
-def _native_shape(op: str, small: torch.Tensor, full: torch.Tensor) -> bool:
-    """Whether the native kernels serve this broadcast form (TODO(kernels): the paper's [M, 1, L] form)."""
-    if op == "gated_hadamard":
-        return small.shape[-1] == 1
-    return small.shape[1] == full.shape[1]
+def _use_fused(op: str, fused: bool | None, small: torch.Tensor, full: torch.Tensor) -> bool:
+    available = native_available(full)
+    if fused and not available:
+        raise RuntimeError(f"{op}: no fused kernel for {full.dtype} on {full.device} "
+                           f"(isg._C: {_ext.ext_error() or 'built'}; isg info says why)")
+    return available if fused is None else fused
 
 
 def gated_hadamard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
     """``sigmoid(q * k) * v``: q [M, 1, L] (paper) or [M, C, 1] (plus), k and v [M, C, L] -> [M, C, L].
 
-    ``fused=None`` uses the native kernel when available for the device,
-    dtype and broadcast form, ``True`` requires it, ``False`` forces the
-    PyTorch reference.
+    ``fused=None`` uses the native kernel when available for the device and
+    dtype, ``True`` requires it, ``False`` forces the PyTorch reference.
     """
-    if q.dim() == 2:
-        q = q.unsqueeze(-1)  # shorthand for the plus form [M, C, 1]
     _check_gated(q, k, v)
     q, k, v = _common(q, k, v)
-    available = native_available(k) and _native_shape("gated_hadamard", q, k)
-    if fused is None:
-        fused = available
-    elif fused and not available:
-        raise RuntimeError(f"gated_hadamard: no fused kernel for q {tuple(q.shape)} {k.dtype} on {k.device} "
-                           f"(isg._C: {_ext.ext_error() or 'built'})")
-    if not fused:
-        return gated_hadamard_reference(q, k, v)
-    return torch.ops.isg.gated_hadamard(q.squeeze(-1), k, v)
+    if _use_fused("gated_hadamard", fused, q, k):
+        return torch.ops.isg.gated_hadamard(q, k, v)
+    return gated_hadamard_reference(q, k, v)
 
 
 def softmax_spatial_sum(logits: torch.Tensor, p: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
@@ -263,10 +281,6 @@ def softmax_spatial_sum(logits: torch.Tensor, p: torch.Tensor, *, fused: bool | 
     """
     _check_softmax(logits, p)
     logits, p = _common(logits, p)
-    available = native_available(p) and _native_shape("softmax_spatial_sum", logits, p)
-    if fused is None:
-        fused = available
-    elif fused and not available:
-        raise RuntimeError(f"softmax_spatial_sum: no fused kernel for logits {tuple(logits.shape)} {p.dtype} "
-                           f"on {p.device} (isg._C: {_ext.ext_error() or 'built'})")
-    return torch.ops.isg.softmax_spatial_sum(logits, p) if fused else softmax_spatial_sum_reference(logits, p)
+    if _use_fused("softmax_spatial_sum", fused, logits, p):
+        return torch.ops.isg.softmax_spatial_sum(logits, p)
+    return softmax_spatial_sum_reference(logits, p)

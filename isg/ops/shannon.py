@@ -22,8 +22,9 @@ exactly (no entropy coder is run):
    set of used symbols among the C(256, K) subsets, and the index of their
    positive counts among the C(N - 1, K - 1) compositions of N into K parts.
    ``log2 C(n, k)`` is evaluated as ``sum_{i=1..k} log2((n - k + i) / i)`` with
-   ``k -> min(k, n - k)``, the same double-precision formula in numpy, C++ and
-   CUDA (``csrc/shannon/shannon_bits.h``).
+   ``k -> min(k, n - k)``, the same double-precision formula in numpy and C++
+   (``csrc/shannon/shannon_bits.h``); bits are always computed on the host, also for
+   histograms counted on a GPU, so a ranking never depends on the device.
 
 A flat tile costs a few dozen bits per channel, a noise tile ~8 bits per
 subpixel. RGBA input: the alpha channel is dropped (it carries no tissue
@@ -179,36 +180,63 @@ def shannon_grid_histogram_reference(region, tile, stride=None) -> np.ndarray:
 # Native custom ops: tiles are passed as base pointer + per-tile element offsets + strides (no copies).
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+def _call(name: str, device: torch.device, *args) -> None:
+    """``isg._C.<name>_cpu`` (with torch's thread count) or ``isg._C.<name>_cuda`` (on the tensors' device
+    and its current stream). The one place where the Shannon kernels are launched."""
+    module = _ext.ext()
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # a tensor on cuda:1 while cuda:0 is current launches on cuda:1
+            getattr(module, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        getattr(module, f"{name}_cpu")(*args, torch.get_num_threads())
+
+
+def _check_tiles_op(op: str, data: torch.Tensor, dims: int) -> None:
+    """Checks inside the registered ops (what torch.compile graphs call), before any pointer is read."""
+    if data.dtype != torch.uint8 or data.dim() != dims:
+        raise ValueError(f"isg::{op}: expected uint8 with {dims} dims, got {data.dtype} {tuple(data.shape)}")
+    if data.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"isg::{op}: no kernel for device {data.device} (cpu or cuda)")
+    if not 1 <= data.shape[-1] <= (64 if data.device.type != "cuda" else 4):
+        raise ValueError(f"isg::{op}: {data.shape[-1]} channels (1..4 on CUDA, 1..64 on CPU)")
 
 
 def _launch_histogram(data: torch.Tensor, offsets: torch.Tensor, height: int, width: int, channels: int,
                       strides: tuple[int, int, int]) -> torch.Tensor:
-    ext = _ext.ext()
-    hist = torch.empty((offsets.numel(), channels, 256), dtype=torch.int64, device=data.device)
-    args = (data.data_ptr(), offsets.data_ptr(), offsets.numel(), height, width, channels, *strides, hist.data_ptr())
-    if data.device.type == "cuda":
-        ext.shannon_histogram_cuda(*args, torch.cuda.current_stream(data.device).cuda_stream)
-    else:
-        ext.shannon_histogram_cpu(*args, _threads())
+    """Histograms int32 [tiles, channels, 256] of the tiles at data + offsets (element offsets, on data's device)."""
+    hist = torch.empty((offsets.numel(), channels, 256), dtype=torch.int32, device=data.device)
+    if offsets.numel():
+        _call("shannon_histogram", data.device, data.data_ptr(), offsets.data_ptr(), offsets.numel(), height, width,
+              channels, *strides, hist.data_ptr())
     return hist
 
 
 @torch.library.custom_op("isg::shannon_histogram", mutates_args=())
 def _histogram_op(tiles: torch.Tensor) -> torch.Tensor:
+    _check_tiles_op("shannon_histogram", tiles, 4)
     batch, height, width, channels = tiles.shape
+    if min(height, width) < 1:
+        raise ValueError(f"isg::shannon_histogram: empty tiles {tuple(tiles.shape)}")
     offsets = torch.arange(batch, dtype=torch.int64, device=tiles.device) * tiles.stride(0)
     return _launch_histogram(tiles, offsets, height, width, channels, tiles.stride()[1:])
 
 
 @_histogram_op.register_fake
 def _(tiles):
-    return tiles.new_empty((tiles.shape[0], tiles.shape[3], 256), dtype=torch.int64)
+    _check_tiles_op("shannon_histogram", tiles, 4)
+    return tiles.new_empty((tiles.shape[0], tiles.shape[3], 256), dtype=torch.int32)
+
+
+def _check_grid_op(region: torch.Tensor, tile_h: int, tile_w: int, stride_y: int, stride_x: int) -> None:
+    _check_tiles_op("shannon_grid_histogram", region, 3)
+    if min(tile_h, tile_w, stride_y, stride_x) < 1 or tile_h > region.shape[0] or tile_w > region.shape[1]:
+        raise ValueError(f"isg::shannon_grid_histogram: tile ({tile_h}, {tile_w}) stride ({stride_y}, {stride_x}) "
+                         f"do not fit region {tuple(region.shape)}")
 
 
 @torch.library.custom_op("isg::shannon_grid_histogram", mutates_args=())
 def _grid_histogram_op(region: torch.Tensor, tile_h: int, tile_w: int, stride_y: int, stride_x: int) -> torch.Tensor:
+    _check_grid_op(region, tile_h, tile_w, stride_y, stride_x)
     height, width, channels = region.shape
     ny, nx = grid_shape(height, width, (tile_h, tile_w), (stride_y, stride_x))
     ys = torch.arange(ny, dtype=torch.int64, device=region.device) * (stride_y * region.stride(0))
@@ -219,25 +247,32 @@ def _grid_histogram_op(region: torch.Tensor, tile_h: int, tile_w: int, stride_y:
 
 @_grid_histogram_op.register_fake
 def _(region, tile_h, tile_w, stride_y, stride_x):
+    _check_grid_op(region, tile_h, tile_w, stride_y, stride_x)
     ny, nx = grid_shape(region.shape[0], region.shape[1], (tile_h, tile_w), (stride_y, stride_x))
-    return region.new_empty((ny * nx, region.shape[2], 256), dtype=torch.int64)
+    return region.new_empty((ny * nx, region.shape[2], 256), dtype=torch.int32)
+
+
+def _check_bits_op(hist: torch.Tensor) -> None:
+    if hist.dtype != torch.int64 or hist.dim() != 3 or hist.shape[2] != 256:
+        raise ValueError(f"isg::shannon_bits_from_histogram: expected int64 [B, C, 256], got {hist.dtype} {tuple(hist.shape)}")
+    if hist.device.type not in ("cpu", "meta"):
+        raise ValueError(f"isg::shannon_bits_from_histogram: bits are computed on the host (identical on every device); "
+                         f"got a histogram on {hist.device}: move it with .cpu()")
 
 
 @torch.library.custom_op("isg::shannon_bits_from_histogram", mutates_args=())
 def _bits_op(hist: torch.Tensor) -> torch.Tensor:
+    _check_bits_op(hist)
     hist = hist.contiguous()
-    bits = torch.empty(hist.shape[0], dtype=torch.float64, device=hist.device)
-    ext = _ext.ext()
-    if hist.device.type == "cuda":
-        ext.shannon_bits_cuda(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(),
-                              torch.cuda.current_stream(hist.device).cuda_stream)
-    else:
-        ext.shannon_bits_cpu(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(), _threads())
+    bits = torch.empty(hist.shape[0], dtype=torch.float64)
+    if hist.shape[0]:
+        _ext.ext().shannon_bits_cpu(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(), torch.get_num_threads())
     return bits
 
 
 @_bits_op.register_fake
 def _(hist):
+    _check_bits_op(hist)
     return hist.new_empty((hist.shape[0],), dtype=torch.float64)
 
 
@@ -266,7 +301,7 @@ def shannon_histogram(tiles) -> np.ndarray | torch.Tensor:
     is_numpy = isinstance(tiles, np.ndarray)
     x = _as_tensor(tiles)
     if _native(x.device):
-        hist = _histogram_op(x)
+        hist = _histogram_op(x).long()
     elif x.device.type != "cpu":
         hist = shannon_histogram_torch(x)
     else:
@@ -275,13 +310,15 @@ def shannon_histogram(tiles) -> np.ndarray | torch.Tensor:
 
 
 def histogram_bits(hist) -> np.ndarray:
-    """Bits float64 [B] of residual histograms int64 [B, C, 256] (native when built, else numpy)."""
+    """Bits float64 [B] of residual histograms int64 [B, C, 256], computed on the host for histograms from
+    any device (native when built, else numpy), so a ranking never depends on the device."""
     x = _as_tensor(np.asarray(hist, dtype=np.int64) if not isinstance(hist, torch.Tensor) else hist)
     if x.dtype != torch.int64 or x.ndim != 3 or x.shape[2] != 256:
         raise ValueError(f"hist: expected int64 [B, C, 256], got {x.dtype} {tuple(x.shape)}")
-    if _native(x.device) and _ext.has("shannon_bits_cpu"):
-        return _bits_op(x).cpu().numpy()
-    return bits_from_histogram(x.cpu().numpy())
+    x = x.cpu()
+    if _ext.has("shannon_bits_cpu"):
+        return _bits_op(x).numpy()
+    return bits_from_histogram(x.numpy())
 
 
 CHUNK_TILES = 4096  # bits are computed per chunk of tiles: histograms take C * 2 KiB per tile
@@ -304,7 +341,7 @@ def shannon_grid_histogram(region, tile, stride=None) -> np.ndarray | torch.Tens
     is_numpy = isinstance(region, np.ndarray)
     x = _as_tensor(region)
     if _native(x.device):
-        hist = _grid_histogram_op(x, th, tw, sy, sx)
+        hist = _grid_histogram_op(x, th, tw, sy, sx).long()
     elif x.device.type != "cpu":
         hist = shannon_histogram_torch(_grid_tiles_torch(x, (th, tw), (sy, sx)))
     else:
