@@ -20,7 +20,7 @@ def is_available(backend: str) -> bool:
 
     ``ext``: the native module ``isg._C``; ``cuda``: its CUDA kernels and a CUDA
     device; ``cucim`` / ``openslide`` / ``tifffile`` / ``dali``: slide and
-    decode backends; ``lpips``: the LPIPS package.
+    decode backends; ``lpips``: the ImageNet AlexNet weights LPIPS needs (LPIPS itself is part of isg).
     """
     from isg import _ext
 
@@ -30,7 +30,11 @@ def is_available(backend: str) -> bool:
         return _ext.cuda_ready()
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS)}")
-    module = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dali": "nvidia.dali", "lpips": "lpips"}[backend]
+    if backend == "lpips":
+        from isg.features.lpips_loss import cached_alexnet_weights
+
+        return cached_alexnet_weights() is not None
+    module = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dali": "nvidia.dali"}[backend]
     try:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return False

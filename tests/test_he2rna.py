@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from isg.baselines import HE2RNA, he2rna_features, load_resnet50, otsu_tissue_mask, supertiles, tissue_tile_coords, topk_mean
+
+torchvision = pytest.importorskip("torchvision", reason="the HE2RNA baseline is optional: isg[he2rna]")
 
 
 def test_topk_mean_known_answer():

@@ -90,7 +90,11 @@ def load_resnet50(weights: str | os.PathLike | None = None, device: str | torch.
     them); nothing is downloaded. With neither, the weights stay random and a
     warning says so: usable for tests only. ``arch`` allows a smaller ResNet.
     """
-    import torchvision
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ImportError("the HE2RNA baseline needs torchvision: pip install 'isg[he2rna]' "
+                          "(or the torchvision build that matches your torch)") from exc
 
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")

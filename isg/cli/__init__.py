@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("info", "synth", "manifest", "preprocess", "select", "extract", "train", "predict", "demo")
+SUBCOMMANDS = ("info", "synth", "manifest", "preprocess", "select", "extract", "train", "predict", "demo", "bench")
 
 
 class CLIError(Exception):
