@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 GENES = 100
