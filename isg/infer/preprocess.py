@@ -400,18 +400,11 @@ def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.nda
 def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
     """Per-slide level-0 mpp from a CSV/TSV with columns ``slide`` (file name, path or slide id) and ``mpp``;
     returns {slide id: mpp}. Raises ValueError naming the file and the bad row."""
-    import pandas as pd
-
-    from isg.utils import table_separator
+    from isg.utils import read_text_table
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot be read as a table ({exc})") from exc
-    table.columns = table.columns.str.strip().str.lower()
+    table = read_text_table(path, "mpp table")
+    table.columns = table.columns.str.lower()
     if not {"slide", "mpp"} <= set(table.columns):
         raise ValueError(f"{path}: needs columns slide, mpp (has: {', '.join(table.columns)})")
     mpps: dict[str, float] = {}
