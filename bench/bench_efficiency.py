@@ -1,6 +1,7 @@
-"""The paper's efficiency claim, side by side: ISG vs HE2RNA inference seconds per slide (Sec. 4.4).
+"""The paper's efficiency claim, side by side: ISG vs HE2RNA inference seconds per slide.
 
-Paper (one GPU): ISG 246 s/slide, HE2RNA 302 s/slide (ratio 0.81). Goal here: ratio <= 0.3.
+Paper (its timing comparison, one GPU): ISG 246 s/slide, HE2RNA 302 s/slide (ratio 0.81).
+Goal here (asserted): ISG / HE2RNA <= 0.3 (``GOAL_RATIO``); the figures are printed when it misses.
 
 Both pipelines run in this process, one after the other, on the same slides and
 device, from the slide file to the prediction (no cached tiles or features):
@@ -29,11 +30,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 GENES = 100
 D = 512
+GOAL_RATIO = 0.3  # ISG / HE2RNA seconds per slide
 STAGES = ("read", "select", "features", "predict")
 
 
@@ -106,5 +107,7 @@ def test_isg_vs_he2rna_seconds_per_slide(tmp_path_factory, report):
                tiles=mean(isg_rows, "n_tissue"), kept=mean(isg_rows, "n_patches"),
                **{k: round(mean(isg_rows, k), 3) for k in STAGES}, **extra)
     ratio = mean(isg_rows, "total") / mean(he_rows, "total")
-    print(f"\nISG / HE2RNA seconds per slide: {ratio:.3f} (paper: 246 / 302 = 0.81; goal <= 0.3)")
-    assert ratio > 0  # figures are reported, not asserted
+    figures = (f"ISG {mean(isg_rows, 'total'):.2f} s/slide vs HE2RNA {mean(he_rows, 'total'):.2f} s/slide on {len(slides)} "
+               f"slide(s), {device}: ratio {ratio:.3f} (paper: 246 / 302 = 0.81; goal <= {GOAL_RATIO})")
+    print("\n" + figures)
+    assert ratio <= GOAL_RATIO, f"efficiency goal missed: {figures}"

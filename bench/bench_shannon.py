@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from isg import _ext
 from isg.ops import shannon
-from isg.select.samples import histology_image, slide_like_tiles
+from tissue_samples import histology_image, slide_like_tiles  # tests/tissue_samples.py (bench/conftest.py)
 
 TILE = 256
 

@@ -13,11 +13,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test fixtures (tissue_samples) for benchmarks
 
 _TABLES: dict[str, dict] = defaultdict(lambda: {"rows": [], "baseline": None, "unit": "", "higher_is_better": True})
 

@@ -38,6 +38,25 @@ def table_separator(path: str | os.PathLike) -> str:
         return "\t"
 
 
+def read_text_table(path: str | os.PathLike, what: str = "table", error: type[Exception] = ValueError):
+    """A CSV/TSV file as a pandas DataFrame of stripped-name string columns (nothing parsed as NaN).
+
+    Raises FileNotFoundError for a missing file and ``error`` for one that cannot be read as a table,
+    both naming ``what`` and the file.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path}: cannot be read as a CSV/TSV table ({exc})") from exc
+    table.columns = table.columns.str.strip()
+    return table
+
+
 def _umask() -> int:  # read once at import: os.umask is process-wide, not for worker threads
     mask = os.umask(0)
     os.umask(mask)

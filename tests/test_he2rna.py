@@ -156,3 +156,36 @@ def test_supertiles_average_spatial_clusters():
     assert torch.equal(same, features[:4]) and same_labels.tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="coords must be"):
         supertiles(coords[:, :1], features, 3)
+
+
+# ----------------------------------------------------------------------------- HE2RNA-Shannon
+
+
+def test_he2rna_shannon_scores_tiles_and_keeps_the_selected_ones(tmp_path):
+    from isg.infer.he2rna import he2rna_predict_slide, he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
+    from isg.io import open_slide
+    from isg.io.synth import make_cohort
+    from isg.select import SelectionRule, score_tiles, select
+
+    slide_path = make_cohort(tmp_path, n_slides=1, size=1024, genes=3, seed=5).slides[0]
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        backbone = load_resnet50(arch="resnet18")
+    model = HE2RNA(backbone.num_features, 3, hidden=(8,), ks=(1, 3)).eval()
+    rule = SelectionRule("mean_std", n_sigma=0.5)
+    with open_slide(slide_path) as slide:
+        grid = he2rna_tile_grid(slide)
+        assert grid.size == 224 and len(grid.coords) >= 4  # 0.5 um/px slide: tiles read at 224 px, no resize
+        tiles = np.stack([slide.read_region(tuple(c), grid.level, (grid.size, grid.size)) for c in grid.coords])
+        scores = he2rna_tile_scores(slide, grid, batch_size=3)
+        np.testing.assert_allclose(scores, score_tiles(tiles))  # grid order, whatever the batch size
+        keep = select(scores, rule)
+        assert 0 < keep.sum() < len(keep)
+        prediction, timings = he2rna_predict_slide(slide, backbone, model, selection=rule, batch_size=4)
+        everything, _ = he2rna_predict_slide(slide, backbone, model, batch_size=4)
+        features, coords = he2rna_slide_features(slide, backbone, grid.subset(keep))
+    assert timings["n_tiles"] == keep.sum() and timings["n_scored"] == len(keep)
+    np.testing.assert_array_equal(coords, grid.coords[keep])
+    with torch.no_grad():
+        expected = model(he2rna_features(tiles[keep], backbone)[None])[0].numpy()
+    np.testing.assert_allclose(prediction, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(prediction, everything)  # a different bag of tiles

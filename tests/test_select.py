@@ -6,21 +6,27 @@ import numpy as np
 import pytest
 import torch
 
-from isg.select import (PAPER_THRESHOLD_BITS, SELECTORS, default_threshold_bits, get_selector, grey_tiles,
-                        otsu_grey_threshold, score_tiles, select)
-from isg.select.samples import histology_image, textureless_tiles
+from isg.select import (DEFAULT_RULE, NATURAL_RULES, PAPER_THRESHOLD_BITS, RULES, SELECTION_FILE, SELECTORS,
+                        SelectionRule, SelectionWarning, apply_rule, cohort_threshold, default_threshold_bits,
+                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scores, reselect_h5,
+                        score_tiles, select)
+from tissue_samples import histology_image, textureless_tiles
 
 SCORES = np.array([5.0, 1.0, 9.0, 3.0, 9.0, 0.0])
 
 
 def test_threshold_rule():
     np.testing.assert_array_equal(select(SCORES, "threshold", threshold=3.0), [1, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, threshold=9.0), [0, 0, 1, 0, 1, 0])
-    # nothing passes: min_keep keeps the best one (first of ties), unless disabled
-    np.testing.assert_array_equal(select(SCORES, threshold=100.0), [0, 0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(select(SCORES, threshold=100.0, min_keep=0), np.zeros(6, bool))
-    np.testing.assert_array_equal(select(SCORES, threshold=100.0, min_keep=3), [1, 0, 1, 0, 1, 0])
-    assert select(SCORES, threshold=3.0).dtype == np.bool_
+    np.testing.assert_array_equal(select(SCORES, SelectionRule("threshold", threshold=9.0)), [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "cohort", threshold=9.0), [0, 0, 1, 0, 1, 0])  # a frozen cohort cut
+    # nothing passes: min_keep keeps the best one (first of ties), unless disabled, and says so
+    with pytest.warns(SelectionWarning, match=r"slide-7: rule 'threshold' keeps 0 of 6 tiles \(cut 100.*keeping the 1 best"):
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, name="slide-7"), [0, 0, 1, 0, 0, 0])
+    with pytest.warns(SelectionWarning, match="keeping none"):
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, min_keep=0), np.zeros(6, bool))
+    with pytest.warns(SelectionWarning, match="keeps 2 of 6"):
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=9.0, min_keep=3), [1, 0, 1, 0, 1, 0])
+    assert select(SCORES, "threshold", threshold=3.0).dtype == np.bool_
 
 
 def test_topk_rule():
@@ -35,8 +41,45 @@ def test_mean_std_rule():
     np.testing.assert_array_equal(select(SCORES, "mean_std"), [0, 0, 1, 0, 1, 0])
     np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=0.0), [1, 0, 1, 0, 1, 0])
     np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=-1.0), [1, 1, 1, 1, 1, 0])
-    # constant scores: nobody is above the mean, min_keep keeps one
-    np.testing.assert_array_equal(select(np.ones(4), "mean_std"), [1, 0, 0, 0])
+    assert mean_std_threshold(SCORES) == pytest.approx(4.5 + np.sqrt(((SCORES - 4.5) ** 2).mean()))
+    # constant scores: nobody is above the mean, min_keep keeps one, and the warning says the scores saturate
+    with pytest.warns(SelectionWarning, match="saturate: 100% of the 4 tiles share the maximum 1"):
+        np.testing.assert_array_equal(select(np.ones(4), "mean_std"), [1, 0, 0, 0])
+
+
+def test_saturated_otsu_scores_keep_nothing_under_mean_std_and_say_so():
+    # the issue-9 artefact: tissue fractions saturate at 1.0, mean + sigma > 1 keeps nothing
+    fractions = np.r_[np.ones(60), np.linspace(0.05, 0.95, 40)]
+    with pytest.warns(SelectionWarning, match="saturate: 60% of the 100 tiles"):
+        assert select(fractions, "mean_std").sum() == 1
+    assert select(fractions, NATURAL_RULES["otsu"]).sum() == 60 + (np.linspace(0.05, 0.95, 40) >= 0.5).sum()
+
+
+def test_cohort_threshold_pools_slides():
+    slides = [np.array([1.0, 2.0, 3.0]), np.array([10.0]), np.array([], np.float64)]
+    pooled = np.array([1.0, 2.0, 3.0, 10.0])
+    assert cohort_threshold(slides) == pytest.approx(pooled.mean() + pooled.std())
+    assert cohort_threshold(slides, n_sigma=0.5) == pytest.approx(pooled.mean() + 0.5 * pooled.std())
+    # one cut for every slide: the low slide keeps nothing above the cohort mean + sigma...
+    cut = cohort_threshold(slides)
+    with pytest.warns(SelectionWarning):
+        assert select(slides[0], "cohort", threshold=cut).sum() == 1  # ...min_keep steps in, loudly
+    with pytest.raises(ValueError, match="no scores"):
+        cohort_threshold([np.zeros(0)])
+    with pytest.raises(ValueError, match="needs threshold"):
+        select(SCORES, "cohort")
+
+
+def test_rule_defaults_have_one_definition():
+    from isg.cli import build_parser
+    from isg.infer.preprocess import PreprocessOptions
+
+    assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
+    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} and set(NATURAL_RULES) == set(SELECTORS)
+    assert PreprocessOptions().rule == DEFAULT_RULE.rule and PreprocessOptions().n_sigma == DEFAULT_RULE.n_sigma
+    for command in ("preprocess", "select"):
+        args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
+        assert args.n_sigma == DEFAULT_RULE.n_sigma
 
 
 def test_empty_scores():
@@ -50,6 +93,8 @@ def test_empty_scores():
     ({"rule": "topk", "k": 1.5}, "k="),
     ({"rule": "best"}, "unknown rule"),
     ({"rule": "topk", "k": 1, "min_keep": -1}, "min_keep"),
+    ({"rule": "mean_std", "n_sigma": float("nan")}, "n_sigma"),
+    ({"rule": "threshold", "threshold": float("inf")}, "threshold"),
 ])
 def test_select_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -124,7 +169,7 @@ def test_otsu_with_slide_threshold_is_batch_independent(tissue_and_background):
     np.testing.assert_array_equal(np.concatenate([scorer(tissue_and_background[:1]), scorer(tissue_and_background[1:])]),
                                   whole)
     grey = grey_tiles(tissue_and_background)
-    np.testing.assert_allclose(whole, (grey < threshold).mean(axis=(1, 2)))
+    np.testing.assert_allclose(whole, (grey <= threshold).mean(axis=(1, 2)))
     with pytest.raises(ValueError, match="takes no options"):
         get_selector("canny", threshold=3)
 
@@ -137,3 +182,124 @@ def test_get_selector_errors_and_score_tiles():
     assert grey_tiles(tiles).shape == (2, 8, 8)
     with pytest.raises(ValueError, match="uint8"):
         get_selector("gradient")(tiles.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- stored scores (isg select)
+
+
+def _write_h5(path, scores, selected, selector="shannon", patch_size=128, features=True):
+    """A preprocess output as isg preprocess + isg extract write it: features row i <-> i-th selected patch."""
+    import h5py
+
+    scores, selected = np.asarray(scores, np.float64), np.asarray(selected, bool)
+    all_coords = np.stack([np.arange(len(scores)) * patch_size, np.zeros(len(scores))], 1).astype(np.int64)
+    with h5py.File(path, "w") as f:
+        f.attrs.update(slide_id=path.stem, slide_path="/nowhere.tif")
+        f.create_dataset("coords", data=all_coords[selected]).attrs.update(
+            patch_size=patch_size, selector=selector, rule="mean_std", threshold=0.0, n_sigma=1.0, k=-1, name=path.stem)
+        f["all_coords"], f["scores"], f["selected"] = all_coords, scores, selected
+        if features:
+            rows = np.flatnonzero(selected).astype(np.float32)  # feature = index of its patch in all_coords
+            f.create_dataset("features", data=np.repeat(rows[:, None], 3, 1)).attrs["encoder"] = "test"
+            f["local_features"] = np.repeat(rows[:, None, None, None], 2, 3).repeat(2, 1).repeat(2, 2).astype(np.float16)
+    return path
+
+
+def test_reselect_keeps_matching_features_for_a_subset(tmp_path):
+    import h5py
+
+    path = _write_h5(tmp_path / "a.h5", [5, 1, 9, 3, 8, 0], [1, 0, 1, 1, 1, 0])
+    result = reselect_h5(path, SelectionRule("topk", k=2), tmp_path / "out" / "a.h5")
+    assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "features": "kept"}
+    with h5py.File(tmp_path / "out" / "a.h5") as f:
+        np.testing.assert_array_equal(f["selected"][()], [0, 0, 1, 0, 1, 0])
+        np.testing.assert_array_equal(f["coords"][()][:, 0], [2 * 128, 4 * 128])
+        np.testing.assert_array_equal(f["features"][()][:, 0], [2, 4])  # the rows of patches 2 and 4
+        np.testing.assert_array_equal(f["local_features"][()][:, 0, 0, 0], [2, 4])
+        assert f["features"].attrs["encoder"] == "test" and f.attrs["slide_id"] == "a"
+        assert f["coords"].attrs["rule"] == "topk" and f["coords"].attrs["k"] == 2
+        assert np.isnan(f["coords"].attrs["threshold"]) and f["coords"].attrs["patch_size"] == 128
+    # a selection outside the old one cannot reuse features: they are dropped, in place
+    assert reselect_h5(path, SelectionRule("threshold", threshold=1.0))["features"] == "dropped"
+    with h5py.File(path) as f:
+        assert "features" not in f and "local_features" not in f and f["coords"].shape == (5, 2)
+        assert f["coords"].attrs["threshold"] == 1.0
+
+
+def test_apply_cohort_rule_freezes_one_cut_and_records_it(tmp_path):
+    import json
+
+    low = _write_h5(tmp_path / "low.h5", [1.0, 2.0, 3.0], [0, 0, 1], features=False)
+    high = _write_h5(tmp_path / "high.h5", [6.0, 8.0, 10.0, 12.0], [0, 0, 1, 1], features=False)
+    pooled = np.array([1.0, 2.0, 3.0, 6.0, 8.0, 10.0, 12.0])
+    with pytest.warns(SelectionWarning, match="low.h5: rule 'cohort' keeps 0 of 3"):
+        record = apply_rule([low, high], SelectionRule("cohort"))
+    cut = pooled.mean() + pooled.std()
+    assert record["threshold"] == pytest.approx(cut) and record["rule"]["threshold"] == pytest.approx(cut)
+    assert record["slides"]["high"]["n_kept"] == 2 and record["slides"]["low"]["n_kept"] == 1
+    assert record["kept_per_slide"] == {"mean": 1.5, "min": 1, "max": 2} and record["threshold_unit"] == "bits"
+    assert json.loads((tmp_path / SELECTION_FILE).read_text()) == record
+    assert read_scores(high)[1]["threshold"] == pytest.approx(cut) and read_scores(high)[1]["rule"] == "cohort"
+    # a new slide is cut at the frozen threshold: it never moves it
+    (tmp_path / "new").mkdir()
+    new = _write_h5(tmp_path / "new" / "new.h5", [9.0, 100.0, 200.0], [1, 1, 1], features=False)
+    frozen = SelectionRule(**record["rule"])
+    assert apply_rule([new], frozen)["threshold"] == pytest.approx(cut)
+    assert read_scores(new)[1]["threshold"] == pytest.approx(cut)
+
+
+def test_apply_rule_refuses_mixed_scales_and_bad_files(tmp_path):
+    a = _write_h5(tmp_path / "a.h5", [1.0, 2.0], [1, 1], selector="shannon")
+    b = _write_h5(tmp_path / "b.h5", [0.5, 0.9], [1, 1], selector="otsu")
+    with pytest.raises(ValueError, match="mix selectors"):
+        apply_rule([a, b], SelectionRule("cohort"))
+    (tmp_path / "c.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="c.h5: not a readable HDF5"):
+        apply_rule([a, tmp_path / "c.h5"], SelectionRule("cohort"))
+    with pytest.raises(ValueError, match="no .h5 files"):
+        apply_rule([], SelectionRule())
+
+
+def test_isg_select_cli(tmp_path, capsys):
+    import json
+
+    from isg.cli import main
+
+    (tmp_path / "train").mkdir()
+    for name, scores in (("s1", [1.0, 5.0, 9.0]), ("s2", [2.0, 3.0, 4.0, 20.0])):
+        _write_h5(tmp_path / "train" / f"{name}.h5", scores, np.ones(len(scores), bool))
+    assert main(["select", str(tmp_path / "train"), "--rule", "cohort"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["rule"]["rule"] == "cohort" and record["n_scored"] == 7
+    (tmp_path / "new").mkdir()
+    _write_h5(tmp_path / "new" / "n1.h5", [0.0, 30.0], [1, 1])
+    assert main(["select", str(tmp_path / "new"), "--from-selection", str(tmp_path / "train" / SELECTION_FILE)]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == pytest.approx(record["threshold"])
+    assert main(["select", str(tmp_path / "new"), "--rule", "topk", "--top-k", "1", "--out", str(tmp_path / "k1")]) == 0
+    assert json.loads(capsys.readouterr().out)["kept_per_slide"]["max"] == 1
+    assert main(["select", str(tmp_path / "nothing")]) == 2
+    assert main(["select", str(tmp_path / "new"), "--rule", "threshold"]) == 2
+    assert "needs --threshold" in capsys.readouterr().err
+
+
+def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
+    import json
+
+    from isg.infer.predict import preprocess_options
+    from isg.infer.preprocess import preprocess_cohort, preprocess_slide
+    from isg.io.synth import make_cohort
+
+    cohort = make_cohort(tmp_path / "c", n_slides=3, size=768, genes=3, seed=1)
+    preprocess_cohort(cohort.slides[:2], tmp_path / "p", patch_size=128, local_size=32, rule="cohort", progress=False)
+    record = json.loads((tmp_path / "p" / SELECTION_FILE).read_text())
+    scores = [read_scores(tmp_path / "p" / f"{s.stem}.h5")[0] for s in cohort.slides[:2]]
+    assert record["threshold"] == pytest.approx(cohort_threshold(scores))
+    attrs = read_scores(tmp_path / "p" / f"{cohort.slides[0].stem}.h5")[1]
+    assert attrs["rule"] == "cohort" and attrs["threshold"] == pytest.approx(record["threshold"])
+    options = preprocess_options(attrs)  # what isg train records in pipeline.json and isg predict reuses
+    assert options["rule"] == "cohort" and options["threshold"] == pytest.approx(record["threshold"])
+    options["patch_size"], options["local_size"] = int(options["patch_size"]), int(options["local_size"])
+    preprocess_slide(cohort.slides[2], tmp_path / "new", **options)
+    new_scores, new_attrs = read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
+    assert new_attrs["threshold"] == pytest.approx(record["threshold"])  # a new slide does not move the cut
+    assert read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")[0].size == new_scores.size

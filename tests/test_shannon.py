@@ -16,7 +16,7 @@ from isg.ops import shannon
 from isg.ops.shannon import (bits_from_histogram, shannon_bits, shannon_bits_reference, shannon_grid_bits,
                              shannon_grid_histogram, shannon_grid_histogram_reference, shannon_histogram,
                              shannon_histogram_reference)
-from isg.select.samples import slide_like_tiles, textured_tiles, textureless_tiles
+from tissue_samples import slide_like_tiles, textured_tiles, textureless_tiles
 
 SHAPES = [(1, 1), (7, 13), (31, 17), (64, 64), (2, 9)]
 

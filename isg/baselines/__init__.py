@@ -2,6 +2,7 @@
 
 from isg.baselines.he2rna import (
     HE2RNA,
+    cached_weights,
     he2rna_features,
     load_resnet50,
     otsu_tissue_mask,
@@ -10,4 +11,4 @@ from isg.baselines.he2rna import (
     topk_mean,
 )
 
-__all__ = ["HE2RNA", "he2rna_features", "load_resnet50", "otsu_tissue_mask", "supertiles", "tissue_tile_coords", "topk_mean"]
+__all__ = ["HE2RNA", "cached_weights", "he2rna_features", "load_resnet50", "otsu_tissue_mask", "supertiles", "tissue_tile_coords", "topk_mean"]

@@ -40,17 +40,14 @@ _ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def otsu_tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
-    """Tissue mask [H, W] bool of an RGB thumbnail [H, W, 3]: pixels darker than the Otsu threshold of its grey levels."""
-    from skimage.color import rgb2gray
-    from skimage.filters import threshold_otsu
+    """Tissue mask [H, W] bool of an RGB thumbnail [H, W, 3]: pixels at or below the Otsu threshold of its grey
+    levels (:func:`isg.select.otsu_grey_threshold`, the same threshold as the ``otsu`` selector)."""
+    from isg.select import grey_tiles, otsu_grey_threshold
 
     thumbnail = np.asarray(thumbnail)
-    if thumbnail.ndim != 3 or thumbnail.shape[-1] not in (3, 4):
-        raise ValueError(f"thumbnail must be RGB [H, W, 3], got shape {thumbnail.shape}")
-    grey = rgb2gray(thumbnail[..., :3])
-    if np.ptp(grey) == 0:  # blank image: no tissue
-        return np.zeros(grey.shape, dtype=bool)
-    return grey < threshold_otsu(grey)
+    if thumbnail.ndim != 3 or thumbnail.shape[-1] not in (3, 4) or thumbnail.dtype != np.uint8:
+        raise ValueError(f"thumbnail must be uint8 RGB [H, W, 3], got {thumbnail.dtype} {thumbnail.shape}")
+    return grey_tiles(thumbnail[None])[0] <= otsu_grey_threshold(thumbnail)
 
 
 def tissue_tile_coords(
@@ -65,19 +62,22 @@ def tissue_tile_coords(
     n_rows, n_cols = int(mask.shape[0] // step), int(mask.shape[1] // step)
     if n_rows == 0 or n_cols == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # [H+1, W+1] tissue pixel counts
+    from isg.io import box_fraction
+
     ys = np.round(np.arange(n_rows + 1) * step).astype(np.int64)
     xs = np.round(np.arange(n_cols + 1) * step).astype(np.int64)
-    tissue = integral[ys[1:, None], xs[None, 1:]] - integral[ys[:-1, None], xs[None, 1:]] - integral[ys[1:, None], xs[None, :-1]] + integral[ys[:-1, None], xs[None, :-1]]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    rows, cols = np.nonzero(tissue >= min_tissue * area)  # [n_rows, n_cols] -> tiles
-    return np.stack([cols, rows], axis=1).astype(np.int64) * tile_px
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")  # row-major tiles
+    rows, cols = rows.ravel(), cols.ravel()
+    boxes = np.stack([xs[cols], ys[rows], xs[cols + 1], ys[rows + 1]], axis=1)  # [n_rows * n_cols, 4] in mask px
+    tissue = box_fraction(mask, boxes) >= min_tissue
+    return np.stack([cols[tissue], rows[tissue]], axis=1).astype(np.int64) * tile_px
 
 
 # ----------------------------------------------------------------------------- ResNet features
 
 
-def _cached_weights(arch: str) -> str | None:
+def cached_weights(arch: str = "resnet50") -> str | None:
+    """Path of torchvision's ImageNet ``arch`` weights in the local torch hub cache, or None."""
     found = sorted(glob.glob(os.path.join(torch.hub.get_dir(), "checkpoints", f"{arch}-*.pth")))
     return found[-1] if found else None
 
@@ -99,7 +99,7 @@ def load_resnet50(weights: str | os.PathLike | None = None, device: str | torch.
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
     model = getattr(torchvision.models, arch)(weights=None)
-    path = Path(weights) if weights is not None else _cached_weights(arch)
+    path = Path(weights) if weights is not None else cached_weights(arch)
     if path is None:
         warnings.warn(
             f"no {arch} ImageNet weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')} and none given: "

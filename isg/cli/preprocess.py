@@ -43,12 +43,14 @@ def register(subparsers) -> None:
     group.add_argument("--selector", default=defaults.selector,
                        help=f"{', '.join(SELECTORS)} (default {defaults.selector})")
     group.add_argument("--rule", choices=RULES,
-                       help=f"mean_std: keep above mean + n_sigma std (paper); threshold; topk (default {defaults.rule}; "
+                       help=f"mean_std: keep above mean + n_sigma std of each slide; cohort: the paper's rule, mean + "
+                            "n_sigma std over every slide's scores frozen as one cut in <out>/selection.json (with "
+                            f"--threshold: that frozen cut); threshold; topk (default {defaults.rule}; "
                             "topk with --top-k, threshold with --threshold)")
     group.add_argument("--threshold", type=float, help="absolute score cut (bits for shannon; default default_threshold_bits(p))")
     group.add_argument("--top-k", type=int, dest="k", help="keep the k best patches")
     group.add_argument("--n-sigma", type=float, default=defaults.n_sigma,
-                       help=f"sigmas above the mean for mean_std (default {defaults.n_sigma:g})")
+                       help=f"sigmas above the mean for mean_std and cohort (default {defaults.n_sigma:g})")
     group = parser.add_argument_group("damaged tiles")
     group.add_argument("--on-damaged", choices=ON_DAMAGED, default=defaults.on_damaged,
                        help=f"skip: leave out (and list) patches touching damaged tiles; fail: fail the slide "

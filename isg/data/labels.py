@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from isg.utils import list_some, table_separator
+from isg.utils import list_some, read_text_table
 
 
 class LabelError(ValueError):
@@ -21,10 +21,7 @@ def load_labels(path: str | os.PathLike, column: str = "msi", positive: str = "M
     missing values, or anything but exactly two classes one of which is ``positive``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label table {path}: no such file")
-    table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
-    table.columns = table.columns.str.strip()
+    table = read_text_table(path, "label table", LabelError)
     missing = [name for name in (id_column, column) if name not in table.columns]
     if missing:
         raise LabelError(f"label table {path}: missing column(s) {', '.join(missing)} (has: {list_some(table.columns)})")

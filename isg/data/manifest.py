@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from isg.data.tcga import patient_ids
-from isg.utils import list_some, table_separator
+from isg.utils import list_some, read_text_table
 
 REQUIRED_COLUMNS = ("slide_path", "sample_id", "patient_id")
 
@@ -42,13 +42,7 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataF
     path or same slide id) and, with ``check_files``, slides that do not exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path}: no such file")
-    try:
-        table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest {path}: cannot be read as a CSV/TSV table ({exc})") from exc
-    table.columns = table.columns.str.strip()
+    table = read_text_table(path, "manifest", ManifestError)
     if "patient_id" not in table.columns and "sample_id" in table.columns:
         patients = patient_ids(table["sample_id"].str.strip())  # TCGA: patient = first 12 characters of the sample id
         if patients is not None:

@@ -97,7 +97,7 @@ def preprocess_options(attrs: dict) -> dict:
             options[key] = attrs[key]
     if "mpp" in attrs:
         options["mpp"] = float(attrs["mpp"])
-    if attrs.get("rule") == "threshold" and not math.isnan(float(attrs.get("threshold", math.nan))):
+    if attrs.get("rule") in ("threshold", "cohort") and not math.isnan(float(attrs.get("threshold", math.nan))):
         options["threshold"] = float(attrs["threshold"])  # the training cohort's absolute threshold in bits
     if attrs.get("rule") == "topk" and int(attrs.get("k", -1)) > 0:
         options["k"] = int(attrs["k"])

@@ -51,20 +51,12 @@ import numpy as np
 from isg.data.manifest import slide_id_of
 from isg.infer.cohort import run_cohort
 from isg.io import DAMAGED_LIMIT, LOCAL_SIZE, PATCH_SIZE, READERS
-from isg.select import RULES, select
+from isg.select import DEFAULT_RULE as DEFAULT_SELECTION
+from isg.select import RULES, SelectionRule, mean_std_threshold, select
 from isg.utils import atomic_path
 
 
-def _default_rule() -> str:
-    """isg.select's default rule (``isg.select.DEFAULT_RULE``, a SelectionRule, defined by the select helper's
-    change; until that lands, the paper's ``mean_std``, which it defines)."""
-    import isg.select
-
-    rule = getattr(isg.select, "DEFAULT_RULE", None)
-    return rule.rule if rule is not None else "mean_std"
-
-
-DEFAULT_RULE = _default_rule()
+DEFAULT_RULE = DEFAULT_SELECTION.rule  # isg.select.DEFAULT_RULE: the one definition of the default rule
 ON_DAMAGED = ("skip", "fail")
 log = logging.getLogger(__name__)
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
@@ -80,10 +72,11 @@ class PreprocessOptions:
     level: int | None = None  # or read at this level (default 0)
     slide_mpp: float | None = None  # level-0 um/px for slides whose metadata lacks it
     selector: str = "shannon"
-    rule: str = DEFAULT_RULE
-    threshold: float | None = None  # absolute cut for rule "threshold" (default: isg.select.default_threshold_bits)
+    rule: str = DEFAULT_RULE  # mean_std (per slide), cohort (the paper's frozen cohort cut), threshold, topk
+    threshold: float | None = None  # absolute cut for "threshold" (default: isg.select.default_threshold_bits),
+    #                                 the frozen cut for "cohort" (None: frozen by preprocess_cohort over all slides)
     k: int | None = None  # patches kept by rule "topk"
-    n_sigma: float = 1.0  # rule "mean_std": keep above mean + n_sigma std (paper: 1)
+    n_sigma: float = DEFAULT_SELECTION.n_sigma  # mean_std / cohort: keep above mean + n_sigma std (paper: 1)
     tissue_min: float = 0.05  # minimum tissue fraction of a patch on the thumbnail mask
     backend: str = "auto"  # slide reader (isg.io.open_slide)
     reader: str = READERS[0]  # tile decoding: the slide reader in threads, or "dali"
@@ -149,7 +142,8 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
     """The absolute cut a rule applies (None for top-k).
 
     ``threshold``: the given value, else :func:`isg.select.default_threshold_bits` (Shannon bits);
-    ``mean_std``: mean + n_sigma * std of this slide's scores (paper: n_sigma = 1).
+    ``mean_std``: mean + n_sigma * std of this slide's scores; ``cohort``: the frozen cohort cut
+    ``threshold`` (NaN while it is pending: :func:`preprocess_cohort` sets it once every slide is scored).
     """
     if rule == "threshold":
         if threshold is not None:
@@ -158,7 +152,9 @@ def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_siz
 
         return float(default_threshold_bits(patch_size))
     if rule == "mean_std":
-        return float(scores.mean() + n_sigma * scores.std()) if len(scores) else math.nan
+        return mean_std_threshold(scores, n_sigma) if len(scores) else math.nan
+    if rule == "cohort":
+        return float(threshold) if threshold is not None else math.nan
     return None
 
 
@@ -286,12 +282,14 @@ def check_damaged(slide, damaged, n_patches: int, opts: PreprocessOptions) -> No
         raise DamagedSlideError(slide.path, f"all {n} tissue patches touch damaged tiles: {damaged.summary()}", n, n_patches)
 
 
-def select_patches(scores: np.ndarray, opts: PreprocessOptions) -> tuple[float | None, np.ndarray]:
+def select_patches(scores: np.ndarray, opts: PreprocessOptions, name: str | None = None) -> tuple[float | None, np.ndarray]:
     """Step 4: the rule's cut (None for top-k) and the kept patches bool [N]."""
     cut = resolve_threshold(scores, selector=opts.selector, rule=opts.rule, patch_size=opts.patch_size,
                             threshold=opts.threshold, n_sigma=opts.n_sigma)
-    selected = select(scores, rule=opts.rule, threshold=cut if opts.rule == "threshold" else None, k=opts.k,
-                      n_sigma=opts.n_sigma)
+    if opts.rule == "cohort" and opts.threshold is None:  # pending: the cut is frozen over the whole cohort
+        return cut, np.zeros(len(scores), dtype=bool)
+    selected = select(scores, rule=opts.rule, threshold=cut if opts.rule in ("threshold", "cohort") else None, k=opts.k,
+                      n_sigma=opts.n_sigma, name=name)
     return cut, np.asarray(selected, dtype=bool)
 
 
@@ -340,9 +338,11 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
     ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
     (default 0) or at the level chosen for ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at
     least as fine, no resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
-    level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (paper: keep patches above mean +
-    ``n_sigma`` std of the slide's scores), ``"threshold"`` (``threshold``, default
-    :func:`isg.select.default_threshold_bits`) or ``"topk"`` (``k`` best).
+    level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (keep patches above mean + ``n_sigma``
+    std of the slide's scores), ``"cohort"`` (the paper's rule: ``threshold`` is the frozen cohort cut;
+    without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
+    slide's scores), ``"threshold"`` (``threshold``, default :func:`isg.select.default_threshold_bits`) or
+    ``"topk"`` (``k`` best).
 
     The method, step by step: :func:`tissue_grid` -> :func:`score_patches` -> :func:`check_damaged` ->
     :func:`select_patches` -> :func:`write_outputs`. Returns ``n_tissue`` (patches scored), ``n_kept``,
@@ -361,7 +361,7 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
         clock.lap("grid")
         coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
         check_damaged(slide, damaged, len(grid.coords), opts)
-        cut, selected = select_patches(scores, opts)
+        cut, selected = select_patches(scores, opts, name=str(slide_path))
         clock.lap("select")
         write_outputs(slide, Path(slide_path), out_dir, grid, coords, scores, selected, cut, damaged, opts)
         clock.lap("write")
@@ -400,18 +400,11 @@ def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.nda
 def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
     """Per-slide level-0 mpp from a CSV/TSV with columns ``slide`` (file name, path or slide id) and ``mpp``;
     returns {slide id: mpp}. Raises ValueError naming the file and the bad row."""
-    import pandas as pd
-
-    from isg.utils import table_separator
+    from isg.utils import read_text_table
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path, sep=table_separator(path), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot be read as a table ({exc})") from exc
-    table.columns = table.columns.str.strip().str.lower()
+    table = read_text_table(path, "mpp table")
+    table.columns = table.columns.str.lower()
     if not {"slide", "mpp"} <= set(table.columns):
         raise ValueError(f"{path}: needs columns slide, mpp (has: {', '.join(table.columns)})")
     mpps: dict[str, float] = {}
@@ -472,11 +465,18 @@ def preprocess_cohort(
     process = _PreprocessOne(out_dir, options, slide_mpps or {}, tile_progress)
     messages = native_messages()
     try:
-        return run_cohort(
+        summary = run_cohort(
             slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
             resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
             summary_path=out_dir / "summary.json", title="isg preprocess",
         )
+        if options.get("rule") == "cohort" and options.get("threshold") is None:
+            from isg.select import apply_rule
+
+            done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
+            if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
+                apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_SELECTION.n_sigma)))
+        return summary
     finally:
         release_buffers()  # the pooled tile batch buffers of this run
         if native_messages() > messages:  # decoder output was captured, not printed (in this process)

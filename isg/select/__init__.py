@@ -1,13 +1,20 @@
-"""Patch selection (paper Sec. 3.1): score tiles by information content and keep the informative ones.
+"""Patch selection (paper Sec. 3.1 scorer, Sec. 4.2 rule): score tiles by information content, keep the informative ones.
 
 ``score_tiles(tiles)`` gives bits per uint8 tile (:mod:`isg.ops.shannon`);
 ``get_selector(name)`` returns the Shannon scorer or a baseline (Otsu tissue
 fraction, gradient, Canny, DoG, LoG) with the same signature; ``select`` turns
-scores into a keep-mask by a threshold, top-k, or mean + n_sigma * std.
+scores into a keep-mask by a :class:`SelectionRule` (per-slide mean + n sigma,
+the paper's frozen cohort cut, an absolute threshold, or top-k);
+:func:`apply_rule` re-applies a rule to the scores stored by ``isg preprocess``.
 """
 
-from isg.select.rules import PAPER_PATCH_SIZE, PAPER_THRESHOLD_BITS, RULES, default_threshold_bits, select
+from isg.select.rules import (DEFAULT_RULE, NATURAL_RULES, PAPER_ABLATION_BITS, PAPER_PATCH_SIZE, PAPER_THRESHOLD_BITS, RULES,
+                              SelectionRule, SelectionWarning, cohort_threshold, default_threshold_bits,
+                              mean_std_threshold, select)
 from isg.select.selectors import SELECTORS, get_selector, grey_tiles, otsu_grey_threshold, score_tiles
+from isg.select.stored import SELECTION_FILE, apply_rule, read_scores, read_selection, reselect_h5
 
-__all__ = ["SELECTORS", "RULES", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS", "score_tiles", "get_selector",
-           "grey_tiles", "otsu_grey_threshold", "select", "default_threshold_bits"]
+__all__ = ["SELECTORS", "RULES", "DEFAULT_RULE", "NATURAL_RULES", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS", "PAPER_ABLATION_BITS",
+           "SELECTION_FILE", "SelectionRule", "SelectionWarning", "score_tiles", "get_selector", "grey_tiles",
+           "otsu_grey_threshold", "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits",
+           "apply_rule", "read_scores", "read_selection", "reselect_h5"]

@@ -4,8 +4,8 @@
 the others are the baselines of the paper's comparison, on the grey image
 (ITU-R 601 luma, as ``cv2.COLOR_RGB2GRAY``):
 
-* ``otsu``: HE2RNA-style tissue fraction: share of pixels darker than a grey
-  threshold, by default the Otsu threshold of the grey levels pooled over the
+* ``otsu``: HE2RNA-style tissue fraction: share of pixels at or below a grey
+  threshold (tissue is dark; skimage's Otsu puts the background above it), by default the Otsu threshold of the grey levels pooled over the
   batch, capped at ``OTSU_MAX_GREY`` so a batch of background alone is not split
   in two. That default depends on the batch: for scores comparable across
   batches pass the slide's threshold, ``get_selector("otsu",
@@ -52,21 +52,18 @@ def grey_tiles(tiles) -> np.ndarray:
 
 def otsu_grey_threshold(images) -> float:
     """Otsu threshold of the grey levels of uint8 images ([H, W, C] or tiles [B, H, W, C]), capped at
-    ``OTSU_MAX_GREY``; a uniform input gives ``min(its level, OTSU_MAX_GREY)``."""
-    from skimage.filters import threshold_otsu
+    ``OTSU_MAX_GREY``; a uniform input gives ``min(its level, OTSU_MAX_GREY)``. Tissue: ``grey <= threshold``."""
+    from isg.io import otsu_threshold
 
     images = images[None] if getattr(images, "ndim", 0) == 3 else images
-    grey = grey_tiles(images)
-    if np.ptp(grey) == 0:
-        return float(min(int(grey.flat[0]), OTSU_MAX_GREY))
-    return float(min(threshold_otsu(grey), OTSU_MAX_GREY))
+    return otsu_threshold(grey_tiles(images), upper=OTSU_MAX_GREY)
 
 
 def _otsu(tiles, threshold: float | None = None) -> np.ndarray:
     grey = grey_tiles(tiles)
     if threshold is None:
         threshold = otsu_grey_threshold(tiles)
-    return (grey < threshold).mean(axis=(1, 2), dtype=np.float64)
+    return (grey <= threshold).mean(axis=(1, 2), dtype=np.float64)
 
 
 def _per_tile(fn: Callable[[np.ndarray], float]) -> Callable:

@@ -1,4 +1,4 @@
-"""Sample tiles for tests, benchmarks and docs, built from scikit-image's bundled immunohistochemistry image.
+"""Sample tiles for tests and benchmarks (a test fixture, imported as ``tissue_samples``), built from scikit-image's bundled immunohistochemistry image.
 
 :func:`slide_like_tiles` mimics the tiles of a slide: real histology crops (full
 and half resolution) covered by a varying fraction of near-white scanner

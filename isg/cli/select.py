@@ -1,0 +1,100 @@
+"""``isg select``: re-apply a selection rule to the scores stored by ``isg preprocess`` (no slide is read).
+
+Exit code 0 on success, 2 on bad arguments or unreadable files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from isg.select.rules import DEFAULT_RULE, RULES
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "select", help="re-apply a selection rule to stored patch scores (<slide_id>.h5 of isg preprocess)",
+        description="Rewrite the selection of preprocess outputs from their stored scores, without reading slides. "
+                    "--rule cohort freezes mean + n_sigma std over every file's scores as one absolute cut (the "
+                    "paper's rule) and records it in <folder>/selection.json; --from-selection reuses a frozen cut "
+                    "(new slides never move it). Features already extracted are kept when the new selection is a "
+                    "subset of the old one, else dropped (run isg extract again).")
+    parser.add_argument("h5", nargs="+", metavar="H5", help="preprocess outputs: .h5 files or folders of them")
+    parser.add_argument("--rule", choices=RULES, default=None,
+                        help=f"mean_std (per slide, default {DEFAULT_RULE.rule}), cohort, threshold or topk")
+    parser.add_argument("--n-sigma", type=float, default=DEFAULT_RULE.n_sigma,
+                        help=f"sigmas above the mean for mean_std and cohort (default {DEFAULT_RULE.n_sigma:g})")
+    parser.add_argument("--threshold", type=float, help="absolute cut for threshold, or the frozen cut for cohort")
+    parser.add_argument("--top-k", type=int, dest="k", help="keep the k best patches per slide (topk)")
+    parser.add_argument("--from-selection", metavar="JSON",
+                        help="selection.json of a training cohort: apply its rule and frozen cut")
+    parser.add_argument("--out", help="write the files here (default: rewrite them in place)")
+    parser.set_defaults(func=run)
+
+
+def _h5_paths(names) -> list[Path]:
+    from isg.cli import CLIError
+
+    paths = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.h5") if not p.name.startswith("."))
+            if not found:
+                raise CLIError(f"folder {path} holds no .h5 files")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CLIError(f"{path}: no such file or folder")
+    return paths
+
+
+def _rule(args):
+    from isg.cli import CLIError
+    from isg.select import SelectionRule
+
+    if args.from_selection:
+        if args.rule or args.threshold is not None or args.k is not None:
+            raise CLIError("--from-selection takes its rule from the file: drop --rule/--threshold/--top-k")
+        path = Path(args.from_selection)
+        try:
+            record = json.loads(path.read_text())
+            return SelectionRule(**record["rule"]), record
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"--from-selection {path}: not a selection.json written by isg select/preprocess ({exc})") from None
+    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else DEFAULT_RULE.rule)
+    try:
+        return SelectionRule(rule, n_sigma=args.n_sigma, threshold=args.threshold, k=args.k), None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def run(args) -> int:
+    from isg.cli import CLIError
+    from isg.select import apply_rule
+
+    paths = _h5_paths(args.h5)
+    rule, source = _rule(args)
+    if rule.rule == "threshold" and rule.threshold is None:
+        raise CLIError("--rule threshold needs --threshold")
+    if source is not None:
+        selector = {str(source.get("selector"))}
+        from isg.select import read_scores
+
+        mixed = [str(p) for p in paths if str(read_scores(p)[1].get("selector")) not in selector]
+        if mixed:
+            raise CLIError(f"--from-selection was frozen over {source.get('selector')} scores; {mixed[0]} has other scores")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            record = apply_rule(paths, rule, args.out)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    for warning in caught:
+        print(f"isg select: warning: {warning.message}", file=sys.stderr)
+    print(json.dumps({key: record[key] for key in ("selector", "rule", "threshold", "threshold_unit", "n_slides",
+                                                   "n_scored", "n_kept", "kept_per_slide")}))
+    return 0
