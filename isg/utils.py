@@ -57,6 +57,23 @@ def read_text_table(path: str | os.PathLike, what: str = "table", error: type[Ex
     return table
 
 
+def h5_sources(source: str | os.PathLike | list) -> list[Path]:
+    """A folder of .h5 files or a list of .h5 paths -> sorted list of paths (error when none).
+
+    Hidden files in the folder (``.name.*.h5``: temporaries of an interrupted atomic write) are skipped.
+    """
+    if isinstance(source, (list, tuple)):
+        paths = [Path(p) for p in source]
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"h5 folder {folder}: no such directory")
+        paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+    if not paths:
+        raise ValueError(f"h5 folder {source}: holds no .h5 files")
+    return paths
+
+
 def _umask() -> int:  # read once at import: os.umask is process-wide, not for worker threads
     mask = os.umask(0)
     os.umask(mask)

@@ -148,3 +148,15 @@ def test_interrupt_cancels_queued_items(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_cohort(range(1, 50), slow, functools.partial(out_of, tmp_path), workers=1, progress=False)
     assert len(list(tmp_path.glob("item*.json"))) < 48  # the queue was dropped, not drained
+
+
+def test_h5_sources_skip_temporaries_of_interrupted_writes(tmp_path):
+    from isg.utils import h5_sources
+
+    for name in ("b.h5", "a.h5", ".a.x1y2.h5", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in h5_sources(tmp_path)] == ["a.h5", "b.h5"]
+    (tmp_path / "a.h5").unlink()
+    (tmp_path / "b.h5").unlink()
+    with pytest.raises(ValueError, match="holds no .h5 files"):
+        h5_sources(tmp_path)

@@ -76,7 +76,7 @@ def register(subparsers) -> None:
 
 def _h5_files(h5_dir: str) -> list[Path]:
     from isg.cli import CLIError
-    from isg.train.autoencoder import h5_sources
+    from isg.utils import h5_sources
 
     try:
         return h5_sources(h5_dir)

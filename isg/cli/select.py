@@ -36,15 +36,16 @@ def register(subparsers) -> None:
 
 def _h5_paths(names) -> list[Path]:
     from isg.cli import CLIError
+    from isg.utils import h5_sources
 
     paths = []
     for name in names:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.glob("*.h5") if not p.name.startswith("."))
-            if not found:
-                raise CLIError(f"folder {path} holds no .h5 files")
-            paths += found
+            try:
+                paths += h5_sources(path)
+            except ValueError:
+                raise CLIError(f"folder {path} holds no .h5 files") from None
         elif path.is_file():
             paths.append(path)
         else:

@@ -39,7 +39,7 @@ from isg.features.autoencoder import Autoencoder, save_autoencoder, tiles_to_inp
 from isg.features.lpips_loss import load_lpips
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
 from isg.train.config import AutoencoderTrainConfig
-from isg.utils import write_text_atomic
+from isg.utils import h5_sources, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,6 @@ LOSSES = ("l1", "lpips", "adv", "d_loss", "r1")
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def h5_sources(source: str | os.PathLike | list) -> list[Path]:
-    """A folder of .h5 files or a list of .h5 paths -> sorted list of paths (error when none)."""
-    if isinstance(source, (list, tuple)):
-        paths = [Path(p) for p in source]
-    else:
-        folder = Path(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"h5 folder {folder}: no such directory")
-        paths = sorted(folder.glob("*.h5"))
-    if not paths:
-        raise ValueError(f"h5 folder {source}: holds no .h5 files")
-    return paths
 
 
 def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 4) -> torch.Tensor:
