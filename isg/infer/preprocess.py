@@ -51,12 +51,10 @@ import numpy as np
 from isg.data.manifest import slide_id_of
 from isg.infer.cohort import run_cohort
 from isg.io import DAMAGED_LIMIT, LOCAL_SIZE, PATCH_SIZE, READERS
-from isg.select import DEFAULT_RULE as DEFAULT_SELECTION
-from isg.select import RULES, SelectionRule, mean_std_threshold, select
+from isg.select import DEFAULT_RULE, RULES, SelectionRule, mean_std_threshold, select
 from isg.utils import atomic_path
 
 
-DEFAULT_RULE = DEFAULT_SELECTION.rule  # isg.select.DEFAULT_RULE: the one definition of the default rule
 ON_DAMAGED = ("skip", "fail")
 log = logging.getLogger(__name__)
 PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
@@ -72,11 +70,11 @@ class PreprocessOptions:
     level: int | None = None  # or read at this level (default 0)
     slide_mpp: float | None = None  # level-0 um/px for slides whose metadata lacks it
     selector: str = "shannon"
-    rule: str = DEFAULT_RULE  # mean_std (per slide), cohort (the paper's frozen cohort cut), threshold, topk
+    rule: str = DEFAULT_RULE.rule  # mean_std (per slide), cohort (the paper's frozen cohort cut), threshold, topk
     threshold: float | None = None  # absolute cut for "threshold" (default: isg.select.default_threshold_bits),
     #                                 the frozen cut for "cohort" (None: frozen by preprocess_cohort over all slides)
     k: int | None = None  # patches kept by rule "topk"
-    n_sigma: float = DEFAULT_SELECTION.n_sigma  # mean_std / cohort: keep above mean + n_sigma std (paper: 1)
+    n_sigma: float = DEFAULT_RULE.n_sigma  # mean_std / cohort: keep above mean + n_sigma std (paper: 1)
     tissue_min: float = 0.05  # minimum tissue fraction of a patch on the thumbnail mask
     backend: str = "auto"  # slide reader (isg.io.open_slide)
     reader: str = READERS[0]  # tile decoding: the slide reader in threads, or "dali"
@@ -475,7 +473,7 @@ def preprocess_cohort(
 
             done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
             if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
-                apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_SELECTION.n_sigma)))
+                apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_RULE.n_sigma)))
         return summary
     finally:
         release_buffers()  # the pooled tile batch buffers of this run
