@@ -10,6 +10,9 @@ namespace py = pybind11;
 namespace isg {
 void register_shannon(py::module_& m);
 void register_attention(py::module_& m);
+#ifdef ISG_EMU
+void register_emu_probes(py::module_& m);
+#endif
 }  // namespace isg
 
 PYBIND11_MODULE(_C, m) {
@@ -30,5 +33,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef ISG_WITH_ATTENTION
   isg::register_attention(m);
+#endif
+#ifdef ISG_EMU
+  isg::register_emu_probes(m);
 #endif
 }

@@ -193,6 +193,88 @@ def test_shannon_bits_identical_to_cpu(emulated, require_ext):
     np.testing.assert_allclose(gpu_bits, shannon.shannon_bits_reference(tiles), rtol=1e-12)
 
 
+WORD_SHAPES = [(1, 4), (2, 8), (9, 44), (17, 124), (33, 132), (8, 128), (70, 4)]  # W % 4 == 0: RGB rows are whole words
+
+
+def _histogram_per_channel_reference(x: np.ndarray) -> np.ndarray:
+    """Reference histograms of any number of channels (the public reference takes 1, 3 or 4), channel by channel."""
+    return np.concatenate([shannon.shannon_histogram_reference(np.ascontiguousarray(x[..., c:c + 1]))
+                           for c in range(x.shape[-1])], axis=1)
+
+
+@pytest.mark.parametrize("h,w", WORD_SHAPES, ids=lambda v: str(v))
+def test_shannon_word_path(emulated, h, w):
+    """Word path (4 bytes per lane): strips of 31 words and their edges, bands of any height, the row loop's
+    8-row steps and remainder, pitches 1..4 bytes with 1..4 channels (bytes of dropped channels skipped)."""
+    tiles = _tiles(3, h, w, 4, seed=h + w)
+    rgb = np.ascontiguousarray(tiles[..., :3])
+    for x in (rgb, tiles, np.ascontiguousarray(tiles[..., :1]), rgb[..., :1]):       # RGB, RGBA (alpha dropped), grey x 2
+        np.testing.assert_array_equal(shannon.shannon_histogram(x), shannon.shannon_histogram_reference(x))
+    t = torch.from_numpy(tiles)
+    for x in (t[..., :2].contiguous(), t[..., :2], t[..., :3].contiguous()[..., :2], t):  # pitch 2, 4, 3; 4 channels
+        np.testing.assert_array_equal(torch.ops.isg.shannon_histogram(x).numpy(), _histogram_per_channel_reference(x.numpy()))
+    rows = torch.from_numpy(rgb[0, 0]).expand(2, h, w, 3)                           # row stride 0: every row the same
+    np.testing.assert_array_equal(shannon.shannon_histogram(rows).numpy(), shannon.shannon_histogram_reference(rows.contiguous().numpy()))
+
+
+def test_shannon_word_path_is_taken(emulated):
+    """Packed RGB rows of whole words take the word path (one shuffle per lane and 4-byte word), a strided view
+    of the same bytes the generic one (two per byte): counted by the emulator's sync points."""
+    tiles = torch.from_numpy(_tiles(2, 32, 64, 3))
+    def shuffles(x):
+        before = emulated.emu_stats()["sync_points"]
+        np.testing.assert_array_equal(shannon.shannon_histogram(x).numpy(), shannon.shannon_histogram_reference(x.contiguous().numpy()))
+        return emulated.emu_stats()["sync_points"] - before
+    word, generic = shuffles(tiles), shuffles(tiles.transpose(1, 2))
+    assert word * 3 < generic, (word, generic)
+
+
+def test_shannon_word_path_extremes_and_grids(emulated):
+    rng = np.random.default_rng(11)                                                 # MED branches with wrap-around
+    tiles = rng.choice(np.array([0, 1, 2, 127, 128, 129, 253, 254, 255], np.uint8), size=(3, 33, 48, 3))
+    np.testing.assert_array_equal(shannon.shannon_histogram(tiles), shannon.shannon_histogram_reference(tiles))
+    region = _tiles(1, 45, 48, 3, seed=6)[0]
+    # aligned tiles of whole words; tiles at odd byte offsets (word and generic blocks in one launch); rows of 15 bytes
+    for tile, stride in [((9, 8), (5, 4)), ((17, 12), (9, 1)), ((6, 5), (7, 3)), ((45, 48), (1, 1))]:
+        np.testing.assert_array_equal(shannon.shannon_grid_histogram(region, tile, stride),
+                                      shannon.shannon_grid_histogram_reference(region, tile, stride))
+
+
+def _model_intrinsic(name: str, x: int, y: int, z: int) -> int:
+    """The documented semantics (CUDA Math API integer intrinsics; PTX ISA prmt, vimax3/vimin3), on Python ints."""
+    if name == "__funnelshift_lc":                       # high word of (y:x) << min(z, 32)
+        return (((y << 32) | x) << min(z, 32)) >> 32 & 0xFFFFFFFF
+    if name == "__byte_perm":                            # byte n = byte (z >> 4n) & 7 of {y:x}; bit 3: sign replicate
+        source = (y << 32) | x
+        out = 0
+        for n in range(4):
+            nibble = (z >> (4 * n)) & 15
+            byte = (source >> (8 * (nibble & 7))) & 255
+            out |= ((255 if byte >= 128 else 0) if nibble & 8 else byte) << (8 * n)
+        return out
+    halves = [[(v >> shift) & 0xFFFF for v in (x, y, z)] for shift in (0, 16)]
+    pick = max if name == "__vimax3_u16x2" else min
+    return pick(halves[0]) | pick(halves[1]) << 16
+
+
+@pytest.mark.parametrize("name", ["__funnelshift_lc", "__byte_perm", "__vimax3_u16x2", "__vimin3_u16x2"])
+def test_emulated_intrinsics(emu, name):
+    rng = np.random.default_rng(3)
+    edges = np.array([0, 1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x00FF00FF, 0xFF00FF00,
+                      0x7FFFFFFF, 0x80000000, 0xFFFFFFFF], np.uint32)
+    a, b = (np.concatenate([np.repeat(edges, len(edges)), rng.integers(0, 2**32, 3000, dtype=np.uint32)]),
+            np.concatenate([np.tile(edges, len(edges)), rng.integers(0, 2**32, 3000, dtype=np.uint32)]))
+    if name == "__funnelshift_lc":
+        c = np.arange(len(a), dtype=np.uint32) % 70                                 # shifts 0..69 (clamped at 32)
+    elif name == "__byte_perm":
+        c = rng.integers(0, 2**16, len(a), dtype=np.uint32)                         # every selector nibble 0..15
+    else:
+        c = np.concatenate([np.tile(edges, len(edges))[::-1], rng.integers(0, 2**32, 3000, dtype=np.uint32)])
+    got = emu.emu_intrinsic(name, a, b, c)
+    expected = [_model_intrinsic(name, int(x), int(y), int(z)) for x, y, z in zip(a, b, c)]
+    np.testing.assert_array_equal(got, np.array(expected, np.uint32))
+
+
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_other_schedules(emulated, monkeypatch, schedule):
     """A subset of the above under the other thread orders (random lanes and warps; lock-step blocks, reversed)."""
@@ -204,6 +286,8 @@ def test_other_schedules(emulated, monkeypatch, schedule):
                 test_attention_kernels(emulated, op, torch.float32, size, form)
     for h, w in [(7, 13), (33, 95)]:
         test_shannon_histogram(emulated, h, w, 3)
+    for h, w in [(9, 44), (17, 124)]:
+        test_shannon_word_path(emulated, h, w)
 
 
 def test_no_fast_math_in_cuda_builds():

@@ -1,13 +1,22 @@
 // Shannon scorer, CUDA: MED residual histograms, one block per tile (bits are computed from the
 // histograms on the host, by the same code as the CPU path: a ranking never depends on the device).
 //
-// Warp w of the block walks a band of rows [i0, i1) down, 32 columns at a time: lane l holds
-// pixel (i, x0 + l) of every channel. Each pixel is read once from memory (the warp's loads of a
-// row are one contiguous span for packed RGB), its upper neighbours stay in registers from the
-// previous row, the left ones come from the next lower lane by __shfl_up_sync (lane 0 reads its
-// two). Residuals are counted in shared int32 histograms (one copy per warp parity) with
-// warp-aggregated atomics: __match_any_sync groups lanes holding the same residual and one lane
-// adds the group's size, so flat background costs one atomic per warp instead of 32.
+// The rows of a tile are split into bands, one per warp; a warp walks its band down, one strip of
+// columns at a time, carrying the upper neighbours in registers from the row above.
+//
+// Word path (rows 4-byte aligned, pixels packed: stride_c == 1, pitch P = stride_w in 1..4 bytes,
+// channels <= P; RGB, RGBA with alpha dropped as a view, grey): a row is n = width * P bytes, read
+// as 32-bit words, one word per lane (a strip is 31 words on lanes 1..31; lane 0 holds the word to
+// their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken from
+// the lane's own word and the lower lane's (one __shfl_up_sync and one funnel shift per word). MED
+// in SIMD form: cur - median(a, b, a + b - c) = cur + c - max(a, b, c) - min(a, b, c) (mod 256), in
+// 16-bit lanes (even bytes, odd bytes in place) with Hopper's 3-way min/max (__vimax3_u16x2, one
+// instruction on sm_90). Edges come from the neighbours given: on the first row b = c = a (pred = a),
+// in the first column a = c (pred = b), and pixel (0, 0) sees a = b = c = 0 (pred = 0).
+//
+// Generic path (any other strides): one pixel per lane, one byte load per channel (the earlier
+// kernel). Both count into one shared int32 histogram per block with atomicAdd(+1), which ptxas
+// turns into ATOMS.POPC.INC (lanes with the same bin are combined into one update).
 #include <cuda_runtime.h>
 
 #include "common/check.h"
@@ -18,61 +27,164 @@ namespace shannon {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kCopies = 2;  // shared sub-histograms (warp w -> copy w % kCopies)
-static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loop needs full-warp shuffles");
-static_assert((kThreads / 32) % kCopies == 0, "every histogram copy serves the same number of warps");
+constexpr int kRows = 8;                       // word path: rows loaded ahead per lane (loads in flight)
+constexpr int kStrip = 31;                     // word path: words per strip (lanes 1..31)
+constexpr int kTrash = kMaxCudaChannels;       // histogram slot of bytes that are no pixel of the tile
+constexpr int kSlots = kMaxCudaChannels + 1;
+constexpr int kSlotStride = 256 + 8;           // channels 8 banks apart: equal small residuals of different channels
 constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loops need full-warp shuffles");
+
+__device__ unsigned kZeroWord = 0u;            // left context of the first column (never written)
 
 __device__ __forceinline__ int med_predict(int a, int b, int c) {
   const int lo = min(a, b), hi = max(a, b);
   return min(max(a + b - c, lo), hi);  // median(a, b, a + b - c)
 }
 
-__global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, int32_t* __restrict__ hist) {
-  __shared__ unsigned sub[kCopies][kMaxCudaChannels][256];
-  for (int k = threadIdx.x; k < kCopies * kMaxCudaChannels * 256; k += blockDim.x) (&sub[0][0][0])[k] = 0u;
+// ------------------------------------------------------------------------------------------- word path
+
+struct Split {        // a word's bytes 0, 2 (even) and 1, 3 (odd, in place), each in its own 16-bit lane
+  unsigned even, odd;
+};
+
+__device__ __forceinline__ Split split(unsigned word) { return {word & 0x00ff00ffu, word & 0xff00ff00u}; }
+
+// Counts the residuals of the 4 bytes of `cur` given its left (a), upper (b) and upper-left (c)
+// bytes: cur + c - max3 - min3 per byte. A byte's sum lies in [-255, 510] (c >= min3, cur - max3 >= -255);
+// the bias 256 keeps the low 16-bit lane's sum in [1, 766] (even; times 256 for odd bytes), so it never
+// borrows from the high lane, whose sum only has to be right mod 256.
+// bins[k]: byte offset in `sub` of byte k's histogram slot.
+__device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c, unsigned* sub, const unsigned* bins) {
+  const unsigned even = cur.even + c.even - __vimax3_u16x2(a.even, b.even, c.even) -
+                        __vimin3_u16x2(a.even, b.even, c.even) + 0x100u;
+  const unsigned odd = cur.odd + c.odd - __vimax3_u16x2(a.odd, b.odd, c.odd) -
+                       __vimin3_u16x2(a.odd, b.odd, c.odd) + 0x10000u;
+  char* base = reinterpret_cast<char*>(sub);
+  atomicAdd(reinterpret_cast<unsigned*>(base + bins[0] + 4 * __byte_perm(even, 0, 0x4440)), 1u);  // byte 0 of even
+  atomicAdd(reinterpret_cast<unsigned*>(base + bins[1] + 4 * __byte_perm(odd, 0, 0x4441)), 1u);   // byte 1 of odd
+  atomicAdd(reinterpret_cast<unsigned*>(base + bins[2] + 4 * __byte_perm(even, 0, 0x4442)), 1u);  // byte 2 of even
+  atomicAdd(reinterpret_cast<unsigned*>(base + bins[3] + 4 * __byte_perm(odd, 0, 0x4443)), 1u);   // byte 3 of odd
+}
+
+// One row of the strip: the left word from the lower lane, then the residuals; the row becomes the
+// upper neighbour (b) and its left word the upper-left one (c) of the next row.
+__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, unsigned* sub, const unsigned* bins) {
+  const unsigned a = __funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift);
+  const Split cs = split(cur), as = split(a);
+  count_word(cs, as, b, c, sub, bins);
+  b = cs;
+  c = as;
+}
+
+// Rows [i0, i1) of a tile whose rows are `words` aligned words, `pitch` bytes per pixel.
+__device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* sub, int64_t i0, int64_t i1, int lane) {
+  const int pitch = int(t.stride_w), shift = 8 * pitch;
+  const int64_t words = t.width * pitch / 4;
+  const int row_words = int(t.stride_h / 4);
+  for (int64_t w0 = 0; w0 < words; w0 += kStrip) {            // warp-uniform loops: every lane reaches the shuffles
+    const int64_t w = w0 + lane - 1;                           // lane 0: the word left of the strip (context)
+    unsigned bins[4];                                          // byte offsets of the 4 bytes' histogram slots
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int channel = int((4 * w + k) % pitch);
+      bins[k] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u;
+    }
+    // Lanes past the row's end read its last word (counted as trash); lane 0 of the first strip reads
+    // a zero word on every row, so the first column sees a = c = 0 (pred = b) and pixel (0, 0) pred 0.
+    const unsigned* p = &kZeroWord;
+    int step = 0;
+    if (w >= 0) {
+      p = reinterpret_cast<const unsigned*>(origin + (i0 > 0 ? i0 - 1 : 0) * t.stride_h) + min(w, words - 1);
+      step = row_words;
+    }
+    Split b, c;
+    int64_t i = i0;
+    if (i0 == 0) {                                             // first row: b = c = a, i.e. pred = a
+      const unsigned cur = __ldg(p);
+      p += step;
+      const Split a = split(__funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift));
+      count_word(split(cur), a, a, a, sub, bins);
+      b = split(cur);
+      c = a;
+      i = 1;
+    } else {                                                   // the row above the band
+      const unsigned up = __ldg(p);
+      p += step;
+      b = split(up);
+      c = split(__funnelshift_lc(__shfl_up_sync(kFullMask, up, 1), up, shift));
+    }
+    for (; i + kRows <= i1; i += kRows) {
+      unsigned cur[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {                        // loads first: kRows words in flight per lane
+        cur[r] = __ldg(p);
+        p += step;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, sub, bins);
+    }
+    for (; i < i1; ++i) {
+      const unsigned cur = __ldg(p);
+      p += step;
+      count_row(cur, shift, b, c, sub, bins);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- generic path
+
+// Rows [i0, i1), 32 columns at a time: lane l holds pixel (i, x0 + l) of every channel, its upper
+// neighbours in registers, the left ones from the lower lane (lane 0 reads its two).
+__device__ void band_pixels(const TileBatch& t, const uint8_t* origin, unsigned* sub, int64_t i0, int64_t i1, int lane) {
+  for (int64_t x0 = 0; x0 < t.width; x0 += 32) {
+    const int64_t j = x0 + lane;
+    const bool inside = j < t.width;
+    const uint8_t* column = origin + j * t.stride_w;
+    int up[kMaxCudaChannels] = {0, 0, 0, 0};                   // pixel (i - 1, j)
+#pragma unroll
+    for (int c = 0; c < kMaxCudaChannels; ++c)                 // (unrolled: up[] stays in registers)
+      if (c < t.channels && i0 > 0 && inside) up[c] = __ldg(column + (i0 - 1) * t.stride_h + c * t.stride_c);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* p = column + i * t.stride_h;
+#pragma unroll
+      for (int c = 0; c < kMaxCudaChannels; ++c) {
+        if (c >= t.channels) break;                            // uniform over the warp
+        const int cur = inside ? __ldg(p + c * t.stride_c) : 0;
+        int left = __shfl_up_sync(kFullMask, cur, 1), up_left = __shfl_up_sync(kFullMask, up[c], 1);
+        if (lane == 0 && j > 0) {                              // the chunk's first column: neighbours from memory
+          left = __ldg(p - t.stride_w + c * t.stride_c);
+          up_left = i > 0 ? __ldg(p - t.stride_h - t.stride_w + c * t.stride_c) : 0;
+        }
+        const int pred = i == 0 ? (j == 0 ? 0 : left) : (j == 0 ? up[c] : med_predict(left, up[c], up_left));
+        atomicAdd(sub + (inside ? c : kTrash) * kSlotStride + (unsigned(cur - pred) & 255u), 1u);
+        up[c] = cur;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- kernel
+
+__global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, bool words, int32_t* __restrict__ hist) {
+  __shared__ unsigned sub[kSlots * kSlotStride];
+  for (int k = threadIdx.x; k < kSlots * kSlotStride; k += blockDim.x) sub[k] = 0u;
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const uint8_t* origin = t.base + t.offsets[blockIdx.x];
   const int64_t band = (t.height + warps - 1) / warps;
   const int64_t i0 = warp * band, i1 = min(t.height, i0 + band);
-  unsigned (*mine)[256] = sub[warp % kCopies];
-  for (int64_t x0 = 0; x0 < t.width; x0 += 32) {   // warp-uniform loops: every lane reaches the collectives
-    const int64_t j = x0 + lane;
-    const bool inside = j < t.width;
-    const uint8_t* column = origin + j * t.stride_w;
-    int up[kMaxCudaChannels] = {0, 0, 0, 0};          // pixel (i - 1, j)
-    if (i0 > 0 && inside)
-      for (int c = 0; c < t.channels; ++c) up[c] = __ldg(column + (i0 - 1) * t.stride_h + c * t.stride_c);
-    for (int64_t i = i0; i < i1; ++i) {
-      const uint8_t* p = column + i * t.stride_h;
-#pragma unroll
-      for (int c = 0; c < kMaxCudaChannels; ++c) {
-        if (c >= t.channels) break;                    // uniform over the warp
-        const int cur = inside ? __ldg(p + c * t.stride_c) : 0;
-        int left = __shfl_up_sync(kFullMask, cur, 1), up_left = __shfl_up_sync(kFullMask, up[c], 1);
-        if (lane == 0 && j > 0) {                      // the chunk's first column: neighbours from memory
-          left = __ldg(p - t.stride_w + c * t.stride_c);
-          up_left = i > 0 ? __ldg(p - t.stride_h - t.stride_w + c * t.stride_c) : 0;
-        }
-        const int pred = i == 0 ? (j == 0 ? 0 : left) : (j == 0 ? up[c] : med_predict(left, up[c], up_left));
-        const unsigned residual = unsigned(cur - pred) & 255u;
-        const unsigned key = inside ? residual : 256u;   // lanes past the edge form their own group
-        const unsigned peers = __match_any_sync(kFullMask, key);
-        if (inside && lane == __ffs(int(peers)) - 1) atomicAdd(&mine[c][residual], unsigned(__popc(peers)));
-        up[c] = cur;
-      }
-    }
+  if (i0 < i1) {                                               // uniform over the warp
+    if (words && reinterpret_cast<uintptr_t>(origin) % 4 == 0)  // uniform over the block
+      band_words(t, origin, sub, i0, i1, lane);
+    else
+      band_pixels(t, origin, sub, i0, i1, lane);
   }
   __syncthreads();
 
   int32_t* out = hist + int64_t(blockIdx.x) * t.channels * 256;
-  for (int k = threadIdx.x; k < t.channels * 256; k += blockDim.x) {
-    unsigned total = 0;
-    for (int copy = 0; copy < kCopies; ++copy) total += sub[copy][k >> 8][k & 255];
-    out[k] = int32_t(total);
-  }
+  for (int k = threadIdx.x; k < t.channels * 256; k += blockDim.x) out[k] = int32_t(sub[(k >> 8) * kSlotStride + (k & 255)]);
 }
 
 }  // namespace
@@ -81,7 +193,13 @@ void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream) {
   if (batch.tiles == 0) return;
   ISG_CHECK(batch.channels <= kMaxCudaChannels, "shannon (CUDA): at most 4 channels per tile");
   ISG_CHECK(batch.tiles < (int64_t(1) << 31), "shannon (CUDA): too many tiles for one launch");
-  histogram_kernel<<<unsigned(batch.tiles), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, hist);
+  // Word path: packed pixels of 1..4 bytes, whole aligned words per row (tiles whose origin is not
+  // 4-byte aligned take the generic path, decided per block).
+  const int64_t pitch = batch.stride_w;
+  const bool words = (batch.stride_c == 1 || batch.channels == 1) && pitch >= 1 && pitch <= 4 && batch.channels <= pitch &&
+                     (batch.width * pitch) % 4 == 0 && batch.stride_h % 4 == 0 &&
+                     batch.stride_h / 4 < (int64_t(1) << 31) && batch.stride_h / 4 > -(int64_t(1) << 31);
+  histogram_kernel<<<unsigned(batch.tiles), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, words, hist);
   ISG_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -146,6 +146,44 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) 
 template <class T>
 inline T atomicAdd(T* address, T value) { T old = *address; *address = old + value; return old; }
 
+// Integer intrinsics of the CUDA Math API (semantics as documented there and in the PTX ISA; each is
+// tested against an independent model in tests/test_emulated_kernels.py::test_emulated_intrinsics).
+// __funnelshift_lc: the high word of (hi:lo) << min(shift, 32).
+inline unsigned __funnelshift_lc(unsigned lo, unsigned hi, unsigned shift) {
+  const unsigned s = shift < 32u ? shift : 32u;
+  return unsigned(((uint64_t(hi) << 32 | lo) << s) >> 32);
+}
+// __byte_perm (PTX prmt.b32, default mode): byte n of the result is byte (s >> 4n) & 7 of the
+// 8 bytes {y:x} (x = bytes 0..3); if bit 3 of that nibble is set, the selected byte's sign is replicated.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t bytes = uint64_t(y) << 32 | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned nibble = (s >> (4 * n)) & 15u;
+    unsigned byte = unsigned(bytes >> (8 * (nibble & 7u))) & 255u;
+    if (nibble & 8u) byte = (byte & 128u) ? 255u : 0u;
+    r |= byte << (8 * n);
+  }
+  return r;
+}
+// DPX (Hopper): per 16-bit half, the unsigned maximum / minimum of three values.
+inline unsigned __vimax3_u16x2(unsigned a, unsigned b, unsigned c) {
+  unsigned r = 0;
+  for (int h = 0; h < 32; h += 16) {
+    const unsigned x = (a >> h) & 0xffffu, y = (b >> h) & 0xffffu, z = (c >> h) & 0xffffu;
+    r |= (x > y ? (x > z ? x : z) : (y > z ? y : z)) << h;
+  }
+  return r;
+}
+inline unsigned __vimin3_u16x2(unsigned a, unsigned b, unsigned c) {
+  unsigned r = 0;
+  for (int h = 0; h < 32; h += 16) {
+    const unsigned x = (a >> h) & 0xffffu, y = (b >> h) & 0xffffu, z = (c >> h) & 0xffffu;
+    r |= (x < y ? (x < z ? x : z) : (y < z ? y : z)) << h;
+  }
+  return r;
+}
+
 // device math overloads (CUDA's min/max are global functions; max(float, float) is fmaxf: NaN-dropping)
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
