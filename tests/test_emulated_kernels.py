@@ -275,6 +275,14 @@ def test_emulated_intrinsics(emu, name):
     np.testing.assert_array_equal(got, np.array(expected, np.uint32))
 
 
+def test_emulated_shared_addresses(emu):
+    """__cvta_generic_to_shared / __cvta_shared_to_generic: 32-bit shared-space addresses that round-trip (offsets
+    added on the way), and a pointer that is no shared variable reported instead of silently truncated."""
+    assert emu.emu_shared_roundtrip(False)
+    with pytest.raises(RuntimeError, match="not the address of a __shared__ variable"):
+        emu.emu_shared_roundtrip(True)
+
+
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_other_schedules(emulated, monkeypatch, schedule):
     """A subset of the above under the other thread orders (random lanes and warps; lock-step blocks, reversed)."""

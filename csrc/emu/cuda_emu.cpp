@@ -338,6 +338,13 @@ void run_block(int nthreads) {
 
 }  // namespace
 
+char shared_window[1];  // reference point of emulated shared-space addresses (__cvta_generic_to_shared)
+void not_shared(const void* p) {
+  std::ostringstream s;
+  s << "__cvta_generic_to_shared(" << p << "): not the address of a __shared__ variable";
+  fail(s.str());
+}
+
 uint3& thread_idx() { return g->current->tid; }
 uint3& block_idx() { return g->block_idx; }
 dim3& block_dim() { return g->block; }

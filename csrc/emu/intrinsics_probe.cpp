@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "cuda_emu.h"
@@ -37,6 +38,18 @@ void register_emu_probes(py::module_& m) {
       },
       py::arg("name"), py::arg("a"), py::arg("b"), py::arg("c"),
       "Emulated integer intrinsic `name` of (a[k], b[k], c[k]) for every k (uint32 arrays; emulation builds only).");
+  m.def(
+      "emu_shared_roundtrip",
+      [](bool heap) {
+        static unsigned shared_like[8];  // emulated __shared__ arrays are statics like this one
+        std::unique_ptr<unsigned[]> block(new unsigned[8]);
+        unsigned* p = heap ? block.get() + 3 : shared_like + 3;
+        const unsigned address = unsigned(__cvta_generic_to_shared(p));
+        return static_cast<unsigned*>(__cvta_shared_to_generic(address + 4)) == p + 1;
+      },
+      py::arg("heap"),
+      "__cvta_shared_to_generic(__cvta_generic_to_shared(p) + 4) == p + 1 for p in a static (heap=False) or on the "
+      "heap (heap=True: not a shared variable, reported as an error).");
   m.def(
       "emu_stats",
       []() {

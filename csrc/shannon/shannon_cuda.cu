@@ -31,7 +31,7 @@ constexpr int kRows = 8;                       // word path: rows loaded ahead p
 constexpr int kStrip = 31;                     // word path: words per strip (lanes 1..31)
 constexpr int kTrash = kMaxCudaChannels;       // histogram slot of bytes that are no pixel of the tile
 constexpr int kSlots = kMaxCudaChannels + 1;
-constexpr int kSlotStride = 256 + 8;           // channels 8 banks apart: equal small residuals of different channels
+constexpr int kSlotStride = 256 + 11;          // channels 11 banks apart: small residuals of different channels in other banks
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loops need full-warp shuffles");
 
@@ -44,6 +44,10 @@ __device__ __forceinline__ int med_predict(int a, int b, int c) {
 
 // ------------------------------------------------------------------------------------------- word path
 
+__device__ __forceinline__ void increment(unsigned shared_address) {
+  atomicAdd(static_cast<unsigned*>(__cvta_shared_to_generic(shared_address)), 1u);
+}
+
 struct Split {        // a word's bytes 0, 2 (even) and 1, 3 (odd, in place), each in its own 16-bit lane
   unsigned even, odd;
 };
@@ -54,25 +58,25 @@ __device__ __forceinline__ Split split(unsigned word) { return {word & 0x00ff00f
 // bytes: cur + c - max3 - min3 per byte. A byte's sum lies in [-255, 510] (c >= min3, cur - max3 >= -255);
 // the bias 256 keeps the low 16-bit lane's sum in [1, 766] (even; times 256 for odd bytes), so it never
 // borrows from the high lane, whose sum only has to be right mod 256.
-// bins[k]: byte offset in `sub` of byte k's histogram slot.
-__device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c, unsigned* sub, const unsigned* bins) {
+// bins[k]: shared-space address of byte k's histogram slot (32-bit: one LEA per increment; with a generic
+// pointer ptxas adds the shared window's base to every address).
+__device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c, const unsigned* bins) {
   const unsigned even = cur.even + c.even - __vimax3_u16x2(a.even, b.even, c.even) -
                         __vimin3_u16x2(a.even, b.even, c.even) + 0x100u;
   const unsigned odd = cur.odd + c.odd - __vimax3_u16x2(a.odd, b.odd, c.odd) -
                        __vimin3_u16x2(a.odd, b.odd, c.odd) + 0x10000u;
-  char* base = reinterpret_cast<char*>(sub);
-  atomicAdd(reinterpret_cast<unsigned*>(base + bins[0] + 4 * __byte_perm(even, 0, 0x4440)), 1u);  // byte 0 of even
-  atomicAdd(reinterpret_cast<unsigned*>(base + bins[1] + 4 * __byte_perm(odd, 0, 0x4441)), 1u);   // byte 1 of odd
-  atomicAdd(reinterpret_cast<unsigned*>(base + bins[2] + 4 * __byte_perm(even, 0, 0x4442)), 1u);  // byte 2 of even
-  atomicAdd(reinterpret_cast<unsigned*>(base + bins[3] + 4 * __byte_perm(odd, 0, 0x4443)), 1u);   // byte 3 of odd
+  increment(bins[0] + 4 * __byte_perm(even, 0, 0x4440));   // byte 0: low byte of even
+  increment(bins[1] + 4 * __byte_perm(odd, 0, 0x4441));    // byte 1
+  increment(bins[2] + 4 * __byte_perm(even, 0, 0x4442));   // byte 2
+  increment(bins[3] + 4 * __byte_perm(odd, 0, 0x4443));    // byte 3
 }
 
 // One row of the strip: the left word from the lower lane, then the residuals; the row becomes the
 // upper neighbour (b) and its left word the upper-left one (c) of the next row.
-__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, unsigned* sub, const unsigned* bins) {
+__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, const unsigned* bins) {
   const unsigned a = __funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift);
   const Split cs = split(cur), as = split(a);
-  count_word(cs, as, b, c, sub, bins);
+  count_word(cs, as, b, c, bins);
   b = cs;
   c = as;
 }
@@ -82,13 +86,14 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
   const int pitch = int(t.stride_w), shift = 8 * pitch;
   const int64_t words = t.width * pitch / 4;
   const int row_words = int(t.stride_h / 4);
+  const unsigned shared_sub = unsigned(__cvta_generic_to_shared(sub));
   for (int64_t w0 = 0; w0 < words; w0 += kStrip) {            // warp-uniform loops: every lane reaches the shuffles
     const int64_t w = w0 + lane - 1;                           // lane 0: the word left of the strip (context)
-    unsigned bins[4];                                          // byte offsets of the 4 bytes' histogram slots
+    unsigned bins[4];                                          // shared addresses of the 4 bytes' histogram slots
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int channel = int((4 * w + k) % pitch);
-      bins[k] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u;
+      bins[k] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u + shared_sub;
     }
     // Lanes past the row's end read its last word (counted as trash); lane 0 of the first strip reads
     // a zero word on every row, so the first column sees a = c = 0 (pred = b) and pixel (0, 0) pred 0.
@@ -104,7 +109,7 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
       const unsigned cur = __ldg(p);
       p += step;
       const Split a = split(__funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift));
-      count_word(split(cur), a, a, a, sub, bins);
+      count_word(split(cur), a, a, a, bins);
       b = split(cur);
       c = a;
       i = 1;
@@ -122,12 +127,12 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
         p += step;
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, sub, bins);
+      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, bins);
     }
     for (; i < i1; ++i) {
       const unsigned cur = __ldg(p);
       p += step;
-      count_row(cur, shift, b, c, sub, bins);
+      count_row(cur, shift, b, c, bins);
     }
   }
 }

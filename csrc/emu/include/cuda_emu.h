@@ -146,6 +146,22 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) 
 template <class T>
 inline T atomicAdd(T* address, T value) { T old = *address; *address = old + value; return old; }
 
+// Shared-space addresses (32-bit on the GPU): here the byte offset from a fixed static of this module.
+// The emulated __shared__ arrays are statics of the same module, so their offsets fit in 32 bits; an
+// address that does not (not a __shared__ variable: undefined in CUDA) is reported.
+namespace isg_emu {
+extern char shared_window[];
+[[noreturn]] void not_shared(const void* p);
+}  // namespace isg_emu
+inline size_t __cvta_generic_to_shared(const void* p) {
+  const int64_t offset = int64_t(reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(isg_emu::shared_window));
+  if (offset != int64_t(int32_t(offset))) isg_emu::not_shared(p);
+  return size_t(uint32_t(int32_t(offset)));
+}
+inline void* __cvta_shared_to_generic(size_t address) {  // integer arithmetic: no pointer past shared_window's bounds
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(isg_emu::shared_window) + uintptr_t(int64_t(int32_t(uint32_t(address)))));
+}
+
 // Integer intrinsics of the CUDA Math API (semantics as documented there and in the PTX ISA; each is
 // tested against an independent model in tests/test_emulated_kernels.py::test_emulated_intrinsics).
 // __funnelshift_lc: the high word of (hi:lo) << min(shift, 32).
