@@ -148,24 +148,24 @@ SLOT_STRIDE, STRIP, TRASH, BANKS = 256 + 11, 31, 4, 32
 
 
 def shared_atomic_wavefronts(tiles: np.ndarray) -> np.ndarray:
-    """Model of the word path's shared-memory traffic: for every histogram increment instruction (one byte position
-    of the 32 lanes' words, one row, one strip) the number of shared-memory wavefronts it needs, assuming lanes with
+    """Model of the word path's shared-memory traffic: for every histogram increment instruction (increment j of
+    the 32 lanes' words, one row, one strip) the number of shared-memory wavefronts it needs, assuming lanes with
     the same bin are combined (ATOMS.POPC.INC) and distinct bins in one of the 32 banks are serialised.
     Packed RGB tiles uint8 [B, H, W, 3] with W % 4 == 0 -> wavefronts int [B, H, strips, 4]."""
     batch, height, width, channels = tiles.shape
-    residuals = shannon._residuals_reference(tiles).reshape(batch, height, width * channels)   # row bytes
+    residuals = shannon._residuals_reference(tiles).reshape(batch, height, width * channels).astype(np.int64)
     words = width * channels // 4
     strips = -(-words // STRIP)
     word = np.arange(strips)[:, None] * STRIP + np.arange(32)[None, :] - 1                   # [strips, 32] lane 0: context
     counted = (word >= 0) & (word < words) & (np.arange(32) > 0)
-    byte = 4 * np.clip(word, 0, words - 1)[..., None] + np.arange(4)                          # [strips, 32, 4]
+    j = np.arange(4)
+    order = np.where(j < 3, (j - word[..., None]) % 3, 3) if channels == 3 else np.broadcast_to(j, word.shape + (4,))
+    byte = 4 * word[..., None] + order                                                         # [strips, 32, 4]
     slot = np.where(counted[..., None], byte % channels, TRASH)
-    address = slot * SLOT_STRIDE + residuals[:, :, byte]                                       # [B, H, strips, 32, 4]
+    address = slot * SLOT_STRIDE + residuals[:, :, np.clip(byte, 0, 4 * words - 1)]          # [B, H, strips, 32, 4]
     address = np.sort(np.moveaxis(address, 3, -1), axis=-1)                                    # [B, H, strips, 4, 32]
     distinct = np.concatenate([np.ones_like(address[..., :1], bool), np.diff(address, axis=-1) != 0], axis=-1)
-    per_bank = np.zeros(address.shape[:-1] + (BANKS,), np.int64)
-    np.put_along_axis(per_bank, address % BANKS, 0, axis=-1)
-    flat = per_bank.reshape(-1, BANKS)
+    flat = np.zeros((address[..., 0].size, BANKS), np.int64)
     np.add.at(flat, (np.repeat(np.arange(flat.shape[0]), 32), (address % BANKS).reshape(-1)), distinct.reshape(-1))
     return flat.max(axis=1).reshape(address.shape[:-1])
 

@@ -58,25 +58,33 @@ __device__ __forceinline__ Split split(unsigned word) { return {word & 0x00ff00f
 // bytes: cur + c - max3 - min3 per byte. A byte's sum lies in [-255, 510] (c >= min3, cur - max3 >= -255);
 // the bias 256 keeps the low 16-bit lane's sum in [1, 766] (even; times 256 for odd bytes), so it never
 // borrows from the high lane, whose sum only has to be right mod 256.
-// bins[k]: shared-space address of byte k's histogram slot (32-bit: one LEA per increment; with a generic
-// pointer ptxas adds the shared window's base to every address).
-__device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c, const unsigned* bins) {
+// The 4 increments: increment j counts byte order[j] of the word (order[3] = 3) into the histogram slot at
+// shared-space address slot[j] (32-bit: one LEA per increment; from a generic pointer ptxas would add the
+// shared window's base to every address). For RGB (pitch 3) the order makes increments 0..2 count channel
+// 0..2 on every lane: their lanes' bins lie in one channel's 256 bins, i.e. in distinct banks unless equal
+// (then combined), which roughly halves the shared-memory wavefronts on tissue (bench/bench_shannon.py model).
+struct Increments {
+  unsigned slot[4];
+  unsigned order[3];   // __byte_perm selectors: byte order[j] & 3 of the residual word, zero-extended
+};
+
+__device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c, const Increments& inc) {
   const unsigned even = cur.even + c.even - __vimax3_u16x2(a.even, b.even, c.even) -
                         __vimin3_u16x2(a.even, b.even, c.even) + 0x100u;
   const unsigned odd = cur.odd + c.odd - __vimax3_u16x2(a.odd, b.odd, c.odd) -
                        __vimin3_u16x2(a.odd, b.odd, c.odd) + 0x10000u;
-  increment(bins[0] + 4 * __byte_perm(even, 0, 0x4440));   // byte 0: low byte of even
-  increment(bins[1] + 4 * __byte_perm(odd, 0, 0x4441));    // byte 1
-  increment(bins[2] + 4 * __byte_perm(even, 0, 0x4442));   // byte 2
-  increment(bins[3] + 4 * __byte_perm(odd, 0, 0x4443));    // byte 3
+  const unsigned residuals = __byte_perm(even, odd, 0x7250);   // the word's residual bytes: even 0, odd 1, even 2, odd 3
+#pragma unroll
+  for (int j = 0; j < 3; ++j) increment(inc.slot[j] + 4 * __byte_perm(residuals, 0, inc.order[j]));
+  increment(inc.slot[3] + 4 * __byte_perm(residuals, 0, 0x4443));
 }
 
 // One row of the strip: the left word from the lower lane, then the residuals; the row becomes the
 // upper neighbour (b) and its left word the upper-left one (c) of the next row.
-__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, const unsigned* bins) {
+__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, const Increments& inc) {
   const unsigned a = __funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift);
   const Split cs = split(cur), as = split(a);
-  count_word(cs, as, b, c, bins);
+  count_word(cs, as, b, c, inc);
   b = cs;
   c = as;
 }
@@ -89,11 +97,13 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
   const unsigned shared_sub = unsigned(__cvta_generic_to_shared(sub));
   for (int64_t w0 = 0; w0 < words; w0 += kStrip) {            // warp-uniform loops: every lane reaches the shuffles
     const int64_t w = w0 + lane - 1;                           // lane 0: the word left of the strip (context)
-    unsigned bins[4];                                          // shared addresses of the 4 bytes' histogram slots
+    Increments inc;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int channel = int((4 * w + k) % pitch);
-      bins[k] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u + shared_sub;
+    for (int j = 0; j < 4; ++j) {
+      const int byte = j < 3 && pitch == 3 ? int(((j - w) % 3 + 3) % 3) : j;   // pitch 3: byte of channel j
+      const int channel = int((4 * w + byte) % pitch);
+      inc.slot[j] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u + shared_sub;
+      if (j < 3) inc.order[j] = 0x4440u | unsigned(byte);
     }
     // Lanes past the row's end read its last word (counted as trash); lane 0 of the first strip reads
     // a zero word on every row, so the first column sees a = c = 0 (pred = b) and pixel (0, 0) pred 0.
@@ -109,7 +119,7 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
       const unsigned cur = __ldg(p);
       p += step;
       const Split a = split(__funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift));
-      count_word(split(cur), a, a, a, bins);
+      count_word(split(cur), a, a, a, inc);
       b = split(cur);
       c = a;
       i = 1;
@@ -127,12 +137,12 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
         p += step;
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, bins);
+      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, inc);
     }
     for (; i < i1; ++i) {
       const unsigned cur = __ldg(p);
       p += step;
-      count_row(cur, shift, b, c, bins);
+      count_row(cur, shift, b, c, inc);
     }
   }
 }
