@@ -4,11 +4,11 @@
 // The rows of a tile are split into bands, one per warp; a warp walks its band down, one strip of
 // columns at a time, carrying the upper neighbours in registers from the row above.
 //
-// Word path (rows 4-byte aligned, pixels packed: stride_c == 1, pitch P = stride_w in 1..4 bytes,
-// channels <= P; RGB, RGBA with alpha dropped as a view, grey): a row is n = width * P bytes, read
-// as 32-bit words, one word per lane (a strip is 31 words on lanes 1..31; lane 0 holds the word to
-// their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken from
-// the lane's own word and the lower lane's (one __shfl_up_sync and one funnel shift per word). MED
+// Word path (pixels packed: stride_c == 1, pitch P = stride_w of 1..4 bytes, channels <= P; rows of
+// whole words, 4-byte aligned; RGB, RGBA with alpha dropped as a view, grey): a row is n = width * P
+// bytes, read as 32-bit words, one word per lane (a strip is 31 words on lanes 1..31; lane 0 holds the
+// word to their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken
+// from the lane's own word and the lower lane's (one __shfl_up_sync and one funnel shift per word). MED
 // in SIMD form: cur - median(a, b, a + b - c) = cur + c - max(a, b, c) - min(a, b, c) (mod 256), in
 // 16-bit lanes (even bytes, odd bytes in place) with Hopper's 3-way min/max (__vimax3_u16x2, one
 // instruction on sm_90). Edges come from the neighbours given: on the first row b = c = a (pred = a),
@@ -35,7 +35,7 @@ constexpr int kSlotStride = 256 + 11;          // channels 11 banks apart: small
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loops need full-warp shuffles");
 
-__device__ unsigned kZeroWord = 0u;            // left context of the first column (never written)
+__device__ unsigned zero_word = 0u;           // left context of the first column (never written)
 
 __device__ __forceinline__ int med_predict(int a, int b, int c) {
   const int lo = min(a, b), hi = max(a, b);
@@ -107,7 +107,7 @@ __device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* 
     }
     // Lanes past the row's end read its last word (counted as trash); lane 0 of the first strip reads
     // a zero word on every row, so the first column sees a = c = 0 (pred = b) and pixel (0, 0) pred 0.
-    const unsigned* p = &kZeroWord;
+    const unsigned* p = &zero_word;
     int step = 0;
     if (w >= 0) {
       p = reinterpret_cast<const unsigned*>(origin + (i0 > 0 ? i0 - 1 : 0) * t.stride_h) + min(w, words - 1);
