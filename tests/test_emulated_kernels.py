@@ -238,6 +238,10 @@ def test_shannon_word_path_extremes_and_grids(emulated):
     for tile, stride in [((9, 8), (5, 4)), ((17, 12), (9, 1)), ((6, 5), (7, 3)), ((45, 48), (1, 1))]:
         np.testing.assert_array_equal(shannon.shannon_grid_histogram(region, tile, stride),
                                       shannon.shannon_grid_histogram_reference(region, tile, stride))
+    base = torch.from_numpy(rng.integers(0, 256, 800, dtype=np.uint8))             # pixels overlapping (pitch 1 byte <
+    overlapping = base.as_strided((2, 9, 16, 3), (400, 40, 1, 1))                   # 3 channels): the generic path
+    np.testing.assert_array_equal(torch.ops.isg.shannon_histogram(overlapping).numpy(),
+                                  shannon.shannon_histogram_reference(overlapping.contiguous().numpy()))
 
 
 def _model_intrinsic(name: str, x: int, y: int, z: int) -> int:

@@ -345,6 +345,13 @@ void not_shared(const void* p) {
   fail(s.str());
 }
 
+void misaligned(const void* p, size_t alignment) {
+  std::ostringstream s;
+  s << "misaligned address: load of " << alignment << " bytes at " << p;
+  if (g && g->current) s << ", " << where(*g->current);
+  fail(s.str());
+}
+
 uint3& thread_idx() { return g->current->tid; }
 uint3& block_idx() { return g->block_idx; }
 dim3& block_dim() { return g->block; }

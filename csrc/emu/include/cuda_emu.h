@@ -137,8 +137,14 @@ inline T shfl(Op op, unsigned mask, T var, int line, int arg, int width = 32) {
   unsigned(::isg_emu::sync_point(::isg_emu::Op::MatchAny, (mask), ::isg_emu::to_bits(value), 0, 32, __LINE__))
 
 // ---------------------------------------------------------------------------- other intrinsics
+namespace isg_emu {
+[[noreturn]] void misaligned(const void* p, size_t alignment);
+}
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {  // a misaligned load is cudaErrorMisalignedAddress on the GPU (x86 would just read it)
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T)) isg_emu::misaligned(p, alignof(T));
+  return *p;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
