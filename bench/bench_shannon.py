@@ -8,6 +8,8 @@ Tables (printed, and written to bench/results/):
   (compress and take the length). Also the multi-thread native row.
 * ``shannon_rank``: Spearman correlation of our bits with compressed sizes on slide-like tiles (tests assert >= 0.95).
 * ``shannon_gpu``: GB/s of the CUDA scorer vs a device-to-device copy of the same bytes (only with a CUDA device).
+* ``shannon_gpu_model``: modelled shared-memory wavefronts per histogram increment of the CUDA word path on these
+  tiles (CPU only; the shared-memory side of the roofline in docs/cuda.md).
 """
 
 from __future__ import annotations
