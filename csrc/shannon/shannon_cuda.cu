@@ -16,7 +16,7 @@
 //
 // Generic path (any other strides): one pixel per lane, one byte load per channel (the earlier
 // kernel). Both count into one shared int32 histogram per block with atomicAdd(+1), which ptxas
-// turns into ATOMS.POPC.INC (lanes with the same bin are combined into one update).
+// turns into ATOMS.POPC.INC (by its name: a warp's lanes with the same bin combined into one update).
 #include <cuda_runtime.h>
 
 #include "common/check.h"
