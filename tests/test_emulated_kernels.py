@@ -202,7 +202,7 @@ def _histogram_per_channel_reference(x: np.ndarray) -> np.ndarray:
                            for c in range(x.shape[-1])], axis=1)
 
 
-@pytest.mark.parametrize("h,w", WORD_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("h,w", WORD_SHAPES, ids=[f"{h}x{w}" for h, w in WORD_SHAPES])
 def test_shannon_word_path(emulated, h, w):
     """Word path (4 bytes per lane): strips of 31 words and their edges, bands of any height, the row loop's
     8-row steps and remainder, pitches 1..4 bytes with 1..4 channels (bytes of dropped channels skipped)."""
