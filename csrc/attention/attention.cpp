@@ -448,19 +448,30 @@ ISG_CLONES void softmax_backward_batches_vec(const float* grad, const float* log
   for (int64_t m = m0; m < m1; ++m) {
     const float inv = softmax_chunks(logits + m * length, length, chunks, w.data());
     for (int64_t j = 0; j < length; ++j) w[j] *= inv;
-    if (kChunks) {  // dw in registers
-      Vec16 wv[kChunks ? kChunks : 1], dwv[kChunks ? kChunks : 1] = {};
+    if constexpr (kChunks > 0) {  // dw in registers, kLanes partial sums each (a chain of FMAs per chunk would wait on their latency)
+      constexpr int kLanes = kChunks == 1 ? 4 : kChunks == 2 ? 2 : 1;
+      Vec16 wv[kChunks], dwv[kLanes][kChunks] = {};
       for (int v = 0; v < kChunks; ++v) wv[v] = load16(w.data() + 16 * v);
-      for (int64_t c = 0; c < channels; ++c) {
-        const float g = grad[m * channels + c];
-        const float* row = p + (m * channels + c) * length;
-        float* grad_row = grad_p + (m * channels + c) * length;
+      const float* gm = grad + m * channels;
+      const float* pm = p + m * channels * length;
+      float* grad_pm = grad_p + m * channels * length;
+      int64_t c = 0;
+      for (; c + kLanes <= channels; c += kLanes)
+        for (int lane = 0; lane < kLanes; ++lane)
+          for (int v = 0; v < kChunks; ++v) {
+            dwv[lane][v] += gm[c + lane] * load16(pm + (c + lane) * length + 16 * v);
+            store16(grad_pm + (c + lane) * length + 16 * v, gm[c + lane] * wv[v]);
+          }
+      for (; c < channels; ++c)
         for (int v = 0; v < kChunks; ++v) {
-          dwv[v] += g * load16(row + 16 * v);
-          store16(grad_row + 16 * v, g * wv[v]);
+          dwv[0][v] += gm[c] * load16(pm + c * length + 16 * v);
+          store16(grad_pm + c * length + 16 * v, gm[c] * wv[v]);
         }
+      for (int v = 0; v < kChunks; ++v) {
+        Vec16 sum = dwv[0][v];
+        for (int lane = 1; lane < kLanes; ++lane) sum += dwv[lane][v];
+        store16(dw.data() + 16 * v, sum);
       }
-      for (int v = 0; v < kChunks; ++v) store16(dw.data() + 16 * v, dwv[v]);
     } else {
       std::fill(dw.begin(), dw.end(), 0.0f);
       for (int64_t c = 0; c < channels; ++c) {
