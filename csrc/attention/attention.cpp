@@ -16,6 +16,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "attention/attention_math.h"
 #include "common/check.h"
@@ -514,6 +517,21 @@ void with_chunks(int64_t length, F&& kernel) {
 }
 #endif  // __GNUC__
 
+// Outputs of [M, C, L] that a kernel writes whole: transparent huge pages are asked for (Linux;
+// effective where THP is in `madvise` mode, the usual default). A fresh 32 MB tensor otherwise
+// takes 8192 first-touch page faults, which cost more than the kernel's own work: softmax backward
+// at M = 4096, C = 128, L = 16 took 48-52 ms a step with them, 38-47 ms with huge pages
+// (torch.compile 46 ms). A hint: failures are ignored, memory already touched is unchanged.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (data == nullptr || bytes < int64_t(2 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
   ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0,
             std::string(op) + ": negative size (M=" + std::to_string(s.batch) + ", C=" + std::to_string(s.channels) +
@@ -533,6 +551,7 @@ void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, voi
     using T = decltype(tag);
     const T *qq = static_cast<const T*>(q), *kk = static_cast<const T*>(k), *vv = static_cast<const T*>(v);
     T* o = static_cast<T*>(out);
+    advise_huge_pages(o, s.batch * s.channels * s.length * int64_t(sizeof(T)));
     if (s.shared_over_channels)
       parallel_for(s.batch, s.channels * s.length, threads,
                    [&](int64_t m0, int64_t m1) { gated_forward_units<true>(qq, kk, vv, o, m0, m1, s); });
@@ -555,6 +574,7 @@ void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k,
     const T *g = static_cast<const T*>(grad), *qq = static_cast<const T*>(q), *kk = static_cast<const T*>(k),
             *vv = static_cast<const T*>(v);
     T *gq = static_cast<T*>(grad_q), *gk = static_cast<T*>(grad_k), *gv = static_cast<T*>(grad_v);
+    for (T* full : {gk, gv}) advise_huge_pages(full, s.batch * s.channels * s.length * int64_t(sizeof(T)));
     if (s.shared_over_channels)
       parallel_for(s.batch, s.channels * s.length, threads,
                    [&](int64_t m0, int64_t m1) { gated_backward_batches(g, qq, kk, vv, gq, gk, gv, m0, m1, s); });
@@ -606,6 +626,7 @@ void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, cons
     using T = decltype(tag);
     const T *g = static_cast<const T*>(grad), *l = static_cast<const T*>(logits), *pp = static_cast<const T*>(p);
     T *gl = static_cast<T*>(grad_logits), *gp = static_cast<T*>(grad_p);
+    advise_huge_pages(gp, s.batch * s.channels * s.length * int64_t(sizeof(T)));
     if (s.shared_over_channels) {
 #ifdef ISG_VEC16
       if constexpr (std::is_same_v<T, float>)
