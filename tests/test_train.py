@@ -10,10 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from isg.data import collate_bags, BagDataset
+from isg.data import BagDataset, collate_bags
 from isg.data.labels import LabelError, load_labels
+from isg.data.splits import Split
 from isg.model import load_fold_models
-from isg.train.expression import TrainConfig, TrainProgress, cross_validate
+from isg.train.expression import (
+    TrainConfig,
+    TrainProgress,
+    cross_validate,
+    train_mean_floor,
+)
 
 
 def _cohort(tmp_path, n_slides=24, d=8, genes=5, seed=0):
@@ -48,6 +54,7 @@ def test_cross_validate_learns_a_known_function_and_writes_results(tmp_path):
         assert (out / name).is_file(), name
     assert summary["n_samples"] == len(manifest)
     assert summary["mean_r"] > 0.5  # the signal is linear in the mean feature: easy to learn
+    assert summary["train_mean_floor"]["mean_r"] < 0.0  # the training-mean predictor on the same folds
     oof = pd.read_csv(out / "predictions_oof.csv", index_col="slide_id")
     assert sorted(oof.index) == sorted(manifest.slide_id)  # every slide predicted exactly once, out of fold
     splits = json.loads((out / "splits.json").read_text())
@@ -60,6 +67,27 @@ def test_cross_validate_learns_a_known_function_and_writes_results(tmp_path):
     test = BagDataset([feature_dir / f"{s}.h5" for s in fold0.index], local=False)
     again = models[0].predict(collate_bags([test[i] for i in range(len(test))]))
     np.testing.assert_allclose(again.to_numpy(), fold0.to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_train_mean_floor_known_answers(n):
+    rng = np.random.default_rng(n)
+    samples = [f"S{i}" for i in range(n)]
+    manifest = pd.DataFrame({"slide_id": samples, "sample_id": samples, "patient_id": samples})
+    targets = pd.DataFrame(rng.normal(size=(n, 4)), index=samples, columns=list("abcd"))
+    # leave-one-out: the prediction (sum - y_i) / (n - 1) falls as y_i rises, r = -1 for every gene
+    loo = [Split([s for s in samples if s != t], [], [t]) for t in samples]
+    assert train_mean_floor(manifest, targets, loo)["mean_r"] == pytest.approx(-1.0)
+    # a slide counts once per slide: a sample with two slides weighs twice in its folds' training mean
+    two = pd.concat([manifest, manifest.iloc[[0]].assign(slide_id="S0b")], ignore_index=True)
+    halves = [Split(samples[: n // 2 + 1], [], samples[n // 2 + 1:]), Split(samples[n // 2 + 1:], [], samples[: n // 2 + 1])]
+    pred = {}
+    for split in halves:
+        rows = targets.loc[[s for s in two["sample_id"] if s in split.train]]
+        for t in split.test:
+            pred[t] = rows.mean()
+    expected = np.mean([np.corrcoef(targets[g], pd.DataFrame(pred).T.loc[samples, g])[0, 1] for g in targets])
+    assert train_mean_floor(two, targets, halves)["mean_r"] == pytest.approx(expected)
 
 
 def test_cross_validate_writes_pipeline_json_and_reports_progress(tmp_path):

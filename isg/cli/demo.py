@@ -152,7 +152,8 @@ def summary_text(out: Path, model: str, markers: list[str], shown: str, seconds:
     return "\n".join([
         "",
         f"== isg demo result ({slides} synthetic slides, {model}, {minutes}:{rest:02d} min)",
-        f"cross-validated mean Pearson r {summary['mean_r']:.3f} over {summary['n_genes']} genes, "
+        f"cross-validated mean Pearson r {summary['mean_r']:.3f} over {summary['n_genes']} genes "
+        f"(predicting each fold's training mean: {summary['train_mean_floor']['mean_r']:.3f}), "
         f"{summary['n_significant']} significant (r > 0, FDR < 0.05), {summary['n_samples']} samples",
         f"marker genes (nuclei density, nuclei size, stain): r {marker_r}",
         f"results: {out / 'train'} (genes.csv, summary.json, gene_correlations.png, pred_vs_true.png)",

@@ -56,9 +56,15 @@ def _positive(name: str, value) -> None:
 
 def run(args) -> int:
     from isg.cli import CLIError
-    from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
-    from isg.data.labels import LabelError, load_labels
     from isg.cli._progress import TrainProgress
+    from isg.data import (
+        ExpressionError,
+        ManifestError,
+        load_expression,
+        load_manifest,
+        match_samples,
+    )
+    from isg.data.labels import LabelError, load_labels
     from isg.train.config import TrainConfig
     from isg.train.expression import cross_validate
 
@@ -114,5 +120,7 @@ def result_line(summary: dict, model: str, out) -> str:
     """One line a user reads (and a README can quote): the cross-validated result."""
     if "auc" in summary:
         return f"{model}: MSI-H vs MSS AUC {summary['auc']:.3f} over {summary.get('n_samples')} samples -> {out}"
-    return (f"{model}: mean Pearson r {summary['mean_r']:.3f} over {summary['n_genes']} genes, "
+    floor = summary.get("train_mean_floor")
+    against = f" (predicting each fold's training mean: {floor['mean_r']:.3f})" if floor else ""
+    return (f"{model}: mean Pearson r {summary['mean_r']:.3f}{against} over {summary['n_genes']} genes, "
             f"{summary['n_significant']} significant (r > 0, FDR < 0.05), {summary.get('n_samples')} samples -> {out}")

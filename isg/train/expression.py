@@ -32,7 +32,13 @@ from isg.data import splits as splits_lib
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
-from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
+from isg.model import (
+    Standardizer,
+    create_model,
+    forward_batch,
+    model_class,
+    save_fold_model,
+)
 from isg.train.config import TrainConfig
 from isg.utils import atomic_path, write_text_atomic
 
@@ -200,6 +206,8 @@ def cross_validate(
         oof.to_csv(tmp)
     per_sample = _per_sample(oof.drop(columns="fold"), manifest)
     summary = _score(per_sample, manifest, targets, config, out_dir=out_dir, aggregated=True)
+    if config.task != "msi":
+        summary["train_mean_floor"] = train_mean_floor(manifest, targets, folds)
     summary.update({"model": config.model, "task": config.task, "folds": fold_rows, "config": asdict(config)})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     with atomic_path(out_dir / "folds.csv") as tmp:
@@ -231,6 +239,22 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) 
         pipeline = {"features_dir": str(feature_dir.resolve()), "preprocess": attrs("coords"),
                     "global_features": attrs("features"), "local_features": attrs("local_features")}
     write_text_atomic(Path(out_dir) / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
+
+
+def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list) -> dict:
+    """Score, on the same folds, of predicting each fold's training mean (what every head starts from).
+
+    The line a model must clear on a small cohort: leaving a fold out moves the training mean against it,
+    so this pooled out-of-fold r is negative, not 0 (-1 exactly with one sample per fold).
+    """
+    sample_of_slide = manifest["sample_id"].astype(str)
+    predictions = []
+    for split in folds:
+        train = targets.loc[sample_of_slide[sample_of_slide.isin(split.train)]]  # one row per training slide
+        test = sorted(split.test)
+        predictions.append(pd.DataFrame(np.tile(train.mean().to_numpy(), (len(test), 1)), index=test, columns=targets.columns))
+    pred = pd.concat(predictions)
+    return metrics.summarize(metrics.gene_correlations(targets.loc[pred.index], pred))
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
