@@ -19,12 +19,13 @@ for eager and fused alike. ``OMP_WAIT_POLICY=PASSIVE`` (read when OpenMP
 loads, so set it on the command line) gives stable figures there.
 
 Tables (printed, and written to bench/results/):
-* ``attention_cpu_<op>_<form>_M<M>_C<C>_L<L>``: ms per forward + backward on CPU (all torch / OpenMP threads),
+* ``attention_cpu_<op>_<form>_M<M>_C<C>_L<L>``: ms per forward + backward on CPU (all torch / OpenMP threads;
+  median over interleaved rounds of one call per contender, >= 7 rounds and >= 1 s),
   rows ``eager`` (the PyTorch reference, baseline), ``compiled`` (torch.compile of the reference) and
   ``fused`` (isg._C), extra column ``peak_mb``:
   peak resident memory of the step above what was resident before it, measured after all timings with
-  glibc set to mmap every block of 64 kB and more (freed tensors leave the resident set; peak reset
-  through /proc/self/clear_refs).
+  glibc set to mmap every block of 64 kB and more and free heap pages trimmed (freed tensors leave the
+  resident set; peak reset through /proc/self/clear_refs).
 * ``attention_cpu_summary``: speed-up (eager time / fused time) per op and size, with both peaks.
 * ``attention_cpu_model``: ms per forward + backward of an ISG-10-2 on one slide, fused ops vs references.
 * ``attention_gpu_*``: the same on CUDA (time with synchronisation, peak from torch.cuda.max_memory_allocated),
@@ -36,6 +37,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import statistics
+import time
 
 import pytest
 import torch
@@ -103,8 +106,11 @@ def _fixed_mmap_threshold() -> bool:
 
 def _cpu_peak_mb(fn) -> float:
     """Peak resident bytes of ``fn()`` above the resident set before it, in MB (Linux; the kernel's RSS
-    counters are synced lazily, so peaks of a few MB are imprecise)."""
+    counters are synced lazily, so peaks of a few MB are imprecise). Free heap pages are handed back
+    first (malloc_trim): else blocks below the mmap threshold reuse pages left resident by the timings
+    and a step reads as 0 MB."""
     fn()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM
     before = _status("VmRSS")
@@ -133,8 +139,22 @@ _MODEL: dict[str, float] = {}
 def test_cpu_contenders(op, form, size, report):
     _needs_native("cpu")
     inputs = _inputs(op, *size, "cpu", form=form)
-    _CPU_MS[op, form, size] = {name: report.measure(lambda: _step(_contender(op, name), inputs), repeat=5, warmup=2) * 1e3
-                               for name in _contenders("cpu")}
+    steps = {name: (lambda fn=_contender(op, name): _step(fn, inputs)) for name in _contenders("cpu")}
+    _CPU_MS[op, form, size] = _interleaved_ms(steps, report)
+
+
+def _interleaved_ms(steps: dict, report, rounds: int = 7, min_seconds: float = 1.0) -> dict[str, float]:
+    """Median ms per call of each step, timed in interleaved rounds (one call of each per round) until
+    ``rounds`` rounds and ``min_seconds`` have passed: a burst of load from other jobs on a shared
+    machine hits every contender alike, and short steps get enough samples."""
+    for step in steps.values():
+        report.measure(step, repeat=1, warmup=2)  # warm-up (torch.compile compiles on its first call)
+    seconds = {name: [] for name in steps}
+    start = time.perf_counter()
+    while len(seconds[next(iter(steps))]) < rounds or time.perf_counter() - start < min_seconds:
+        for name, step in steps.items():
+            seconds[name].append(report.measure(step, repeat=1, warmup=0))
+    return {name: statistics.median(s) * 1e3 for name, s in seconds.items()}
 
 
 def test_cpu_model_step(report):

@@ -164,6 +164,19 @@ def test_opcheck(attention_ext, size, form):
                           (torch.randn(size[:2]), logits.detach(), p.detach()))
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
+def test_eager_function_and_compiled_graph_match_registered_op(attention_ext, name, make, fused, reference, form):
+    """Eager calls run the kernels through an autograd.Function, torch.compile graphs the registered op:
+    both give the registered op's values and gradients, bit for bit."""
+    inputs = make(3, 37, 16, form=form)
+    expected = _forward_backward(getattr(torch.ops.isg, name), inputs)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    for contender in (fused, compiled):
+        for got, want in zip(_forward_backward(contender, inputs), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_extreme_values_stay_finite(attention_ext):
     q = torch.tensor([[80.0, -80.0, 0.0]])[..., None]
     k = torch.full((1, 3, 5), 100.0)
