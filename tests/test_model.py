@@ -78,6 +78,30 @@ def test_isg_n_k_block_counts(name, n, k, fusions):
     assert sum(isinstance(m, MBConv) for m in model.modules()) == n
 
 
+@pytest.mark.parametrize("channels,grid,batch", [(8, 4, 5), (5, 3, 2), (6, 1, 3), (7, 5, 1)])
+def test_mbconv_channels_last_matches_its_nchw_reference(channels, grid, batch):
+    torch.manual_seed(channels)
+    block = MBConv(channels, drop_path=0.3).double()
+    for p in block.parameters():  # LayerNorm weights start at 1 / 0: randomise so every term is exercised
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(batch, channels, grid, grid, dtype=torch.float64, requires_grad=True)
+    for training in (False, True):
+        block.train(training)
+        outs, grads = [], []
+        for forward in (block.forward, block.forward_reference):
+            torch.manual_seed(1)  # the same stochastic-depth mask in training
+            x.grad = None
+            block.zero_grad()
+            out = forward(x)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            outs.append(out)
+            grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        for fast, reference in zip(*grads):
+            torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-12)
+    assert block.channels_last and not MBConv(4, norm_layer=lambda c: torch.nn.GroupNorm(1, c)).channels_last
+
+
 def test_registry_and_errors():
     assert "isg-10-2" in list_models() and "vit-s" in list_models()
     for name in list_models():
