@@ -31,8 +31,8 @@ Dual Attention row clears its floor; no per-slide rule falls back to one patch.
 
 Results: ``bench/results/accuracy.json`` and ``accuracy.md`` (and ``tab4_ablation.*``, ``split_seeds.*``).
 Sizes: ``ISG_BENCH_SLIDES`` (48) slides of ``ISG_BENCH_SIZE`` (2048) px, ``ISG_BENCH_EPOCHS`` (12),
-``ISG_BENCH_FOLDS`` (3), ``ISG_BENCH_AE_STEPS`` (150, the compact extractor of ``isg demo``); about
-35 min on 2 cores (each stage prints its wall and CPU seconds). Run:
+``ISG_BENCH_FOLDS`` (3), ``ISG_BENCH_AE_STEPS`` (150, the compact extractor of ``isg demo``): 20 min on
+2 idle cores (each stage prints its wall and CPU seconds). Run:
 ``python3 -m pytest bench/bench_accuracy.py --benchmark-enable -s``.
 """
 

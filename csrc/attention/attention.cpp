@@ -111,10 +111,11 @@ void parallel_for(int64_t units, int64_t unit_size, int threads, F&& kernel) {
 #ifdef _OPENMP
   if (threads <= 0) threads = omp_get_max_threads();
 #endif
-  // A thread joins only for >= 2^20 elements (~100 us of memory-bound work): waking one that
-  // sleeps (OMP_WAIT_POLICY=PASSIVE) costs ~10 us on an idle core and up to milliseconds on a busy
-  // one (measured: M = 512 patches, C = 64, L = 16 fwd + bwd 1.6-2.0 ms on 2 threads, 0.65-0.74 ms on 1).
-  threads = int(std::min<int64_t>({threads, blocks, std::max<int64_t>(1, units * unit_size >> 20)}));
+  // A thread joins only for >= 2^18 elements (~0.3 ms of the gated op's exp-bound work): waking one
+  // that sleeps (OMP_WAIT_POLICY=PASSIVE) costs ~10 us on an idle core and up to milliseconds on a
+  // busy one. At 2^20 the gated op at M = 512 patches, C = 64, L = 16 (2^19 elements) ran on one
+  // thread and missed 2x eager on 2 idle cores (1.62x; 2.52x with 2^18, bench_attention.py).
+  threads = int(std::min<int64_t>({threads, blocks, std::max<int64_t>(1, units * unit_size >> 18)}));
   if (threads <= 1) return kernel(0, units);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t u0 = 0; u0 < units; u0 += block) kernel(u0, std::min(units, u0 + block));
