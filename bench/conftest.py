@@ -56,6 +56,18 @@ class Report:
             entry["baseline"] = name
 
 
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks marked ``gpu`` are skipped without a CUDA device (as in tests/); on a GPU machine they must run."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
 @pytest.fixture(scope="session")
 def report() -> Report:
     return Report()
