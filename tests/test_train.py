@@ -14,12 +14,7 @@ from isg.data import BagDataset, collate_bags
 from isg.data.labels import LabelError, load_labels
 from isg.data.splits import Split
 from isg.model import load_fold_models
-from isg.train.expression import (
-    TrainConfig,
-    TrainProgress,
-    cross_validate,
-    train_mean_floor,
-)
+from isg.train.expression import TrainConfig, TrainProgress, cross_validate, train_mean_floor
 
 
 def _cohort(tmp_path, n_slides=24, d=8, genes=5, seed=0):

@@ -56,15 +56,9 @@ def _positive(name: str, value) -> None:
 
 def run(args) -> int:
     from isg.cli import CLIError
-    from isg.cli._progress import TrainProgress
-    from isg.data import (
-        ExpressionError,
-        ManifestError,
-        load_expression,
-        load_manifest,
-        match_samples,
-    )
+    from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
     from isg.data.labels import LabelError, load_labels
+    from isg.cli._progress import TrainProgress
     from isg.train.config import TrainConfig
     from isg.train.expression import cross_validate
 

@@ -32,13 +32,7 @@ from isg.data import splits as splits_lib
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
-from isg.model import (
-    Standardizer,
-    create_model,
-    forward_batch,
-    model_class,
-    save_fold_model,
-)
+from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
 from isg.train.config import TrainConfig
 from isg.utils import atomic_path, write_text_atomic
 
