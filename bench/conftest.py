@@ -57,15 +57,9 @@ class Report:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Benchmarks marked ``gpu`` are skipped without a CUDA device (as in tests/); on a GPU machine they must run."""
-    import torch
+    from markers import skip_gpu_without_cuda  # tests/markers.py (tests/ is on sys.path above)
 
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="no CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    skip_gpu_without_cuda(items)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: spinning threads cost 10x on shared cores
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from markers import skip_gpu_without_cuda  # noqa: E402
 
 
 def pytest_configure(config):
@@ -15,12 +16,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="no CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    skip_gpu_without_cuda(items)
 
 
 @pytest.fixture(scope="session")
