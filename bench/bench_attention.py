@@ -30,7 +30,7 @@ Tables (printed, and written to bench/results/):
   resident set; peak reset through /proc/self/clear_refs).
 * ``attention_cpu_summary``: speed-up (eager time / fused time) per op and size, with both peaks.
 * ``attention_cpu_model``: ms per forward + backward of an ISG-10-2 on one slide, isg vs plain eager (median of
-  24 steps each, in 8 interleaved rounds).
+  24 interleaved steps each).
 * ``attention_gpu_*``: the same on CUDA (time with synchronisation, peak from torch.cuda.max_memory_allocated),
   only with a CUDA device and a CUDA build of isg._C.
 """
@@ -177,20 +177,19 @@ def test_cpu_model_step(report):
 
     fused = dual_attention.gated_hadamard, dual_attention.softmax_spatial_sum, MBConv.forward
     eager = ops.gated_hadamard_reference, ops.softmax_spatial_sum_reference, MBConv.forward_reference
-    seconds = {}
-    try:
-        for _ in range(8):  # interleaved rounds: contention hits both alike; median of 24 steps each
-            for name, fns in (("eager", eager), ("fused", fused)):
-                dual_attention.gated_hadamard, dual_attention.softmax_spatial_sum, MBConv.forward = fns
-                step()
-                for _ in range(3):
-                    start = time.perf_counter()
-                    step()
-                    seconds.setdefault(name, []).append(time.perf_counter() - start)
+
+    def with_implementation(fns):
+        def run():
+            dual_attention.gated_hadamard, dual_attention.softmax_spatial_sum, MBConv.forward = fns
+            step()
+        return run
+
+    try:  # median of 24 interleaved steps each: contention hits both alike
+        ms = _interleaved_ms({"eager": with_implementation(eager), "fused": with_implementation(fused)}, report, rounds=24)
     finally:
         dual_attention.gated_hadamard, dual_attention.softmax_spatial_sum, MBConv.forward = fused
     for name in ("eager", "fused"):
-        _MODEL[name] = statistics.median(seconds[name]) * 1e3
+        _MODEL[name] = ms[name]
         report.add("attention_cpu_model", f"isg-10-2 {name}", _MODEL[name], unit="ms fwd+bwd", baseline=name == "eager",
                    higher_is_better=False, patches=N)
 
