@@ -104,7 +104,7 @@ def _aligned_scores(path: Path, reference: np.ndarray) -> np.ndarray:
 def _he2rna_bags(shared: Shared, slides) -> None:
     """ResNet features of every HE2RNA tissue tile + their Shannon scores, one .h5 per slide."""
     from isg.baselines import cached_weights, load_resnet50
-    from isg.infer.he2rna import he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
+    from isg.pipeline.he2rna import he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
     from isg.io import open_slide
 
     arch = "resnet50" if cached_weights("resnet50") else os.environ.get("ISG_BENCH_HE2RNA_ARCH", "resnet18")
@@ -130,8 +130,8 @@ def _he2rna_bags(shared: Shared, slides) -> None:
 def shared(tmp_path_factory) -> Shared:
     from isg.data import load_expression, load_manifest
     from isg.features.lpips_loss import cached_alexnet_weights
-    from isg.infer.extract import extract_cohort
-    from isg.infer.preprocess import preprocess_cohort
+    from isg.pipeline.extract import extract_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
     from isg.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 

@@ -6,11 +6,11 @@ Goal here (asserted): ISG / HE2RNA <= 0.3 (``GOAL_RATIO``); the figures are prin
 Both pipelines run in this process, one after the other, on the same slides and
 device, from the slide file to the prediction (no cached tiles or features):
 
-* ISG (:func:`isg.infer.predict.predict_slide`): tissue grid of 256 px patches
+* ISG (:func:`isg.pipeline.predict.predict_slide`): tissue grid of 256 px patches
   at level 0, Shannon scores of every tissue patch, mean + 1 sigma selection,
   global (64 px input) and local (4 x 4 sub-patches, 32 px input) StyleGAN2
   encoders on the selected patches only, Dual Attention ISG-10-2, fold ensemble of 1.
-* HE2RNA (:func:`isg.infer.he2rna.he2rna_predict_slide`): Otsu tissue, every
+* HE2RNA (:func:`isg.pipeline.he2rna.he2rna_predict_slide`): Otsu tissue, every
   224 px tile at 0.5 um/px through ResNet50, per-tile MLP + top-k pooling.
 
 Weights are random (time does not depend on them). Configs:
@@ -71,8 +71,8 @@ def _isg_train_dir(root: Path, device: str) -> Path:
 
 def test_isg_vs_he2rna_seconds_per_slide(tmp_path_factory, report):
     from isg.baselines.he2rna import HE2RNA, load_resnet50
-    from isg.infer.he2rna import he2rna_predict_slide
-    from isg.infer.predict import Predictor, predict_slide
+    from isg.pipeline.he2rna import he2rna_predict_slide
+    from isg.pipeline.predict import Predictor, predict_slide
     from isg.io import open_slide
 
     device = os.environ.get("ISG_BENCH_DEVICE", "cpu")

@@ -1,4 +1,4 @@
-"""Per-slide preprocessing time: ``isg.infer.preprocess_slide`` vs a CLAM-style OpenSlide + Otsu pass.
+"""Per-slide preprocessing time: ``isg.pipeline.preprocess_slide`` vs a CLAM-style OpenSlide + Otsu pass.
 
 Run: ``python3 -m pytest bench/bench_preprocess.py --benchmark-enable -s`` (with
 ``ISG_EXT_PATH=build/<dir>`` to use a development build of the native scorer).
@@ -85,7 +85,7 @@ def per_slide_seconds(fn, slides, repeat: int = 3) -> tuple[float, list]:
 def test_preprocess_vs_clam_style(slides, tmp_path, report):
     pytest.importorskip("openslide")
     from isg import _ext
-    from isg.infer.preprocess import preprocess_slide
+    from isg.pipeline.preprocess import preprocess_slide
 
     native = _ext.has("shannon_histogram_cpu")
     threads = torch.get_num_threads()

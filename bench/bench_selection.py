@@ -46,7 +46,7 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
     import cv2
     from tissue_samples import histology_image, textureless_tiles
 
-    from isg.infer.preprocess import preprocess_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
     from isg.select import default_threshold_bits, read_scores, score_tiles
 

@@ -3,7 +3,7 @@
 Pipeline: :mod:`isg.io` (slides, tiles) -> :mod:`isg.select` (Shannon and
 baseline selectors) -> :mod:`isg.features` (StyleGAN2 autoencoders) ->
 :mod:`isg.model` (Dual Attention network). :mod:`isg.ops` holds the faces of
-the native kernels; ``train``, ``infer`` and ``cli`` only wire these together.
+the native kernels; ``train``, ``pipeline`` and ``cli`` only wire these together.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from isg.cli import main
-from isg.cli.bench import BenchOptions, bench_readers, sample_tissue_coords
-from isg.infer.preprocess import preprocess_slide
+from isg.pipeline.bench import BenchOptions, bench_readers, sample_tissue_coords
+from isg.pipeline.preprocess import preprocess_slide
 from isg.io import PATCH_SIZE, open_slide, tile_grid
 
 TILES = 12
@@ -96,8 +96,8 @@ def test_bench_with_a_model_times_extract_and_predict(tmp_path, capsys):
 
     from isg.data import load_expression, load_manifest
     from isg.features import Autoencoder, load_autoencoder, save_autoencoder
-    from isg.infer.extract import extract_cohort
-    from isg.infer.preprocess import preprocess_cohort
+    from isg.pipeline.extract import extract_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
     from isg.train.expression import TrainConfig, cross_validate
 
     assert main(["synth", "--out", str(tmp_path / "cohort"), "--slides", "6", "--size", "1024", "--genes", "3", "--seed", "1"]) == 0

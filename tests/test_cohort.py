@@ -1,4 +1,4 @@
-"""isg.infer.cohort.run_cohort: resume, failures, atomic outputs, thread/process/Dask schedulers."""
+"""isg.pipeline.cohort.run_cohort: resume, failures, atomic outputs, thread/process/Dask schedulers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from isg.utils import atomic_path
-from isg.infer.cohort import CohortSummary, clean_stale_temp, run_cohort
+from isg.pipeline.cohort import CohortSummary, clean_stale_temp, run_cohort
 
 
 def out_of(out_dir: Path, item: int) -> Path:

@@ -1,4 +1,4 @@
-"""Autoencoder features of selected patches (isg.infer.extract) and the ``isg extract`` CLI."""
+"""Autoencoder features of selected patches (isg.pipeline.extract) and the ``isg extract`` CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from isg.features import Autoencoder, tiles_to_input
-from isg.infer.extract import FAILED, SKIPPED, WRITTEN, extract_cohort, extract_slide
+from isg.pipeline.extract import FAILED, SKIPPED, WRITTEN, extract_cohort, extract_slide
 from isg.io import open_slide
 from isg.io.synth import pyramid, render_slide, write_pyramid_tiff
 
@@ -108,7 +108,7 @@ def test_global_only_and_empty_selection(tmp_path, slide_file):
 
 
 def test_failure_leaves_h5_untouched(tmp_path, slide_file, monkeypatch):
-    import isg.infer.extract as extract
+    import isg.pipeline.extract as extract
 
     h5 = write_h5(tmp_path / "s.h5", slide_file, COORDS, 32, 16)
     original = h5.read_bytes()
@@ -159,7 +159,7 @@ def test_cohort_reports_bad_slides(tmp_path, slide_file):
 
 def test_preprocess_h5_then_extract(tmp_path, slide_file):
     """The .h5 written by the real preprocess step is consumed as is."""
-    from isg.infer.preprocess import preprocess_slide
+    from isg.pipeline.preprocess import preprocess_slide
 
     preprocess_slide(slide_file, tmp_path, patch_size=32, local_size=16, selector="shannon", rule="topk", k=4,
                      tissue_min=0.0, num_workers=0)

@@ -162,7 +162,7 @@ def test_supertiles_average_spatial_clusters():
 
 
 def test_he2rna_shannon_scores_tiles_and_keeps_the_selected_ones(tmp_path):
-    from isg.infer.he2rna import he2rna_predict_slide, he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
+    from isg.pipeline.he2rna import he2rna_predict_slide, he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
     from isg.io import open_slide
     from isg.io.synth import make_cohort
     from isg.select import SelectionRule, score_tiles, select

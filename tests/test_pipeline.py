@@ -19,8 +19,8 @@ def cohort(tmp_path_factory):
     (random convolutions already separate the synthetic textures: ridge on mean features reaches r 0.6-0.9
     on the three markers)."""
     from isg.features import Autoencoder, load_autoencoder, save_autoencoder
-    from isg.infer.extract import extract_cohort
-    from isg.infer.preprocess import preprocess_cohort
+    from isg.pipeline.extract import extract_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -62,7 +62,7 @@ def test_isg_learns_the_stain_marker(trained):
 @pytest.mark.parametrize("model", ["isg-2-1-plus", "vit-s"])
 def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
     from isg.cli import main
-    from isg.infer.predict import Predictor, predict_slides
+    from isg.pipeline.predict import Predictor, predict_slides
 
     root, synth = cohort
     train_dir = trained
@@ -119,7 +119,7 @@ def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
 
 
 def test_predict_skips_bad_slides_and_resumes(cohort, tmp_path):
-    from isg.infer.predict import Predictor, predict_slides
+    from isg.pipeline.predict import Predictor, predict_slides
     from isg.train.expression import TrainConfig, cross_validate
     from isg.data import load_expression, load_manifest
 
@@ -143,7 +143,7 @@ def test_predict_skips_bad_slides_and_resumes(cohort, tmp_path):
 
 def test_he2rna_slide_pipeline_matches_manual_route(cohort):
     from isg.baselines.he2rna import HE2RNA, he2rna_features, load_resnet50
-    from isg.infer.he2rna import he2rna_predict_slide, he2rna_tile_grid
+    from isg.pipeline.he2rna import he2rna_predict_slide, he2rna_tile_grid
     from isg.io import open_slide
 
     _, synth = cohort
@@ -163,7 +163,7 @@ def test_he2rna_slide_pipeline_matches_manual_route(cohort):
 
 @pytest.mark.parametrize("budget_tiles", [1, 3, 7])
 def test_tile_keeper_keeps_the_best_scored_tiles_within_budget(budget_tiles):
-    from isg.infer.predict import TileKeeper
+    from isg.pipeline.predict import TileKeeper
 
     rng = np.random.default_rng(budget_tiles)
     tiles = torch.from_numpy(rng.integers(0, 255, (11, 4, 4, 3), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""isg.infer.preprocess + ``isg preprocess``: h5 layout, selection rules, bad slides, resume, kill, Dask, CLI."""
+"""isg.pipeline.preprocess + ``isg preprocess``: h5 layout, selection rules, bad slides, resume, kill, Dask, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from isg.cli import main as cli_main
-from isg.infer.preprocess import h5_complete, preprocess_cohort, preprocess_slide
+from isg.pipeline.preprocess import h5_complete, preprocess_cohort, preprocess_slide
 from isg.io import SlideError
 
 P, Q = 128, 32  # small global / local patches for fast tests
@@ -162,7 +162,7 @@ def test_rerun_skips_finished_slides_and_redoes_foreign_files(cohort, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 import h5py
-from isg.infer.preprocess import preprocess_cohort
+from isg.pipeline.preprocess import preprocess_cohort
 
 victim = sys.argv[3]
 create = h5py.Group.create_dataset
@@ -344,7 +344,7 @@ def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_pa
 def test_mpp_csv_and_plain_images_without_mpp(cohort, bad_slides, tmp_path, capsys):
     from PIL import Image
 
-    from isg.infer.preprocess import read_mpp_csv
+    from isg.pipeline.preprocess import read_mpp_csv
 
     # a plain image read by pixel level needs no mpp: the outputs record it as unknown
     image = tmp_path / "plain.png"

@@ -72,7 +72,7 @@ def test_cohort_threshold_pools_slides():
 
 def test_rule_defaults_have_one_definition():
     from isg.cli import build_parser
-    from isg.infer.preprocess import PreprocessOptions
+    from isg.pipeline.preprocess import PreprocessOptions
 
     assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
     assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} and set(NATURAL_RULES) == set(SELECTORS)
@@ -285,8 +285,8 @@ def test_isg_select_cli(tmp_path, capsys):
 def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
     import json
 
-    from isg.infer.predict import preprocess_options
-    from isg.infer.preprocess import preprocess_cohort, preprocess_slide
+    from isg.pipeline.predict import preprocess_options
+    from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
     from isg.io.synth import make_cohort
 
     cohort = make_cohort(tmp_path / "c", n_slides=3, size=768, genes=3, seed=1)

@@ -11,7 +11,7 @@ Layers, bottom first (a module may import its own package and anything in a lowe
     3  select                   patch selectors and rules
     4  features, baselines      autoencoders; HE2RNA (its model and tile pipeline)
     5  model                    Dual Attention, ViT, the model registry and fold checkpoints
-    7  train, infer             wiring (neither imports the other)
+    7  train, pipeline            wiring (neither imports the other)
     8  cli                      wiring
     9  __main__                 `python -m isg`
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 LAYERS = {"": 0, "ops": 1, "io": 2, "data": 2, "eval": 2, "select": 3, "features": 4, "model": 5,
-          "baselines": 4, "train": 7, "infer": 7, "cli": 8, "__main__": 9}
+          "baselines": 4, "train": 7, "pipeline": 7, "cli": 8, "__main__": 9}
 PRIVATE_ALLOWED = {("ops", "isg._ext")}
 
 

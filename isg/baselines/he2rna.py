@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from isg.io import BATCH_SIZE
+
 TILE_PX = 224
 TILE_MPP = 0.5
 DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100)
@@ -121,7 +123,7 @@ def load_resnet50(weights: str | os.PathLike | None = None, device: str | torch.
 
 
 @torch.no_grad()
-def he2rna_features(tiles: np.ndarray | torch.Tensor, backbone: nn.Module, batch_size: int = 64) -> torch.Tensor:
+def he2rna_features(tiles: np.ndarray | torch.Tensor, backbone: nn.Module, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """ResNet features [B, num_features] float32 (on CPU) of uint8 RGB tiles [B, H, W, 3] (224 px in HE2RNA)."""
     tiles = torch.as_tensor(tiles)
     if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:

@@ -1,46 +1,13 @@
-"""``isg bench``: throughput of every stage on the user's own slides, side by side in one run.
-
-Per slide it measures, on the same tissue tiles for every contender:
-
-* each slide reader that can open the file (cuCIM, OpenSlide, tifffile, image; DALI on a GPU),
-  in tiles/s (``--tiles`` tiles of ``isg.io.PATCH_SIZE`` px spread over the tissue, best of
-  ``--repeats`` passes, tiles delivered on ``--device``; opening is timed apart, ``open_seconds``:
-  the image reader decodes the whole file there);
-* the Shannon scorer (``isg.ops.shannon_bits``) on those tiles, in GB/s of uncompressed RGB,
-  on the CPU and on the GPU when one is present;
-* ``isg preprocess`` of the whole slide, in seconds per stage;
-* with ``--model RUN`` (an ``isg train`` folder), feature extraction and prediction of the
-  selected patches, in patches/s.
-
-It prints one table and writes the figures (with versions, device and backends) to ``--out``
-as JSON. Absent contenders are listed with the reason and left empty, never estimated.
-"""
+"""``isg bench`` (wiring): argument parsing and printing; the measurements are :mod:`isg.pipeline.bench`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from isg.cli._slides import add_slide_arguments, slides_from_args
-
-
-@dataclass
-class BenchOptions:
-    tiles: int = 256  # tissue tiles read by each reader and scored
-    repeats: int = 3  # passes per measurement; the best is kept
-    batch_size: int = 64  # tiles per batch
-    num_workers: int = 4  # reader threads
-    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
-    out: str = "isg_bench.json"
-    model: str | None = None  # isg train folder: adds extract and predict
-    readers: tuple[str, ...] = field(default_factory=tuple)  # empty: every reader that opens the slide
-
+from isg.pipeline.bench import BenchOptions, format_table, reader_names, run_bench
 
 DEFAULTS = BenchOptions()
 
@@ -67,239 +34,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-# ----------------------------------------------------------------------------- measurements
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_seconds(fn, repeats: int, device) -> float:
-    """Best wall time of ``repeats`` calls of ``fn`` (after one untimed warm-up call)."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _reader_names(requested: tuple[str, ...]) -> list[str]:
-    from isg.io import BACKENDS
-
-    names = list(requested) if requested else [*BACKENDS, "dali"]
-    unknown = [name for name in names if name not in (*BACKENDS, "dali")]
-    if unknown:
-        from isg.cli import CLIError
-
-        raise CLIError(f"--readers: unknown {', '.join(unknown)} (choose from {', '.join((*BACKENDS, 'dali'))})")
-    return names
-
-
-def sample_tissue_coords(slide, n: int):
-    """Up to ``n`` level-0 (x, y) of PATCH_SIZE tissue tiles, evenly spread over the slide's tissue grid [n, 2]."""
-    import numpy as np
-
-    from isg.io import PATCH_SIZE, tile_grid
-
-    coords = tile_grid(slide, PATCH_SIZE)  # [N, 2] row-major tissue tiles
-    if len(coords) == 0:
-        coords = tile_grid(slide, PATCH_SIZE, tissue_min=0)  # no tissue found: time the whole grid instead
-    pick = np.unique(np.linspace(0, len(coords) - 1, min(n, len(coords))).round().astype(np.int64))
-    return coords[pick]
-
-
-def bench_readers(path: Path, coords, options: BenchOptions, device: str) -> tuple[dict, object]:
-    """tiles/s of each reader on the same coords; also returns the tiles [N, p, p, 3] uint8 of the first reader."""
-    import torch
-
-    from isg.io import PATCH_SIZE, SlideError, dali_available, iter_tiles, iter_tiles_dali, open_slide
-
-    results: dict[str, dict] = {}
-    tiles = None
-    for name in _reader_names(options.readers):
-        if name == "dali" and not (dali_available() and torch.device(device).type == "cuda"):
-            results[name] = {"tiles_per_s": None, "note": "needs nvidia-dali and a CUDA device"}
-            continue
-        opened = time.perf_counter()
-        try:  # DALI decodes the TIFF's JPEG tiles itself; the image reader decodes the whole file here
-            slide = open_slide(path, backend="tifffile" if name == "dali" else name)
-        except (SlideError, ImportError, OSError, RuntimeError, ValueError) as exc:
-            results[name] = {"tiles_per_s": None, "note": f"cannot open: {str(exc).splitlines()[0]}"}
-            continue
-        open_seconds = time.perf_counter() - opened
-
-        def stream(slide=slide, name=name):  # (coords [B, 2], tiles [B, p, p, 3] uint8 on device)
-            if name == "dali":
-                return iter_tiles_dali(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device)
-            return iter_tiles(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device,
-                              num_workers=options.num_workers)
-
-        def consume() -> None:
-            for _ in stream():
-                pass
-
-        try:
-            with slide:
-                if tiles is None:  # batch buffers are reused: copy each batch before the next arrives
-                    tiles = torch.cat([batch.cpu().clone() for _, batch in stream()])  # [N, p, p, 3]
-                seconds = _best_seconds(consume, options.repeats, device)
-        except Exception as exc:  # a reader that opens a file but cannot decode it (e.g. DALI on Aperio JPEG)
-            results[name] = {"tiles_per_s": None, "note": f"cannot read: {str(exc).splitlines()[0]}"}
-            continue
-        results[name] = {"tiles_per_s": round(len(coords) / seconds, 1), "seconds": round(seconds, 4),
-                         "open_seconds": round(open_seconds, 4)}
-    return results, tiles
-
-
-def bench_shannon(tiles, options: BenchOptions, devices: list[str]) -> dict:
-    """GB/s (uncompressed RGB bytes scored per second) of isg.ops.shannon_bits on each device."""
-    import isg
-    from isg.ops.shannon import shannon_bits
-
-    results = {}
-    for device in devices:
-        x = tiles.to(device)
-        seconds = _best_seconds(lambda: shannon_bits(x), options.repeats, device)
-        native = isg.is_available("cuda") if device.startswith("cuda") else isg.is_available("ext")
-        results[device] = {"gb_per_s": round(x.numel() / seconds / 1e9, 3), "seconds": round(seconds, 4),
-                           "kernel": "native" if native else "reference"}
-    return results
-
-
-def bench_pipeline(path: Path, work: Path, options: BenchOptions, device: str, predictor) -> dict:
-    """Seconds per preprocess stage of the whole slide; with a predictor, extract and predict in patches/s."""
-    from isg.infer.predict import predict_slide
-    from isg.infer.preprocess import preprocess_slide
-
-    extra = dict(predictor.preprocess) if predictor is not None else {}
-    stats = preprocess_slide(path, work, device=device, batch_size=options.batch_size, num_workers=options.num_workers,
-                             thumbnail=False, **extra)
-    result = {"preprocess": {key.removeprefix("seconds_"): value for key, value in stats.items() if key.startswith("seconds_")},
-              "n_tissue": stats["n_tissue"], "n_kept": stats["n_kept"]}
-    if predictor is not None:
-        _, timings = predict_slide(path, predictor, work)  # reuses the preprocess output in ``work``
-        n = timings.get("n_patches", stats["n_kept"])
-        result["extract_patches_per_s"] = round(n / timings["features"], 1) if timings.get("features") else None
-        result["predict_patches_per_s"] = round(n / timings["predict"], 1) if timings.get("predict") else None
-        result["extract_predict_seconds"] = {key: round(float(timings[key]), 4) for key in ("features", "predict") if key in timings}
-    return result
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _environment(device: str) -> dict:
-    import torch
-
-    import isg
-
-    env = {"isg": isg.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": device,
-           "torch_threads": torch.get_num_threads(), "backends": isg.backends(),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
-def _fmt(value, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def format_table(report: dict) -> str:
-    """One row per slide: reader tiles/s, Shannon GB/s per device, preprocess s, extract/predict patches/s."""
-    slides = report["slides"]
-    readers = list(dict.fromkeys(name for s in slides for name in s.get("readers", {})))
-    devices = list(dict.fromkeys(name for s in slides for name in s.get("shannon", {})))
-    header = ["slide", *[f"{r} tiles/s" for r in readers], *[f"shannon {d} GB/s" for d in devices],
-              "preprocess s", "tissue/kept", "extract p/s", "predict p/s"]
-    rows, errors = [], []
-    for s in slides:
-        if "error" in s:
-            errors.append(f"{s['slide_id']}: error: {s['error']}")
-            continue
-        pipe = s.get("pipeline", {})
-        rows.append([s["slide_id"],
-                     *[_fmt(s["readers"].get(r, {}).get("tiles_per_s")) for r in readers],
-                     *[_fmt(s["shannon"].get(d, {}).get("gb_per_s"), 3) for d in devices],
-                     _fmt(pipe.get("preprocess", {}).get("total"), 2),
-                     f"{pipe.get('n_tissue', '-')}/{pipe.get('n_kept', '-')}",
-                     _fmt(pipe.get("extract_patches_per_s")), _fmt(pipe.get("predict_patches_per_s"))])
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    lines += errors
-    notes = sorted({f"{name}: {r['note']}" for s in slides for name, r in s.get("readers", {}).items() if r.get("note")})
-    stages = [s for s in slides if "pipeline" in s]
-    if stages:
-        keys = list(stages[0]["pipeline"]["preprocess"])
-        mean = {k: sum(s["pipeline"]["preprocess"].get(k, 0.0) for s in stages) / len(stages) for k in keys}
-        lines.append("preprocess, mean s per slide: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
-    env = report["environment"]
-    lines.append(f"device {env['device']}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, {env['cpus']} CPUs, "
-                 f"torch {env['torch']}, {report['options']['tiles']} tiles x best of {report['options']['repeats']}")
-    return "\n".join(lines + [f"  {note}" for note in notes])
-
-
-def run_bench(slides: list[Path], options: BenchOptions, progress: bool = True) -> dict:
-    """Benchmark ``slides``; returns the report dict (also what ``--out`` holds)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from isg.data.manifest import slide_id_of
-    from isg.io import SlideError, open_slide
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        from isg.cli import CLIError
-
-        raise CLIError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
-    shannon_devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    predictor = None
-    if options.model:
-        from isg.infer.predict import Predictor
-
-        predictor = Predictor.from_train_dir(options.model, device=device)
-    report = {"environment": _environment(device), "options": asdict(options), "slides": []}
-    steps = tqdm(total=len(slides) * 3, desc="isg bench", unit="step", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix="isg-bench-") as tmp:
-        for path in slides:
-            entry: dict = {"slide_id": slide_id_of(path), "slide_path": str(path)}
-            report["slides"].append(entry)
-            done = 0
-
-            def step(name: str) -> None:
-                nonlocal done
-                if done:
-                    steps.update()
-                steps.set_postfix_str(f"{entry['slide_id']}: {name}")
-                done += 1
-
-            try:
-                step("readers")
-                with open_slide(path) as slide:
-                    coords = sample_tissue_coords(slide, options.tiles)
-                    entry["dimensions"] = list(slide.dimensions)
-                entry["n_tiles"] = int(len(coords))
-                entry["readers"], tiles = bench_readers(path, coords, options, device)
-                step("shannon")
-                entry["shannon"] = bench_shannon(tiles, options, shannon_devices) if tiles is not None else {}
-                step("preprocess")
-                entry["pipeline"] = bench_pipeline(path, Path(tmp) / entry["slide_id"], options, device, predictor)
-            except (SlideError, ValueError, OSError) as exc:  # a bad slide is reported; the others go on
-                entry["error"] = str(exc).splitlines()[0]
-            steps.update(3 - done + 1)
-    steps.close()
-    return report
-
-
 def run(args: argparse.Namespace) -> int:
     from isg.cli import CLIError
     from isg.utils import write_text_atomic
@@ -311,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(tiles=args.tiles, repeats=args.repeats, batch_size=args.batch_size, num_workers=args.num_workers,
                            device=args.device, out=args.out, model=args.model,
                            readers=tuple(r.strip() for r in args.readers.split(",") if r.strip()) if args.readers else ())
-    _reader_names(options.readers)  # bad names fail before any work
-    report = run_bench(slides_from_args(args), options, progress=not args.quiet)
+    try:
+        reader_names(options.readers)  # bad names fail before any work
+        report = run_bench(slides_from_args(args), options, progress=not args.quiet)
+    except ValueError as exc:  # a bad --readers or --device
+        raise CLIError(str(exc)) from None
     write_text_atomic(args.out, json.dumps(report, indent=1, default=float))
     print(format_table(report))
     print(f"figures: {args.out}")

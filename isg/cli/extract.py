@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     import inspect
 
     from isg.cli import add_quiet, defaults_of
-    from isg.infer.extract import extract_slide
+    from isg.pipeline.extract import extract_slide
     from isg.train.config import AutoencoderTrainConfig as AE
 
     default = defaults_of(AE)
@@ -137,7 +137,7 @@ def run_fit(args) -> int:
 def run_extract(args) -> int:
     from isg.cli import CLIError
     from isg.features import load_autoencoder
-    from isg.infer.extract import FAILED, SKIPPED, WRITTEN, extract_cohort
+    from isg.pipeline.extract import FAILED, SKIPPED, WRITTEN, extract_cohort
 
     files = _h5_files(args.h5_dir)
     _positive(args, ["batch_size"])

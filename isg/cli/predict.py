@@ -14,7 +14,7 @@ from isg.cli._slides import add_slide_arguments, slides_from_args
 
 def register(subparsers) -> None:
     from isg.cli import add_quiet, defaults_of
-    from isg.infer.predict import Predictor
+    from isg.pipeline.predict import Predictor
 
     default = defaults_of(Predictor)
     parser = subparsers.add_parser(
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from isg.cli import CLIError
-    from isg.infer.predict import Predictor, predict_slides
+    from isg.pipeline.predict import Predictor, predict_slides
 
     slides = slides_from_args(args)
     if args.tile_memory_mb < 0:

@@ -14,7 +14,7 @@ from isg.cli._slides import add_slide_arguments, slides_from_args
 
 
 def register(subparsers) -> None:
-    from isg.infer.preprocess import ON_DAMAGED, PreprocessOptions
+    from isg.pipeline.preprocess import ON_DAMAGED, PreprocessOptions
     from isg.io import BACKENDS, READERS
     from isg.select import RULES, SELECTORS
 
@@ -98,7 +98,7 @@ def _resources(text: str | None) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     from isg.cli import CLIError
     from isg.data.manifest import slide_id_of
-    from isg.infer.preprocess import check_options, preprocess_cohort, read_mpp_csv
+    from isg.pipeline.preprocess import check_options, preprocess_cohort, read_mpp_csv
 
     slides = slides_from_args(args)
     ids: dict[str, Path] = {}

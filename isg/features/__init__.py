@@ -3,7 +3,7 @@
 ``Autoencoder(resolution, d, ...)`` holds encoder E and decoder D; ``.encode(x)``
 maps float images [B, 3, r, r] in [-1, 1] to features [B, d]. A global and a local
 instance are trained with :func:`isg.train.autoencoder.train_autoencoder` and applied
-to slides by :mod:`isg.infer.extract`.
+to slides by :mod:`isg.pipeline.extract`.
 """
 
 from isg.features.autoencoder import (

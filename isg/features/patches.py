@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from isg.io import BATCH_SIZE, NUM_WORKERS
+
 
 @dataclass
 class PatchInfo:
@@ -80,7 +82,7 @@ def open_patch_slide(info: PatchInfo, backend: str = "auto"):
     return open_slide(info.slide_path, backend=backend, mpp=info.mpp)
 
 
-def iter_patches(slide, coords: np.ndarray, size: int, level: int = 0, batch_size: int = 64, device="cpu", num_workers: int = 4) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def iter_patches(slide, coords: np.ndarray, size: int, level: int = 0, batch_size: int = BATCH_SIZE, device="cpu", num_workers: int = NUM_WORKERS) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Batches ``(coords [B, 2], tiles uint8 [B, size, size, 3])`` of ``slide`` at ``coords`` (:func:`isg.io.iter_tiles`)."""
     from isg.io import iter_tiles
 

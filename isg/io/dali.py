@@ -24,6 +24,7 @@ import torch
 
 from isg.io.damage import DamagedTileError, DamagedTiles, quiet_native_output
 from isg.io.slide import Slide, TiffSlide
+from isg.io.tiles import BATCH_SIZE
 
 
 def dali_available() -> bool:
@@ -73,7 +74,7 @@ def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int,
     return streams, coords[keep], levels[keep]
 
 
-def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
+def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size: int = BATCH_SIZE, device="cpu",
                     num_threads: int = 2, damaged: DamagedTiles | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI;
     damaged tiles raise :class:`DamagedTileError`, or are left out and logged in ``damaged``.

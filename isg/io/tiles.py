@@ -31,6 +31,9 @@ from isg.io.slide import Slide, aligned_empty
 # Two-level tiling geometry (Sec. 3): the one definition of the defaults; every layer and the CLI read these.
 PATCH_SIZE = 256  # p: global patch side in pixels at the read level
 LOCAL_SIZE = 64  # q: local patch side; must divide p (grid S = p / q)
+# Tile streaming: the one definition of the batch size and reader threads of every stage that reads tiles.
+BATCH_SIZE = 64  # tiles per batch
+NUM_WORKERS = 4  # reader threads per slide
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 READERS = ("threads", "dali")  # how iter_tiles decodes: the slide's reader in threads, or NVIDIA DALI
@@ -219,8 +222,8 @@ def _check_coords(slide: Slide, coords) -> np.ndarray:
     return coords.astype(np.int64, copy=False)
 
 
-def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int = 64, device="cpu",
-               num_workers: int = 4, prefetch: int = 2, damaged: DamagedTiles | None = None,
+def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int = BATCH_SIZE, device="cpu",
+               num_workers: int = NUM_WORKERS, prefetch: int = 2, damaged: DamagedTiles | None = None,
                reader: str = "threads") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, size, size, 3])`` on ``device``.
 

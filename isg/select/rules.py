@@ -24,8 +24,9 @@ RULES = ("mean_std", "cohort", "threshold", "topk")
 PAPER_THRESHOLD_BITS = 1.6e6   # paper Sec. 4.2 / Tab. 4: the Shannon threshold ...
 PAPER_PATCH_SIZE = 512         # ... assumed to be for 512 x 512 RGB patches (docs/selection.md)
 PAPER_ABLATION_BITS = (8e5, 1.6e6, 2.4e6)  # paper Tab. 4
+N_SIGMA = 1.0  # paper Sec. 4.2: keep patches "at least one positive standard deviation from the mean"
 
-__all__ = ["RULES", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS", "NATURAL_RULES", "DEFAULT_RULE",
+__all__ = ["RULES", "N_SIGMA", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS", "NATURAL_RULES", "DEFAULT_RULE",
            "SelectionRule", "SelectionWarning", "select", "mean_std_threshold", "cohort_threshold",
            "default_threshold_bits"]
 
@@ -44,7 +45,7 @@ class SelectionRule:
     """
 
     rule: str = "mean_std"
-    n_sigma: float = 1.0
+    n_sigma: float = N_SIGMA
     threshold: float | None = None
     k: int | None = None
     min_keep: int = 1
@@ -74,12 +75,12 @@ DEFAULT_RULE = SelectionRule()  # the default rule: isg preprocess, isg select a
 # fractions in [0, 1] that saturate at 1.0 for most tissue patches, so mean + sigma would keep nothing;
 # HE2RNA keeps tiles with at least half tissue.
 NATURAL_RULES: dict[str, SelectionRule] = {
-    "shannon": SelectionRule("mean_std", n_sigma=1.0),
+    "shannon": SelectionRule("mean_std", n_sigma=N_SIGMA),
     "otsu": SelectionRule("threshold", threshold=0.5),
-    "gradient": SelectionRule("mean_std", n_sigma=1.0),
-    "canny": SelectionRule("mean_std", n_sigma=1.0),
-    "dog": SelectionRule("mean_std", n_sigma=1.0),
-    "log": SelectionRule("mean_std", n_sigma=1.0),
+    "gradient": SelectionRule("mean_std", n_sigma=N_SIGMA),
+    "canny": SelectionRule("mean_std", n_sigma=N_SIGMA),
+    "dog": SelectionRule("mean_std", n_sigma=N_SIGMA),
+    "log": SelectionRule("mean_std", n_sigma=N_SIGMA),
 }
 
 
@@ -105,7 +106,7 @@ def _checked(scores) -> np.ndarray:
     return scores
 
 
-def mean_std_threshold(scores, n_sigma: float = 1.0) -> float:
+def mean_std_threshold(scores, n_sigma: float = N_SIGMA) -> float:
     """``mean + n_sigma * std`` (population std) of ``scores`` [N]: the paper's cut (Sec. 4.2, n_sigma = 1)."""
     scores = _checked(scores)
     if scores.size == 0:
@@ -113,7 +114,7 @@ def mean_std_threshold(scores, n_sigma: float = 1.0) -> float:
     return float(scores.mean() + n_sigma * scores.std())
 
 
-def cohort_threshold(scores_per_slide, n_sigma: float = 1.0) -> float:
+def cohort_threshold(scores_per_slide, n_sigma: float = N_SIGMA) -> float:
     """The paper's cohort cut: ``mean + n_sigma * std`` over the pooled scores of every slide (a list of [N_i])."""
     pooled = [_checked(s) for s in scores_per_slide]
     if not pooled or sum(s.size for s in pooled) == 0:
@@ -122,7 +123,7 @@ def cohort_threshold(scores_per_slide, n_sigma: float = 1.0) -> float:
 
 
 def select(scores, rule: str | SelectionRule = "mean_std", threshold: float | None = None, k: int | None = None,
-           n_sigma: float = 1.0, min_keep: int = 1, name: str | None = None) -> np.ndarray:
+           n_sigma: float = N_SIGMA, min_keep: int = 1, name: str | None = None) -> np.ndarray:
     """Boolean keep-mask np.bool_ [N] over ``scores`` [N] (higher = more informative).
 
     ``rule`` is a :class:`SelectionRule` or a rule name whose parameters are the other arguments:

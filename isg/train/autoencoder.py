@@ -38,6 +38,7 @@ from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from isg.features.autoencoder import Autoencoder, save_autoencoder, tiles_to_input
 from isg.features.lpips_loss import load_lpips
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
+from isg.io import BATCH_SIZE, NUM_WORKERS
 from isg.train.config import AutoencoderTrainConfig
 from isg.utils import h5_sources, write_text_atomic
 
@@ -52,7 +53,7 @@ LOSSES = ("l1", "lpips", "adv", "d_loss", "r1")
 # ----------------------------------------------------------------------------- data
 
 
-def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 4) -> torch.Tensor:
+def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | None = None, seed: int = 0, batch_size: int = BATCH_SIZE, num_workers: int = NUM_WORKERS) -> torch.Tensor:
     """Training bank uint8 [N, r, r, 3] from the selected patches of preprocessed slides.
 
     ``kind="global"``: each selected p-pixel patch; ``"local"``: each of its S x S q-pixel

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from isg.baselines.he2rna import TILE_MPP, TILE_PX, HE2RNA, he2rna_features, otsu_tissue_mask, supertiles, tissue_tile_coords
+from isg.io import BATCH_SIZE, NUM_WORKERS
 
 
 @dataclass
@@ -49,8 +50,8 @@ def _iter_resized(slide, grid: TileGrid, batch_size: int, device, num_workers: i
         yield batch_coords, tiles
 
 
-def he2rna_tile_scores(slide, grid: TileGrid, selector: str = "shannon", *, batch_size: int = 64, device="cpu",
-                       num_workers: int = 4) -> np.ndarray:
+def he2rna_tile_scores(slide, grid: TileGrid, selector: str = "shannon", *, batch_size: int = BATCH_SIZE, device="cpu",
+                       num_workers: int = NUM_WORKERS) -> np.ndarray:
     """Scores float64 [N] of the grid's tiles as the ResNet sees them (``tile_px`` px) by ``selector``."""
     from isg.select import get_selector
 
@@ -76,8 +77,8 @@ def he2rna_tile_grid(slide, tile_px: int = TILE_PX, tile_mpp: float = TILE_MPP, 
     return TileGrid(level0, level, size, tile_px)
 
 
-def he2rna_slide_features(slide, backbone: torch.nn.Module, grid: TileGrid | None = None, *, batch_size: int = 64,
-                          num_workers: int = 4, timings: dict | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def he2rna_slide_features(slide, backbone: torch.nn.Module, grid: TileGrid | None = None, *, batch_size: int = BATCH_SIZE,
+                          num_workers: int = NUM_WORKERS, timings: dict | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """ResNet features [N, 2048] (CPU float32) and level-0 coords [N, 2] of every tissue tile of ``slide``."""
     timings = timings if timings is not None else defaultdict(float)
     if grid is None:
@@ -101,8 +102,8 @@ def he2rna_slide_features(slide, backbone: torch.nn.Module, grid: TileGrid | Non
 
 @torch.no_grad()
 def he2rna_predict_slide(slide, backbone: torch.nn.Module, model: HE2RNA, *, n_supertiles: int | None = None,
-                         selection=None, selector: str = "shannon", batch_size: int = 64,
-                         num_workers: int = 4) -> tuple[np.ndarray, dict]:
+                         selection=None, selector: str = "shannon", batch_size: int = BATCH_SIZE,
+                         num_workers: int = NUM_WORKERS) -> tuple[np.ndarray, dict]:
     """One slide's prediction [G] and its stage seconds (read, select, features, predict).
 
     ``selection``: an :class:`isg.select.SelectionRule` applied to the ``selector`` scores of the tissue

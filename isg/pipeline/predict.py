@@ -18,7 +18,7 @@ patch is read once: while scoring, the best-scored tiles are kept in memory
 ones are encoded from there (the selection keeps the top of the score order, so
 they are all kept unless the budget is too small; ``n_reread`` counts those read
 again). :func:`predict_slides` runs a cohort through
-:func:`isg.infer.cohort.run_cohort` (one JSON per slide, written atomically: a
+:func:`isg.pipeline.cohort.run_cohort` (one JSON per slide, written atomically: a
 rerun resumes, a bad slide is reported and skipped) and writes
 ``predictions.csv`` (per gene the fold-ensemble mean and, in ``<gene>_std``, the
 standard deviation across the fold models: their disagreement), ``timings.csv``
@@ -43,6 +43,7 @@ import torch
 from isg.utils import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import slide_id_of
+from isg.io import BATCH_SIZE, NUM_WORKERS
 
 STAGES = ("read", "select", "features", "predict")
 HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail
@@ -56,8 +57,8 @@ class Predictor:
     local_ae: torch.nn.Module | None
     preprocess: dict = field(default_factory=dict)  # keyword arguments of preprocess_slide
     device: str = "cpu"
-    batch_size: int = 64
-    num_workers: int = 4
+    batch_size: int = BATCH_SIZE
+    num_workers: int = NUM_WORKERS
     tile_memory_mb: float = 1024.0  # per slide: best-scored tiles kept from the scoring pass (read once)
 
     @property
@@ -105,7 +106,7 @@ def preprocess_options(attrs: dict) -> dict:
 
 
 class TileKeeper:
-    """``on_tiles`` hook of :func:`isg.infer.preprocess.preprocess_slide`: keeps the best-scored tiles.
+    """``on_tiles`` hook of :func:`isg.pipeline.preprocess.preprocess_slide`: keeps the best-scored tiles.
 
     Keeps copies of the highest-scored tiles within ``max_bytes`` (a min-heap on score evicts the
     lowest). Every selection rule keeps the top of the score order, so the selected patches are the
@@ -142,8 +143,8 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
                   tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
     and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
-    from isg.infer.extract import WRITTEN, extract_slide
-    from isg.infer.preprocess import h5_complete, preprocess_slide
+    from isg.pipeline.extract import WRITTEN, extract_slide
+    from isg.pipeline.preprocess import h5_complete, preprocess_slide
 
     slide_path, work_dir = Path(slide_path), Path(work_dir)
     h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
@@ -192,7 +193,7 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     ``attention_maps`` add :func:`explain_slide`'s files under ``<out_dir>/heatmaps`` and
     ``<out_dir>/attention``. The returned ``predictions`` hold the means only.
     """
-    from isg.infer.cohort import run_cohort
+    from isg.pipeline.cohort import run_cohort
 
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "patches"

@@ -27,7 +27,8 @@ import torch
 
 from isg.features.autoencoder import Autoencoder, tiles_to_input
 from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
-from isg.infer.cohort import DONE, FAILED, SKIPPED, run_cohort
+from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.pipeline.cohort import DONE, FAILED, SKIPPED, run_cohort
 from isg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ def extract_slide(
     slide_path: str | os.PathLike | None,
     global_ae: Autoencoder,
     local_ae: Autoencoder | None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     device: str | torch.device = "cpu",
-    num_workers: int = 4,
+    num_workers: int = NUM_WORKERS,
     overwrite: bool = False,
     backend: str = "auto",
     amp: bool = False,
@@ -165,15 +166,15 @@ def extract_cohort(
     h5_paths,
     global_ae: Autoencoder,
     local_ae: Autoencoder | None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     device: str | torch.device = "cpu",
-    num_workers: int = 4,
+    num_workers: int = NUM_WORKERS,
     overwrite: bool = False,
     slide_paths: dict | None = None,
     progress: bool = True,
     amp: bool = False,
 ) -> list[ExtractResult]:
-    """:func:`extract_slide` over many .h5 files with the cohort runner (:func:`isg.infer.cohort.run_cohort`,
+    """:func:`extract_slide` over many .h5 files with the cohort runner (:func:`isg.pipeline.cohort.run_cohort`,
     one slide at a time: the encoders hold the device); a slide that fails is logged, reported and skipped,
     slides that have their features already are skipped unless ``overwrite``.
 

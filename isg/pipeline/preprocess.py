@@ -32,7 +32,7 @@ the first one.
 
 Every option is a field of :class:`PreprocessOptions` (the one definition of the defaults, which the
 CLI reads). :func:`preprocess_cohort` runs :func:`preprocess_slide` over many slides with the
-resumable cohort runner (:func:`isg.infer.cohort.run_cohort`).
+resumable cohort runner (:func:`isg.pipeline.cohort.run_cohort`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from isg.data.manifest import slide_id_of
-from isg.infer.cohort import run_cohort
-from isg.io import DAMAGED_LIMIT, LOCAL_SIZE, PATCH_SIZE, READERS
+from isg.pipeline.cohort import run_cohort
+from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
 from isg.select import DEFAULT_RULE, RULES, SelectionRule, mean_std_threshold, select
 from isg.utils import atomic_path
 
@@ -80,8 +80,8 @@ class PreprocessOptions:
     reader: str = READERS[0]  # tile decoding: the slide reader in threads, or "dali"
     on_damaged: str = ON_DAMAGED[0]  # "skip": leave out (and list) patches touching damaged tiles; "fail"
     max_damaged: float = DAMAGED_LIMIT  # a slide with a larger fraction of damaged patches fails
-    batch_size: int = 64
-    num_workers: int = 4  # tile reader threads per slide
+    batch_size: int = BATCH_SIZE
+    num_workers: int = NUM_WORKERS  # tile reader threads per slide
     device: str = "cpu"  # device of the tile tensors
     thumbnail: bool = True  # write <slide_id>.png
 
@@ -448,10 +448,10 @@ def preprocess_cohort(
     **options,
 ):
     """:func:`preprocess_slide` for every slide (``options`` are :class:`PreprocessOptions` fields) with
-    :func:`isg.infer.cohort.run_cohort`: finished slides are skipped, failures recorded, and
+    :func:`isg.pipeline.cohort.run_cohort`: finished slides are skipped, failures recorded, and
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
     ``tile_progress``: a tile bar per slide (for one slide at a time). ``slide_mpps`` ({slide id: mpp},
-    see :func:`read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.infer.cohort.CohortSummary`."""
+    see :func:`read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.pipeline.cohort.CohortSummary`."""
     from isg.io import native_messages, release_buffers
 
     unknown = sorted(set(options) - set(OPTION_NAMES))
