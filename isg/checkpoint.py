@@ -143,7 +143,7 @@ def _from_legacy(payload: dict, found: str, path: Path) -> Checkpoint:
             config["name"] = legacy_model_name(config["name"])
             return Checkpoint(kind, config, {"model": _legacy_state(payload["state_dict"])}, extra, path)
         train = dict(payload["config"])  # isg-slide-model/1: TrainConfig as a dict, the rest beside it
-        n_outputs = 1 if train.get("task") == "msi" else len(payload["outputs"])
+        n_outputs = 1 if train.get("task") == "msi" else len(payload["outputs"])  # that format's own rule (msi: one logit)
         model = {"name": legacy_model_name(train["model"]), "d": payload["d"], "local_grid": payload["local_grid"], "n_outputs": n_outputs,
                  **train.get("model_kwargs", {})}
         state = {"model": _legacy_state(payload["state_dict"])}

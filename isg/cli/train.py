@@ -9,6 +9,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     from isg.cli import add_quiet, defaults_of
+    from isg.model.tasks import get_task, list_tasks
     from isg.train.config import TrainConfig
 
     default = defaults_of(TrainConfig)
@@ -24,11 +25,11 @@ def register(subparsers) -> None:
                         "unknown ones are listed, see docs/data.md); default: --top-n by variance")
     parser.add_argument("--top-n", type=int, default=None, help="default gene rule: the N most variable expressed genes")
     parser.add_argument("--min-samples", type=int, default=1, help="default gene rule: expressed in at least this many samples")
-    parser.add_argument("--task", choices=("regression", "msi"), default=default["task"],
-                        help="regression of expression, or MSI-H vs MSS classification")
-    parser.add_argument("--labels", help="--task msi: CSV with sample_id and the label column")
-    parser.add_argument("--label-column", default="msi", help="--task msi: column of --labels holding the class")
-    parser.add_argument("--positive", default="MSI-H", help="--task msi: the positive class")
+    parser.add_argument("--task", choices=list_tasks(), default=default["task"],
+                        help="; ".join(f"{name}: {get_task(name).description}" for name in list_tasks()))
+    parser.add_argument("--labels", help="tasks on labels (msi): CSV with sample_id and the label column")
+    parser.add_argument("--label-column", default="msi", help="tasks on labels: column of --labels holding the class")
+    parser.add_argument("--positive", default="MSI-H", help="tasks on labels: the positive class")
     parser.add_argument("--model", default=default["model"],
                         help="isg-N-k (the paper's Dual Attention, Eqs. 3-8), isg-N-k-plus (our variant), vit-s / vit-t4 "
                              "(global features only) or he2rna")
@@ -59,6 +60,7 @@ def run(args) -> int:
     from isg.data import ExpressionError, ManifestError, load_expression, load_manifest, match_samples
     from isg.data.labels import LabelError, load_labels
     from isg.cli._progress import TrainProgress
+    from isg.model.tasks import get_task
     from isg.train.config import TrainConfig
     from isg.train.expression import cross_validate
 
@@ -74,13 +76,14 @@ def run(args) -> int:
     features = Path(args.features)
     if not features.is_dir():
         raise CLIError(f"--features {features}: no such folder (run `isg extract` first)")
-    if args.task == "regression" and not args.expression:
-        raise CLIError("--expression is required for --task regression")
-    if args.task == "msi" and not args.labels:
-        raise CLIError("--labels is required for --task msi")
+    task = get_task(args.task)
+    if task.targets == "expression" and not args.expression:
+        raise CLIError(f"--expression is required for --task {task.name}")
+    if task.targets == "labels" and not args.labels:
+        raise CLIError(f"--labels is required for --task {task.name}")
     try:
         manifest = load_manifest(args.manifest, check_files=False)  # training reads cached features only
-        if args.task == "msi":
+        if task.targets == "labels":
             targets = load_labels(args.labels, column=args.label_column, positive=args.positive)
         else:
             targets = load_expression(args.expression, genes=args.genes, top_n=args.top_n,

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from isg.model.registry import create_model
+from isg.model.tasks import get_task
 
 
 class Standardizer:
@@ -126,7 +127,7 @@ def save_fold_model(path: str | os.PathLike, model: nn.Module, train_config, *, 
 class SlideModel:
     """A trained fold model ready for inference: ``predict(batch) -> DataFrame`` in target units.
 
-    Attributes: ``model`` (eval mode), ``task`` ("regression" or "msi"), ``outputs``,
+    Attributes: ``model`` (eval mode), ``task`` (a name in :mod:`isg.model.tasks`), ``outputs``,
     ``fold``, ``standardizer``, ``uses_local``, ``config`` (the training options,
     e.g. ``config.model``, ``config.task``), ``path``.
     """
@@ -140,7 +141,7 @@ class SlideModel:
         self.model = _rebuild(config["model"], checkpoint.state["model"], path).to(device).eval()
         scale = checkpoint.state.get("standardizer")
         self.standardizer = None if scale is None else Standardizer(scale["mean"], scale["std"])
-        if self.task != "msi" and self.standardizer is None:
+        if get_task(self.task).standardized and self.standardizer is None:
             raise CheckpointError(f"{path}: regression fold model without target statistics (standardizer)")
 
     @property
@@ -148,11 +149,11 @@ class SlideModel:
         return self.model.uses_local
 
     def _to_units(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(out) if self.task == "msi" else self.standardizer.invert(out)
+        return get_task(self.task).to_units(out, self.standardizer)
 
     @property
     def columns(self) -> list[str]:
-        return ["msi_h_probability"] if self.task == "msi" else self.outputs
+        return get_task(self.task).columns(self.outputs)
 
     @torch.no_grad()
     def predict(self, batch: dict) -> pd.DataFrame:

@@ -44,6 +44,7 @@ from isg.utils import atomic_path, write_text_atomic
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import slide_id_of
 from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.model.tasks import get_task
 
 STAGES = ("read", "select", "features", "predict")
 HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail
@@ -63,7 +64,7 @@ class Predictor:
 
     @property
     def outputs(self) -> list[str]:
-        return ["msi_h_probability"] if self.models[0].config.task == "msi" else list(self.models[0].outputs)
+        return self.models[0].columns
 
     @classmethod
     def from_train_dir(cls, train_dir: str | os.PathLike, global_ae: str | os.PathLike | None = None,
@@ -203,8 +204,9 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     unknown = [g for g in heatmaps if g not in predictor.outputs]
     if unknown:
         raise ValueError(f"heatmaps: {', '.join(unknown)} not predicted by this model (outputs: {_some(predictor.outputs)})")
-    if (heatmaps or attention_maps) and predictor.models[0].config.task == "msi":
-        raise ValueError("heatmaps and attention maps are for expression models (this one predicts MSI)")
+    task = get_task(predictor.models[0].task)
+    if (heatmaps or attention_maps) and not task.per_patch_maps:
+        raise ValueError(f"heatmaps and attention maps are not made for task {task.name!r} ({task.description})")
 
     def explained(slide: Path) -> bool:
         sid = slide_id_of(slide)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from isg.model.names import DEFAULT_MODEL
+from isg.model.tasks import DEFAULT_TASK
 
 
 @dataclass
@@ -13,7 +14,7 @@ class TrainConfig:
     """Cross-validated training of a slide-level model (:func:`isg.train.expression.cross_validate`)."""
 
     model: str = DEFAULT_MODEL  # a registry name: isg-N-k, isg-N-k-plus, vit-s, vit-t4, he2rna
-    task: str = "regression"  # or "msi" (binary classification)
+    task: str = DEFAULT_TASK  # a registered task (isg.model.tasks): "regression" or "msi" (binary classification)
     epochs: int = 40
     patience: int = 8
     batch_size: int = 4

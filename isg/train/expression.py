@@ -33,6 +33,7 @@ from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
 from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
+from isg.model.tasks import get_task
 from isg.train.config import TrainConfig
 from isg.utils import atomic_path, write_text_atomic
 
@@ -83,19 +84,17 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
     """
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    classify = config.task == "msi"
-    n_outputs = 1 if classify else train.targets.shape[1]
+    task = get_task(config.task)
+    n_outputs = task.n_outputs(train.targets.shape[1])
     model = build_model(config, d, local_grid, n_outputs).to(device)
-    scale = None if classify else Standardizer.fit(train.targets)
+    scale = Standardizer.fit(train.targets) if task.standardized else None
     if hasattr(model, "init_bias") and scale is not None:
         model.init_bias(torch.zeros(n_outputs))  # targets are standardised: the training mean is 0
 
     def loss_of(batch) -> torch.Tensor:
         out = forward_batch(model, batch, device)
         target = batch["target"].to(device)
-        if classify:
-            return torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], target[:, 0])
-        return torch.nn.functional.mse_loss(out, scale(target))
+        return task.loss(out, scale(target) if scale is not None else target)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_loader, val_loader = _loader(train, config, True), _loader(val, config, False)
@@ -130,9 +129,7 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
 def predict_bags(model, dataset: BagDataset, config: TrainConfig) -> pd.DataFrame:
     """Per-slide predictions in target units (expression, or MSI-H probability)."""
     ids, out = _predict(model, _loader(dataset, config, False), torch.device(config.device))
-    if config.task == "msi":
-        return pd.DataFrame({"msi_h_probability": torch.sigmoid(out[:, 0]).numpy()}, index=ids)
-    return pd.DataFrame(model.standardizer.invert(out).numpy(), index=ids)
+    return pd.DataFrame(get_task(config.task).to_units(out, model.standardizer).numpy(), index=ids)
 
 
 def _feature_shape(dataset: BagDataset) -> tuple[int, int | None]:
@@ -161,7 +158,8 @@ def cross_validate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, targets = match_samples(manifest, targets)
-    stratify = targets.iloc[:, 0].astype(int).astype(str) if config.task == "msi" else None
+    task = get_task(config.task)
+    stratify = task.stratify(targets)
     folds = splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
     splits_lib.save_splits(out_dir / "splits.json", folds, seed=config.seed)
     local = model_class(config.model).uses_local  # whether the model reads local cubes, as it declares
@@ -200,7 +198,7 @@ def cross_validate(
         oof.to_csv(tmp)
     per_sample = _per_sample(oof.drop(columns="fold"), manifest)
     summary = _score(per_sample, manifest, targets, config, out_dir=out_dir, aggregated=True)
-    if config.task != "msi":
+    if task.targets == "expression":  # what predicting each fold's training mean scores on the same folds
         summary["train_mean_floor"] = train_mean_floor(manifest, targets, folds)
     summary.update({"model": config.model, "task": config.task, "folds": fold_rows, "config": asdict(config)})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
@@ -258,19 +256,4 @@ def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.D
 
 def _score(pred: pd.DataFrame, manifest, targets: pd.DataFrame, config: TrainConfig, out_dir: Path | None = None, aggregated: bool = False) -> dict:
     per_sample = pred if aggregated else _per_sample(pred, manifest)
-    truth = targets.loc[per_sample.index]
-    if config.task == "msi":
-        labels = truth.iloc[:, 0].to_numpy()
-        auc = metrics.roc_auc(labels, per_sample.iloc[:, 0].to_numpy()) if 0 < labels.sum() < len(labels) else float("nan")
-        return {"auc": auc, "n_samples": len(per_sample)}
-    if len(per_sample) < 3:
-        return {"mean_r": float("nan"), "n_samples": len(per_sample)}
-    per_sample.columns = truth.columns
-    results = metrics.gene_correlations(truth, per_sample)
-    summary = metrics.summarize(results)
-    if out_dir is not None:
-        metrics.save_results(out_dir / "genes.csv", results, summary)
-        metrics.plot_gene_correlations(results, out_dir / "gene_correlations.png")
-        top = list(results["gene"][:8])  # results are sorted by r, best first
-        metrics.plot_pred_vs_true(truth[top], per_sample[top], top, out_dir / "pred_vs_true.png")
-    return {**summary, "n_samples": len(per_sample)}
+    return get_task(config.task).score(targets.loc[per_sample.index], per_sample, out_dir)
