@@ -12,10 +12,10 @@ from isg.select.rules import (DEFAULT_RULE, N_SIGMA, PAPER_ABLATION_BITS, PAPER_
                               RULES, RuleKind, Selection, SelectionRule, SelectionWarning, cohort_threshold,
                               default_threshold_bits, mean_std_threshold, register_rule, select)
 from isg.select.selectors import SELECTORS, Selector, get_selector, grey_tiles, otsu_grey_threshold, register_selector
-from isg.select.stored import SELECTION_FILE, apply_rule, read_scores, reselect_h5
+from isg.select.stored import SELECTION_FILE, apply_rule, read_scored, reselect, reselect_h5
 
 __all__ = ["SELECTORS", "RULES", "RULE_KINDS", "N_SIGMA", "DEFAULT_RULE", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS",
            "PAPER_ABLATION_BITS", "SELECTION_FILE", "RuleKind", "Selection", "SelectionRule", "SelectionWarning",
            "Selector", "register_rule", "register_selector", "get_selector", "grey_tiles", "otsu_grey_threshold",
-           "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "apply_rule", "read_scores",
-           "reselect_h5"]
+           "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "apply_rule", "read_scored",
+           "reselect", "reselect_h5"]
