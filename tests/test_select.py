@@ -112,7 +112,7 @@ def test_rule_serialises_to_json_and_back(rule):
 
     data = json.loads(json.dumps(rule.to_dict()))
     assert SelectionRule.from_dict(data) == rule and type(data["n_sigma"]) is float
-    with pytest.raises(ValueError, match="unknown key.*cut"):
+    with pytest.raises(ValueError, match="unknown selection rule key.*: cut"):
         SelectionRule.from_dict({**data, "cut": 1.0})
 
 

@@ -28,10 +28,12 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
+
+from isg.utils import from_known_fields
 
 PAPER_THRESHOLD_BITS = 1.6e6   # paper Sec. 4.2 / Tab. 4: the Shannon threshold ...
 PAPER_PATCH_SIZE = 512         # ... assumed to be for 512 x 512 RGB patches (docs/selection.md)
@@ -140,11 +142,7 @@ class SelectionRule:
     @classmethod
     def from_dict(cls, data: Mapping) -> SelectionRule:
         """A rule from :meth:`to_dict` output; unknown keys raise ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"selection rule: unknown key(s) {', '.join(unknown)} in {dict(data)!r}")
-        return cls(**data)
+        return from_known_fields(cls, data, f"selection rule key(s) in {dict(data)!r}")
 
 
 def default_threshold_bits(patch_size: int | tuple[int, int]) -> float:
