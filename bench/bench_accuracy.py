@@ -10,7 +10,7 @@ the model or in which patches enter the bags:
   Shannon patches, per-slide rule (mean + 1 sigma of each slide's scores);
 * the paper's cohort rule: one cut, mean + 1 sigma over every patch of the cohort, frozen in bits
   (:func:`isg.select.cohort_threshold`; computed over all slides' scores, which carry no labels);
-* every selector (paper Tab. 2) at its natural rule (:data:`isg.select.NATURAL_RULES`: Otsu keeps
+* every selector (paper Tab. 2) at its natural rule (:meth:`isg.select.get_selector` ``.natural_rule``: Otsu keeps
   tiles with >= 50 % tissue, as HE2RNA; the others mean + 1 sigma per slide) and at an equal budget
   (top-k with k = the patches Shannon keeps on that slide);
 * HE2RNA (every Otsu tissue tile at 0.5 um/px through a ResNet, top-k MLP) and HE2RNA-Shannon (the
@@ -23,7 +23,7 @@ has learned only as far as it clears it. Patches kept per slide (mean, min) are 
 row; a rule that keeps nothing on a slide falls back to its best patch with a warning, counted in the
 ``fallback`` column. Preprocessing (one tissue grid, every selector's scores over it) and autoencoder
 features of every tissue patch are computed once and shared by all rows: a row's bags are the rows of
-those features its rule selects (:func:`isg.select.reselect_h5`). A second test scripts the paper's
+those features its rule selects (:func:`isg.select.reselect`). A second test scripts the paper's
 Tab. 4 threshold ablation, a third runs the paper and plus forms over three split seeds.
 
 Goals (asserted): the paper-form ISG learns (mean r > ``MIN_MEAN_R`` on Shannon patches) and every
@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,8 +91,10 @@ class Shared:
 
 def _aligned_scores(path: Path, reference: np.ndarray) -> np.ndarray:
     """Scores of a preprocess output, reordered to the rows of ``reference`` coords [N, 2]."""
-    with h5py.File(path, "r") as f:
-        coords, scores = f["all_coords"][()], f["scores"][()]
+    from isg.data.patch_file import read_patch_file
+
+    patches = read_patch_file(path, features=False)
+    coords, scores = patches.tissue_coords, patches.scores
     row = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
     if len(row) != len(reference) or any((int(x), int(y)) not in row for x, y in reference):
         raise RuntimeError(f"{path}: tissue grid differs from the shared one")
@@ -102,8 +102,9 @@ def _aligned_scores(path: Path, reference: np.ndarray) -> np.ndarray:
 
 
 def _he2rna_bags(shared: Shared, slides) -> None:
-    """ResNet features of every HE2RNA tissue tile + their Shannon scores, one .h5 per slide."""
+    """ResNet features of every HE2RNA tissue tile + their Shannon scores, one patch file per slide."""
     from isg.baselines import cached_weights, load_resnet50
+    from isg.data.patch_file import SlidePatches, write_patch_file
     from isg.pipeline.he2rna import he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
     from isg.io import open_slide
 
@@ -122,8 +123,8 @@ def _he2rna_bags(shared: Shared, slides) -> None:
             scores = he2rna_tile_scores(slide, grid)
         if not np.array_equal(coords, grid.coords):
             raise RuntimeError(f"{path}: HE2RNA tiles out of grid order")
-        with h5py.File(shared.he2rna_dir / f"{Path(path).stem}.h5", "w") as f:
-            f["features"], f["coords"], f["scores"] = features.numpy(), coords, scores
+        write_patch_file(shared.he2rna_dir / f"{Path(path).stem}.h5", SlidePatches(
+            Path(path).stem, str(path), None, coords, scores, np.ones(len(coords), bool), features=features.numpy()))
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +142,17 @@ def shared(tmp_path_factory) -> Shared:
     cohort = make_cohort(root / "cohort", n_slides=_sizes()["slides"], size=_sizes()["size"], genes=20, seed=7)
     shared = Shared(root, load_manifest(cohort.manifest), load_expression(cohort.expression), root / "all",
                     [p.stem for p in cohort.slides])
-    everything = {"rule": "topk", "k": 10**9}  # keep every tissue patch: rows select from their features
+    from isg.select import SelectionRule
+
+    everything = {"rule": SelectionRule("topk", k=10**9)}  # keep every tissue patch: rows select from their features
     for selector in SELECTORS:
         out = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
         preprocess_cohort(cohort.slides, out, patch_size=PATCH, local_size=LOCAL, selector=selector, thumbnail=False,
                           progress=False, **everything)
+    from isg.data.patch_file import read_patch_file
+
     for slide_id in shared.slide_ids:
-        with h5py.File(shared.all_dir / f"{slide_id}.h5", "r") as f:
-            reference = f["all_coords"][()]
+        reference = read_patch_file(shared.all_dir / f"{slide_id}.h5", features=False).tissue_coords
         for selector in SELECTORS:
             folder = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
             shared.scores.setdefault(selector, {})[slide_id] = _aligned_scores(folder / f"{slide_id}.h5", reference)
@@ -176,45 +180,43 @@ def shared(tmp_path_factory) -> Shared:
 
 def _select_rows(shared: Shared, name: str, selector: str, rules: dict) -> tuple[Path, dict]:
     """Bags of one row: the shared features of the patches ``rules[slide_id]`` keeps on ``selector`` scores."""
-    from isg.select import SelectionWarning, reselect_h5
+    from isg.data.patch_file import read_patch_file, write_patch_file
+    from isg.select import SelectionWarning, reselect
 
     out = shared.root / "rows" / name.replace(" ", "_").replace("/", "-")
     out.mkdir(parents=True)
     kept, fallbacks = [], 0
     for slide_id in shared.slide_ids:
         path = out / f"{slide_id}.h5"
-        shutil.copy2(shared.all_dir / f"{slide_id}.h5", path)
-        with h5py.File(path, "a") as f:
-            f["scores"][...] = shared.scores[selector][slide_id]
-            f["coords"].attrs["selector"] = selector
+        every = read_patch_file(shared.all_dir / f"{slide_id}.h5")  # every tissue patch, with features
+        every = replace(every, scores=shared.scores[selector][slide_id], options={**every.options, "selector": selector})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SelectionWarning)
-            result = reselect_h5(path, rules[slide_id])
+            patches, features = reselect(every, rules[slide_id], name=str(path))
         fallbacks += sum(issubclass(w.category, SelectionWarning) for w in caught)
-        if result["features"] != "kept":
-            raise RuntimeError(f"{path}: features were not carried over ({result['features']})")
-        kept.append(result["n_kept"])
+        if features != "kept":
+            raise RuntimeError(f"{path}: features were not carried over ({features})")
+        write_patch_file(path, patches)
+        kept.append(patches.n_selected)
     return out, {"kept_mean": float(np.mean(kept)), "kept_min": int(np.min(kept)), "fallback": fallbacks}
 
 
 def _he2rna_rows(shared: Shared, name: str, rule) -> tuple[Path, dict]:
-    from isg.select import SelectionWarning, select
+    from isg.data.patch_file import read_patch_file, write_patch_file
+    from isg.select import SelectionWarning, reselect
 
     out = shared.root / "rows" / name.replace(" ", "_")
     out.mkdir(parents=True)
     kept, fallbacks = [], 0
     for slide_id in shared.slide_ids:
-        with h5py.File(shared.he2rna_dir / f"{slide_id}.h5", "r") as f:
-            features, coords, scores = f["features"][()], f["coords"][()], f["scores"][()]
-        keep = np.ones(len(scores), bool)
+        patches = read_patch_file(shared.he2rna_dir / f"{slide_id}.h5")  # every tissue tile selected
         if rule is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SelectionWarning)
-                keep = select(scores, rule, name=slide_id)
+                patches, _ = reselect(patches, rule, name=slide_id)
             fallbacks += len(caught)
-        with h5py.File(out / f"{slide_id}.h5", "w") as f:
-            f["features"], f["coords"] = features[keep], coords[keep]
-        kept.append(int(keep.sum()))
+        write_patch_file(out / f"{slide_id}.h5", patches)
+        kept.append(patches.n_selected)
     return out, {"kept_mean": float(np.mean(kept)), "kept_min": int(np.min(kept)), "fallback": fallbacks}
 
 
@@ -242,11 +244,11 @@ def _train(shared: Shared, name: str, bags: Path, model: str, stats: dict, seed:
 
 def _shannon_rows(shared: Shared) -> tuple[Path, dict]:
     """Bags of Shannon's natural rule (mean + 1 sigma per slide), made once."""
-    from isg.select import NATURAL_RULES
+    from isg.select import get_selector
 
     if shared.shannon_bags is None:
         shared.shannon_bags = _select_rows(shared, "shannon natural", "shannon",
-                                           dict.fromkeys(shared.slide_ids, NATURAL_RULES["shannon"]))
+                                           dict.fromkeys(shared.slide_ids, get_selector("shannon").natural_rule))
     return shared.shannon_bags
 
 
@@ -278,15 +280,15 @@ def _write(table: str, rows: list[dict], columns: list[str], note: str, report) 
 
 
 def test_accuracy_table(shared, report):
-    from isg.select import NATURAL_RULES, SelectionRule, cohort_threshold
+    from isg.select import SelectionRule, cohort_threshold, get_selector
 
     start = time.perf_counter()
-    natural = NATURAL_RULES["shannon"]
+    natural = get_selector("shannon").natural_rule
     shannon_bags, shannon_stats = _shannon_rows(shared)
-    budget = {}  # patches Shannon keeps per slide
-    for slide_id in shared.slide_ids:
-        with h5py.File(shannon_bags / f"{slide_id}.h5", "r") as f:
-            budget[slide_id] = len(f["coords"])
+    from isg.data.patch_file import read_patch_file
+
+    budget = {slide_id: read_patch_file(shannon_bags / f"{slide_id}.h5", features=False).n_selected
+              for slide_id in shared.slide_ids}  # patches Shannon keeps per slide
 
     rows = []
     paper = MODELS[0]
@@ -299,7 +301,7 @@ def test_accuracy_table(shared, report):
     rows.append(_train(shared, f"{paper} shannon cohort", bags, paper, {"selector": "shannon",
                        "rule": f"cohort mean + 1 sigma ({cut:.3g} bits)", **stats}, **MODEL_KWARGS))
     for selector in SELECTORS[1:]:
-        rule = NATURAL_RULES[selector]
+        rule = get_selector(selector).natural_rule
         text = f"score >= {rule.threshold:g}" if rule.rule == "threshold" else "mean + 1 sigma per slide"
         bags, stats = _select_rows(shared, f"{selector} natural", selector, dict.fromkeys(shared.slide_ids, rule))
         rows.append(_train(shared, f"{paper} {selector} natural", bags, paper, {"selector": selector, "rule": text, **stats},

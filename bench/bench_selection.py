@@ -48,7 +48,8 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
 
     from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
-    from isg.select import default_threshold_bits, read_scores, score_tiles
+    from isg.ops.shannon import shannon_bits
+    from isg.select import SelectionRule, default_threshold_bits, read_scored
 
     image = histology_image()  # [512, 512, 3] real IHC-stained tissue
     half = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
@@ -56,25 +57,25 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
     for name, source in (("full", image), ("half", half)):
         for p in (64, 128, 256, 512):
             if p <= source.shape[0]:
-                real[f"{name} p={p}"] = _summary(score_tiles(_crops(source, p)), p)
+                real[f"{name} p={p}"] = _summary(shannon_bits(_crops(source, p)), p)
     default_keeps = {key: None for key in real}
     for key in real:
         name, p = key.split(" p=")
         source = image if name == "full" else half
-        bits = score_tiles(_crops(source, int(p)))
+        bits = shannon_bits(_crops(source, int(p)))
         default_keeps[key] = float((bits >= default_threshold_bits(int(p))).mean())
     flat, names = textureless_tiles(128)
     smooth = [i for i, n in enumerate(names) if n.startswith(("solid", "blur"))]
-    smooth_bits = score_tiles(flat[smooth])
+    smooth_bits = shannon_bits(flat[smooth])
 
     root = tmp_path_factory.mktemp("scale")
     n = int(os.environ.get("ISG_BENCH_SLIDES", "4"))
     cohort = make_cohort(root / "cohort", n_slides=n, size=int(os.environ.get("ISG_BENCH_SIZE", "4096")), genes=3, seed=11)
     synthetic = {}
     for p in SIZES:
-        preprocess_cohort(cohort.slides, root / f"p{p}", patch_size=p, local_size=p // 4, rule="topk", k=1,
+        preprocess_cohort(cohort.slides, root / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
                           thumbnail=False, progress=False)
-        bits = np.concatenate([read_scores(root / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides])
+        bits = np.concatenate([read_scored(root / f"p{p}" / f"{s.stem}.h5").scores for s in cohort.slides])
         synthetic[f"p={p}"] = _summary(bits, p)
 
     print("\nreal IHC tissue crops (bits per subpixel; share of tiles >= 1.6e6 bits; share >= default_threshold_bits):")

@@ -57,6 +57,16 @@ def read_text_table(path: str | os.PathLike, what: str = "table", error: type[Ex
     return table
 
 
+def from_known_fields(cls, values, what: str):
+    """The dataclass ``cls(**values)``; keys that are not its fields raise ValueError naming ``what`` and them."""
+    import dataclasses
+
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(map(str, unknown))}")
+    return cls(**values)
+
+
 def h5_sources(source: str | os.PathLike | list) -> list[Path]:
     """A folder of .h5 files or a list of .h5 paths -> sorted list of paths (error when none).
 

@@ -2,57 +2,60 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from isg.select import (DEFAULT_RULE, NATURAL_RULES, PAPER_THRESHOLD_BITS, RULES, SELECTION_FILE, SELECTORS,
+from isg.ops.shannon import shannon_bits
+from isg.select import (DEFAULT_RULE, PAPER_THRESHOLD_BITS, RULE_KINDS, RULES, SELECTION_FILE, SELECTORS, Selection,
                         SelectionRule, SelectionWarning, apply_rule, cohort_threshold, default_threshold_bits,
-                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scores, reselect_h5,
-                        score_tiles, select)
+                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scored, register_rule,
+                        reselect_h5, select)
 from tissue_samples import histology_image, textureless_tiles
 
 SCORES = np.array([5.0, 1.0, 9.0, 3.0, 9.0, 0.0])
 
 
 def test_threshold_rule():
-    np.testing.assert_array_equal(select(SCORES, "threshold", threshold=3.0), [1, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, SelectionRule("threshold", threshold=9.0)), [0, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "cohort", threshold=9.0), [0, 0, 1, 0, 1, 0])  # a frozen cohort cut
+    np.testing.assert_array_equal(select(SCORES, "threshold", threshold=3.0).keep, [1, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, SelectionRule("threshold", threshold=9.0)).keep, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "cohort", threshold=9.0).keep, [0, 0, 1, 0, 1, 0])  # a frozen cohort cut
     # nothing passes: min_keep keeps the best one (first of ties), unless disabled, and says so
     with pytest.warns(SelectionWarning, match=r"slide-7: rule 'threshold' keeps 0 of 6 tiles \(cut 100.*keeping the 1 best"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, name="slide-7"), [0, 0, 1, 0, 0, 0])
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, name="slide-7").keep, [0, 0, 1, 0, 0, 0])
     with pytest.warns(SelectionWarning, match="keeping none"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, min_keep=0), np.zeros(6, bool))
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, min_keep=0).keep, np.zeros(6, bool))
     with pytest.warns(SelectionWarning, match="keeps 2 of 6"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=9.0, min_keep=3), [1, 0, 1, 0, 1, 0])
-    assert select(SCORES, "threshold", threshold=3.0).dtype == np.bool_
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=9.0, min_keep=3).keep, [1, 0, 1, 0, 1, 0])
+    assert select(SCORES, "threshold", threshold=3.0).keep.dtype == np.bool_
 
 
 def test_topk_rule():
-    np.testing.assert_array_equal(select(SCORES, "topk", k=1), [0, 0, 1, 0, 0, 0])   # tie -> lower index
-    np.testing.assert_array_equal(select(SCORES, "topk", k=3), [1, 0, 1, 0, 1, 0])
-    assert select(SCORES, "topk", k=100).all()
-    assert not select(SCORES, "topk", k=0, min_keep=0).any()
+    np.testing.assert_array_equal(select(SCORES, "topk", k=1).keep, [0, 0, 1, 0, 0, 0])   # tie -> lower index
+    np.testing.assert_array_equal(select(SCORES, "topk", k=3).keep, [1, 0, 1, 0, 1, 0])
+    assert select(SCORES, "topk", k=100).keep.all()
+    assert not select(SCORES, "topk", k=0, min_keep=0).keep.any()
 
 
 def test_mean_std_rule():
     # mean 4.5, population std ~3.5 -> mean + 1 sigma ~ 8.0 keeps the two 9s
-    np.testing.assert_array_equal(select(SCORES, "mean_std"), [0, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=0.0), [1, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=-1.0), [1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std").keep, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=0.0).keep, [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=-1.0).keep, [1, 1, 1, 1, 1, 0])
     assert mean_std_threshold(SCORES) == pytest.approx(4.5 + np.sqrt(((SCORES - 4.5) ** 2).mean()))
     # constant scores: nobody is above the mean, min_keep keeps one, and the warning says the scores saturate
     with pytest.warns(SelectionWarning, match="saturate: 100% of the 4 tiles share the maximum 1"):
-        np.testing.assert_array_equal(select(np.ones(4), "mean_std"), [1, 0, 0, 0])
+        np.testing.assert_array_equal(select(np.ones(4), "mean_std").keep, [1, 0, 0, 0])
 
 
 def test_saturated_otsu_scores_keep_nothing_under_mean_std_and_say_so():
     # the issue-9 artefact: tissue fractions saturate at 1.0, mean + sigma > 1 keeps nothing
     fractions = np.r_[np.ones(60), np.linspace(0.05, 0.95, 40)]
     with pytest.warns(SelectionWarning, match="saturate: 60% of the 100 tiles"):
-        assert select(fractions, "mean_std").sum() == 1
-    assert select(fractions, NATURAL_RULES["otsu"]).sum() == 60 + (np.linspace(0.05, 0.95, 40) >= 0.5).sum()
+        assert select(fractions, "mean_std").keep.sum() == 1
+    assert select(fractions, get_selector("otsu").natural_rule).keep.sum() == 60 + (np.linspace(0.05, 0.95, 40) >= 0.5).sum()
 
 
 def test_cohort_threshold_pools_slides():
@@ -63,7 +66,7 @@ def test_cohort_threshold_pools_slides():
     # one cut for every slide: the low slide keeps nothing above the cohort mean + sigma...
     cut = cohort_threshold(slides)
     with pytest.warns(SelectionWarning):
-        assert select(slides[0], "cohort", threshold=cut).sum() == 1  # ...min_keep steps in, loudly
+        assert select(slides[0], "cohort", threshold=cut).keep.sum() == 1  # ...min_keep steps in, loudly
     with pytest.raises(ValueError, match="no scores"):
         cohort_threshold([np.zeros(0)])
     with pytest.raises(ValueError, match="needs threshold"):
@@ -75,16 +78,87 @@ def test_rule_defaults_have_one_definition():
     from isg.pipeline.preprocess import PreprocessOptions
 
     assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
-    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} and set(NATURAL_RULES) == set(SELECTORS)
-    assert PreprocessOptions().rule == DEFAULT_RULE.rule and PreprocessOptions().n_sigma == DEFAULT_RULE.n_sigma
-    for command in ("preprocess", "select"):
+    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} == set(RULE_KINDS)
+    assert list(SELECTORS) == ["shannon", "otsu", "gradient", "canny", "dog", "log"]
+    # each selector carries its natural rule: Otsu tissue fraction >= 0.5, the others mean + 1 sigma per slide
+    assert get_selector("otsu").natural_rule == SelectionRule("threshold", threshold=0.5)
+    assert all(get_selector(name).natural_rule == DEFAULT_RULE for name in SELECTORS if name != "otsu")
+    assert PreprocessOptions().rule is None and PreprocessOptions().selection_rule() == DEFAULT_RULE
+    assert PreprocessOptions(selector="otsu").selection_rule() == get_selector("otsu").natural_rule
+    for command in ("preprocess", "select"):  # no rule option given: the selector's natural rule
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
-        assert args.n_sigma == DEFAULT_RULE.n_sigma
+        assert args.rule is None and args.n_sigma is None and args.threshold is None and args.k is None
 
 
-def test_empty_scores():
-    for rule, kw in (("threshold", {"threshold": 1.0}), ("topk", {"k": 2}), ("mean_std", {})):
-        assert select(np.zeros(0), rule, **kw).shape == (0,)
+def test_select_returns_the_cut_it_applied():
+    mean, std = SCORES.mean(), SCORES.std()
+    assert select(SCORES, "mean_std").cut == pytest.approx(mean + std)
+    assert select(SCORES, "mean_std", n_sigma=0.5).cut == pytest.approx(mean + 0.5 * std)
+    assert select(SCORES, "threshold", threshold=3.0).cut == 3.0
+    assert select(SCORES, SelectionRule("cohort", threshold=9.0)).cut == 9.0
+    assert select(SCORES, "topk", k=2).cut is None  # rank-based: no absolute cut
+    keep, cut = select(SCORES, DEFAULT_RULE)  # a NamedTuple
+    assert isinstance(select(SCORES), Selection) and keep.sum() == 2 and cut == pytest.approx(mean + std)
+    with pytest.warns(SelectionWarning):  # the rule's own cut, also when min_keep stepped in
+        assert select(SCORES, "threshold", threshold=100.0).cut == 100.0
+    with pytest.raises(TypeError, match="inside the SelectionRule"):
+        select(SCORES, DEFAULT_RULE, k=3)
+
+
+@pytest.mark.parametrize("rule", [SelectionRule(), SelectionRule("cohort", n_sigma=0.5, threshold=3.25),
+                                  SelectionRule("topk", k=7, min_keep=0), SelectionRule("threshold", threshold=np.float64(2.5))])
+def test_rule_serialises_to_json_and_back(rule):
+    import json
+
+    data = json.loads(json.dumps(rule.to_dict()))
+    assert SelectionRule.from_dict(data) == rule and type(data["n_sigma"]) is float
+    with pytest.raises(ValueError, match="unknown selection rule key.*: cut"):
+        SelectionRule.from_dict({**data, "cut": 1.0})
+
+
+def test_cohort_rule_freezes_over_slides():
+    per_slide = [np.array([1.0, 2.0]), np.array([3.0, 10.0])]
+    pending = SelectionRule("cohort", n_sigma=0.5)
+    assert pending.pending and not SelectionRule("threshold").pending and not DEFAULT_RULE.pending
+    frozen = pending.frozen_over(per_slide)
+    assert not frozen.pending and frozen.threshold == pytest.approx(cohort_threshold(per_slide, 0.5))
+    assert frozen.frozen_over([np.zeros(3)]) is frozen  # a frozen cut never moves
+
+
+def test_adding_a_rule_kind_is_one_decorator():
+    @register_rule("above_median", description="keep scores above the median")
+    def above_median(scores, rule):
+        cut = float(np.median(scores))
+        return scores > cut, cut
+
+    try:
+        assert "above_median" in RULES  # the CLIs list it (live view of the registry)
+        rule = SelectionRule("above_median")
+        assert SelectionRule.from_dict(rule.to_dict()) == rule
+        np.testing.assert_array_equal(select(SCORES, rule).keep, [1, 0, 1, 0, 1, 0])
+        assert select(SCORES, rule).cut == 4.0
+        with pytest.raises(ValueError, match="registered twice"):
+            register_rule("above_median")(above_median)
+    finally:
+        RULE_KINDS.pop("above_median")
+    with pytest.raises(ValueError, match="unknown rule"):
+        SelectionRule("above_median")
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+@pytest.mark.parametrize("rule", [SelectionRule("threshold", threshold=1.0), SelectionRule("topk", k=2), DEFAULT_RULE,
+                                  SelectionRule("cohort", threshold=5.0)], ids=lambda r: r.rule)
+def test_odd_sizes(n, rule):
+    scores = np.arange(n, dtype=np.float64)[::-1] * 1.5  # distinct, best first
+    expected = {"threshold": scores >= 1.0, "cohort": scores >= 5.0, "topk": np.arange(n) < 2,
+                "mean_std": scores > scores.mean() + scores.std() if n else np.zeros(0, bool)}[rule.rule]
+    if n and not expected.any():
+        expected = np.arange(n) < 1  # min_keep = 1: the best one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)
+        keep, cut = select(scores, rule)
+    np.testing.assert_array_equal(keep, expected)
+    assert keep.dtype == np.bool_ and (cut is None) == (rule.rule == "topk" or (n == 0 and rule.rule == "mean_std"))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,10 +194,10 @@ def test_default_threshold_separates_tissue_from_flat_and_blurred():
     tissue = histology_image()[:p * 4, :p * 4].reshape(4, p, 4, p, 3).swapaxes(1, 2).reshape(16, p, p, 3)
     flat, names = textureless_tiles(p)
     threshold = default_threshold_bits(p)
-    assert (score_tiles(tissue) > threshold).all()
+    assert (shannon_bits(tissue) > threshold).all()
     # solid colours and blurred tissue fall below it (noisy background need not: see docs/selection.md)
     smooth = [i for i, name in enumerate(names) if name.startswith(("solid", "blur"))]
-    assert len(smooth) == 5 and (score_tiles(flat[smooth]) < threshold).all()
+    assert len(smooth) == 5 and (shannon_bits(flat[smooth]) < threshold).all()
 
 
 @pytest.fixture(scope="module")
@@ -164,21 +238,25 @@ def test_otsu_background_only_batch_is_not_split():
 def test_otsu_with_slide_threshold_is_batch_independent(tissue_and_background):
     threshold = otsu_grey_threshold(histology_image())
     assert 0 < threshold <= 220
-    scorer = get_selector("otsu", threshold=threshold)
+    scorer = get_selector("otsu").for_slide(histology_image())  # the per-slide preparation hook
     whole = scorer(tissue_and_background)
     np.testing.assert_array_equal(np.concatenate([scorer(tissue_and_background[:1]), scorer(tissue_and_background[1:])]),
                                   whole)
     grey = grey_tiles(tissue_and_background)
     np.testing.assert_allclose(whole, (grey <= threshold).mean(axis=(1, 2)))
-    with pytest.raises(ValueError, match="takes no options"):
-        get_selector("canny", threshold=3)
+    np.testing.assert_array_equal(get_selector("otsu")(tissue_and_background, threshold=threshold), whole)
+    assert get_selector("canny").for_slide(histology_image()) is get_selector("canny").score  # no hook: no options
 
 
-def test_get_selector_errors_and_score_tiles():
+def test_get_selector_errors_and_shannon():
     with pytest.raises(ValueError, match="unknown selector 'sift'"):
         get_selector("sift")
     tiles = np.zeros((2, 8, 8, 3), np.uint8)
-    assert get_selector("shannon") is score_tiles
+    assert get_selector("shannon").score is shannon_bits and get_selector("shannon").unit == "bits"
+    assert get_selector("shannon").rule_for(SelectionRule("threshold"), 256).threshold == default_threshold_bits(256)
+    with pytest.raises(ValueError, match="explicit threshold"):
+        get_selector("dog").rule_for(SelectionRule("threshold"), 256)
+    assert get_selector("dog").rule_for(None, 256) == DEFAULT_RULE
     assert grey_tiles(tiles).shape == (2, 8, 8)
     with pytest.raises(ValueError, match="uint8"):
         get_selector("gradient")(tiles.astype(np.float32))
@@ -189,41 +267,39 @@ def test_get_selector_errors_and_score_tiles():
 
 def _write_h5(path, scores, selected, selector="shannon", patch_size=128, features=True):
     """A preprocess output as isg preprocess + isg extract write it: features row i <-> i-th selected patch."""
-    import h5py
+    from isg.data.patch_file import PatchGeometry, SlidePatches, write_patch_file
 
     scores, selected = np.asarray(scores, np.float64), np.asarray(selected, bool)
-    all_coords = np.stack([np.arange(len(scores)) * patch_size, np.zeros(len(scores))], 1).astype(np.int64)
-    with h5py.File(path, "w") as f:
-        f.attrs.update(slide_id=path.stem, slide_path="/nowhere.tif")
-        f.create_dataset("coords", data=all_coords[selected]).attrs.update(
-            patch_size=patch_size, selector=selector, rule="mean_std", threshold=0.0, n_sigma=1.0, k=-1, name=path.stem)
-        f["all_coords"], f["scores"], f["selected"] = all_coords, scores, selected
-        if features:
-            rows = np.flatnonzero(selected).astype(np.float32)  # feature = index of its patch in all_coords
-            f.create_dataset("features", data=np.repeat(rows[:, None], 3, 1)).attrs["encoder"] = "test"
-            f["local_features"] = np.repeat(rows[:, None, None, None], 2, 3).repeat(2, 1).repeat(2, 2).astype(np.float16)
+    tissue = np.stack([np.arange(len(scores)) * patch_size, np.zeros(len(scores))], 1).astype(np.int64)
+    patches = SlidePatches(path.stem, "/nowhere.tif", PatchGeometry(patch_size, 0, patch_size, 1.0, None, 0.5, 32),
+                           tissue, scores, selected, options={"patch_size": patch_size, "selector": selector},
+                           rule=DEFAULT_RULE.to_dict(), cut=0.0)
+    if features:
+        rows = np.flatnonzero(selected).astype(np.float32)  # feature = index of its patch in the tissue patches
+        patches = patches.with_features(np.repeat(rows[:, None], 3, 1), {"encoder": "test"},
+                                        np.repeat(rows[:, None, None, None], 2, 3).repeat(2, 1).repeat(2, 2).astype(np.float16))
+    write_patch_file(path, patches)
     return path
 
 
 def test_reselect_keeps_matching_features_for_a_subset(tmp_path):
-    import h5py
+    from isg.data.patch_file import read_patch_file
 
     path = _write_h5(tmp_path / "a.h5", [5, 1, 9, 3, 8, 0], [1, 0, 1, 1, 1, 0])
     result = reselect_h5(path, SelectionRule("topk", k=2), tmp_path / "out" / "a.h5")
     assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "features": "kept"}
-    with h5py.File(tmp_path / "out" / "a.h5") as f:
-        np.testing.assert_array_equal(f["selected"][()], [0, 0, 1, 0, 1, 0])
-        np.testing.assert_array_equal(f["coords"][()][:, 0], [2 * 128, 4 * 128])
-        np.testing.assert_array_equal(f["features"][()][:, 0], [2, 4])  # the rows of patches 2 and 4
-        np.testing.assert_array_equal(f["local_features"][()][:, 0, 0, 0], [2, 4])
-        assert f["features"].attrs["encoder"] == "test" and f.attrs["slide_id"] == "a"
-        assert f["coords"].attrs["rule"] == "topk" and f["coords"].attrs["k"] == 2
-        assert np.isnan(f["coords"].attrs["threshold"]) and f["coords"].attrs["patch_size"] == 128
+    out = read_patch_file(tmp_path / "out" / "a.h5")
+    np.testing.assert_array_equal(out.selected, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(out.coords[:, 0], [2 * 128, 4 * 128])
+    np.testing.assert_array_equal(out.features[:, 0], [2, 4])  # the rows of patches 2 and 4
+    np.testing.assert_array_equal(out.local_features[:, 0, 0, 0], [2, 4])
+    assert out.feature_attrs["encoder"] == "test" and out.slide_id == "a"
+    assert SelectionRule.from_dict(out.rule) == SelectionRule("topk", k=2) and out.cut is None
+    assert out.geometry.patch_size == 128
     # a selection outside the old one cannot reuse features: they are dropped, in place
     assert reselect_h5(path, SelectionRule("threshold", threshold=1.0))["features"] == "dropped"
-    with h5py.File(path) as f:
-        assert "features" not in f and "local_features" not in f and f["coords"].shape == (5, 2)
-        assert f["coords"].attrs["threshold"] == 1.0
+    out = read_patch_file(path)
+    assert out.features is None and out.local_features is None and out.coords.shape == (5, 2) and out.cut == 1.0
 
 
 def test_apply_cohort_rule_freezes_one_cut_and_records_it(tmp_path):
@@ -239,13 +315,13 @@ def test_apply_cohort_rule_freezes_one_cut_and_records_it(tmp_path):
     assert record["slides"]["high"]["n_kept"] == 2 and record["slides"]["low"]["n_kept"] == 1
     assert record["kept_per_slide"] == {"mean": 1.5, "min": 1, "max": 2} and record["threshold_unit"] == "bits"
     assert json.loads((tmp_path / SELECTION_FILE).read_text()) == record
-    assert read_scores(high)[1]["threshold"] == pytest.approx(cut) and read_scores(high)[1]["rule"] == "cohort"
+    assert read_scored(high).cut == pytest.approx(cut) and read_scored(high).rule["rule"] == "cohort"
     # a new slide is cut at the frozen threshold: it never moves it
     (tmp_path / "new").mkdir()
     new = _write_h5(tmp_path / "new" / "new.h5", [9.0, 100.0, 200.0], [1, 1, 1], features=False)
     frozen = SelectionRule(**record["rule"])
     assert apply_rule([new], frozen)["threshold"] == pytest.approx(cut)
-    assert read_scores(new)[1]["threshold"] == pytest.approx(cut)
+    assert read_scored(new).cut == pytest.approx(cut)
 
 
 def test_apply_rule_refuses_mixed_scales_and_bad_files(tmp_path):
@@ -285,21 +361,24 @@ def test_isg_select_cli(tmp_path, capsys):
 def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
     import json
 
-    from isg.pipeline.predict import preprocess_options
-    from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
     from isg.io.synth import make_cohort
+    from isg.pipeline.predict import new_slide_options
+    from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
+    from isg.train.expression import write_pipeline
 
     cohort = make_cohort(tmp_path / "c", n_slides=3, size=768, genes=3, seed=1)
     preprocess_cohort(cohort.slides[:2], tmp_path / "p", patch_size=128, local_size=32, rule="cohort", progress=False)
     record = json.loads((tmp_path / "p" / SELECTION_FILE).read_text())
-    scores = [read_scores(tmp_path / "p" / f"{s.stem}.h5")[0] for s in cohort.slides[:2]]
-    assert record["threshold"] == pytest.approx(cohort_threshold(scores))
-    attrs = read_scores(tmp_path / "p" / f"{cohort.slides[0].stem}.h5")[1]
-    assert attrs["rule"] == "cohort" and attrs["threshold"] == pytest.approx(record["threshold"])
-    options = preprocess_options(attrs)  # what isg train records in pipeline.json and isg predict reuses
-    assert options["rule"] == "cohort" and options["threshold"] == pytest.approx(record["threshold"])
-    options["patch_size"], options["local_size"] = int(options["patch_size"]), int(options["local_size"])
+    stored = [read_scored(tmp_path / "p" / f"{s.stem}.h5") for s in cohort.slides[:2]]
+    assert record["threshold"] == pytest.approx(cohort_threshold([p.scores for p in stored]))
+    assert stored[0].rule["rule"] == "cohort" and stored[0].cut == pytest.approx(record["threshold"])
+    assert stored[0].rule["threshold"] == pytest.approx(record["threshold"])
+    # what isg train records in pipeline.json and isg predict reuses on new slides
+    write_pipeline(tmp_path / "train", tmp_path / "p", cohort.slides[0].stem)
+    options = new_slide_options(json.loads((tmp_path / "train" / "pipeline.json").read_text()))
+    assert options["rule"] == SelectionRule.from_dict(stored[0].rule) and options["patch_size"] == 128
     preprocess_slide(cohort.slides[2], tmp_path / "new", **options)
-    new_scores, new_attrs = read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
-    assert new_attrs["threshold"] == pytest.approx(record["threshold"])  # a new slide does not move the cut
-    assert read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")[0].size == new_scores.size
+    new = read_scored(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
+    assert new.cut == pytest.approx(record["threshold"])  # a new slide does not move the cut
+    if (new.scores >= new.cut).any():  # (else min_keep keeps the best one, with a warning)
+        np.testing.assert_array_equal(new.selected, new.scores >= new.cut)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from isg.model.names import DEFAULT_MODEL
 from isg.model.tasks import DEFAULT_TASK
+from isg.utils import from_known_fields
 
 
 @dataclass
@@ -80,11 +81,7 @@ class AutoencoderTrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> AutoencoderTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown autoencoder training option(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "autoencoder training option(s)")
 
     def model_kwargs(self) -> dict:
         """The :class:`isg.features.Autoencoder` arguments."""
