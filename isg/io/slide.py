@@ -84,6 +84,7 @@ class Slide:
 
     backend = ""
     require_mpp = True  # whole-slide formats must carry a calibration (or be given one)
+    decodes_at_open = False  # True: opening decodes the whole file (its cost belongs to every read figure)
 
     def __init__(self, path, mpp: float | None = None):
         self.path = Path(path)

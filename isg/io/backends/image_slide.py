@@ -22,6 +22,7 @@ class ImageSlide(Slide):
 
     backend = "image"
     require_mpp = False
+    decodes_at_open = True
 
     def __init__(self, path, mpp=None, max_damaged: float = DAMAGED_LIMIT):
         super().__init__(path, mpp)
