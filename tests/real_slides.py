@@ -181,12 +181,13 @@ def aperio_mosaic_svs(path, width: int, height: int | None = None, tile: int = 2
         description = head if downsample == 1 else head.replace("JPEG/RGB", f"-> {w}x{h} JPEG/RGB")
         tif.write(_chain(first, segments), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), compression="jpeg",
                   photometric="rgb", subsampling=(1, 1), compressionargs={"outcolorspace": "rgb"}, jpegtables=tables[0],
-                  subfiletype=0 if downsample == 1 else 1, description=f"{description}|AppMag = 20|MPP = {mpp}")
+                  subfiletype=0 if downsample == 1 else 1, description=f"{description}|AppMag = 20|MPP = {mpp}",
+                  metadata=None)  # one ImageDescription, as Aperio writes
 
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2 ** 31) as tif:
         page(tif, 1)
         thumb = _mosaic_strip([ihc_block(o, 16) for o in range(8)], layout, 0, nby * 16, nbx * 16, 16)
-        tif.write(thumb, photometric="rgb", compression="jpeg", rowsperstrip=16,
+        tif.write(thumb, photometric="rgb", compression="jpeg", rowsperstrip=16, metadata=None,
                   description=f"Aperio Image Library v12.2.2 \r\n{width}x{height} -> {nbx * 16}x{nby * 16} - |MPP = {mpp}")
         for downsample in levels[1:]:
             page(tif, downsample)

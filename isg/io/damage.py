@@ -32,7 +32,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 
 from isg.utils import quiet_native_output  # noqa: F401 - re-exported: decoder output of every reader
 
@@ -102,6 +101,8 @@ def decode_jpeg(stream, out: np.ndarray | None = None, gray: bool = False) -> np
     """Decode the complete JPEG ``stream`` with libjpeg-turbo (simplejpeg; the GIL is released), strictly:
     its errors *and* warnings raise ``ValueError`` with libjpeg's message. RGB uint8 [h, w, 3] (grey [h, w, 1]
     with ``gray``), into ``out`` when given (C-contiguous, that shape)."""
+    import simplejpeg  # lazily: isg.io imports without it
+
     return simplejpeg.decode_jpeg(stream, colorspace="GRAY" if gray else "RGB", buffer=out, strict=True)
 
 
