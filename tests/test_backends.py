@@ -197,10 +197,27 @@ def test_auto_picks_device_decode_only_on_a_gpu(ihc_svs, monkeypatch):
     with open_slide(ihc_svs) as slide:
         assert slide.backend == ("nvimgcodec" if HAS_NVIMGCODEC and torch.cuda.is_available() else "tifffile")
     if HAS_NVIMGCODEC:
+        import isg.io.backends.nvimgcodec_slide as nv
+
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what auto sees on a GPU machine
+        monkeypatch.setattr(nv, "_gpu_decoder_ready", lambda: True)
         with open_slide(ihc_svs) as slide:
             assert slide.backend == "nvimgcodec"
             assert type(slide.tile_reader(0, 128, "cpu")).__name__ == "HostTileReader"  # CPU batches: the CPU path
+
+
+@pytest.mark.skipif(not HAS_NVIMGCODEC, reason="nvImageCodec not installed")
+def test_nvimgcodec_tiles_it_cannot_decode_go_to_the_cpu_path(mosaic, caplog):
+    """A tile whose segments passed the check but that the decoder returns nothing for is not 'damaged'."""
+    with open_slide(mosaic, backend="nvimgcodec", host_decode=True) as slide, open_slide(mosaic, backend="tifffile") as cpu:
+        coords = _coords(slide, 240)
+        reader = slide.tile_reader(0, 240, "cpu", 2)
+        reader._decoder = type("GivesUp", (), {"decode": lambda self, streams, **kwargs: [None] * len(streams)})()
+        out = torch.zeros((len(coords), 240, 240, 3), dtype=torch.uint8)
+        assert reader.read(coords, out) == [None] * len(coords)
+        reader.close()
+        np.testing.assert_array_equal(out.numpy(), np.stack([cpu.read_region(tuple(xy), 0, (240, 240)) for xy in coords.tolist()]))
+        assert "decoded on the CPU" in caplog.text
 
 
 @pytest.mark.gpu

@@ -6,18 +6,21 @@ tifffile reads them); only batches for a CUDA device go through :class:`NvImgCod
 nvImageCodec parses the TIFF itself (``CodeStream(path)``, one sub-stream per tile region), which gives
 Aperio's RGB-coded JPEG tiles their colours (decoding such a tile's stream alone reads RGB as YCbCr).
 Every tile's compressed segments are checked first, as on the CPU path (:class:`isg.io.damage.TiffSegments`,
-in ``num_workers`` threads); damaged tiles are not decoded and are reported. ``host_decode=True`` makes
+in ``num_workers`` threads); damaged tiles are not decoded and are reported. A tile the decoder returns no
+pixels for (its segments passed the check: a decoder limitation) is read by the CPU path instead, with a
+warning. ``auto`` picks this backend only where a decoder can be made on the GPU. ``host_decode=True`` makes
 host batches go through nvImageCodec's CPU backend too (libjpeg-turbo; the equality tests use it).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 
 import numpy as np
 
 from isg.io.backends.tiff_slide import TiffSlide
-from isg.io.damage import DAMAGED_LIMIT, DamagedTileError
+from isg.io.damage import DAMAGED_LIMIT, DamagedTileError, log
 from isg.io.registry import register_backend
 from isg.io.slide import TileReader
 from isg.utils import quiet_native_output
@@ -32,7 +35,20 @@ def _nvimgcodec_importable() -> bool:
 def _cuda_visible() -> bool:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and _gpu_decoder_ready()
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_decoder_ready() -> bool:
+    """Whether nvImageCodec can make a decoder on the current GPU (nvJPEG and its other libraries load); once."""
+    try:
+        from nvidia import nvimgcodec
+
+        with quiet_native_output():
+            nvimgcodec.Decoder(max_num_cpu_threads=1)
+        return True
+    except Exception:  # noqa: BLE001 - a missing library: auto keeps the CPU path
+        return False
 
 
 @register_backend("nvimgcodec", suffixes=(".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"), probe=_nvimgcodec_importable,
@@ -77,6 +93,7 @@ class NvImgCodecTileReader(TileReader):
                 self._decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
                                                    backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
         self._checks = cf.ThreadPoolExecutor(threads, thread_name_prefix="isg-check")
+        self._warned = False
 
     def _damage(self, box) -> tuple[int, str] | None:
         x0, y0, x1, y1 = box
@@ -112,11 +129,22 @@ class NvImgCodecTileReader(TileReader):
         if streams:
             with quiet_native_output():
                 decoded = self._decoder.decode(streams, images=images, cuda_stream=stream)
-            for i, image in zip(rows, decoded):
-                if image is None:  # nvImageCodec could not decode it: a damaged tile to the pipeline
-                    reasons[i] = DamagedTileError(slide.path, level, -1, "nvImageCodec could not decode the region").problem
-                    out[i] = 255
+            failed = [i for i, image in zip(rows, decoded) if image is None]
+            if failed:  # the segments passed the check: a decoder limitation, not damage; the CPU path reads them
+                self._cpu_fallback(coords, failed, out, reasons)
         return reasons
+
+    def _cpu_fallback(self, coords, failed: list[int], out, reasons: list) -> None:
+        import torch
+
+        if not self._warned:
+            log.warning("%s: nvImageCodec returned no pixels for %d tile(s) of level %d; they are decoded on the CPU",
+                        self.slide.path, len(failed), self.level)
+            self._warned = True
+        tiles = np.empty((len(failed), self.size, self.size, 3), np.uint8)
+        for i, reason in zip(failed, self.slide.read_tiles(coords[failed], self.level, self.size, tiles)):
+            reasons[i] = reason
+        out[torch.tensor(failed, device=out.device)] = torch.from_numpy(tiles).to(out.device)
 
     def close(self):
         self._checks.shutdown(wait=True)
