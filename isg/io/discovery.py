@@ -35,18 +35,13 @@ def slides_in(folder: Path) -> list[Path]:
 
 def manifest_slides(manifest) -> tuple[list[Path], list[str]]:
     """(slides found, paths missing) of a CSV/TSV manifest's ``slide_path`` column (relative to the manifest)."""
-    import pandas as pd
-
-    from isg.utils import table_separator
+    from isg.utils import read_text_table
 
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise SlideListError(f"--manifest {manifest}: no such file")
     try:
-        table = pd.read_csv(manifest, sep=table_separator(manifest), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SlideListError(f"--manifest {manifest}: cannot be read ({exc})") from exc
-    table.columns = table.columns.str.strip()
+        table = read_text_table(manifest, what="--manifest", error=SlideListError)
+    except FileNotFoundError as exc:
+        raise SlideListError(str(exc)) from None
     if "slide_path" not in table.columns:
         raise SlideListError(f"--manifest {manifest}: no slide_path column (has: {', '.join(table.columns)})")
     found, missing = [], []
