@@ -161,7 +161,8 @@ def _measure(report, path: Path) -> dict:
     if ceiling:
         result["ceiling"] = ceiling["tiles_per_s"]
         report.add(table, "ceiling (libjpeg-turbo, memory)", ceiling["tiles_per_s"], unit="tiles/s", threads=1,
-                   decoder=ceiling["decoder"].split("(")[1].split(")")[0], slide=label)
+                   cpu_us_per_tile=ceiling["cpu_us_per_tile"], decoder=ceiling["decoder"].split("(")[1].split(")")[0],
+                   slide=label)
     for name, (_, _, threads) in contenders.items():
         share = round(100 * result[name] / ceiling["tiles_per_s"], 1) if ceiling else None
         report.add(table, name, result[name], unit="tiles/s", baseline=name == "openslide", threads=threads,
