@@ -102,6 +102,8 @@ class TiffSlide(Slide):
             _ = page.decode
             if self._strict[level]:
                 self.segments.jpeg_head(level)
+        if any(self._strict):
+            import simplejpeg  # noqa: F401 - the decoder's import is not part of the first read
         try:
             self._finish_init()
         except SlideError:
