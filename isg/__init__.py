@@ -12,14 +12,14 @@ import importlib.util
 
 __version__ = "0.1.0"
 
-_BACKENDS = ("ext", "cuda", "cucim", "openslide", "tifffile", "dali", "lpips")
+_BACKENDS = ("ext", "cuda", "cucim", "openslide", "tifffile", "dali", "nvimgcodec", "lpips")
 
 
 def is_available(backend: str) -> bool:
     """Whether an optional backend can be used in this process.
 
     ``ext``: the native module ``isg._C``; ``cuda``: its CUDA kernels and a CUDA
-    device; ``cucim`` / ``openslide`` / ``tifffile`` / ``dali``: slide and
+    device; ``cucim`` / ``openslide`` / ``tifffile`` / ``dali`` / ``nvimgcodec``: slide and
     decode backends; ``lpips``: the lpips package (LPIPS itself is built into isg; the package is the
     reference and ``--lpips-impl lpips``).
     """
@@ -32,7 +32,7 @@ def is_available(backend: str) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS)}")
     module = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dali": "nvidia.dali",
-              "lpips": "lpips"}[backend]
+              "nvimgcodec": "nvidia.nvimgcodec", "lpips": "lpips"}[backend]
     try:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return False

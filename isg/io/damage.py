@@ -8,13 +8,14 @@ information content would then prefer the garbage. So isg checks the compressed 
 * :class:`TiffSegments`: the tile (or strip) index of a TIFF pyramid. A segment is damaged when its
   data lies past the end of the file or is empty (truncated file), is all zero bytes (zeroed), or does
   not decode cleanly: JPEG tiles are decoded by libjpeg-turbo with its warnings treated as errors
-  (``Corrupt JPEG data: premature end of data segment``, ``Unsupported marker type``, ...), other
-  codecs by tifffile/imagecodecs, which raise on corrupt streams. Each segment is checked once per
-  slide (results cached), whichever backend decodes its pixels.
+  (:func:`decode_jpeg`: ``Corrupt JPEG data: premature end of data segment``, ``Unsupported marker
+  type``, ...), other codecs by tifffile/imagecodecs, which raise on corrupt streams. Each segment is
+  checked once per slide (results cached), whichever backend decodes its pixels; the tifffile backend's
+  own strict decode is that check (:meth:`TiffSegments.record`), so its tiles are decoded once.
 * :class:`DamagedTileError`: what :meth:`isg.io.Slide.read_region` raises for a region touching a
   damaged tile; :class:`DamagedTiles` collects the damaged tiles of a stream
   (:func:`isg.io.iter_tiles` with ``damaged=``) so that callers can skip them.
-* :func:`quiet_native_output`: decoder libraries (cuCIM, libtiff, libjpeg) print on the process's
+* :func:`quiet_native_output`: decoder libraries (cuCIM, libtiff, nvImageCodec) print on the process's
   C-level stdout/stderr; inside this context those lines are captured, counted
   (:func:`native_messages`) and logged at DEBUG level on the ``isg.io`` logger, while Python's own
   ``sys.stderr`` (progress bars, warnings) still reaches the terminal.
@@ -25,7 +26,6 @@ valid Huffman codes) cannot be told from image data by any decoder; every other 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isg.utils import NativeOutput, quiet_native_output
+from isg.utils import quiet_native_output  # noqa: F401 - re-exported: decoder output of every reader
 
 DAMAGED_LIMIT = 0.05  # default: a slide with a larger fraction of damaged patches (or level tiles) fails
 
@@ -94,79 +94,30 @@ class DamagedTiles:
 
 # ----------------------------------------------------------------------------- strict decoding
 
-def _decode_jpeg(stream: bytes) -> str | None:
-    """Decode ``stream`` to grey with torchvision's libjpeg-turbo operator; its error message, or None."""
-    import torch
-    from torchvision.io import ImageReadMode  # also registers torch.ops.image
-
-    try:  # the operator itself: torchvision's Python face warns that its codecs move to TorchCodec
-        torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), ImageReadMode.GRAY.value, False)
-    except RuntimeError as exc:
-        return str(exc).rsplit(", ", 1)[-1].strip() or "undecodable JPEG"
-    return None
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, transform 0: the components are R, G, B
 
 
-class _SharedExclusive:
-    """A readers-writer lock: many shared holders at once, or one exclusive holder alone."""
+def decode_jpeg(stream, out: np.ndarray | None = None, gray: bool = False) -> np.ndarray:
+    """Decode the complete JPEG ``stream`` with libjpeg-turbo (simplejpeg; the GIL is released), strictly:
+    its errors *and* warnings raise ``ValueError`` with libjpeg's message. RGB uint8 [h, w, 3] (grey [h, w, 1]
+    with ``gray``), into ``out`` when given (C-contiguous, that shape)."""
+    import simplejpeg  # lazily: isg.io imports without it
 
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self):
-        with self._cond:
-            while self._exclusive:
-                self._cond.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._cond:
-            while self._exclusive:
-                self._cond.wait()
-            self._exclusive = True
-            while self._shared:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-_DECODES = _SharedExclusive()
+    return simplejpeg.decode_jpeg(stream, colorspace="GRAY" if gray else "RGB", buffer=out, strict=True)
 
 
 def jpeg_error(stream: bytes) -> str | None:
     """None when the JPEG ``stream`` decodes cleanly, else libjpeg-turbo's message: errors and warnings alike.
 
-    libjpeg reports corrupt data mostly as *warnings* (``Corrupt JPEG data: premature end of data
-    segment``, ``bad Huffman code``, ``extraneous bytes``), printed on stderr while decoding goes on with
-    garbage. The decode therefore runs with the C-level stderr captured; decodes run concurrently
-    (shared), and when anything was printed meanwhile the stream is decoded again alone (exclusive), so
-    that the message is attributed to the stream that caused it.
+    libjpeg reports corrupt data mostly as *warnings* (``Corrupt JPEG data: premature end of data segment``,
+    ``bad Huffman code``, ``extraneous bytes``) while decoding goes on with garbage; :func:`decode_jpeg`
+    turns them into errors of this call (nothing is printed, threads do not mix their messages).
     """
-    with quiet_native_output():
-        with _DECODES.shared():
-            before = NativeOutput.stderr_size()
-            error = _decode_jpeg(stream)
-            printed = NativeOutput.stderr_size() != before
-        if error or not printed:
-            return error
-        with _DECODES.exclusive():
-            before = NativeOutput.stderr_size()
-            error = _decode_jpeg(stream)
-            text = NativeOutput.stderr_since(before).strip()
-        return error or (text.splitlines()[0] if text else None)
+    try:
+        decode_jpeg(stream, gray=True)
+    except ValueError as exc:
+        return str(exc).strip() or "undecodable JPEG"
+    return None
 
 
 class TiffSegments:
@@ -182,6 +133,7 @@ class TiffSegments:
         self.fd = os.open(path, os.O_RDONLY)
         self.pages = list(pages)
         self._checked: dict[tuple[int, int], str | None] = {}
+        self._heads: dict[int, bytes] = {}
         self.structural: list[dict[int, str]] = []  # per level: index -> reason (found from the index alone)
         for page in self.pages:
             damaged = {}
@@ -213,11 +165,30 @@ class TiffSegments:
         page = self.pages[level]
         return os.pread(self.fd, page.databytecounts[index], page.dataoffsets[index])
 
+    def jpeg_head(self, level: int) -> bytes:
+        """What precedes a JPEG segment's own markers (after its SOI) in a complete, self-describing stream:
+        SOI, an Adobe marker saying "RGB" for RGB-coded tiles (Aperio writes them without one, and
+        decoders would read them as YCbCr), and the shared JPEGTables of the page."""
+        head = self._heads.get(level)
+        if head is None:
+            page = self.pages[level]
+            tables = bytes(page.jpegtables)[2:-2] if page.jpegtables else b""  # without their SOI / EOI
+            head = b"\xff\xd8" + (ADOBE_RGB if page.photometric == 2 and not page.is_jfif else b"") + tables
+            self._heads[level] = head
+        return head
+
     def jpeg_stream(self, level: int, index: int, data: bytes | None = None) -> bytes:
-        """Complete JPEG stream of a segment (shared JPEGTables spliced into abbreviated tile streams)."""
+        """Complete JPEG stream of a segment: :meth:`jpeg_head` + the segment's markers and data."""
         data = self.read(level, index) if data is None else data
-        tables = self.pages[level].jpegtables
-        return bytes(tables[:-2]) + data[2:] if tables and data[:2] == b"\xff\xd8" else data
+        return self.jpeg_head(level) + data[2:] if data[:2] == b"\xff\xd8" else data
+
+    def record(self, level: int, index: int, reason: str | None) -> None:
+        """Record what a decode of segment ``index`` found (None: clean), so that it is not checked again."""
+        self._checked[(level, index)] = reason
+
+    def known(self, level: int, index: int) -> str | None:
+        """The damage of segment ``index`` found so far without decoding it: recorded, or in the file's index."""
+        return self._checked.get((level, index)) or self.structural[level].get(index)
 
     def damage(self, level: int, index: int) -> str | None:
         """Why segment ``index`` of ``level`` is damaged, or None when it decodes cleanly (checked once)."""
@@ -260,8 +231,3 @@ class TiffSegments:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-# ----------------------------------------------------------------------------- native output
-
-

@@ -6,9 +6,10 @@
 * :func:`box_fraction`: fraction of a mask inside boxes, by a summed-area table.
 * :func:`grid_level`: the read level for an ``mpp`` or a ``level``.
 * :func:`tile_grid`: level-0 (x, y) of the ``patch_size`` tiles (at the read level) with enough tissue.
-* :func:`iter_tiles`: batches ``(coords [B, 2], tiles torch.uint8 [B, p, p, 3])`` read by threads
-  (cuCIM's batch reader for cuCIM slides, DALI's decoder with ``reader="dali"``), prefetched while the
-  caller works on the previous batch. Damaged tiles raise, or are left out and listed (``damaged=``).
+* :func:`iter_tiles`: batches ``(coords [B, 2], tiles torch.uint8 [B, p, p, 3])`` read by the slide's
+  tile reader (host threads; cuCIM's batch reader; nvImageCodec on the GPU; DALI with ``reader="dali"``),
+  prefetched while the caller works on the previous batch. Damaged tiles raise, or are left out and
+  listed (``damaged=``).
 * :func:`local_grid`: level-0 coordinates of the (p / q)^2 local patches of each global patch.
 
 Tiles reaching past the slide border are padded white (255), as :meth:`Slide.read_region` does.
@@ -178,18 +179,22 @@ class _BatchPool:
 
     Decoding into memory touched for the first time costs page faults (on a VM, as much as the JPEG
     decode of a 256 px tile), so streaming reuses buffers, across ``iter_tiles`` calls too: up to
-    :data:`POOL_MAX_BYTES` stay allocated (:func:`release_buffers` frees them). CUDA batches use torch's
-    pinned caching allocator instead, which reuses pinned blocks safely after the async copies.
+    :data:`POOL_MAX_BYTES` stay allocated (:func:`release_buffers` frees them). Host batches bound for a GPU
+    use torch's pinned caching allocator instead, which reuses pinned blocks safely after the async copies;
+    batches decoded on the device use its caching allocator.
     """
 
     _lock = threading.Lock()
     _buffers: dict[tuple, list[np.ndarray]] = {}  # shape -> aligned views (``.base`` owns the memory)
 
-    def __init__(self, batch_size: int, size: int, pin: bool):
+    def __init__(self, batch_size: int, size: int, pin: bool, device=None):
         self.shape = (batch_size, size, size, 3)
         self.pin = pin
+        self.device = torch.device(device or "cpu")
 
     def get(self, n: int) -> torch.Tensor:
+        if self.device.type != "cpu":  # a reader that decodes on the device: torch's caching allocator
+            return torch.empty((n, *self.shape[1:]), dtype=torch.uint8, device=self.device)
         if self.pin:
             return _aligned_batch(self.shape, pin=True)[:n]
         with self._lock:
@@ -228,12 +233,13 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, size, size, 3])`` on ``device``.
 
     ``coords`` are level-0 (x, y) top-left corners; tiles are ``size`` px at ``level`` (exactly what
-    ``slide.read_region(xy, level, (size, size))`` returns, white past the border). ``num_workers`` threads
-    read tiles (0: in the calling thread) and up to ``prefetch`` batches are read ahead. For CUDA
-    devices batches are assembled in pinned memory and copied with ``non_blocking=True``. cuCIM
-    slides use cuCIM's own batch reader (``read_region(locations, ..., num_workers=...)``); the tiles
-    it returns are copied out of its reused buffer, and tiles crossing the border are re-read white.
-    ``reader="dali"`` decodes whole JPEG tiles of a TIFF with NVIDIA DALI (:func:`isg.io.iter_tiles_dali`).
+    ``slide.read_region(xy, level, (size, size))`` returns, white past the border). Batches are read by the
+    slide's :class:`~isg.io.slide.TileReader` (``slide.tile_reader(level, size, device, num_workers)``):
+    its host reader decodes parts of each batch in ``num_workers`` threads (0: the calling thread), a
+    backend's own batch reader (cuCIM; nvImageCodec on a GPU) uses ``num_workers`` threads of its own;
+    ``reader="dali"`` decodes whole JPEG tiles with NVIDIA DALI (:func:`isg.io.iter_tiles_dali`). Up to
+    ``prefetch`` batches are read ahead. Host batches for a CUDA ``device`` are assembled in pinned memory and
+    copied with ``non_blocking=True``; a reader that decodes on the device fills the device batch itself.
 
     Damaged tiles (:mod:`isg.io.damage`) never come out as pixels: without ``damaged`` the first one raises
     :class:`DamagedTileError`; with a :class:`DamagedTiles` log they are left out of the batches (which
@@ -241,31 +247,26 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     """
     if reader not in READERS:
         raise ValueError(f"unknown tile reader {reader!r}; expected one of {', '.join(READERS)}")
-    if reader == "dali":
-        from isg.io.dali import iter_tiles_dali
-
-        yield from iter_tiles_dali(slide, coords, size, level=level, batch_size=batch_size, device=device,
-                                   num_threads=max(1, num_workers), damaged=damaged)
-        return
     coords = _check_coords(slide, coords)
     if size < 1 or batch_size < 1:
         raise ValueError(f"size and batch_size must be positive, got size={size}, batch_size={batch_size}")
     if not 0 <= level < slide.level_count:
         raise ValueError(f"{slide.path}: level {level} out of range (slide has {slide.level_count} levels)")
     device = torch.device(device)
-    pin = device.type == "cuda"
-    pool = _BatchPool(batch_size, size, pin)
-    with quiet_native_output():
-        if num_workers > 0 and getattr(slide, "backend", "") == "cucim" and len(coords):
-            batches = _read_cucim(slide, coords, size, level, batch_size, num_workers, pool)
-        else:
-            batches = _read_threads(slide, coords, size, level, batch_size, num_workers, prefetch, pool)
-        for chunk, batch, reasons in batches:
+    if reader == "dali":
+        from isg.io.dali import DaliTileReader
+
+        tile_reader = DaliTileReader(slide, coords, level, size, batch_size, device, max(1, num_workers))
+    else:
+        tile_reader = slide.tile_reader(level, size, device, num_workers)
+    with tile_reader, quiet_native_output():
+        pool = _BatchPool(batch_size, size, pin=device.type == "cuda", device=torch.device(tile_reader.device))
+        for chunk, batch, reasons in _read_batches(tile_reader, coords, batch_size, num_workers, prefetch, pool):
             if any(reasons):
                 chunk, batch = _drop_damaged(slide, chunk, batch, reasons, damaged, level)
                 if not len(chunk):
                     continue
-            yield chunk, batch.to(device, non_blocking=pin)
+            yield chunk, batch.to(device, non_blocking=batch.device.type == "cpu" and device.type == "cuda")
 
 
 def _drop_damaged(slide, chunk, batch, reasons, damaged, level):
@@ -277,29 +278,35 @@ def _drop_damaged(slide, chunk, batch, reasons, damaged, level):
     for i in bad:
         damaged.add(chunk[i], reasons[i])
     keep = np.array([not reason for reason in reasons])
-    return chunk[keep], batch[torch.from_numpy(keep)]
+    return chunk[keep], batch[torch.from_numpy(keep).to(batch.device)]
 
 
-def _read_threads(slide, coords, size, level, batch_size, num_workers, prefetch, pool):
-    """``(chunk [B, 2], batch uint8 [B, size, size, 3], damage reasons [B])`` read by ``slide.read_tiles``."""
+def _read_batches(reader, coords, batch_size, num_workers, prefetch, pool):
+    """``(chunk [B, 2], batch uint8 [B, size, size, 3] on reader.device, damage reasons [B])`` in order, up to
+    ``prefetch`` batches read ahead: a parallel reader gets parts of each batch from ``num_workers`` threads,
+    another reader whole batches from one thread (it has threads of its own)."""
     starts = range(0, len(coords), batch_size)
+
+    def read(chunk, batch):
+        with torch.inference_mode():  # batches may be inference tensors of the caller's thread: no autograd here
+            return reader.read(chunk, batch)
+
     if num_workers <= 0:
         for start in starts:
             chunk = coords[start:start + batch_size]
             batch = pool.get(len(chunk))
-            yield chunk, batch, slide.read_tiles(chunk, level, size, batch.numpy())
+            yield chunk, batch, read(chunk, batch)
         return
 
-    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-tiles") as executor:
+    threads = num_workers if reader.parallel else 1
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="isg-tiles") as executor:
         pending: collections.deque = collections.deque()
 
         def submit(start: int) -> None:
             chunk = coords[start:start + batch_size]
             batch = pool.get(len(chunk))
-            view = batch.numpy()  # [B, size, size, 3]
-            step = max(1, -(-len(chunk) // (num_workers * 2)))  # a few tiles per task
-            futures = [executor.submit(slide.read_tiles, chunk[i:i + step], level, size, view[i:i + step])
-                       for i in range(0, len(chunk), step)]
+            step = max(1, -(-len(chunk) // (threads * 2))) if reader.parallel else len(chunk)  # a few tiles per task
+            futures = [executor.submit(read, chunk[i:i + step], batch[i:i + step]) for i in range(0, len(chunk), step)]
             pending.append((chunk, batch, futures))
 
         queue = iter(starts)
@@ -319,46 +326,3 @@ def _read_threads(slide, coords, size, level, batch_size, num_workers, prefetch,
             for _, _, futures in pending:
                 for future in futures:
                     future.cancel()
-
-
-def _read_cucim(slide, coords, size, level, batch_size, num_workers, pool):
-    """As :func:`_read_threads`, decoded by cuCIM's batch reader. Tiles over damaged segments are left to
-    :meth:`Slide.read_tiles` (which reports them): cuCIM itself decodes them into garbage or stops."""
-    levels = np.array([slide.to_level(xy, level) for xy in coords.tolist()], np.int64).reshape(-1, 2)  # [N, 2]
-    lw, lh = slide.level_dimensions[level]
-    crosses = (levels.min(axis=1) < 0) | (levels[:, 0] + size > lw) | (levels[:, 1] + size > lh)  # [N]
-    with cf.ThreadPoolExecutor(num_workers, thread_name_prefix="isg-check") as executor:
-        for start in range(0, len(coords), batch_size):
-            chunk, chunk_levels = coords[start:start + batch_size], levels[start:start + batch_size]
-            batch = pool.get(len(chunk))
-            view = batch.numpy()  # [B, size, size, 3]
-            # the border tiles and those over damaged segments go through read_region (white past the border)
-            suspect = list(executor.map(lambda xy: _region_damaged(slide, level, xy, size), chunk_levels.tolist()))
-            direct = np.flatnonzero(~crosses[start:start + len(chunk)] & ~np.array(suspect, bool))
-            if len(direct):
-                locations = [slide.backend_location(x, y, level) for x, y in chunk_levels[direct].tolist()]
-                reader = slide.cuimage.read_region(locations, (size, size), level, num_workers=num_workers,
-                                                   batch_size=len(direct))
-                done = 0
-                for array in reader:  # CuImage [b, size, size, C] ([size, size, C] when b == 1), reused buffer
-                    array = np.asarray(array).reshape(-1, size, size, np.asarray(array).shape[-1])
-                    view[direct[done:done + len(array)]] = array[..., :3]
-                    done += len(array)
-            reasons: list[str | None] = [None] * len(chunk)
-            rest = np.setdiff1d(np.arange(len(chunk)), direct)
-            if len(rest):
-                tiles = np.empty((len(rest), size, size, 3), np.uint8)
-                for i, reason in zip(rest.tolist(), slide.read_tiles(chunk[rest], level, size, tiles)):
-                    reasons[i] = reason
-                view[rest] = tiles
-            yield chunk, batch, reasons
-
-
-def _region_damaged(slide, level, xy, size) -> bool:
-    """Whether the in-bounds part of the ``size`` px tile at level (x, y) touches a damaged segment."""
-    if slide.segments is None:
-        return False
-    lw, lh = slide.level_dimensions[level]
-    x0, y0 = max(xy[0], 0), max(xy[1], 0)
-    x1, y1 = min(xy[0] + size, lw), min(xy[1] + size, lh)
-    return x0 < x1 and y0 < y1 and slide.segments.region_damage(level, x0, y0, x1 - x0, y1 - y0) is not None

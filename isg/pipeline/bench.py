@@ -1,11 +1,16 @@
-"""Throughput of every stage on the user's own slides (``isg bench``) of every stage on the user's own slides, side by side in one run.
+"""Throughput of every stage on the user's own slides (``isg bench``), contenders side by side in one run.
 
 Per slide it measures, on the same tissue tiles for every contender:
 
-* each slide reader that can open the file (cuCIM, OpenSlide, tifffile, image; DALI on a GPU),
-  in tiles/s (``--tiles`` tiles of ``isg.io.PATCH_SIZE`` px spread over the tissue, best of
-  ``--repeats`` passes, tiles delivered on ``--device``; opening is timed apart, ``open_seconds``:
-  the image reader decodes the whole file there);
+* each slide reader that can open the file (tifffile, OpenSlide, cuCIM, image; nvImageCodec's device
+  decode and DALI where a GPU is present), in tiles/s, **cold**
+  (:mod:`isg.io.throughput`): every pass opens a fresh slide object (not timed) and reads distinct tiles
+  spread over the tissue, each once (``--tiles`` per pass, ``--repeats`` passes, median reported), one
+  thread and ``--num-workers`` threads (default: all cores). Tiles are the file's own tiles (whole tiles of
+  a tiled TIFF; ``isg.io.PATCH_SIZE`` px otherwise), delivered on ``--device``. The OS page cache is stated:
+  ``--page-cache warm`` (file read once before) or ``dropped`` (evicted before every pass);
+* the ceiling: libjpeg-turbo decoding the same compressed tiles from memory, one thread, and each reader
+  as a % of it;
 * the Shannon scorer (``isg.ops.shannon_bits``) on those tiles, in GB/s of uncompressed RGB,
   on the CPU and on the GPU when one is present;
 * ``isg preprocess`` of the whole slide, in seconds per stage;
@@ -25,20 +30,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.io import BATCH_SIZE
+
+DEVICE_READERS = {"dali": "needs nvidia-dali and a CUDA device", "nvimgcodec": "device decode: needs nvImageCodec and a CUDA device"}
 
 
 @dataclass
 class BenchOptions:
-    tiles: int = 256  # tissue tiles read by each reader and scored
-    repeats: int = 3  # passes per measurement; the best is kept
+    tiles: int = 256  # distinct tissue tiles per pass, each read once
+    repeats: int = 3  # passes (a fresh reader each, other tiles); the median is reported
     batch_size: int = BATCH_SIZE  # tiles per batch
-    num_workers: int = NUM_WORKERS  # reader threads
+    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # reader threads of the all-cores figure
     device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
     out: str = "isg_bench.json"
     model: str | None = None  # isg train folder: adds extract and predict
     readers: tuple[str, ...] = field(default_factory=tuple)  # empty: every reader that opens the slide
-
+    page_cache: str = "warm"  # warm: the file is read once before measuring; dropped: evicted before every pass
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -67,66 +74,87 @@ def _best_seconds(fn, repeats: int, device) -> float:
 def reader_names(requested: tuple[str, ...]) -> list[str]:
     from isg.io import BACKENDS
 
-    names = list(requested) if requested else [*BACKENDS, "dali"]
-    unknown = [name for name in names if name not in (*BACKENDS, "dali")]
+    known = (*BACKENDS, "dali")
+    names = list(requested) if requested else list(known)
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"--readers: unknown {', '.join(unknown)} (choose from {', '.join((*BACKENDS, 'dali'))})")
+        raise ValueError(f"--readers: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     return names
 
 
-def sample_tissue_coords(slide, n: int):
-    """Up to ``n`` level-0 (x, y) of PATCH_SIZE tissue tiles, evenly spread over the slide's tissue grid [n, 2]."""
+def read_size(slide) -> int:
+    """Side of the tiles the reader figures read: the file's own tiles when level 0 is tiled in squares, else PATCH_SIZE."""
+    from isg.io import PATCH_SIZE
+
+    shape = slide.tile_shape(0) if hasattr(slide, "tile_shape") else None
+    return int(shape[0]) if shape and shape[0] == shape[1] and shape[0] >= 64 and slide.page(0).is_tiled else PATCH_SIZE
+
+
+def sample_tissue_coords(slide, n: int, size: int | None = None):
+    """Up to ``n`` level-0 (x, y) of ``size`` px (default PATCH_SIZE) tissue tiles, evenly spread over the slide's
+    tissue grid [n, 2], row-major."""
     import numpy as np
 
     from isg.io import PATCH_SIZE, tile_grid
 
-    coords = tile_grid(slide, PATCH_SIZE)  # [N, 2] row-major tissue tiles
+    size = size or PATCH_SIZE
+    coords = tile_grid(slide, size)  # [N, 2] row-major tissue tiles
     if len(coords) == 0:
-        coords = tile_grid(slide, PATCH_SIZE, tissue_min=0)  # no tissue found: time the whole grid instead
+        coords = tile_grid(slide, size, tissue_min=0)  # no tissue found: time the whole grid instead
     pick = np.unique(np.linspace(0, len(coords) - 1, min(n, len(coords))).round().astype(np.int64))
     return coords[pick]
 
 
-def bench_readers(path: Path, coords, options: BenchOptions, device: str) -> tuple[dict, object]:
-    """tiles/s of each reader on the same coords; also returns the tiles [N, p, p, 3] uint8 of the first reader."""
+def bench_readers(path: Path, coords, options: BenchOptions, device: str, size: int | None = None) -> tuple[dict, object]:
+    """Cold tiles/s of each reader on the same passes over ``coords`` (one thread and ``num_workers`` threads), the
+    libjpeg-turbo ceiling, and each reader's % of it; also returns the tiles [n, s, s, 3] uint8 of the first
+    pass by the first reader (for the scorer)."""
     import torch
 
-    from isg.io import PATCH_SIZE, SlideError, dali_available, iter_tiles, iter_tiles_dali, open_slide
+    from isg.io import PATCH_SIZE, SlideError, backend_available, dali_available, iter_tiles, open_slide
+    from isg.io.throughput import ceiling_tiles_per_s, cold_tiles_per_s, split_passes
 
+    size = size or PATCH_SIZE
+    passes = split_passes(coords, options.repeats)
     results: dict[str, dict] = {}
+    with open_slide(path) as slide:
+        ceiling = ceiling_tiles_per_s(slide, passes, 0) if size == read_size(slide) else None
+    results["ceiling"] = ceiling or {"tiles_per_s": None, "note": "no JPEG file tiles under the read tiles"}
+    on_gpu = torch.device(device).type == "cuda"
     tiles = None
     for name in reader_names(options.readers):
-        if name == "dali" and not (dali_available() and torch.device(device).type == "cuda"):
-            results[name] = {"tiles_per_s": None, "note": "needs nvidia-dali and a CUDA device"}
+        if name in DEVICE_READERS and not (on_gpu and (dali_available() if name == "dali" else backend_available(name))):
+            results[name] = {"tiles_per_s": None, "note": DEVICE_READERS[name]}
             continue
-        opened = time.perf_counter()
-        try:  # DALI decodes the TIFF's JPEG tiles itself; the image reader decodes the whole file here
-            slide = open_slide(path, backend="tifffile" if name == "dali" else name)
-        except (SlideError, ImportError, OSError, RuntimeError, ValueError) as exc:
-            results[name] = {"tiles_per_s": None, "note": f"cannot open: {str(exc).splitlines()[0]}"}
-            continue
-        open_seconds = time.perf_counter() - opened
+        backend, reader = ("tifffile", "dali") if name == "dali" else (name, "threads")
 
-        def stream(slide=slide, name=name):  # (coords [B, 2], tiles [B, p, p, 3] uint8 on device)
-            if name == "dali":
-                return iter_tiles_dali(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device)
-            return iter_tiles(slide, coords, PATCH_SIZE, batch_size=options.batch_size, device=device,
-                              num_workers=options.num_workers)
-
-        def consume() -> None:
-            for _ in stream():
+        def read(slide, chunk, workers):  # every batch delivered on the device, then dropped
+            for _ in iter_tiles(slide, chunk, size, batch_size=options.batch_size, device=device, num_workers=workers,
+                                reader=reader):
                 pass
 
         try:
-            with slide:
-                if tiles is None:  # batch buffers are reused: copy each batch before the next arrives
-                    tiles = torch.cat([batch.cpu().clone() for _, batch in stream()])  # [N, p, p, 3]
-                seconds = _best_seconds(consume, options.repeats, device)
-        except Exception as exc:  # a reader that opens a file but cannot decode it (e.g. DALI on Aperio JPEG)
+            with open_slide(path, backend=backend) as slide:
+                decodes_at_open = slide.decodes_at_open
+                if tiles is None:  # the scorer's tiles, untimed; batch buffers are reused: copy each batch
+                    tiles = torch.cat([batch.cpu().clone() for _, batch in iter_tiles(
+                        slide, passes[0], size, batch_size=options.batch_size, num_workers=0, reader=reader)])
+            entry = {"opening_timed": True} if decodes_at_open else {}
+            for workers, key in ((0, "tiles_per_s"), (options.num_workers, "tiles_per_s_threads")):
+                figure = cold_tiles_per_s(lambda: open_slide(path, backend=backend), lambda s, c: read(s, c, workers),
+                                          passes, path=path, page_cache=options.page_cache, sync=lambda: _sync(device),
+                                          time_open=decodes_at_open)
+                entry[key] = round(figure["tiles_per_s"], 1)
+                if not workers:
+                    entry.update(open_seconds=round(figure["open_seconds"], 4), passes=figure["passes"],
+                                 cpu_us_per_tile=figure["cpu_us_per_tile"])
+        except (SlideError, ImportError, OSError, RuntimeError, ValueError) as exc:  # cannot open, or cannot decode
             results[name] = {"tiles_per_s": None, "note": f"cannot read: {str(exc).splitlines()[0]}"}
             continue
-        results[name] = {"tiles_per_s": round(len(coords) / seconds, 1), "seconds": round(seconds, 4),
-                         "open_seconds": round(open_seconds, 4)}
+        entry["threads"] = options.num_workers
+        if ceiling:
+            entry["pct_of_ceiling"] = round(100 * entry["tiles_per_s"] / ceiling["tiles_per_s"], 1)
+        results[name] = entry
     return results, tiles
 
 
@@ -186,13 +214,15 @@ def _fmt(value, digits: int = 1) -> str:
 
 
 def format_table(report: dict) -> str:
-    """One row per slide: reader tiles/s, Shannon GB/s per device, preprocess s, extract/predict patches/s."""
+    """One row per slide: cold reader tiles/s (one thread; the ceiling beside them), Shannon GB/s per device,
+    preprocess s, extract/predict patches/s; then per slide and reader the all-threads figure and the % of
+    the ceiling."""
     slides = report["slides"]
     readers = list(dict.fromkeys(name for s in slides for name in s.get("readers", {})))
     devices = list(dict.fromkeys(name for s in slides for name in s.get("shannon", {})))
     header = ["slide", *[f"{r} tiles/s" for r in readers], *[f"shannon {d} GB/s" for d in devices],
               "preprocess s", "tissue/kept", "extract p/s", "predict p/s"]
-    rows, errors = [], []
+    rows, errors, details = [], [], []
     for s in slides:
         if "error" in s:
             errors.append(f"{s['slide_id']}: error: {s['error']}")
@@ -204,10 +234,20 @@ def format_table(report: dict) -> str:
                      _fmt(pipe.get("preprocess", {}).get("total"), 2),
                      f"{pipe.get('n_tissue', '-')}/{pipe.get('n_kept', '-')}",
                      _fmt(pipe.get("extract_patches_per_s")), _fmt(pipe.get("predict_patches_per_s"))])
+        for name, r in s["readers"].items():
+            if name != "ceiling" and r.get("tiles_per_s") is not None:
+                share = f" = {r['pct_of_ceiling']:.0f}% of the ceiling" if "pct_of_ceiling" in r else ""
+                details.append(f"  {s['slide_id']} {name}: 1 thread {_fmt(r['tiles_per_s'])} tiles/s{share}; "
+                               f"{r['threads']} threads {_fmt(r['tiles_per_s_threads'])} tiles/s")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
     lines += errors
+    options = report["options"]
+    lines.append(f"readers, cold: a fresh reader per pass, {options['tiles']} distinct tissue tiles per pass, each read once, "
+                 f"median of {options['repeats']} passes; OS page cache {options['page_cache']}; ceiling = libjpeg-turbo "
+                 "decoding the same tiles from memory, 1 thread")
+    lines += details
     notes = sorted({f"{name}: {r['note']}" for s in slides for name, r in s.get("readers", {}).items() if r.get("note")})
     stages = [s for s in slides if "pipeline" in s]
     if stages:
@@ -216,7 +256,7 @@ def format_table(report: dict) -> str:
         lines.append("preprocess, mean s per slide: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
     env = report["environment"]
     lines.append(f"device {env['device']}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, {env['cpus']} CPUs, "
-                 f"torch {env['torch']}, {report['options']['tiles']} tiles x best of {report['options']['repeats']}")
+                 f"torch {env['torch']}")
     return "\n".join(lines + [f"  {note}" for note in notes])
 
 
@@ -255,10 +295,11 @@ def run_bench(slides: list[Path], options: BenchOptions, progress: bool = True) 
             try:
                 step("readers")
                 with open_slide(path) as slide:
-                    coords = sample_tissue_coords(slide, options.tiles)
+                    size = read_size(slide)
+                    coords = sample_tissue_coords(slide, options.tiles * options.repeats, size)  # distinct per pass
                     entry["dimensions"] = list(slide.dimensions)
-                entry["n_tiles"] = int(len(coords))
-                entry["readers"], tiles = bench_readers(path, coords, options, device)
+                entry["n_tiles"], entry["tile_size"] = int(len(coords)), size
+                entry["readers"], tiles = bench_readers(path, coords, options, device, size)
                 step("shannon")
                 entry["shannon"] = bench_shannon(tiles, options, shannon_devices) if tiles is not None else {}
                 step("preprocess")
