@@ -388,7 +388,7 @@ def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_pa
 def test_mpp_csv_and_plain_images_without_mpp(cohort, bad_slides, tmp_path, capsys):
     from PIL import Image
 
-    from isg.pipeline.preprocess import read_mpp_csv
+    from isg.pipeline.scale import read_mpp_csv
 
     # a plain image read by pixel level needs no mpp: the outputs record it as unknown
     image = tmp_path / "plain.png"

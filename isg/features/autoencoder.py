@@ -303,14 +303,20 @@ class Autoencoder(nn.Module):
 
 
 def tiles_to_input(tiles: torch.Tensor | np.ndarray, resolution: int, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 RGB tiles [B, H, W, 3] -> float32 [B, 3, r, r] in [-1, 1] (antialiased bilinear resize)."""
+    """uint8 RGB tiles [B, H, W, 3] -> float32 [B, 3, r, r] in [-1, 1].
+
+    Tiles are resized in uint8 (:func:`isg.io.resize_tiles`, antialiased bilinear: the training bank holds
+    its tiles the same way) on ``device``, then scaled; resizing float copies cost ~8x more and their
+    batch-sized float buffers page-faulted on every call.
+    """
+    from isg.io import resize_tiles
+
     tiles = torch.as_tensor(tiles)
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(f"tiles must be uint8 RGB [B, H, W, 3], got {tiles.dtype} {tuple(tiles.shape)}")
-    x = tiles.to(device if device is not None else tiles.device).permute(0, 3, 1, 2).float()  # [B, 3, H, W]
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+    small = resize_tiles(tiles.to(device if device is not None else tiles.device), resolution)  # [B, r, r, 3]
+    x = small.permute(0, 3, 1, 2).float().contiguous()  # [B, 3, r, r]
+    return x.div_(127.5).sub_(1.0)
 
 
 def save_autoencoder(path: str | os.PathLike, ae: Autoencoder, extra: dict[str, Any] | None = None) -> None:

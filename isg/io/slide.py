@@ -22,6 +22,7 @@ import numpy as np
 from isg.io.damage import DamagedTileError, SlideError, TiffSegments
 
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
+THUMBNAIL_DIRECT_BYTES = 256 << 20  # a thumbnail's source level larger than this is streamed in blocks
 
 
 def aligned_empty(shape: tuple, offset: int = 16) -> np.ndarray:
@@ -240,7 +241,13 @@ class Slide:
     def thumbnail(self, max_size: int = 1024, with_damage: bool = False):
         """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
         from the coarsest level that is at least that fine. Damaged tiles are painted white; ``with_damage``
-        returns ``(thumbnail, damaged bool [h, w])`` marking them."""
+        returns ``(thumbnail, damaged bool [h, w])`` marking them.
+
+        A level larger than :data:`THUMBNAIL_DIRECT_BYTES` (a single-level 10^5 px TIFF: 28 GiB) is streamed
+        in blocks, each averaged over f x f pixels as it is read (f the largest whole factor that keeps the
+        result at least as large as the thumbnail), then box-filtered to size: memory is a block and the
+        pooled image, and the pixels are the direct ones within resampling error.
+        """
         from PIL import Image
 
         W, H = self.dimensions
@@ -248,8 +255,11 @@ class Slide:
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(1.0 / scale)
         lw, lh = self.level_dimensions[level]
-        damaged = np.zeros((lh, lw), bool)
-        region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
+        if lw * lh * 3 > THUMBNAIL_DIRECT_BYTES:
+            region, damaged = self._pooled_level(level, max(1, min(lw // tw, lh // th)))
+        else:
+            damaged = np.zeros((lh, lw), bool)
+            region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
         if region.shape[:2] != (th, tw):
             region = np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
             if damaged.any():
@@ -257,6 +267,35 @@ class Slide:
             else:
                 damaged = np.zeros((th, tw), bool)
         return (region, damaged) if with_damage else region
+
+    def _pooled_level(self, level: int, factor: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """``level`` averaged over ``factor`` x ``factor`` pixels (edge cells over their in-bounds pixels), read in
+        blocks of about ``block`` px: (uint8 [ceil(lh / f), ceil(lw / f), 3], damaged bool: a cell with any)."""
+        lw, lh = self.level_dimensions[level]
+        f = int(factor)
+        step = f * max(1, -(-block // f))  # a whole number of cells per block
+        pooled = np.empty((-(-lh // f), -(-lw // f), 3), np.uint8)
+        damaged = np.zeros(pooled.shape[:2], bool)
+        downsample = self.level_downsamples[level]
+        for y in range(0, lh, step):
+            for x in range(0, lw, step):
+                w, h = min(step, lw - x), min(step, lh - y)
+                hit = np.zeros((h, w), bool)
+                region = self.read_region_tolerant((round(x * downsample), round(y * downsample)), level, (w, h), damaged=hit)
+                cy, cx = -(-h // f), -(-w // f)  # cells of this block
+                sums = np.zeros((cy * f, cx * f, 3), np.float32)
+                sums[:h, :w] = region
+                sums = sums.reshape(cy, f, cx, f, 3).sum(axis=(1, 3))  # [cy, cx, 3]
+                counts = np.zeros((cy * f, cx * f), np.float32)
+                counts[:h, :w] = 1
+                counts = counts.reshape(cy, f, cx, f).sum(axis=(1, 3))[..., None]  # [cy, cx, 1]
+                cells = (slice(y // f, y // f + cy), slice(x // f, x // f + cx))
+                pooled[cells] = np.clip(np.rint(sums / counts), 0, 255).astype(np.uint8)
+                if hit.any():
+                    flags = np.zeros((cy * f, cx * f), bool)
+                    flags[:h, :w] = hit
+                    damaged[cells] |= flags.reshape(cy, f, cx, f).any(axis=(1, 3))
+        return pooled, damaged
 
     def close(self) -> None:
         if self.segments is not None:
