@@ -243,10 +243,9 @@ class Slide:
         from the coarsest level that is at least that fine. Damaged tiles are painted white; ``with_damage``
         returns ``(thumbnail, damaged bool [h, w])`` marking them.
 
-        A level larger than :data:`THUMBNAIL_DIRECT_BYTES` (a single-level 10^5 px TIFF: 28 GiB) is streamed
-        in blocks, each averaged over f x f pixels as it is read (f the largest whole factor that keeps the
-        result at least as large as the thumbnail), then box-filtered to size: memory is a block and the
-        pooled image, and the pixels are the direct ones within resampling error.
+        A level larger than :data:`THUMBNAIL_DIRECT_BYTES` (a single-level 10^5 px TIFF: 28 GiB) is streamed:
+        the thumbnail is made block by block of output pixels, each from the level pixels under it
+        (:meth:`_boxed_level`), so memory is one block and the thumbnail, and the pixels are the direct ones.
         """
         from PIL import Image
 
@@ -255,8 +254,8 @@ class Slide:
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(1.0 / scale)
         lw, lh = self.level_dimensions[level]
-        if lw * lh * 3 > THUMBNAIL_DIRECT_BYTES:
-            region, damaged = self._pooled_level(level, max(1, min(lw // tw, lh // th)))
+        if lw * lh * 3 > THUMBNAIL_DIRECT_BYTES and (lw, lh) != (tw, th):
+            region, damaged = self._boxed_level(level, tw, th)
         else:
             damaged = np.zeros((lh, lw), bool)
             region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
@@ -268,34 +267,36 @@ class Slide:
                 damaged = np.zeros((th, tw), bool)
         return (region, damaged) if with_damage else region
 
-    def _pooled_level(self, level: int, factor: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-        """``level`` averaged over ``factor`` x ``factor`` pixels (edge cells over their in-bounds pixels), read in
-        blocks of about ``block`` px: (uint8 [ceil(lh / f), ceil(lw / f), 3], damaged bool: a cell with any)."""
+    def _boxed_level(self, level: int, tw: int, th: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """``level`` box-filtered to (th, tw), made in blocks of output pixels about ``block`` level pixels wide:
+        each block reads the level pixels under it (and one more at fractional edges) and is resized with
+        Pillow's ``box=`` (the fractional source window), the filter a whole-level resize applies to the same
+        output pixels. Returns (uint8 [th, tw, 3], damaged bool [th, tw])."""
+        from PIL import Image
+
         lw, lh = self.level_dimensions[level]
-        f = int(factor)
-        step = f * max(1, -(-block // f))  # a whole number of cells per block
-        pooled = np.empty((-(-lh // f), -(-lw // f), 3), np.uint8)
-        damaged = np.zeros(pooled.shape[:2], bool)
+        sx, sy = lw / tw, lh / th  # level pixels per output pixel
+        out = np.empty((th, tw, 3), np.uint8)
+        damaged = np.zeros((th, tw), bool)
+        step_x, step_y = max(1, int(block / sx)), max(1, int(block / sy))  # output pixels per block
         downsample = self.level_downsamples[level]
-        for y in range(0, lh, step):
-            for x in range(0, lw, step):
-                w, h = min(step, lw - x), min(step, lh - y)
-                hit = np.zeros((h, w), bool)
-                region = self.read_region_tolerant((round(x * downsample), round(y * downsample)), level, (w, h), damaged=hit)
-                cy, cx = -(-h // f), -(-w // f)  # cells of this block
-                sums = np.zeros((cy * f, cx * f, 3), np.float32)
-                sums[:h, :w] = region
-                sums = sums.reshape(cy, f, cx, f, 3).sum(axis=(1, 3))  # [cy, cx, 3]
-                counts = np.zeros((cy * f, cx * f), np.float32)
-                counts[:h, :w] = 1
-                counts = counts.reshape(cy, f, cx, f).sum(axis=(1, 3))[..., None]  # [cy, cx, 1]
-                cells = (slice(y // f, y // f + cy), slice(x // f, x // f + cx))
-                pooled[cells] = np.clip(np.rint(sums / counts), 0, 255).astype(np.uint8)
+        for i0 in range(0, th, step_y):
+            i1 = min(th, i0 + step_y)
+            y0, y1 = i0 * sy, i1 * sy
+            top, bottom = int(math.floor(y0)), min(lh, int(math.ceil(y1)))
+            for j0 in range(0, tw, step_x):
+                j1 = min(tw, j0 + step_x)
+                x0, x1 = j0 * sx, j1 * sx
+                left, right = int(math.floor(x0)), min(lw, int(math.ceil(x1)))
+                hit = np.zeros((bottom - top, right - left), bool)
+                region = self.read_region_tolerant((round(left * downsample), round(top * downsample)), level,
+                                                   (right - left, bottom - top), damaged=hit)
+                box = (x0 - left, y0 - top, x1 - left, y1 - top)  # the fractional window in this region
+                out[i0:i1, j0:j1] = np.asarray(Image.fromarray(region).resize((j1 - j0, i1 - i0), Image.Resampling.BOX, box=box))
                 if hit.any():
-                    flags = np.zeros((cy * f, cx * f), bool)
-                    flags[:h, :w] = hit
-                    damaged[cells] |= flags.reshape(cy, f, cx, f).any(axis=(1, 3))
-        return pooled, damaged
+                    damaged[i0:i1, j0:j1] = np.asarray(Image.fromarray(hit).resize((j1 - j0, i1 - i0), Image.Resampling.NEAREST,
+                                                                                    box=box))
+        return out, damaged
 
     def close(self) -> None:
         if self.segments is not None:

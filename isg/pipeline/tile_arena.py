@@ -33,7 +33,7 @@ class TileArena:
     @property
     def nbytes(self) -> int:
         """Bytes of the slots filled (the block's pages in use)."""
-        return 0 if self.block is None else self.filled * self.block[0].numel()
+        return 0 if self.block is None else self.filled * int(np.prod(self.block.shape[1:]))
 
     def _allocate(self, tiles: torch.Tensor) -> None:
         capacity = int(self.max_bytes // max(1, tiles[0].numel()))
