@@ -66,7 +66,7 @@ class Predictor:
     device: str = "cpu"
     batch_size: int = BATCH_SIZE
     num_workers: int = NUM_WORKERS
-    tile_memory_mb: float = 512.0  # per slide: best-scored tiles kept from the scoring pass (read once)
+    tile_memory_mb: float = 256.0  # per slide: best-scored tiles kept from the scoring pass (read once)
     amp: bool = False  # bfloat16 encoders where the device runs bf16 natively (docs/features.md)
 
     @property
