@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=default["num_workers"], help="tile reader threads per slide")
     parser.add_argument("--tile-memory-mb", type=float, default=default["tile_memory_mb"],
                         help="per slide: memory for the best-scored tiles kept from the scoring pass so selected patches "
-                             "are read once (those that do not fit are read again; 0 reads them all again)")
+                             "are read once (those that do not fit are read again, ahead of the encoders; 0 reads them "
+                             "all again)")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 encoders where the device runs bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX): "
                              "about 2x faster feature extraction, features within ~1e-2 of float32 (docs/features.md)")
@@ -82,7 +83,8 @@ def run(args) -> int:
         stages = timings[["read", "select", "features", "predict", "total"]].mean()
         print("mean seconds per slide: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), file=sys.stderr)
         if "n_reread" in timings and timings["n_reread"].sum():
-            print(f"{int(timings['n_reread'].sum())} selected patch(es) read twice (raise --tile-memory-mb to keep them)", file=sys.stderr)
+            print(f"{int(timings['n_reread'].sum())} of {int(timings['n_patches'].sum())} selected patches read again, "
+                  f"the others kept from the scoring pass (--tile-memory-mb {args.tile_memory_mb:g})", file=sys.stderr)
     print(f"{len(predictions)} slide(s) predicted -> {Path(args.out) / 'predictions.csv'}")
     if genes or args.attention_maps:
         made = [str(Path(args.out) / "heatmaps")] * bool(genes) + [str(Path(args.out) / "attention")] * args.attention_maps

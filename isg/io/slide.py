@@ -22,7 +22,7 @@ import numpy as np
 from isg.io.damage import DamagedTileError, SlideError, TiffSegments
 
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
-THUMBNAIL_DIRECT_BYTES = 256 << 20  # a thumbnail's source level larger than this is streamed in blocks
+THUMBNAIL_DIRECT_BYTES = 64 << 20  # a thumbnail's source level larger than this is streamed in blocks
 
 
 def aligned_empty(shape: tuple, offset: int = 16) -> np.ndarray:

@@ -113,9 +113,9 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
 
     ``slide_path`` overrides the recorded slide; ``amp``: bfloat16 encoders (:func:`encode_tiles`). ``tiles``:
     a :class:`~isg.pipeline.tile_arena.TileArena` of patches already in memory (``isg predict`` keeps them
-    from the scoring pass); the selected patches it does not hold are read from the slide first, in reader
-    threads that run ahead of the encoders, then the held ones are encoded. ``progress(n)`` is called after
-    every ``n`` patches encoded.
+    from the scoring pass): the selected patches it holds are encoded first and the arena released, then the
+    others are read from the slide by reader threads that run ahead of the encoders. ``progress(n)`` is
+    called after every ``n`` patches encoded.
     """
     geometry = patches.geometry
     if geometry is None:
@@ -139,7 +139,17 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
 
     slots = tiles.slots_of(coords) if tiles is not None else np.full(m, -1, np.int64)  # [M]
     missing, held = np.flatnonzero(slots < 0), np.flatnonzero(slots >= 0)
-    if len(missing):
+    buffer = None
+    for start in range(0, len(held), batch_size):  # the tiles kept from the scoring pass, gathered into one buffer
+        rows = held[start:start + batch_size]
+        if buffer is None:
+            buffer = torch.empty((min(batch_size, len(held)), *tiles.block.shape[1:]), dtype=torch.uint8,
+                                 device=tiles.block.device)
+        encode(rows, tiles.gather(slots[rows], out=buffer).to(device))
+    if tiles is not None:
+        tiles.release()  # its memory goes before the features of the others fill theirs
+    del buffer
+    if len(missing):  # read again, in reader threads that run ahead of the encoders
         with open_patch_slide(patches, backend, slide_path) as slide:
             offset = 0
             for batch_coords, batch in iter_tiles(slide, coords[missing], geometry.size_at_level, level=geometry.patch_level,
@@ -152,13 +162,6 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
                 offset += len(rows)
         if offset != len(missing):
             raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {len(missing)} patches")
-    buffer = None
-    for start in range(0, len(held), batch_size):  # the tiles kept from the scoring pass, gathered into one buffer
-        rows = held[start:start + batch_size]
-        if buffer is None:
-            buffer = torch.empty((min(batch_size, len(held)), *tiles.block.shape[1:]), dtype=torch.uint8,
-                                 device=tiles.block.device)
-        encode(rows, tiles.gather(slots[rows], out=buffer).to(device))
     local_attrs = _encoder_attrs(local_ae, "local", amp) if local_ae is not None else None
     return patches.with_features(features, _encoder_attrs(global_ae, "global", amp), local, local_attrs), len(missing)
 

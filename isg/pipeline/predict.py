@@ -192,7 +192,7 @@ def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progres
 def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
                   tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
-    and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
+    and stage seconds for one slide; ``tile_progress``: a progress bar of its stages on the terminal."""
     result = predict_one(slide_path, predictor, work_dir, tile_progress)
     return result.prediction, result.timings
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-INTERVAL = 1.5  # seconds between progress lines (a line at least every 2 s, with scheduling delays)
+INTERVAL = 1.0  # seconds between progress lines: a line at least every 2 s even on a loaded machine
 log = logging.getLogger("isg.progress")
 log.propagate = False  # lines go to the handlers given (a log file), never twice to the terminal
 log.setLevel(logging.INFO)

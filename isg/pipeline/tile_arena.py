@@ -61,10 +61,8 @@ class TileArena:
             self._put(leaving, entering, coords, tiles, scores)
 
     def _put(self, slots: np.ndarray, rows: np.ndarray, coords, tiles: torch.Tensor, scores: np.ndarray) -> None:
-        if not len(slots):
-            return
-        rows_t = torch.as_tensor(rows, device=tiles.device)
-        self.block.index_copy_(0, torch.as_tensor(slots, device=self.block.device), tiles.index_select(0, rows_t))
+        for slot, row in zip(slots.tolist(), rows.tolist()):  # tile by tile into its slot: nothing allocated
+            self.block[slot].copy_(tiles[row])
         self.scores[slots], self.keys[slots] = scores[rows], coords[rows]
 
     def slots_of(self, coords) -> np.ndarray:
@@ -82,6 +80,10 @@ class TileArena:
         found = keys[order][at] == wanted
         out[found] = held[order][at][found]
         return out
+
+    def release(self) -> None:
+        """Free the block (the tiles held are gone; :meth:`slots_of` finds none)."""
+        self.block, self.scores, self.keys, self.filled = None, np.zeros(0), np.zeros((0, 2), np.int64), 0
 
     def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [len(slots), p, p, 3]: the tiles in ``slots`` (into ``out`` when given, a reused buffer)."""
