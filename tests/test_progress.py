@@ -58,3 +58,19 @@ def test_a_terminal_gets_a_bar_and_a_log_file_gets_lines(tmp_path):
     with SlideProgress("quiet", bar=False, interval=0.05, stream=terminal) as progress:  # no terminal output
         progress.stage("predict", 2, "fold models")
     assert "quiet" not in terminal.getvalue()
+
+
+def test_on_a_terminal_under_a_cohort_bar_the_line_goes_into_the_bar(monkeypatch):
+    import isg.pipeline.cohort as cohort
+
+    shown = []
+    monkeypatch.setattr(cohort, "_STATUS", [lambda name, text: shown.append((name, text))])
+    terminal = _Terminal()
+    with SlideProgress("slide-c", bar=True, log=None, interval=0.05, stream=terminal) as progress:
+        progress.stage("features", 3, "patches")
+        for _ in range(3):
+            progress.update(1)
+            time.sleep(0.06)
+    assert terminal.getvalue() == ""  # no second live display fighting the cohort bar
+    assert shown[0] == ("slide-c", "features: 0/3 patches (0%), 0:00 elapsed, 0.0 patches/s")
+    assert all(name == "slide-c" for name, _ in shown) and any(text.startswith("features: 3/3") for _, text in shown)

@@ -30,6 +30,8 @@ def test_keeps_the_best_scored_tiles_within_budget(budget_tiles, n, batch):
         out = torch.full((kept + 2, 5, 5, 3), 7, dtype=torch.uint8)  # a reused buffer, larger than needed
         np.testing.assert_array_equal(arena.gather(slots[best], out=out).numpy(), tiles[best].numpy())
     assert (arena.slots_of([[999, 999], [10, 0]]) == -1).all()  # never seen; (10, 0) is not a tile's (x, y)
+    arena.release()  # its memory goes; nothing is held any more
+    assert arena.block is None and arena.nbytes == 0 and (arena.slots_of(coords) == -1).all()
 
 
 def test_no_tiles_and_unknown_coords():

@@ -5,8 +5,9 @@ count of done items against the total where there is one, the rate and the time 
 
 * to a log (``log``, a :class:`logging.Logger`; ``isg predict`` gives each run ``OUT/progress.log``):
   one line every ``interval`` seconds;
-* on the terminal (``bar=True``): a tqdm bar per stage on stderr when stderr is a terminal, else the
-  same lines as the log (a batch job's log file).
+* on the terminal (``bar=True``): when stderr is a terminal, in the last column of the live cohort bar
+  (:func:`isg.pipeline.cohort.item_status`) or, without one, a tqdm bar per stage; else the same lines as
+  the log (a batch job's log file).
 
 A heartbeat thread writes the line (and refreshes the bar) even while one call runs for long (the slide
 model over 20k patches, a tissue mask): the user never waits more than ``interval`` seconds for a sign
@@ -19,6 +20,8 @@ import logging
 import sys
 import threading
 import time
+
+from isg.pipeline.cohort import cohort_bar_live, item_status
 
 INTERVAL = 1.0  # seconds between progress lines: a line at least every 2 s even on a loaded machine
 log = logging.getLogger("isg.progress")
@@ -76,7 +79,7 @@ class SlideProgress:
             self._close_bar()
             self.name, self.total, self.unit, self.done = name, total, unit, 0
             self.started = time.perf_counter()
-            if self.terminal:
+            if self.terminal and not cohort_bar_live():
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(total=total, desc=f"{self.slide_id} {name}", unit=" " + unit if total else "",
@@ -115,6 +118,8 @@ class SlideProgress:
                 print(line, file=self.stream, flush=True)
             elif self._bar is not None:
                 self._bar.refresh()
+            elif self.terminal:
+                item_status(self.slide_id, line[len(self.slide_id) + 1:])
 
     def _beat(self) -> None:
         while not self._stop.wait(min(0.25, self.interval / 4)):
