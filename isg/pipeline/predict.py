@@ -50,7 +50,7 @@ from isg.data.manifest import slide_id_of
 from isg.data.patch_file import SlidePatches, is_complete, read_patch_file
 from isg.io import BATCH_SIZE, NUM_WORKERS
 from isg.model.tasks import get_task
-from isg.utils import atomic_path, write_text_atomic
+from isg.utils import atomic_path, trim_memory, write_text_atomic
 
 STAGES = ("read", "select", "features", "predict")
 HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail when the slide is read again for it
@@ -157,6 +157,7 @@ def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progres
                                             **predictor.preprocess)
         timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read"))
         timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
+        trim_memory()  # the scoring pass's freed buffers, before the features fill theirs
     else:
         progress.stage("read patch file", None)
         patches = read_patch_file(h5_path)
@@ -169,7 +170,8 @@ def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progres
             device=predictor.device, num_workers=predictor.num_workers, amp=predictor.amp, tiles=arena,
             progress=progress.update)
         timings["features"] = time.perf_counter() - start
-        del arena  # before the model: its block is the largest allocation of the slide
+        del arena
+        trim_memory()
         progress.stage("write", None)
         start = time.perf_counter()
         write_outputs(work_dir, patches, thumbnail=fresh)  # the one write: patches, features (and the PNG)

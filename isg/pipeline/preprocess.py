@@ -235,19 +235,26 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
                          out_size=opts.patch_size)
     if progress is not None:
         progress.stage("read + score", len(grid.coords), "patches")
-    coords, scores = [], []
+    # filled in place: small per-batch arrays kept in lists sat between the batches' freed buffers and made
+    # the heap grow by ~0.4 MB per batch (0.5 GB over a 10^5 px slide's scoring pass)
+    coords = np.empty((len(grid.coords), 2), np.int64)  # [N, 2]
+    scores = np.empty(len(grid.coords), np.float64)  # [N]
+    done = 0
     with torch.inference_mode():
         for batch_coords, tiles in batches:  # [B, 2], [B, p, p, 3] uint8
             clock.lap("read")
-            scores.append(np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1))  # [B]
-            coords.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
+            if done + len(batch_coords) > len(grid.coords):
+                raise RuntimeError(f"{slide.path}: tile stream returned more tiles than the {len(grid.coords)} coordinates")
+            rows = slice(done, done + len(batch_coords))
+            scores[rows] = np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1)
+            coords[rows] = np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2)
+            done += len(batch_coords)
             if on_tiles is not None:  # isg predict keeps the best tiles: selected patches are read once
-                on_tiles(coords[-1], tiles, scores[-1])
+                on_tiles(coords[rows], tiles, scores[rows])
             if progress is not None:
                 progress.update(len(batch_coords))
             clock.lap("score")
-    coords = np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)
-    scores = np.concatenate(scores) if scores else np.zeros(0, np.float64)
+    coords, scores = coords[:done], scores[:done]
     if len(coords) + len(damaged) != len(grid.coords):
         raise RuntimeError(f"{slide.path}: tile stream returned {len(coords)} tiles (+{len(damaged)} damaged) "
                            f"for {len(grid.coords)} coordinates")
