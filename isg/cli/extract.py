@@ -12,6 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from isg.cli._cluster import add_scheduler_arguments, scheduler_from_args
+
+SUMMARY = "extract_summary.json"  # beside the patch files (preprocess's summary.json stays as it was)
+
 
 def register(subparsers) -> None:
     import inspect
@@ -69,6 +73,8 @@ def register(subparsers) -> None:
     run.add_argument("--num-workers", type=int, default=extract_defaults["num_workers"], help="tile reader threads")
     run.add_argument("--overwrite", action="store_true", help="recompute slides that already have features")
     run.add_argument("--amp", action="store_true", help="bfloat16 encoders on CUDA (faster; features differ slightly)")
+    add_scheduler_arguments(run.add_argument_group("execution"),
+                            "slides at a time in-process (default 1: the encoders hold the device)")
     add_quiet(run)
     run.set_defaults(func=run_extract)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
@@ -136,22 +142,29 @@ def run_fit(args) -> int:
 
 def run_extract(args) -> int:
     from isg.cli import CLIError
-    from isg.features import load_autoencoder
+    from isg.features import ExtractorError, ExtractorRef
     from isg.pipeline.extract import FAILED, SKIPPED, WRITTEN, extract_cohort
 
     files = _h5_files(args.h5_dir)
     _positive(args, ["batch_size"])
+    scheduler, workers, resources = scheduler_from_args(args)
     models = {}
     for role, value, option in (("global", args.global_ckpt, "--global"), ("local", args.local_ckpt, "--local")):
         if value is None:
             continue
         path = _checkpoint(value, option)
         try:
-            models[role] = load_autoencoder(path, map_location=args.device)
-        except (ValueError, RuntimeError) as exc:
+            models[role] = ExtractorRef.of(path, role)  # each process loads it once, on its first slide
+            models[role].cached(args.device if scheduler is None else "cpu")  # a bad checkpoint: an argument error
+        except (ValueError, RuntimeError, ExtractorError) as exc:
             raise CLIError(f"{option} {path}: {exc}") from exc
-    results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size, device=args.device,
-                             num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet, amp=args.amp)
+    try:
+        results = extract_cohort(files, models["global"], models.get("local"), batch_size=args.batch_size,
+                                 device=args.device, num_workers=args.num_workers, overwrite=args.overwrite,
+                                 progress=not args.quiet, amp=args.amp, scheduler=scheduler, workers=workers,
+                                 resources=resources, summary_path=Path(args.h5_dir) / SUMMARY)
+    except ConnectionError as exc:
+        raise CLIError(f"--scheduler: {exc}") from None
     counts = {status: sum(r.status == status for r in results) for status in (WRITTEN, SKIPPED, FAILED)}
     print(f"extract: {counts[WRITTEN]} written, {counts[SKIPPED]} skipped, {counts[FAILED]} failed of {len(results)} slide(s)")
     for r in results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from isg.cli._cluster import add_scheduler_arguments, scheduler_from_args
 from isg.cli._slides import add_slide_arguments, slides_from_args
 
 
@@ -42,8 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--tile-memory-mb", type=float, default=default["tile_memory_mb"],
                         help="per slide: memory for the best-scored tiles kept from the scoring pass so selected patches "
                              "are read once (those that do not fit are read again; 0 reads them all again)")
-    parser.add_argument("--workers", type=int, default=1, help="slides in parallel (threads)")
-    parser.add_argument("--scheduler", default="threads", help="threads or a Dask scheduler address")
+    add_scheduler_arguments(parser.add_argument_group("execution"), "slides in parallel in-process (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already predicted")
     add_quiet(parser)
     parser.set_defaults(func=run)
@@ -56,7 +56,8 @@ def run(args) -> int:
     slides = slides_from_args(args)
     if args.tile_memory_mb < 0:
         raise CLIError(f"--tile-memory-mb must be >= 0 (0: read the selected patches again), got {args.tile_memory_mb}")
-    for name in ("batch_size", "num_workers", "workers"):
+    scheduler, workers, resources = scheduler_from_args(args)
+    for name in ("batch_size", "num_workers"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not Path(args.model).is_dir():
@@ -66,14 +67,15 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     predictor.batch_size, predictor.num_workers, predictor.tile_memory_mb = args.batch_size, args.num_workers, args.tile_memory_mb
-    scheduler = None if args.scheduler == "threads" else args.scheduler
     genes = [g.strip() for g in args.heatmaps.split(",") if g.strip()] if args.heatmaps else []
     try:
         predictions, timings, summary = predict_slides(
-            slides, predictor, args.out, work_dir=args.work_dir, scheduler=scheduler, workers=args.workers,
-            overwrite=args.overwrite, progress=not args.quiet, heatmaps=genes, attention_maps=args.attention_maps)
+            slides, predictor, args.out, work_dir=args.work_dir, scheduler=scheduler, workers=workers or 1,
+            resources=resources, overwrite=args.overwrite, progress=not args.quiet, heatmaps=genes, attention_maps=args.attention_maps)
     except ValueError as exc:  # unknown heatmap gene, maps asked of a model without them
         raise CLIError(str(exc)) from None
+    except ConnectionError as exc:
+        raise CLIError(f"--scheduler: {exc}") from None
     if not args.quiet and len(timings):
         stages = timings[["read", "select", "features", "predict", "total"]].mean()
         print("mean seconds per slide: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), file=sys.stderr)

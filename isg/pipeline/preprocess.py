@@ -35,7 +35,7 @@ import numpy as np
 
 from isg.data.manifest import slide_id_of
 from isg.data.patch_file import PatchGeometry, SlidePatches, is_complete, write_patch_file
-from isg.pipeline.cohort import run_cohort
+from isg.pipeline.cohort import on_dask, run_cohort
 from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
 from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, select
 from isg.utils import atomic_path
@@ -427,6 +427,8 @@ def preprocess_cohort(
     check_options(**options)
     out_dir = Path(out_dir)
     slides = [Path(s) for s in slides]
+    if on_dask(scheduler):  # the workers' working directory may be another one
+        out_dir, slides = out_dir.absolute(), [s.absolute() for s in slides]
     process = _PreprocessOne(out_dir, options, slide_mpps or {}, tile_progress)
     messages = native_messages()
     try:
