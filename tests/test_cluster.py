@@ -221,7 +221,7 @@ def test_slurm_config_gives_each_worker_job_one_gpu():
     import dask
 
     with dask.config.set({}):  # the yaml goes into a copy of the config, dropped after the test
-        with slurm_module().slurm_cluster(scheduler_options={"host": "127.0.0.1", "dashboard": False}) as cluster:
+        with slurm_module().slurm_cluster(scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"}) as cluster:
             script = cluster.job_script()  # what sbatch would get; nothing is submitted
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
     assert "--resources GPU=1" in script and "--nthreads 8" in script and "distributed.cli.dask_worker" in script
