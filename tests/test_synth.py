@@ -76,22 +76,85 @@ def test_artefacts_and_texture(cohort):
     truth = json.loads(cohort.truth.read_text())
     for record in truth["slides"]:
         kinds = {a["kind"] for a in record["artefacts"]}
-        assert kinds == {"blob", "pen", "blur", "noise"}
+        assert kinds <= set(synth.ARTEFACTS) and {"blob", "pen", "noise", "bubble"} <= kinds, kinds
         for artefact in record["artefacts"]:
             x0, y0, x1, y1 = artefact["bbox"]
             assert 0 <= x0 < x1 <= 600 and 0 <= y0 < y1 <= 520
         assert 0.1 < record["params"]["tissue_fraction"] < 0.8
-    # the latent parameters show in the pixels: denser / larger nuclei -> more dark purple pixels
-    def dark_fraction(density, size):
-        image, _, _ = render_slide(np.random.default_rng(0), 512, 512, {"density": density, "nuclei_size": size, "stain": 0.5},
-                                   artefacts=False)
-        return float((image.astype(np.int16).sum(-1) < 420).mean())
-
-    assert dark_fraction(0.9, 0.5) > 1.5 * dark_fraction(0.1, 0.5)
-    assert dark_fraction(0.5, 0.9) > 1.5 * dark_fraction(0.5, 0.1)
+        assert 0 < record["signal_share"] < 0.3 and record["signal_mask"] == f"signal/{record['slide_id']}.png"
+        assert sum(record["regions"].values()) == pytest.approx(1.0, abs=1e-3)
     image, _, _ = render_slide(np.random.default_rng(0), 257, 131, {"density": 0.5, "nuclei_size": 0.5, "stain": 0.5})
     assert image.shape == (131, 257, 3) and image.dtype == np.uint8
     assert [level.shape[:2] for level in pyramid(np.zeros((1000, 700, 3), np.uint8), 128, 2)] == [(1000, 700), (500, 350), (250, 175)]
+
+
+def _dark_share(rendered, where: np.ndarray) -> float:
+    """Share of dark (nucleus) pixels in the level-0 pixels of the truth blocks selected by ``where``."""
+    d = synth.TRUTH_DOWNSAMPLE
+    full = np.repeat(np.repeat(where, d, 0), d, 1)[:rendered.image.shape[0], :rendered.image.shape[1]]
+    return float((rendered.image[full].astype(np.int16).sum(-1) < 420).mean())
+
+
+@pytest.mark.parametrize("local_signal", [True, False])
+def test_latent_parameters_show_where_the_signal_is(local_signal):
+    """Denser / larger nuclei -> more dark purple pixels: in the signal regions only (local), or in all
+    cellular tissue (slide-wide); the nuisance bulk density changes the tissue around the signal, not the signal."""
+    def render(density=0.5, size=0.5, bulk=0.5):
+        params = {"density": density, "nuclei_size": size, "stain": 0.5, "bulk_density": bulk, "signal_fraction": 0.15}
+        return synth.render_tissue(np.random.default_rng(0), 1024, 1024, params, artefacts=False, local_signal=local_signal)
+
+    base = render()
+    signal = base.signal >= 1.0  # blocks wholly inside visible signal regions
+    assert signal.sum() > 20
+    for changed in (render(density=0.9), render(size=0.9)):
+        assert _dark_share(changed, signal) > 1.3 * _dark_share(render(density=0.1, size=0.1), signal)
+    if local_signal:
+        assert base.region_shares["signal"] == pytest.approx(0.15, abs=0.05)
+        inside = _dark_share(base, signal)
+        outside = _dark_share(base, (base.signal == 0) & (block_share_of_tissue(base) > 0.99))
+        assert inside > 2 * outside  # nuclei-rich regions
+        bulk_changed = render(bulk=0.95)
+        assert _dark_share(bulk_changed, signal) == pytest.approx(inside, rel=0.15)
+    else:
+        assert base.region_shares["signal"] == 0
+
+
+def block_share_of_tissue(rendered) -> np.ndarray:
+    tissue = (rendered.image.astype(np.int16).sum(-1) < 3 * 235)
+    return synth.tissue.block_share(tissue)
+
+
+@pytest.mark.parametrize("size", [16, 23, 64, 100])
+def test_signal_truth_patch_fraction_known_answers(size):
+    """Exact integrals of a block mask over level-0 boxes at odd offsets and sizes, against a pixel-level count."""
+    rng = np.random.default_rng(size)
+    coverage = rng.random((7, 9)).astype(np.float32)
+    truth = synth.SignalTruth(coverage, 8)
+    pixels = np.repeat(np.repeat(coverage, 8, 0), 8, 1).astype(np.float64)  # [56, 72]
+    coords = np.array([[0, 0], [5, 3], [31, 17], [60, 40], [-7, 2], [70, 50]])
+    expected = []
+    for x, y in coords:
+        box = np.zeros((size, size))
+        ys, xs = np.arange(y, y + size), np.arange(x, x + size)
+        inside = (ys[:, None] >= 0) & (ys[:, None] < 56) & (xs[None] >= 0) & (xs[None] < 72)
+        box[inside] = pixels[np.clip(ys, 0, 55)[:, None], np.clip(xs, 0, 71)[None]][inside]
+        expected.append(box.mean())
+    np.testing.assert_allclose(truth.patch_fraction(coords, size), expected, atol=1e-9)
+
+
+def test_signal_masks_round_trip(cohort):
+    masks = synth.read_signal_truth(cohort.out_dir)
+    truth = json.loads(cohort.truth.read_text())
+    assert list(masks) == [s["slide_id"] for s in truth["slides"]]
+    for record in truth["slides"]:
+        mask = masks[record["slide_id"]]
+        assert mask.coverage.shape == (-(-520 // 16), -(-600 // 16)) and mask.downsample == 16
+        tissue_px = record["params"]["tissue_fraction"] * 600 * 520
+        assert mask.coverage.sum() * 256 / tissue_px == pytest.approx(record["signal_share"], abs=0.01)
+    (cohort.out_dir / "signal" / f"{truth['slides'][0]['slide_id']}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable"):
+        synth.read_signal_truth(cohort.out_dir)
+    synth.write_signal_mask(cohort.out_dir / truth["slides"][0]["signal_mask"], np.zeros((33, 38)))
 
 
 def test_expression_is_the_documented_function_of_texture(tmp_path):
@@ -148,7 +211,7 @@ def test_streamed_pyramid_equals_the_in_memory_one(tmp_path, height, width, tile
         for level, (a, b) in enumerate(zip(streamed.pages[1:], memory.pages[1:]), start=1):
             difference = np.abs(a.asarray().astype(np.int16) - b.asarray()).mean()
             # sides divisible by 4: the same pixels; else box means of whole 4 x 4 blocks vs INTER_AREA's fractional ones
-            assert difference == 0 if divisible else difference < 3.0, (level, difference)
+            assert difference == 0 if divisible else difference < 6.0, (level, difference)
     if divisible:
         assert _digest(tmp_path / "memory.tif") == _digest(tmp_path / "streamed.tif")  # the same file, byte for byte
 
@@ -163,8 +226,8 @@ def test_streamed_strips_are_checked(tmp_path):
 @pytest.fixture
 def small_stream(monkeypatch):
     """Stream slides above 512 px in 256 px blocks, so a small cohort takes the large-slide path."""
-    monkeypatch.setattr(synth, "STREAM_SIDE", 512)
-    monkeypatch.setattr(synth, "BLOCK", 256)
+    monkeypatch.setattr(synth.cohort, "STREAM_SIDE", 512)
+    monkeypatch.setattr(synth.cohort, "BLOCK", 256)
 
 
 def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
@@ -173,9 +236,13 @@ def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
     assert [_digest(p) for p in cohort.slides] == [_digest(p) for p in again.slides]
     truth = json.loads(cohort.truth.read_text())
     record = truth["slides"][0]
-    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has exactly one blurred region
-    assert sum(a["kind"] == "blur" for a in record["artefacts"]) == 5 * 3
-    assert {a["kind"] for a in record["artefacts"]} == {"blob", "pen", "blur", "noise"}
+    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has its own bubble
+    assert sum(a["kind"] == "bubble" for a in record["artefacts"]) == 5 * 3
+    assert {a["kind"] for a in record["artefacts"]} <= set(synth.ARTEFACTS)
+    masks = synth.read_signal_truth(cohort.out_dir)
+    assert masks[record["slide_id"]].coverage.shape == (-(-700 // 16), -(-1100 // 16))
+    assert masks[record["slide_id"]].coverage.sum() * 256 / (record["params"]["tissue_fraction"] * 1100 * 700) == \
+        pytest.approx(record["signal_share"], abs=0.01)
     for artefact in record["artefacts"]:
         x0, y0, x1, y1 = artefact["bbox"]
         assert 0 <= x0 < x1 <= 1100 and 0 <= y0 < y1 <= 700
@@ -206,6 +273,6 @@ def test_streamed_slide_memory_is_a_strip_not_the_slide(tmp_path, small_stream, 
             tracemalloc.stop()
 
     streamed = peak_bytes("streamed.tif")
-    monkeypatch.setattr(synth, "STREAM_SIDE", 4096)  # the same slide rendered whole
+    monkeypatch.setattr(synth.cohort, "STREAM_SIDE", 4096)  # the same slide rendered whole
     whole = peak_bytes("whole.tif")
     assert streamed < 0.2 * whole and streamed < 2048 * 1536 * 3, (streamed, whole)
