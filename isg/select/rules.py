@@ -6,7 +6,11 @@ A rule turns scores [N] (higher = more informative) into a keep-mask:
 * ``"cohort"`` (the paper's rule): one absolute cut for every slide, ``mean + n_sigma * std`` over
   the scores of all patches of a cohort (:func:`cohort_threshold`), frozen and reused on new slides;
 * ``"threshold"``: keep ``scores >= threshold`` (e.g. :func:`default_threshold_bits`);
-* ``"topk"``: the ``k`` highest scores (equal-budget comparisons).
+* ``"topk"``: the ``k`` highest scores (equal-budget comparisons);
+* ``"rank"``: the ``share`` highest scores of the slide (default :data:`RANK_SHARE`, the 15.9 % that
+  mean + 1 sigma keeps of normally distributed scores: the share the paper meant, whatever the skew);
+* ``"robust_z"``: ``scores > median + n_sigma * 1.4826 * MAD`` of the slide's scores (a z-score that
+  outliers and skew move less than mean and std).
 
 :class:`SelectionRule` holds a rule and its parameters; its field defaults are the one definition
 of the default rule (``isg preprocess`` and ``isg select`` read them). :data:`NATURAL_RULES` gives
@@ -20,13 +24,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-RULES = ("mean_std", "cohort", "threshold", "topk")
+RULES = ("mean_std", "cohort", "threshold", "topk", "rank", "robust_z")
+RANK_SHARE = 0.1587  # P(z > 1) of a normal distribution: what mean + 1 sigma keeps when scores are normal
+MAD_TO_SIGMA = 1.4826  # sigma = 1.4826 * MAD for normally distributed scores
 PAPER_THRESHOLD_BITS = 1.6e6   # paper Sec. 4.2 / Tab. 4: the Shannon threshold ...
 PAPER_PATCH_SIZE = 512         # ... assumed to be for 512 x 512 RGB patches (docs/selection.md)
 PAPER_ABLATION_BITS = (8e5, 1.6e6, 2.4e6)  # paper Tab. 4
 N_SIGMA = 1.0  # paper Sec. 4.2: keep patches "at least one positive standard deviation from the mean"
 
-__all__ = ["RULES", "N_SIGMA", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS", "NATURAL_RULES", "DEFAULT_RULE",
+__all__ = ["RULES", "RANK_SHARE", "MAD_TO_SIGMA", "robust_z_threshold", "N_SIGMA", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS", "NATURAL_RULES", "DEFAULT_RULE",
            "SelectionRule", "SelectionWarning", "select", "mean_std_threshold", "cohort_threshold",
            "default_threshold_bits"]
 
@@ -49,6 +55,7 @@ class SelectionRule:
     threshold: float | None = None
     k: int | None = None
     min_keep: int = 1
+    share: float = RANK_SHARE
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -59,6 +66,8 @@ class SelectionRule:
             raise ValueError(f"rule 'topk' needs a non-negative integer k=, got {self.k!r}")
         if self.threshold is not None and not np.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {self.share!r}")
         if self.min_keep < 0:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
 
@@ -114,6 +123,15 @@ def mean_std_threshold(scores, n_sigma: float = N_SIGMA) -> float:
     return float(scores.mean() + n_sigma * scores.std())
 
 
+def robust_z_threshold(scores, n_sigma: float = N_SIGMA) -> float:
+    """``median + n_sigma * 1.4826 * MAD`` of ``scores`` [N] (MAD: median absolute deviation from the median)."""
+    scores = _checked(scores)
+    if scores.size == 0:
+        raise ValueError("median + n_sigma * MAD of no scores")
+    median = float(np.median(scores))
+    return median + n_sigma * MAD_TO_SIGMA * float(np.median(np.abs(scores - median)))
+
+
 def cohort_threshold(scores_per_slide, n_sigma: float = N_SIGMA) -> float:
     """The paper's cohort cut: ``mean + n_sigma * std`` over the pooled scores of every slide (a list of [N_i])."""
     pooled = [_checked(s) for s in scores_per_slide]
@@ -138,8 +156,9 @@ def select(scores, rule: str | SelectionRule = "mean_std", threshold: float | No
     whether the scores saturate; ``min_keep=0`` keeps nothing, with the same warning.
     """
     if isinstance(rule, SelectionRule):
-        rule, threshold, k, n_sigma, min_keep = rule.rule, rule.threshold, rule.k, rule.n_sigma, rule.min_keep
+        rule, threshold, k, n_sigma, min_keep, share = rule.rule, rule.threshold, rule.k, rule.n_sigma, rule.min_keep, rule.share
     else:
+        share = RANK_SHARE
         SelectionRule(rule, n_sigma=n_sigma, threshold=threshold, k=k, min_keep=min_keep)  # validates
     scores = _checked(scores)
     order = np.argsort(-scores, kind="stable")  # best first, ties by index
@@ -151,13 +170,17 @@ def select(scores, rule: str | SelectionRule = "mean_std", threshold: float | No
             raise ValueError(f"rule {rule!r} needs threshold= (e.g. {hint})")
         cut = float(threshold)
         keep = scores >= cut
-    elif rule == "topk":
+    elif rule in ("topk", "rank"):
+        count = int(k) if rule == "topk" else int(np.ceil(share * scores.size - 1e-9))
         keep = np.zeros(scores.shape, dtype=bool)
-        keep[order[: int(k)]] = True
+        keep[order[:count]] = True
+    elif rule == "robust_z":
+        cut = robust_z_threshold(scores, n_sigma) if scores.size else np.inf
+        keep = scores > cut
     else:  # mean_std
         cut = mean_std_threshold(scores, n_sigma) if scores.size else np.inf
         keep = scores > cut
-    if scores.size and (keep.sum() < min(min_keep, scores.size) or (not keep.any() and rule != "topk")):
+    if scores.size and (keep.sum() < min(min_keep, scores.size) or (not keep.any() and rule not in ("topk", "rank"))):
         _warn_too_few(scores, rule, cut, int(keep.sum()), min_keep, name)
         if min_keep:
             keep = np.zeros(scores.shape, dtype=bool)
