@@ -10,7 +10,7 @@ the model or in which patches enter the bags:
   Shannon patches, per-slide rule (mean + 1 sigma of each slide's scores);
 * the paper's cohort rule: one cut, mean + 1 sigma over every patch of the cohort, frozen in bits
   (:func:`isg.select.cohort_threshold`; computed over all slides' scores, which carry no labels);
-* every selector (paper Tab. 2) at its natural rule (:data:`isg.select.NATURAL_RULES`: Otsu keeps
+* every selector (paper Tab. 2) at its natural rule (:meth:`isg.select.get_selector` ``.natural_rule``: Otsu keeps
   tiles with >= 50 % tissue, as HE2RNA; the others mean + 1 sigma per slide) and at an equal budget
   (top-k with k = the patches Shannon keeps on that slide);
 * HE2RNA (every Otsu tissue tile at 0.5 um/px through a ResNet, top-k MLP) and HE2RNA-Shannon (the
@@ -141,7 +141,9 @@ def shared(tmp_path_factory) -> Shared:
     cohort = make_cohort(root / "cohort", n_slides=_sizes()["slides"], size=_sizes()["size"], genes=20, seed=7)
     shared = Shared(root, load_manifest(cohort.manifest), load_expression(cohort.expression), root / "all",
                     [p.stem for p in cohort.slides])
-    everything = {"rule": "topk", "k": 10**9}  # keep every tissue patch: rows select from their features
+    from isg.select import SelectionRule
+
+    everything = {"rule": SelectionRule("topk", k=10**9)}  # keep every tissue patch: rows select from their features
     for selector in SELECTORS:
         out = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
         preprocess_cohort(cohort.slides, out, patch_size=PATCH, local_size=LOCAL, selector=selector, thumbnail=False,
@@ -210,7 +212,7 @@ def _he2rna_rows(shared: Shared, name: str, rule) -> tuple[Path, dict]:
         if rule is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SelectionWarning)
-                keep = select(scores, rule, name=slide_id)
+                keep = select(scores, rule, name=slide_id).keep
             fallbacks += len(caught)
         with h5py.File(out / f"{slide_id}.h5", "w") as f:
             f["features"], f["coords"] = features[keep], coords[keep]
@@ -242,11 +244,11 @@ def _train(shared: Shared, name: str, bags: Path, model: str, stats: dict, seed:
 
 def _shannon_rows(shared: Shared) -> tuple[Path, dict]:
     """Bags of Shannon's natural rule (mean + 1 sigma per slide), made once."""
-    from isg.select import NATURAL_RULES
+    from isg.select import get_selector
 
     if shared.shannon_bags is None:
         shared.shannon_bags = _select_rows(shared, "shannon natural", "shannon",
-                                           dict.fromkeys(shared.slide_ids, NATURAL_RULES["shannon"]))
+                                           dict.fromkeys(shared.slide_ids, get_selector("shannon").natural_rule))
     return shared.shannon_bags
 
 
@@ -278,10 +280,10 @@ def _write(table: str, rows: list[dict], columns: list[str], note: str, report) 
 
 
 def test_accuracy_table(shared, report):
-    from isg.select import NATURAL_RULES, SelectionRule, cohort_threshold
+    from isg.select import SelectionRule, cohort_threshold, get_selector
 
     start = time.perf_counter()
-    natural = NATURAL_RULES["shannon"]
+    natural = get_selector("shannon").natural_rule
     shannon_bags, shannon_stats = _shannon_rows(shared)
     budget = {}  # patches Shannon keeps per slide
     for slide_id in shared.slide_ids:
@@ -299,7 +301,7 @@ def test_accuracy_table(shared, report):
     rows.append(_train(shared, f"{paper} shannon cohort", bags, paper, {"selector": "shannon",
                        "rule": f"cohort mean + 1 sigma ({cut:.3g} bits)", **stats}, **MODEL_KWARGS))
     for selector in SELECTORS[1:]:
-        rule = NATURAL_RULES[selector]
+        rule = get_selector(selector).natural_rule
         text = f"score >= {rule.threshold:g}" if rule.rule == "threshold" else "mean + 1 sigma per slide"
         bags, stats = _select_rows(shared, f"{selector} natural", selector, dict.fromkeys(shared.slide_ids, rule))
         rows.append(_train(shared, f"{paper} {selector} natural", bags, paper, {"selector": selector, "rule": text, **stats},

@@ -49,7 +49,8 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
 
     from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
-    from isg.select import default_threshold_bits, read_scores, score_tiles
+    from isg.ops.shannon import shannon_bits
+    from isg.select import SelectionRule, default_threshold_bits, read_scores
 
     image = histology_image()  # [512, 512, 3] real IHC-stained tissue
     half = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
@@ -57,23 +58,23 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
     for name, source in (("full", image), ("half", half)):
         for p in (64, 128, 256, 512):
             if p <= source.shape[0]:
-                real[f"{name} p={p}"] = _summary(score_tiles(_crops(source, p)), p)
+                real[f"{name} p={p}"] = _summary(shannon_bits(_crops(source, p)), p)
     default_keeps = {key: None for key in real}
     for key in real:
         name, p = key.split(" p=")
         source = image if name == "full" else half
-        bits = score_tiles(_crops(source, int(p)))
+        bits = shannon_bits(_crops(source, int(p)))
         default_keeps[key] = float((bits >= default_threshold_bits(int(p))).mean())
     flat, names = textureless_tiles(128)
     smooth = [i for i, n in enumerate(names) if n.startswith(("solid", "blur"))]
-    smooth_bits = score_tiles(flat[smooth])
+    smooth_bits = shannon_bits(flat[smooth])
 
     root = tmp_path_factory.mktemp("scale")
     n = int(os.environ.get("ISG_BENCH_SLIDES", "4"))
     cohort = make_cohort(root / "cohort", n_slides=n, size=int(os.environ.get("ISG_BENCH_SIZE", "4096")), genes=3, seed=11)
     synthetic = {}
     for p in SIZES:
-        preprocess_cohort(cohort.slides, root / f"p{p}", patch_size=p, local_size=p // 4, rule="topk", k=1,
+        preprocess_cohort(cohort.slides, root / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
                           thumbnail=False, progress=False)
         bits = np.concatenate([read_scores(root / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides])
         synthetic[f"p={p}"] = _summary(bits, p)
@@ -116,7 +117,7 @@ def _kept(scores_by_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SelectionWarning)
             out[name] = {rule: float(select(scores, SelectionRule(rule, threshold=cut if rule == "cohort" else None,
-                                                                  min_keep=0)).mean()) for rule in RULES_COMPARED}
+                                                                  min_keep=0)).keep.mean()) for rule in RULES_COMPARED}
     return out
 
 

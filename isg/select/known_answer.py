@@ -62,7 +62,7 @@ def signal_precision(h5_paths: Iterable[str | os.PathLike], cohort_dir: str | os
     for slide_id, (scores, coords, size) in stored.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SelectionWarning)
-            keep = select(scores, replace(rule, min_keep=0))
+            keep = select(scores, replace(rule, min_keep=0)).keep
         fraction = truth[slide_id].patch_fraction(coords, size)
         rows[slide_id] = selection_precision(keep, fraction, min_fraction if min_fraction is not None else SIGNAL_MIN_FRACTION)
     return {"rule": rule.to_dict(), "slides": rows, "summary": mean_precision(list(rows.values()))}
