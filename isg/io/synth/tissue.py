@@ -179,34 +179,53 @@ def _eosin_level(rng, labels_full: np.ndarray, H: int, W: int, mpp: float) -> np
     fibres = 0.55 * smooth_noise(rng, small, _cells_per(small, 256)) + 0.45 * smooth_noise(rng, small, (max(2, small[0] // 4), max(2, small[1] // 24)))
     if rng.random() < 0.5:  # fibre orientation
         fibres = np.ascontiguousarray(cv2.resize(fibres.T, (small[1], small[0])))
-    fibres = cv2.resize(fibres, (W, H), interpolation=cv2.INTER_LINEAR)
-    granular = cv2.GaussianBlur(rng.random((H, W), dtype=np.float32), (0, 0), 0.8)  # ~2 px cytoplasm granules
-    cellular = 95 + 120 * fibres + 260 * (granular - 0.5)
-    level = np.where(labels_full == 3, 60 + 170 * fibres + 120 * (granular - 0.5), cellular)  # stroma: smoother
-    level = np.where(labels_full == 0, 0, np.clip(level, 1, 255)).astype(np.uint8)
+    fibres = cv2.resize(fibres * 120 + 95, (W, H), interpolation=cv2.INTER_LINEAR)  # [H, W] float32, 95..215
+    noise = np.frombuffer(rng.bytes(H * W), np.uint8).reshape(H, W)
+    granular = cv2.GaussianBlur(noise.astype(np.float32), (0, 0), 0.8)  # ~2 px cytoplasm granules, 127.5 +- ~30
+    level = cv2.addWeighted(fibres, 1.0, granular, 260 / 255, -130)  # cellular: fibres + 260 * (granular - 0.5)
+    stroma = labels_full == 3
+    if stroma.any():  # smoother: 60 + 170 * fibres + 120 * (granular - 0.5)
+        smooth = cv2.addWeighted(fibres, 170 / 120, granular, 120 / 255, 60 - 95 * 170 / 120 - 60)
+        level[stroma] = smooth[stroma]
+    level = np.clip(level, 1, 255).astype(np.uint8)
+    level[labels_full == 0] = 0
     fat = labels_full == 4
-    if fat.any():  # adipocytes: Voronoi cells of ~60 um, walls ~2 px
-        seeds = np.full((H, W), 255, np.uint8)
-        n = max(1, int(H * W * mpp * mpp / 60.0**2))
-        seeds[rng.integers(0, H, n), rng.integers(0, W, n)] = 0
+    if fat.any():  # adipocytes: Voronoi cells of ~60 um, walls ~2 px, drawn over the fat's bounding box
+        x0, y0, x1, y1 = _bbox(fat)
+        h, w = y1 - y0, x1 - x0
+        seeds = np.full((h, w), 255, np.uint8)
+        n = max(1, int(h * w * mpp * mpp / 60.0**2))
+        seeds[rng.integers(0, h, n), rng.integers(0, w, n)] = 0
         _, cell = cv2.distanceTransformWithLabels(seeds, cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_CCOMP)
-        wall = (cv2.dilate(cell.astype(np.float32), np.ones((3, 3), np.uint8)) != cell.astype(np.float32))
-        level[fat] = np.where(wall[fat], 200, 0)
+        cell = cell.astype(np.float32)
+        wall = cv2.dilate(cell, np.ones((3, 3), np.uint8)) != cell
+        inside = fat[y0:y1, x0:x1]
+        level[y0:y1, x0:x1][inside] = np.where(wall[inside], 200, 0)
     return level
 
 
 def _band_mask(rng, H: int, W: int, width: float) -> np.ndarray:
     """bool [H, W]: a straight band of ``width`` px across the image at a random angle and offset."""
     angle = rng.uniform(0, np.pi)
-    nx, ny = np.cos(angle), np.sin(angle)
-    centre = rng.uniform(0.2, 0.8) * (W * abs(nx) + H * abs(ny)) + min(0.0, W * nx) + min(0.0, H * ny)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    return np.abs(xx * nx + yy * ny - centre) < width / 2
+    normal = np.array([np.cos(angle), np.sin(angle)])
+    centre = rng.uniform(0.2, 0.8) * (W * abs(normal[0]) + H * abs(normal[1])) + min(0.0, W * normal[0]) + min(0.0, H * normal[1])
+    along = np.array([-normal[1], normal[0]]) * 2 * (H + W)
+    middle = normal * centre
+    half = normal * width / 2
+    corners = np.array([middle - along - half, middle + along - half, middle + along + half, middle - along + half])
+    mask = np.zeros((H, W), np.uint8)
+    cv2.fillConvexPoly(mask, np.round(corners * 16).astype(np.int32), 1, cv2.LINE_8, 4)  # 4 fractional bits
+    return mask.view(bool)
 
 
 def _bbox(mask: np.ndarray) -> list[int] | None:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
+    """[x0, y0, x1, y1] of the set pixels of bool ``mask`` [H, W], or None."""
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    if not rows.any():
+        return None
+    y0, y1 = int(rows.argmax()), len(rows) - int(rows[::-1].argmax())
+    x0, x1 = int(cols.argmax()), len(cols) - int(cols[::-1].argmax())
+    return [x0, y0, x1, y1]
 
 
 def _out_of_focus(rng, image: np.ndarray, tissue: np.ndarray, mpp: float, obscured: np.ndarray) -> list[dict]:
