@@ -11,6 +11,10 @@ patch scores, without giving p. Two measurements, written to ``bench/results/sel
   p = 256, 512, 1024; mean, std and the z-score of 1.6e6 bits, i.e. where the paper's cut sits as
   mean + z sigma of these scores.
 
+Also here: the score shapes of real tissue vs synthetic slides and the share each rule keeps
+(:func:`test_real_vs_synthetic_scores`, ``-k real``), and the known-answer precision and recall of every
+selector x rule on the synthetic cohort's signal regions (:func:`test_known_answer_selection`, ``-k known_answer``).
+
 Goal (asserted): the default cut ``default_threshold_bits(p)`` (2.03 bits per subpixel) keeps >= 90 %
 of the real tissue tiles at every size and every smooth textureless tile (solid, blurred) falls below it.
 Run: ``python3 -m pytest bench/bench_selection.py --benchmark-enable -s``.

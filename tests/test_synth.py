@@ -188,6 +188,11 @@ def test_cli_synth(tmp_path, capsys):
     assert len(list((out / "slides").glob("*.tif"))) == 2
     assert {p.name for p in (out / "bad").iterdir()} >= {"corrupt.tif", "truncated.tif", "unsupported.txt", "tiny.tif", "no_mpp.tif"}
     assert "wrote 2 slides" in capsys.readouterr().out
+    assert len(list((out / "signal").glob("*.png"))) == 2
+    assert cli_main(["synth", "--out", str(tmp_path / "wide"), "--slides", "1", "--size", "200", "--tile", "128", "--genes", "3",
+                     "--slide-wide-signal", "--quiet"]) == 0
+    assert json.loads((tmp_path / "wide" / "truth.json").read_text())["local_signal"] is False
+    capsys.readouterr()
     assert cli_main(["synth", "--out", str(out), "--slides", "3", "--patients", "1"]) == 2
     assert "n_patients=1" in capsys.readouterr().err
 
