@@ -90,6 +90,11 @@ def test_rule_defaults_have_one_definition():
     for command in ("preprocess", "select"):  # no rule option given: the selector's natural rule
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
         assert args.rule is None and args.n_sigma is None and args.threshold is None and args.k is None
+    from isg.cli._rules import rule_from_args
+
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--share", "0.3"])) == SelectionRule("rank", share=0.3)
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--rule", "robust_z", "--n-sigma", "2"])) == \
+        SelectionRule("robust_z", n_sigma=2)
 
 
 def test_select_returns_the_cut_it_applied():
