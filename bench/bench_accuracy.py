@@ -23,7 +23,7 @@ has learned only as far as it clears it. Patches kept per slide (mean, min) are 
 row; a rule that keeps nothing on a slide falls back to its best patch with a warning, counted in the
 ``fallback`` column. Preprocessing (one tissue grid, every selector's scores over it) and autoencoder
 features of every tissue patch are computed once and shared by all rows: a row's bags are the rows of
-those features its rule selects (:func:`isg.select.reselect_h5`). A second test scripts the paper's
+those features its rule selects (:func:`isg.select.reselect`). A second test scripts the paper's
 Tab. 4 threshold ablation, a third runs the paper and plus forms over three split seeds.
 
 Goals (asserted): the paper-form ISG learns (mean r > ``MIN_MEAN_R`` on Shannon patches) and every
@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,8 +91,10 @@ class Shared:
 
 def _aligned_scores(path: Path, reference: np.ndarray) -> np.ndarray:
     """Scores of a preprocess output, reordered to the rows of ``reference`` coords [N, 2]."""
-    with h5py.File(path, "r") as f:
-        coords, scores = f["all_coords"][()], f["scores"][()]
+    from isg.data.patch_file import read_patch_file
+
+    patches = read_patch_file(path, features=False)
+    coords, scores = patches.tissue_coords, patches.scores
     row = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
     if len(row) != len(reference) or any((int(x), int(y)) not in row for x, y in reference):
         raise RuntimeError(f"{path}: tissue grid differs from the shared one")
@@ -102,8 +102,9 @@ def _aligned_scores(path: Path, reference: np.ndarray) -> np.ndarray:
 
 
 def _he2rna_bags(shared: Shared, slides) -> None:
-    """ResNet features of every HE2RNA tissue tile + their Shannon scores, one .h5 per slide."""
+    """ResNet features of every HE2RNA tissue tile + their Shannon scores, one patch file per slide."""
     from isg.baselines import cached_weights, load_resnet50
+    from isg.data.patch_file import SlidePatches, write_patch_file
     from isg.pipeline.he2rna import he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
     from isg.io import open_slide
 
@@ -122,8 +123,8 @@ def _he2rna_bags(shared: Shared, slides) -> None:
             scores = he2rna_tile_scores(slide, grid)
         if not np.array_equal(coords, grid.coords):
             raise RuntimeError(f"{path}: HE2RNA tiles out of grid order")
-        with h5py.File(shared.he2rna_dir / f"{Path(path).stem}.h5", "w") as f:
-            f["features"], f["coords"], f["scores"] = features.numpy(), coords, scores
+        write_patch_file(shared.he2rna_dir / f"{Path(path).stem}.h5", SlidePatches(
+            Path(path).stem, str(path), None, coords, scores, np.ones(len(coords), bool), features=features.numpy()))
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +149,10 @@ def shared(tmp_path_factory) -> Shared:
         out = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
         preprocess_cohort(cohort.slides, out, patch_size=PATCH, local_size=LOCAL, selector=selector, thumbnail=False,
                           progress=False, **everything)
+    from isg.data.patch_file import read_patch_file
+
     for slide_id in shared.slide_ids:
-        with h5py.File(shared.all_dir / f"{slide_id}.h5", "r") as f:
-            reference = f["all_coords"][()]
+        reference = read_patch_file(shared.all_dir / f"{slide_id}.h5", features=False).tissue_coords
         for selector in SELECTORS:
             folder = shared.all_dir if selector == "shannon" else root / f"scores_{selector}"
             shared.scores.setdefault(selector, {})[slide_id] = _aligned_scores(folder / f"{slide_id}.h5", reference)
@@ -178,45 +180,43 @@ def shared(tmp_path_factory) -> Shared:
 
 def _select_rows(shared: Shared, name: str, selector: str, rules: dict) -> tuple[Path, dict]:
     """Bags of one row: the shared features of the patches ``rules[slide_id]`` keeps on ``selector`` scores."""
-    from isg.select import SelectionWarning, reselect_h5
+    from isg.data.patch_file import read_patch_file, write_patch_file
+    from isg.select import SelectionWarning, reselect
 
     out = shared.root / "rows" / name.replace(" ", "_").replace("/", "-")
     out.mkdir(parents=True)
     kept, fallbacks = [], 0
     for slide_id in shared.slide_ids:
         path = out / f"{slide_id}.h5"
-        shutil.copy2(shared.all_dir / f"{slide_id}.h5", path)
-        with h5py.File(path, "a") as f:
-            f["scores"][...] = shared.scores[selector][slide_id]
-            f["coords"].attrs["selector"] = selector
+        every = read_patch_file(shared.all_dir / f"{slide_id}.h5")  # every tissue patch, with features
+        every = replace(every, scores=shared.scores[selector][slide_id], options={**every.options, "selector": selector})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SelectionWarning)
-            result = reselect_h5(path, rules[slide_id])
+            patches, features = reselect(every, rules[slide_id], name=str(path))
         fallbacks += sum(issubclass(w.category, SelectionWarning) for w in caught)
-        if result["features"] != "kept":
-            raise RuntimeError(f"{path}: features were not carried over ({result['features']})")
-        kept.append(result["n_kept"])
+        if features != "kept":
+            raise RuntimeError(f"{path}: features were not carried over ({features})")
+        write_patch_file(path, patches)
+        kept.append(patches.n_selected)
     return out, {"kept_mean": float(np.mean(kept)), "kept_min": int(np.min(kept)), "fallback": fallbacks}
 
 
 def _he2rna_rows(shared: Shared, name: str, rule) -> tuple[Path, dict]:
-    from isg.select import SelectionWarning, select
+    from isg.data.patch_file import read_patch_file, write_patch_file
+    from isg.select import SelectionWarning, reselect
 
     out = shared.root / "rows" / name.replace(" ", "_")
     out.mkdir(parents=True)
     kept, fallbacks = [], 0
     for slide_id in shared.slide_ids:
-        with h5py.File(shared.he2rna_dir / f"{slide_id}.h5", "r") as f:
-            features, coords, scores = f["features"][()], f["coords"][()], f["scores"][()]
-        keep = np.ones(len(scores), bool)
+        patches = read_patch_file(shared.he2rna_dir / f"{slide_id}.h5")  # every tissue tile selected
         if rule is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SelectionWarning)
-                keep = select(scores, rule, name=slide_id).keep
+                patches, _ = reselect(patches, rule, name=slide_id)
             fallbacks += len(caught)
-        with h5py.File(out / f"{slide_id}.h5", "w") as f:
-            f["features"], f["coords"] = features[keep], coords[keep]
-        kept.append(int(keep.sum()))
+        write_patch_file(out / f"{slide_id}.h5", patches)
+        kept.append(patches.n_selected)
     return out, {"kept_mean": float(np.mean(kept)), "kept_min": int(np.min(kept)), "fallback": fallbacks}
 
 
@@ -285,10 +285,10 @@ def test_accuracy_table(shared, report):
     start = time.perf_counter()
     natural = get_selector("shannon").natural_rule
     shannon_bags, shannon_stats = _shannon_rows(shared)
-    budget = {}  # patches Shannon keeps per slide
-    for slide_id in shared.slide_ids:
-        with h5py.File(shannon_bags / f"{slide_id}.h5", "r") as f:
-            budget[slide_id] = len(f["coords"])
+    from isg.data.patch_file import read_patch_file
+
+    budget = {slide_id: read_patch_file(shannon_bags / f"{slide_id}.h5", features=False).n_selected
+              for slide_id in shared.slide_ids}  # patches Shannon keeps per slide
 
     rows = []
     paper = MODELS[0]

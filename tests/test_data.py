@@ -353,5 +353,9 @@ def test_bags_from_manifest_and_errors(tmp_path):
         BagDataset([tmp_path / "s0.h5", tmp_path / "nope.h5"])
     with h5py.File(tmp_path / "broken.h5", "w") as file:
         file["features"] = np.zeros((3, 2), np.float32)
-    with pytest.raises(KeyError, match=r"broken\.h5: missing dataset\(s\) local_features, coords"):
+    with pytest.raises(ValueError, match=r"broken\.h5: no 'coords' dataset"):
         BagDataset([tmp_path / "broken.h5"])[0]
+    with h5py.File(tmp_path / "unextracted.h5", "w") as file:  # patches without features
+        file["coords"] = np.zeros((3, 2), np.int64)
+    with pytest.raises(KeyError, match=r"unextracted\.h5: missing dataset\(s\) features, local_features"):
+        BagDataset([tmp_path / "unextracted.h5"])[0]

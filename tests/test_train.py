@@ -87,14 +87,17 @@ def test_train_mean_floor_known_answers(n):
 
 def test_cross_validate_writes_pipeline_json_and_reports_progress(tmp_path):
     manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12)
-    with h5py.File(feature_dir / "s0.h5", "a") as f:  # what preprocess / extract record
-        f["coords"].attrs.update({"patch_size": 128, "local_size": 32, "rule": "mean_std"})
+    with h5py.File(feature_dir / "s0.h5", "a") as f:  # what preprocess / extract recorded in a schema-1 file
+        f["coords"].attrs.update({"patch_size": 128, "patch_level": 0, "local_size": 32, "rule": "mean_std"})
         f["features"].attrs["checkpoint"] = "/ckpt/global/autoencoder.pt"
     reports = []
     config = TrainConfig(model="he2rna", epochs=3, patience=3, n_splits=3, model_kwargs={"hidden": (8,), "ks": (1, 2)})
     cross_validate(manifest, feature_dir, targets, tmp_path / "out", config, progress=reports.append)
     pipeline = json.loads((tmp_path / "out" / "pipeline.json").read_text())
-    assert pipeline["preprocess"] == {"patch_size": 128, "local_size": 32, "rule": "mean_std"}
+    from isg.select import SelectionRule
+
+    assert pipeline["preprocess"] == {"patch_size": 128, "local_size": 32, "rule": SelectionRule("mean_std").to_dict()}
+    assert pipeline["geometry"]["patch_size"] == 128 and pipeline["geometry"]["local_size"] == 32
     assert pipeline["global_features"]["checkpoint"] == "/ckpt/global/autoencoder.pt" and pipeline["local_features"] == {}
     assert pipeline["features_dir"] == str(feature_dir.resolve())
     assert [(r.fold, r.epoch) for r in reports] == [(k, e) for k in range(3) for e in range(3)]

@@ -297,19 +297,20 @@ def select(scores, rule: SelectionRule | str = DEFAULT_RULE, *, name: str | None
     return Selection(keep, None if cut is None else float(cut))
 
 
-def kept_record(keep, name: str | None = None, floor: float = KEEP_FLOOR, min_patches: int = KEEP_FLOOR_PATCHES) -> dict:
+def kept_record(keep, name: str | None = None, floor: float = KEEP_FLOOR, min_patches: int = KEEP_FLOOR_PATCHES,
+                warn: bool = True) -> dict:
     """``{"kept_fraction", "under_floor"}`` of one slide's selection ``keep`` bool [N] (N = its tissue patches).
 
     A slide is under the floor when its rule keeps fewer than ``floor`` of its tissue patches or fewer than
     ``min_patches`` patches: a :class:`SelectionWarning` names it (``name``), so that a prediction from a
     handful of patches never passes silently. ``isg preprocess`` records both values per slide (h5 attrs and
-    summary.json).
+    summary.json). ``warn=False``: the record only.
     """
     keep = np.asarray(keep, dtype=bool)
     n, kept = keep.size, int(keep.sum())
     fraction = kept / n if n else 0.0
     under = kept < min_patches or fraction < floor
-    if under:
+    if under and warn:
         where = f"{name}: " if name else ""
         warnings.warn(f"{where}the selection keeps {kept} of {n} tissue patches ({fraction:.1%}), under the floor "
                       f"({floor:.0%} of the tissue or {min_patches} patches): predictions from it rest on few patches",
