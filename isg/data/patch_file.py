@@ -26,7 +26,8 @@ Attributes of ``coords`` (the patch geometry, :class:`PatchGeometry`; CLAM and T
 attrs (``level0_magnification``, ``target_magnification``) belong here too. Attributes of ``features`` /
 ``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``, ``checkpoint``).
 Root attributes: ``slide_id``, ``slide_path`` (absolute), ``isg_version``, ``backend``, ``level0_mpp``
-(NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, and two JSON attributes:
+(NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, ``kept_fraction`` (selected / tissue
+patches: the floor guard's record, :func:`isg.select.kept_record`), and two JSON attributes:
 ``options`` (the preprocess options that made the patches; ``isg predict`` reuses them) and ``rule``
 (the :class:`~isg.select.SelectionRule` applied, as ``to_dict()``, plus ``"cut"``: the absolute cut it
 used on this slide, null for top-k).
