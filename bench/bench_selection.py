@@ -149,7 +149,7 @@ def test_real_vs_synthetic_scores(tmp_path_factory, report):
     import json
     import warnings
 
-    from real_tissue import IHC, SOURCES, fetch
+    from real_slides import IHC, SOURCES, fetch
 
     from isg.io.synth import SKEW_TOLERANCE, make_cohort
     from isg.pipeline.preprocess import preprocess_slide, preprocess_cohort
