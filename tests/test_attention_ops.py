@@ -13,7 +13,7 @@ from isg.ops import attention as ops
 @pytest.fixture(scope="session")
 def attention_ext(require_ext):
     """The native module with the attention kernels (an older build without them is skipped, or fails under CI)."""
-    if not _ext.has("gated_hadamard_forward"):
+    if not _ext.has("gated_hadamard_forward_cpu"):
         message = "isg._C was built without the attention kernels"
         if os.environ.get("ISG_REQUIRE_EXT") == "1":
             pytest.fail(message)
@@ -253,9 +253,9 @@ def test_registered_ops_validate_their_inputs(attention_ext):
 
 def test_kernels_reject_null_pointers(attention_ext):
     with pytest.raises(ValueError, match="null"):
-        attention_ext.gated_hadamard_forward(0, 0, 0, 0, 2, 3, 4, True, 0, 1)
+        attention_ext.gated_hadamard_forward_cpu(0, 0, 0, 0, (2, 3, 4, True), 0, 1)
     with pytest.raises(ValueError, match="null"):
-        attention_ext.softmax_spatial_sum_backward(0, 0, 0, 0, 0, 2, 3, 4, False, 0, 1)
+        attention_ext.softmax_spatial_sum_backward_cpu(0, 0, 0, 0, 0, (2, 3, 4, False), 0, 1)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -284,7 +284,7 @@ def test_cpu_kernels_honour_torch_thread_count(attention_ext, monkeypatch):
                 return getattr(module, name)(*args)
             return call
 
-    monkeypatch.setattr(ops._ext, "ext", lambda: Spy())
+    monkeypatch.setattr(_ext, "ext", lambda: Spy())
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

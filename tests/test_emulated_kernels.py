@@ -3,8 +3,8 @@
 The emulated module is ``_C`` built by CMake with ``-DISG_EMU=ON`` (the .cu files compiled as C++ against
 an emulation of CUDA's execution model: each CUDA thread a fiber, real barriers, shuffles, votes and
 ``__match_any_sync``). It is built on demand into ``build/emu`` (``ISG_EMU_BUILD``), incrementally, and
-its ``*_cuda`` functions take host pointers. The tests route the ops' single launch point (``_call`` in
-isg/ops/attention.py and isg/ops/shannon.py) to those functions, so the whole path (checks inside the
+its ``*_cuda`` functions take host pointers. The tests route the ops' single launch point (``isg.ops.native.call``)
+to those functions, so the whole path (checks inside the
 registered ops, argument building, autograd) runs as it would on a GPU. Marker ``emu``.
 """
 
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from isg.ops import attention as ops
+from isg.ops import native
 from isg.ops import shannon
 
 pytestmark = pytest.mark.emu
@@ -70,8 +71,7 @@ def emulated(emu, monkeypatch):
     def call(name, device, *args):  # host pointers, stream 0
         getattr(emu, f"{name}_cuda")(*args, 0)
 
-    monkeypatch.setattr(ops, "_call", call)
-    monkeypatch.setattr(shannon, "_call", call)
+    monkeypatch.setattr(native, "call", call)
     monkeypatch.setattr(ops, "native_available", lambda x: x.dtype in ops._DTYPE_CODES)
     return emu
 
@@ -188,7 +188,7 @@ def test_shannon_bits_identical_to_cpu(emulated, require_ext):
     hist = torch.empty((6, 3, 256), dtype=torch.int32)
     t = torch.from_numpy(tiles)
     offsets = torch.arange(6, dtype=torch.int64) * t.stride(0)
-    require_ext.shannon_histogram_cpu(t.data_ptr(), offsets.data_ptr(), 6, 37, 29, 3, *t.stride()[1:], hist.data_ptr(), 1)
+    require_ext.shannon_histogram_cpu((t.data_ptr(), offsets.data_ptr(), 6, 37, 29, 3, *t.stride()[1:]), hist.data_ptr(), 1)
     np.testing.assert_array_equal(gpu_bits, shannon.histogram_bits(hist.long()))
     np.testing.assert_allclose(gpu_bits, shannon.shannon_bits_reference(tiles), rtol=1e-12)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from isg.ops import native as launch
 from isg.ops import shannon
 from isg.ops.shannon import (bits_from_histogram, shannon_bits, shannon_bits_reference, shannon_grid_bits,
                              shannon_grid_histogram, shannon_grid_histogram_reference, shannon_histogram,
@@ -212,8 +213,8 @@ def test_launch_switches_to_the_tensors_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(shannon._ext, "ext", lambda: Module())
-    shannon._call("shannon_histogram", torch.device("cuda:1"), 1, 2, 3)
+    monkeypatch.setattr(launch._ext, "ext", lambda: Module())
+    launch.call("shannon_histogram", torch.device("cuda:1"), 1, 2, 3)
     assert launched == [("cuda:1", 1234)]
 
 

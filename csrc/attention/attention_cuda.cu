@@ -233,17 +233,6 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const T* __r
 
 // ----------------------------------------------------------------------------- launchers
 
-template <typename F>
-void dispatch(DType dtype, F&& fn) {
-  switch (dtype) {
-    case DType::Float32: return fn(float{});
-    case DType::Float64: return fn(double{});
-    case DType::Float16: return fn(__half{});
-    case DType::BFloat16: return fn(__nv_bfloat16{});
-  }
-  ISG_CHECK(false, "attention (CUDA): unsupported dtype code " + std::to_string(int(dtype)));
-}
-
 // Lanes per unit: the next power of two >= L, at most 32.
 int group_width(int64_t length) {
   int width = 1;
@@ -254,12 +243,6 @@ int group_width(int64_t length) {
 unsigned group_blocks(int64_t units, int width) {
   const int64_t per_block = int64_t(kWarpsPerBlock) * (32 / width);
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((units + per_block - 1) / per_block, kMaxBlocks)));
-}
-
-void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
-  ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0, std::string(op) + ": negative size");
-  if (s.batch * s.channels * s.length == 0) return;
-  for (const void* p : pointers) ISG_CHECK(p != nullptr, std::string(op) + ": null data pointer");
 }
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
@@ -275,7 +258,7 @@ void gated_hadamard_forward_cuda(const void* q, const void* k, const void* v, vo
   const int64_t batches_per_launch = kMaxElements / batch_size;  // whole batches, < 2^31 elements per launch
   const int64_t q_per_batch = s.shared_over_channels ? s.length : s.channels;
   const Divider length = Divider::make(uint32_t(s.length)), per_batch = Divider::make(uint32_t(batch_size));
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t m0 = 0; m0 < s.batch; m0 += batches_per_launch) {
       const int64_t n = std::min(batches_per_launch, s.batch - m0) * batch_size;
@@ -300,7 +283,7 @@ void gated_hadamard_backward_cuda(const void* grad, const void* q, const void* k
   if (s.batch * s.channels * s.length == 0) {  // the gradient of a sum over nothing
     if (q_size) {
       ISG_CHECK(grad_q != nullptr, "gated_hadamard_backward_cuda: null grad_q");
-      dispatch(dtype, [&](auto tag) {
+      dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
         ISG_CUDA_CHECK(cudaMemsetAsync(grad_q, 0, size_t(q_size) * sizeof(decltype(tag)), as_stream(stream)));
       });
     }
@@ -308,7 +291,7 @@ void gated_hadamard_backward_cuda(const void* grad, const void* q, const void* k
   }
   const int width = group_width(s.length);
   const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto args = [&](auto kernel) {
       kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(
@@ -329,7 +312,7 @@ void softmax_spatial_sum_forward_cuda(const void* logits, const void* p, void* o
   if (s.batch * s.channels == 0) return;
   const int width = group_width(s.length);
   const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
       kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(logits), static_cast<const T*>(p),
@@ -350,7 +333,7 @@ void softmax_spatial_sum_backward_cuda(const void* grad, const void* logits, con
   if (s.batch * s.channels == 0) {
     if (s.shared_over_channels && s.batch * s.length > 0) {  // no channel reads the logits: zero gradient
       ISG_CHECK(grad_logits != nullptr, "softmax_spatial_sum_backward_cuda: null grad_logits");
-      dispatch(dtype, [&](auto tag) {
+      dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
         ISG_CUDA_CHECK(cudaMemsetAsync(grad_logits, 0, size_t(s.batch * s.length) * sizeof(decltype(tag)), as_stream(stream)));
       });
     }
@@ -358,7 +341,7 @@ void softmax_spatial_sum_backward_cuda(const void* grad, const void* logits, con
   }
   const int width = group_width(s.length);
   const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
       kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(

@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, bool w
 
 }  // namespace
 
-void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream) {
+void histogram_cuda(TileBatch batch, int32_t* hist, void* stream) {
+  check_batch(batch, hist);
   if (batch.tiles == 0) return;
   ISG_CHECK(batch.channels <= kMaxCudaChannels, "shannon (CUDA): at most 4 channels per tile");
   ISG_CHECK(batch.tiles < (int64_t(1) << 31), "shannon (CUDA): too many tiles for one launch");
