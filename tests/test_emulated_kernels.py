@@ -143,6 +143,25 @@ def test_attention_model_shape_spans_many_blocks(emulated, form):
         assert_within_budget(got, eager, oracle, torch.float32)
 
 
+# The paper's shapes with fewer patches (C = 128 channels; L = 16 and 64 positions: one chunk of W = 16 lanes, two of
+# W = 32), and odd ones: channels that leave groups idle or split unevenly over the 256 / W groups and kUnroll steps.
+PAPER_SHAPES = [(3, 128, 16), (2, 128, 64), (5, 37, 16), (3, 130, 49), (2, 200, 100), (70, 9, 4), (4, 1, 16)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", PAPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_paper_shapes(emulated, size, dtype, form):
+    """Channel-split reductions (paper form: a block per patch, groups over channels, sums across groups in shared
+    memory) and group rows (plus form) at the model's shapes."""
+    for op, (fused, reference) in OPS.items():
+        inputs = _inputs(op, *size, dtype, form, seed=sum(size))
+        got = _forward_backward(lambda *x: fused(*x, fused=True), inputs)
+        oracle = _forward_backward(reference, [t.detach().double().requires_grad_() for t in inputs])
+        eager = _forward_backward(reference, inputs)
+        assert_within_budget(got, eager, oracle, dtype)
+
+
 def test_attention_extreme_rows(emulated):
     logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-5e4, -5e4, -5e4]]])   # paper form, [2, 1, 3]
     p = torch.tensor([[[2.0, 3.0, 4.0]], [[1.0, 2.0, 3.0]]]).expand(2, 4, 3).contiguous()
@@ -324,6 +343,8 @@ def test_other_schedules(emulated, monkeypatch, schedule):
         for op in OPS:
             for size in [(3, 5, 7), (2, 3, 49), (4, 9, 16)]:
                 test_attention_kernels(emulated, op, torch.float32, size, form)
+        for size in [(3, 128, 16), (2, 130, 49)]:
+            test_attention_paper_shapes(emulated, size, torch.float32, form)
     for h, w in [(7, 13), (33, 95)]:
         test_shannon_histogram(emulated, h, w, 3)
     for h, w in [(9, 44), (17, 124)]:
