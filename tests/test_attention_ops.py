@@ -212,7 +212,8 @@ def test_public_functions_pick_native_on_cpu(attention_ext):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION], ids=str)
-@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 7), (2, 3, 49), (16, 64, 64), (256, 128, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 7), (2, 3, 49), (16, 64, 64), (256, 128, 16), (4096, 128, 16), (33, 130, 100)],
+                         ids=lambda s: "x".join(map(str, s)))  # the paper's shape (4096 blocks of channel groups), odd ones
 def test_cuda_matches_cpu_reference(attention_ext, name, make, fused, reference, dtype, size, form):
     if not ops.native_available(torch.zeros(1, device="cuda")):
         pytest.fail("isg._C has no usable CUDA kernels on this GPU machine (isg info says why)")

@@ -24,6 +24,7 @@ import torch
 from isg.ops import attention as ops
 from isg.ops import native
 from isg.ops import shannon
+from test_shannon import histogram_of_case, word_path_cases  # the layouts of the GPU check (tests/test_shannon.py)
 
 pytestmark = pytest.mark.emu
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,29 +240,11 @@ def test_shannon_word_path(emulated, h, w):
     np.testing.assert_array_equal(shannon.shannon_histogram(rows).numpy(), shannon.shannon_histogram_reference(rows.contiguous().numpy()))
 
 
-def _word_path_cases():
-    """The layouts the scorer sees, at the widths of real tiles (256 px rows: 192 words of RGB, 6 strips of 32)."""
-    rgb = _tiles(2, 40, 256, 3, seed=21)
-    rgba = _tiles(2, 33, 255, 4, seed=22)
-    region = _tiles(1, 48, 520, 3, seed=23)[0]
-    return {
-        "rgb-256": (rgb, None),
-        "rgb-256x256": (_tiles(1, 256, 256, 3, seed=24), None),     # one production tile: 8 bands of 32 rows
-        "rgba-view-256": (_tiles(2, 40, 256, 4, seed=25)[..., :3], None),
-        "grey-256": (_tiles(2, 40, 256, 1, seed=26), None),
-        "rgba-view-width-255": (rgba[..., :3], None),                # 255 words: the last strip's lane 31 is past the end
-        "misaligned-origins": (region[:24, :264], ((24, 256), (1, 1))),   # x = 0..8: 4-byte aligned at x % 4 == 0 only
-        "grid": (region, ((24, 128), (24, 128))),                    # 2 x 4 tiles of 96 words
-    }
-
-
-@pytest.mark.parametrize("case", list(_word_path_cases()))
+@pytest.mark.parametrize("case", list(word_path_cases()))
 def test_shannon_word_path_real_widths(emulated, case):
-    x, grid = _word_path_cases()[case]
-    if grid is None:
-        np.testing.assert_array_equal(shannon.shannon_histogram(x), shannon.shannon_histogram_reference(x))
-    else:
-        np.testing.assert_array_equal(shannon.shannon_grid_histogram(x, *grid), shannon.shannon_grid_histogram_reference(x, *grid))
+    x, grid = word_path_cases()[case]
+    expected = shannon.shannon_histogram_reference(x) if grid is None else shannon.shannon_grid_histogram_reference(x, *grid)
+    np.testing.assert_array_equal(histogram_of_case(x, grid), expected)
 
 
 def test_shannon_word_path_is_taken(emulated):

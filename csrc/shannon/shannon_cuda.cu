@@ -26,7 +26,7 @@ namespace isg {
 namespace shannon {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;                   // 4 bands per tile: 64 rows each at 256 px (setup per strip and band)
 constexpr int kRows = 8;                       // word path: rows loaded ahead per lane (loads in flight)
 constexpr int kTrash = kMaxCudaChannels;       // histogram slot of bytes that are no pixel of the tile
 constexpr int kSlots = kMaxCudaChannels + 1;
@@ -155,7 +155,8 @@ __device__ void band_words(const TileBatch& t, Words g, const uint8_t* origin, u
         c = as;
       }
     }
-    for (; i < i1; ++i) {
+#pragma unroll 1
+    for (; i < i1; ++i) {                                      // the band's last rows % kRows, one at a time (small code)
       const unsigned cur = __ldg(p), left = has_left ? __ldg(p - 1) : 0u;
       p += step;
       const Split cs = split(cur), as = split(left_of(cur, left));
