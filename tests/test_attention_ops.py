@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 
 from isg import _ext
 from isg.ops import attention as ops
+from isg.ops import native as launch
 
 @pytest.fixture(scope="session")
 def attention_ext(require_ext):
@@ -198,6 +200,22 @@ def test_non_contiguous_and_mixed_dtype_inputs(attention_ext):
     torch.testing.assert_close(ops.gated_hadamard(q, k_t, v, fused=True), ops.gated_hadamard_reference(q, k, v))
     out = ops.gated_hadamard(q.half(), k, v, fused=True)  # promoted to float32
     assert out.dtype == torch.float32
+
+
+def test_reference_fallback_warns_once(monkeypatch):
+    """fused=None without a kernel for the device: the reference, with one warning per op and device type that names
+    the reason; fused=False asks for the reference (no warning); fused=True fails."""
+    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(_ext, "has", lambda name: False)
+    q, k, v = _gated_inputs(2, 3, 4)
+    with pytest.warns(RuntimeWarning, match=r"gated_hadamard: the native cpu kernel is not used \(isg._C has no"):
+        out = ops.gated_hadamard(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(ops.gated_hadamard(q, k, v), out)
+        torch.testing.assert_close(ops.gated_hadamard(q, k, v, fused=False), ops.gated_hadamard_reference(q, k, v))
+    with pytest.raises(RuntimeError, match="no fused kernel for torch.float32 on cpu"):
+        ops.gated_hadamard(q, k, v, fused=True)
 
 
 def test_public_functions_pick_native_on_cpu(attention_ext):

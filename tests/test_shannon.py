@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lzma
 import math
+import warnings
 import zlib
 
 import numpy as np
@@ -221,6 +222,25 @@ def test_launch_switches_to_the_tensors_device(monkeypatch):
 def _require_cuda_kernels():
     if not shannon._native(torch.device("cuda")):
         pytest.fail("isg._C has no usable CUDA kernels on this GPU machine (python -m isg info says why)")
+
+
+def test_reference_fallback_warns_once(monkeypatch):
+    """Without a native kernel for the tiles' device the numpy reference runs, and says so once per op and device
+    type, naming the reason (after stylegan2-ada's bias_act)."""
+    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(launch._ext, "has", lambda name: False)
+    tiles = _tiles(2, 9, 11, 3)
+    with pytest.warns(RuntimeWarning, match=r"shannon_histogram: the native cpu kernel is not used \(isg._C has no "
+                                            r"shannon_histogram_cpu"):
+        first = shannon_histogram(tiles)
+    with pytest.warns(RuntimeWarning, match=r"shannon_bits: the native cpu kernel is not used"):
+        bits = shannon_bits(tiles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = shannon_histogram(tiles)
+        assert np.array_equal(shannon_bits(tiles), bits)
+    np.testing.assert_array_equal(first, shannon_histogram_reference(tiles))
+    np.testing.assert_array_equal(second, first)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@
 // * Plus form (q [M, C, 1], logits [M, C, L]): a group per row (m, c), 256 / W rows per block.
 // * Paper form (q, logits [M, 1, L], shared by the C rows of a patch m): a block per patch m
 //   (grid-stride), its 256 / W groups split the C channels (group g: channels g, g + G, ...), each
-//   loads kUnroll rows before using them (several loads in flight per lane); sums over channels
+//   loads several rows before using them (8 to 12 loads in flight per lane); sums over channels
 //   (dL/dq, dw = sum_c g_c p[c, :]) are reduced across groups in shared memory. At M = 4096,
 //   C = 128, L = 16 that is 4096 blocks of 16 groups, 8 channels each (the earlier kernel: 256 blocks,
 //   every lane looping over all 128 channels with one load in flight).
@@ -31,7 +31,8 @@ constexpr int kThreads = 256;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "the group kernels need whole warps");
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = 1 << 16;
-constexpr int kUnroll = 4;     // paper form: channel rows loaded per group before their use
+constexpr int kUnroll = 4;     // paper form, gated backward: channel rows loaded per group before use (12 loads per lane)
+constexpr int kRowsAhead = 8;  // paper form, softmax: rows of p loaded per group before use (8 loads per lane)
 constexpr int kMinBlocks = 4;  // resident blocks per SM the group kernels are compiled for (<= 64 registers)
 
 template <typename T> struct Acc { using type = float; };
@@ -133,10 +134,10 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(const T* __rest
 
 // Plus form: a group per row; dL/dq[row] = group sum over the row's positions.
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gated_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ q,
-                                                                       const T* __restrict__ k, const T* __restrict__ v,
-                                                                       T* __restrict__ grad_q, T* __restrict__ grad_k,
-                                                                       T* __restrict__ grad_v, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    gated_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
+                               T* __restrict__ grad_v, Shape s) {
   using acc_t = typename Acc<T>::type;
   const int64_t L = s.length;
   for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
@@ -157,10 +158,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gated_backward_plus_kern
 // Paper form: a block per patch m, groups over channels; per chunk of W positions each lane sums its
 // position's dL/dq over its group's channels, then over the groups.
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gated_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ q,
-                                                                        const T* __restrict__ k, const T* __restrict__ v,
-                                                                        T* __restrict__ grad_q, T* __restrict__ grad_k,
-                                                                        T* __restrict__ grad_v, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    gated_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
+                                const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
+                                T* __restrict__ grad_v, Shape s) {
   using acc_t = typename Acc<T>::type;
   __shared__ acc_t partial[kThreads];
   const Group<W> group;
@@ -202,8 +203,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gated_backward_paper_ker
 
 // Plus form: a group per row: out[row] = sum_j softmax_j(logits[row]) p[row, j].
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_forward_plus_kernel(const T* __restrict__ logits, const T* __restrict__ p,
-                                                                        T* __restrict__ out, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_forward_plus_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
   using acc_t = typename Acc<T>::type;
   const int64_t L = s.length;
   for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
@@ -218,14 +219,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_forward_plus_ker
 }
 
 // Paper form: a block per patch m; every group computes the softmax of logits[m] (L reads from cache) and
-// the weighted sums of its channel rows, kUnroll rows per step. With L <= W a lane holds its weight.
+// the weighted sums of its channel rows, kAhead rows per step. With L <= W a lane holds its weight.
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_forward_paper_kernel(const T* __restrict__ logits, const T* __restrict__ p,
-                                                                         T* __restrict__ out, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_forward_paper_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
   using acc_t = typename Acc<T>::type;
+  constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
   const Group<W> group;
   const int64_t L = s.length, C = s.channels;
-  constexpr int64_t kStep = int64_t(kUnroll) * Group<W>::kPerBlock;
+  constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
   for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {
     const T* l = logits + m * L;
     acc_t mx, inv;
@@ -233,22 +235,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_forward_paper_ke
     const acc_t w0 = group.lane < L ? exp_acc(acc_t(load(l + group.lane)) - mx) * inv : acc_t(0);
     for (int64_t c0 = 0; c0 < C; c0 += kStep) {                       // the same iterations for every group (shuffles)
       const int64_t first = c0 + group.index;                          // this group's first channel of the step
-      acc_t acc[kUnroll];
+      acc_t acc[kAhead];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) acc[u] = 0;
+      for (int u = 0; u < kAhead; ++u) acc[u] = 0;
       for (int64_t j = group.lane; j < L; j += W) {
         const acc_t w = L <= W ? w0 : exp_acc(acc_t(load(l + j)) - mx) * inv;
-        acc_t pv[kUnroll];
+        acc_t pv[kAhead];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {                            // loads first
+        for (int u = 0; u < kAhead; ++u) {                            // loads first
           const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
           pv[u] = c < C ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) acc[u] += w * pv[u];
+        for (int u = 0; u < kAhead; ++u) acc[u] += w * pv[u];
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kAhead; ++u) {
         const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
         const acc_t total = group_sum<W>(acc[u]);
         if (group.lane == 0 && c < C) store(out + m * C + c, total);
@@ -259,9 +261,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_forward_paper_ke
 
 // Plus form (a group per row): dL/dp_j = g w_j, dL/dlogit_j = g w_j (p_j - out).
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ logits,
-                                                                         const T* __restrict__ p, T* __restrict__ grad_logits,
-                                                                         T* __restrict__ grad_p, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
+                                 T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
   using acc_t = typename Acc<T>::type;
   const int64_t L = s.length;
   for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
@@ -286,14 +288,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_backward_plus_ke
 // and mean = sum_j w_j dw_j. With L <= W one pass over p; with L > W the mean is taken first as
 // sum_c g_c out_c (out_c = sum_j w_j p[c, j], the forward output), a second pass over p.
 template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ logits,
-                                                                          const T* __restrict__ p, T* __restrict__ grad_logits,
-                                                                          T* __restrict__ grad_p, Shape s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
+                                  T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
   using acc_t = typename Acc<T>::type;
+  constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
   __shared__ acc_t partial[kThreads];
   const Group<W> group;
   const int64_t L = s.length, C = s.channels;
-  constexpr int64_t kStep = int64_t(kUnroll) * Group<W>::kPerBlock;
+  constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
   for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
     const T* l = logits + m * L;
     acc_t mx, inv;
@@ -304,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_backward_paper_k
       for (int64_t c0 = 0; c0 < C; c0 += Group<W>::kPerBlock) {        // the same iterations for every group (shuffles)
         const int64_t c = c0 + group.index;
         acc_t out = 0;
-        for (int64_t j = group.lane; c < C && j < L; j += W) out += exp_acc(acc_t(load(l + j)) - mx) * inv * acc_t(load(p + (m * C + c) * L + j));
+        for (int64_t j = group.lane; c < C && j < L; j += W)
+          out += exp_acc(acc_t(load(l + j)) - mx) * inv * acc_t(load(p + (m * C + c) * L + j));
         out = group_sum<W>(out);
         if (c < C) mine += acc_t(load(grad + m * C + c)) * out;
       }
@@ -319,16 +323,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) softmax_backward_paper_k
       const acc_t w = inside ? exp_acc(acc_t(load(l + j)) - mx) * inv : acc_t(0);
       acc_t dw = 0;
       for (int64_t c0 = group.index; c0 < C; c0 += kStep) {
-        acc_t pv[kUnroll], gv[kUnroll];
+        acc_t pv[kAhead], gv[kAhead];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {                            // loads first
+        for (int u = 0; u < kAhead; ++u) {                            // loads first
           const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
           const bool load_it = inside && c < C;
           gv[u] = c < C ? acc_t(load(grad + m * C + c)) : acc_t(0);
           pv[u] = load_it ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < kAhead; ++u) {
           const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
           dw += gv[u] * pv[u];
           if (inside && c < C) store(grad_p + (m * C + c) * L + j, gv[u] * w);
