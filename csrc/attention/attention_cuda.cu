@@ -117,6 +117,16 @@ __device__ __forceinline__ void softmax_stats(const T* logits, int64_t length, i
   inv = acc_t(1) / group_sum<W>(sum);
 }
 
+// Plus form: sum_j softmax_j(logits) p_j of one row, reduced over the group, with the row's max and 1 / sum.
+template <int W, typename T, typename acc_t>
+__device__ __forceinline__ acc_t softmax_row_sum(const T* logits, const T* p, int64_t length, int lane, bool active, acc_t& m,
+                                                 acc_t& inv) {
+  softmax_stats<W>(logits, length, lane, active, m, inv);
+  acc_t acc = 0;
+  for (int64_t j = lane; active && j < length; j += W) acc += exp_acc(acc_t(load(logits + j)) - m) * acc_t(load(p + j));
+  return group_sum<W>(acc) * inv;
+}
+
 // ----------------------------------------------------------------------------- gated_hadamard
 
 // out = sigmoid(q * k) * v over n < 2^31 elements of whole batches; q index: paper m * L + j, plus i / L.
@@ -133,68 +143,63 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(const T* __rest
 }
 
 // Plus form: a group per row; dL/dq[row] = group sum over the row's positions.
-template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    gated_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
-                               const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
-                               T* __restrict__ grad_v, Shape s) {
-  using acc_t = typename Acc<T>::type;
-  const int64_t L = s.length;
-  for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
-    const acc_t qr = active ? acc_t(load(q + row)) : acc_t(0);
-    acc_t dq = 0;
-    for (int64_t j = lane; active && j < L; j += W) {
-      const int64_t i = row * L + j;
-      acc_t gk, gv;
-      dq += gated_backward<acc_t>(qr, load(k + i), load(v + i), load(grad + i), gk, gv);
-      store(grad_k + i, gk);
-      store(grad_v + i, gv);
-    }
-    dq = group_sum<W>(dq);
-    if (active && lane == 0) store(grad_q + row, dq);
-  });
-}
-
 // Paper form: a block per patch m, groups over channels; per chunk of W positions each lane sums its
 // position's dL/dq over its group's channels, then over the groups.
-template <int W, typename T>
+template <int W, bool kPaper, typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    gated_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
-                                const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
-                                T* __restrict__ grad_v, Shape s) {
+    gated_backward_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
+                          T* __restrict__ grad_v, Shape s) {
   using acc_t = typename Acc<T>::type;
-  __shared__ acc_t partial[kThreads];
-  const Group<W> group;
-  const int64_t L = s.length, C = s.channels;
-  constexpr int64_t kStep = int64_t(kUnroll) * Group<W>::kPerBlock;
-  for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
-    for (int64_t j0 = 0; j0 < L; j0 += W) {
-      const int64_t j = j0 + group.lane;
-      const bool inside = j < L;
-      const acc_t qj = inside ? acc_t(load(q + m * L + j)) : acc_t(0);
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      const acc_t qr = active ? acc_t(load(q + row)) : acc_t(0);
       acc_t dq = 0;
-      for (int64_t c0 = group.index; c0 < C; c0 += kStep) {   // no shuffles inside: groups may differ
-        acc_t kk[kUnroll], vv[kUnroll], gg[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {                            // loads first
-          const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
-          const bool load_it = inside && c < C;
-          kk[u] = load_it ? acc_t(load(k + i)) : acc_t(0);
-          vv[u] = load_it ? acc_t(load(v + i)) : acc_t(0);
-          gg[u] = load_it ? acc_t(load(grad + i)) : acc_t(0);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
-          if (!inside || c >= C) continue;
-          acc_t gk, gv;
-          dq += gated_backward<acc_t>(qj, kk[u], vv[u], gg[u], gk, gv);
-          store(grad_k + i, gk);
-          store(grad_v + i, gv);
-        }
+      for (int64_t j = lane; active && j < L; j += W) {
+        const int64_t i = row * L + j;
+        acc_t gk, gv;
+        dq += gated_backward<acc_t>(qr, load(k + i), load(v + i), load(grad + i), gk, gv);
+        store(grad_k + i, gk);
+        store(grad_v + i, gv);
       }
-      dq = sum_over_groups<W>(partial, dq, group);
-      if (group.index == 0 && inside) store(grad_q + m * L + j, dq);
+      dq = group_sum<W>(dq);
+      if (active && lane == 0) store(grad_q + row, dq);
+    });
+  } else {
+    __shared__ acc_t partial[kThreads];
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kUnroll) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
+      for (int64_t j0 = 0; j0 < L; j0 += W) {
+        const int64_t j = j0 + group.lane;
+        const bool inside = j < L;
+        const acc_t qj = inside ? acc_t(load(q + m * L + j)) : acc_t(0);
+        acc_t dq = 0;
+        for (int64_t c0 = group.index; c0 < C; c0 += kStep) {   // no shuffles inside: groups may differ
+          acc_t kk[kUnroll], vv[kUnroll], gg[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {                            // loads first
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
+            const bool load_it = inside && c < C;
+            kk[u] = load_it ? acc_t(load(k + i)) : acc_t(0);
+            vv[u] = load_it ? acc_t(load(v + i)) : acc_t(0);
+            gg[u] = load_it ? acc_t(load(grad + i)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
+            if (!inside || c >= C) continue;
+            acc_t gk, gv;
+            dq += gated_backward<acc_t>(qj, kk[u], vv[u], gg[u], gk, gv);
+            store(grad_k + i, gk);
+            store(grad_v + i, gv);
+          }
+        }
+        dq = sum_over_groups<W>(partial, dq, group);
+        if (group.index == 0 && inside) store(grad_q + m * L + j, dq);
+      }
     }
   }
 }
@@ -202,146 +207,132 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // ----------------------------------------------------------------------------- softmax_spatial_sum
 
 // Plus form: a group per row: out[row] = sum_j softmax_j(logits[row]) p[row, j].
-template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    softmax_forward_plus_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
-  using acc_t = typename Acc<T>::type;
-  const int64_t L = s.length;
-  for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
-    const T* l = logits + (active ? row * L : 0);
-    acc_t m, inv;
-    softmax_stats<W>(l, L, lane, active, m, inv);
-    acc_t acc = 0;
-    for (int64_t j = lane; active && j < L; j += W) acc += exp_acc(acc_t(load(l + j)) - m) * acc_t(load(p + row * L + j));
-    acc = group_sum<W>(acc) * inv;
-    if (active && lane == 0) store(out + row, acc);
-  });
-}
-
 // Paper form: a block per patch m; every group computes the softmax of logits[m] (L reads from cache) and
 // the weighted sums of its channel rows, kAhead rows per step. With L <= W a lane holds its weight.
-template <int W, typename T>
+template <int W, bool kPaper, typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    softmax_forward_paper_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
+    softmax_forward_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
-  const Group<W> group;
-  const int64_t L = s.length, C = s.channels;
-  constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
-  for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {
-    const T* l = logits + m * L;
-    acc_t mx, inv;
-    softmax_stats<W>(l, L, group.lane, true, mx, inv);
-    const acc_t w0 = group.lane < L ? exp_acc(acc_t(load(l + group.lane)) - mx) * inv : acc_t(0);
-    for (int64_t c0 = 0; c0 < C; c0 += kStep) {                       // the same iterations for every group (shuffles)
-      const int64_t first = c0 + group.index;                          // this group's first channel of the step
-      acc_t acc[kAhead];
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      acc_t m, inv;
+      const acc_t acc = softmax_row_sum<W>(logits + (active ? row * L : 0), p + row * L, L, lane, active, m, inv);
+      if (active && lane == 0) store(out + row, acc);
+    });
+  } else {
+    constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {
+      const T* l = logits + m * L;
+      acc_t mx, inv;
+      softmax_stats<W>(l, L, group.lane, true, mx, inv);
+      const acc_t w0 = group.lane < L ? exp_acc(acc_t(load(l + group.lane)) - mx) * inv : acc_t(0);
+      for (int64_t c0 = 0; c0 < C; c0 += kStep) {                       // the same iterations for every group (shuffles)
+        const int64_t first = c0 + group.index;                          // this group's first channel of the step
+        acc_t acc[kAhead];
 #pragma unroll
-      for (int u = 0; u < kAhead; ++u) acc[u] = 0;
-      for (int64_t j = group.lane; j < L; j += W) {
-        const acc_t w = L <= W ? w0 : exp_acc(acc_t(load(l + j)) - mx) * inv;
-        acc_t pv[kAhead];
+        for (int u = 0; u < kAhead; ++u) acc[u] = 0;
+        for (int64_t j = group.lane; j < L; j += W) {
+          const acc_t w = L <= W ? w0 : exp_acc(acc_t(load(l + j)) - mx) * inv;
+          acc_t pv[kAhead];
 #pragma unroll
-        for (int u = 0; u < kAhead; ++u) {                            // loads first
-          const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
-          pv[u] = c < C ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+          for (int u = 0; u < kAhead; ++u) {                            // loads first
+            const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
+            pv[u] = c < C ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) acc[u] += w * pv[u];
         }
 #pragma unroll
-        for (int u = 0; u < kAhead; ++u) acc[u] += w * pv[u];
-      }
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
-        const acc_t total = group_sum<W>(acc[u]);
-        if (group.lane == 0 && c < C) store(out + m * C + c, total);
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
+          const acc_t total = group_sum<W>(acc[u]);
+          if (group.lane == 0 && c < C) store(out + m * C + c, total);
+        }
       }
     }
   }
 }
 
 // Plus form (a group per row): dL/dp_j = g w_j, dL/dlogit_j = g w_j (p_j - out).
-template <int W, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    softmax_backward_plus_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
-                                 T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
-  using acc_t = typename Acc<T>::type;
-  const int64_t L = s.length;
-  for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
-    const T* l = logits + (active ? row * L : 0);
-    acc_t m, inv;
-    softmax_stats<W>(l, L, lane, active, m, inv);
-    acc_t out = 0;  // recomputed in acc_t, as on the CPU
-    for (int64_t j = lane; active && j < L; j += W) out += exp_acc(acc_t(load(l + j)) - m) * acc_t(load(p + row * L + j));
-    out = group_sum<W>(out) * inv;
-    const acc_t g = active ? acc_t(load(grad + row)) : acc_t(0);
-    for (int64_t j = lane; active && j < L; j += W) {
-      acc_t gl, gp;
-      softmax_sum_backward<acc_t>(exp_acc(acc_t(load(l + j)) - m) * inv, acc_t(load(p + row * L + j)), out, g, gl, gp);
-      store(grad_logits + row * L + j, gl);
-      store(grad_p + row * L + j, gp);
-    }
-  });
-}
-
 // Paper form (a block per patch m, groups over channels): dL/dp[c, j] = g_c w_j and
 // dL/dlogit_j = w_j (dw_j - mean) with dw_j = sum_c g_c p[c, j] (partial per group, summed over the groups)
 // and mean = sum_j w_j dw_j. With L <= W one pass over p; with L > W the mean is taken first as
 // sum_c g_c out_c (out_c = sum_j w_j p[c, j], the forward output), a second pass over p.
-template <int W, typename T>
+template <int W, bool kPaper, typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    softmax_backward_paper_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
-                                  T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
+    softmax_backward_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
+                            T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
-  __shared__ acc_t partial[kThreads];
-  const Group<W> group;
-  const int64_t L = s.length, C = s.channels;
-  constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
-  for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
-    const T* l = logits + m * L;
-    acc_t mx, inv;
-    softmax_stats<W>(l, L, group.lane, true, mx, inv);
-    acc_t mean = 0;
-    if (L > W) {                                                       // mean = sum_c g_c out_c, out_c over all chunks
-      acc_t mine = 0;
-      for (int64_t c0 = 0; c0 < C; c0 += Group<W>::kPerBlock) {        // the same iterations for every group (shuffles)
-        const int64_t c = c0 + group.index;
-        acc_t out = 0;
-        for (int64_t j = group.lane; c < C && j < L; j += W)
-          out += exp_acc(acc_t(load(l + j)) - mx) * inv * acc_t(load(p + (m * C + c) * L + j));
-        out = group_sum<W>(out);
-        if (c < C) mine += acc_t(load(grad + m * C + c)) * out;
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      const T* l = logits + (active ? row * L : 0);
+      acc_t m, inv;
+      const acc_t out = softmax_row_sum<W>(l, p + row * L, L, lane, active, m, inv);  // recomputed in acc_t, as on the CPU
+      const acc_t g = active ? acc_t(load(grad + row)) : acc_t(0);
+      for (int64_t j = lane; active && j < L; j += W) {
+        acc_t gl, gp;
+        softmax_sum_backward<acc_t>(exp_acc(acc_t(load(l + j)) - m) * inv, acc_t(load(p + row * L + j)), out, g, gl, gp);
+        store(grad_logits + row * L + j, gl);
+        store(grad_p + row * L + j, gp);
       }
-      partial[threadIdx.x] = group.lane == 0 ? mine : acc_t(0);
-      __syncthreads();
-      for (int g = 0; g < Group<W>::kPerBlock; ++g) mean += partial[g * W];
-      __syncthreads();
-    }
-    for (int64_t j0 = 0; j0 < L; j0 += W) {
-      const int64_t j = j0 + group.lane;
-      const bool inside = j < L;
-      const acc_t w = inside ? exp_acc(acc_t(load(l + j)) - mx) * inv : acc_t(0);
-      acc_t dw = 0;
-      for (int64_t c0 = group.index; c0 < C; c0 += kStep) {
-        acc_t pv[kAhead], gv[kAhead];
-#pragma unroll
-        for (int u = 0; u < kAhead; ++u) {                            // loads first
-          const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
-          const bool load_it = inside && c < C;
-          gv[u] = c < C ? acc_t(load(grad + m * C + c)) : acc_t(0);
-          pv[u] = load_it ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+    });
+  } else {
+    constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
+    __shared__ acc_t partial[kThreads];
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
+      const T* l = logits + m * L;
+      acc_t mx, inv;
+      softmax_stats<W>(l, L, group.lane, true, mx, inv);
+      acc_t mean = 0;
+      if (L > W) {                                                       // mean = sum_c g_c out_c, out_c over all chunks
+        acc_t mine = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += Group<W>::kPerBlock) {        // the same iterations for every group (shuffles)
+          const int64_t c = c0 + group.index;
+          acc_t out = 0;
+          for (int64_t j = group.lane; c < C && j < L; j += W)
+            out += exp_acc(acc_t(load(l + j)) - mx) * inv * acc_t(load(p + (m * C + c) * L + j));
+          out = group_sum<W>(out);
+          if (c < C) mine += acc_t(load(grad + m * C + c)) * out;
         }
-#pragma unroll
-        for (int u = 0; u < kAhead; ++u) {
-          const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
-          dw += gv[u] * pv[u];
-          if (inside && c < C) store(grad_p + (m * C + c) * L + j, gv[u] * w);
-        }
+        partial[threadIdx.x] = group.lane == 0 ? mine : acc_t(0);
+        __syncthreads();
+        for (int g = 0; g < Group<W>::kPerBlock; ++g) mean += partial[g * W];
+        __syncthreads();
       }
-      dw = sum_over_groups<W>(partial, dw, group);                     // totals in group 0, zero elsewhere
-      if (threadIdx.x < 32) {                                          // warp 0, whole: the shuffles of group_sum
-        if (L <= W) mean = group_sum<W>(w * dw);
-        if (group.index == 0 && inside) store(grad_logits + m * L + j, w * (dw - mean));
+      for (int64_t j0 = 0; j0 < L; j0 += W) {
+        const int64_t j = j0 + group.lane;
+        const bool inside = j < L;
+        const acc_t w = inside ? exp_acc(acc_t(load(l + j)) - mx) * inv : acc_t(0);
+        acc_t dw = 0;
+        for (int64_t c0 = group.index; c0 < C; c0 += kStep) {
+          acc_t pv[kAhead], gv[kAhead];
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {                            // loads first
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
+            const bool load_it = inside && c < C;
+            gv[u] = c < C ? acc_t(load(grad + m * C + c)) : acc_t(0);
+            pv[u] = load_it ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
+            dw += gv[u] * pv[u];
+            if (inside && c < C) store(grad_p + (m * C + c) * L + j, gv[u] * w);
+          }
+        }
+        dw = sum_over_groups<W>(partial, dw, group);                     // totals in group 0, zero elsewhere
+        if (threadIdx.x < 32) {                                          // warp 0, whole: the shuffles of group_sum
+          if (L <= W) mean = group_sum<W>(w * dw);
+          if (group.index == 0 && inside) store(grad_logits + m * L + j, w * (dw - mean));
+        }
       }
     }
   }
@@ -412,7 +403,7 @@ void gated_hadamard_backward_cuda(const void* grad, const void* q, const void* k
     using T = decltype(tag);
     with_width(s.length, [&](auto width) {
       constexpr int W = decltype(width)::value;
-      auto kernel = s.shared_over_channels ? gated_backward_paper_kernel<W, T> : gated_backward_plus_kernel<W, T>;
+      auto kernel = s.shared_over_channels ? gated_backward_kernel<W, true, T> : gated_backward_kernel<W, false, T>;
       kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
           static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), s);
@@ -429,7 +420,7 @@ void softmax_spatial_sum_forward_cuda(const void* logits, const void* p, void* o
     using T = decltype(tag);
     with_width(s.length, [&](auto width) {
       constexpr int W = decltype(width)::value;
-      auto kernel = s.shared_over_channels ? softmax_forward_paper_kernel<W, T> : softmax_forward_plus_kernel<W, T>;
+      auto kernel = s.shared_over_channels ? softmax_forward_kernel<W, true, T> : softmax_forward_kernel<W, false, T>;
       kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(logits), static_cast<const T*>(p),
                                                                   static_cast<T*>(out), s);
     });
@@ -454,7 +445,7 @@ void softmax_spatial_sum_backward_cuda(const void* grad, const void* logits, con
     using T = decltype(tag);
     with_width(s.length, [&](auto width) {
       constexpr int W = decltype(width)::value;
-      auto kernel = s.shared_over_channels ? softmax_backward_paper_kernel<W, T> : softmax_backward_plus_kernel<W, T>;
+      auto kernel = s.shared_over_channels ? softmax_backward_kernel<W, true, T> : softmax_backward_kernel<W, false, T>;
       kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(grad), static_cast<const T*>(logits),
                                                                   static_cast<const T*>(p), static_cast<T*>(grad_logits),
                                                                   static_cast<T*>(grad_p), s);
