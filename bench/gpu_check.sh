@@ -164,10 +164,15 @@ from isg import _ext
 import sys
 ok, why = _ext.cuda_status()
 print("isg CUDA kernels usable:", ok, "-", why)
-if ok:
+if ok:  # and a launch: kernels built for this architecture, histograms equal to the CPU kernel
     import torch
+    from isg.ops import shannon
     p = torch.cuda.get_device_properties(0)
-    print(f"device: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
+    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB; "
+          f"torch {torch.__version__}")
+    x = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    ok = torch.equal(shannon.shannon_histogram(x.cuda()).cpu(), shannon.shannon_histogram(x))
+    print("a histogram launch on the device equals the CPU kernel:", ok)
 elif sys.argv[1:] == ["--rehearse"]:
     print("(no device: the expected answer in the rehearsal)")
     sys.exit(0)

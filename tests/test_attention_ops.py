@@ -270,6 +270,17 @@ def test_registered_ops_validate_their_inputs(attention_ext):
         torch.ops.isg.softmax_spatial_sum(logits.to("meta"), p)
 
 
+def test_entry_points_follow_one_naming(attention_ext):
+    """One binding table (csrc/module.cpp): every kernel as <op>_cpu and, in CUDA builds, <op>_cuda; no other spelling."""
+    names = {name for name in dir(attention_ext) if not name.startswith("_")}
+    kernels = {"gated_hadamard_forward", "gated_hadamard_backward", "softmax_spatial_sum_forward",
+               "softmax_spatial_sum_backward", "shannon_histogram"}
+    assert {f"{k}_cpu" for k in kernels} | {"shannon_bits_cpu"} <= names
+    cuda_entries = {name for name in names if name.endswith("_cuda")} - {"built_with_cuda"}
+    assert cuda_entries == ({f"{k}_cuda" for k in kernels} if attention_ext.built_with_cuda else set())
+    assert not kernels & names
+
+
 def test_kernels_reject_null_pointers(attention_ext):
     with pytest.raises(ValueError, match="null"):
         attention_ext.gated_hadamard_forward_cpu(0, 0, 0, 0, (2, 3, 4, True), 0, 1)

@@ -133,7 +133,7 @@ def _gated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     out = torch.empty_like(k, memory_format=torch.contiguous_format)
     if k.numel():
         native.call("gated_hadamard_forward", k.device, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-              *_shape_args(q, k))
+                    *_shape_args(q, k))
     return out
 
 
@@ -143,7 +143,7 @@ def _gated_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():  # with k empty the kernel zeroes grad_q (a sum over nothing)
         native.call("gated_hadamard_backward", k.device, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-              grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), *_shape_args(q, k))
+                    grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), *_shape_args(q, k))
     return grad_q, grad_k, grad_v
 
 
@@ -152,7 +152,7 @@ def _softmax_forward(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     out = p.new_empty(p.shape[:2])
     if out.numel():
         native.call("softmax_spatial_sum_forward", p.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
-              *_shape_args(logits, p))
+                    *_shape_args(logits, p))
     return out
 
 
@@ -162,7 +162,7 @@ def _softmax_backward(grad: torch.Tensor, logits: torch.Tensor, p: torch.Tensor)
     grad_logits, grad_p = torch.empty_like(logits), torch.empty_like(p)
     if logits.numel():  # with C = 0 the kernel zeroes the paper-form grad_logits
         native.call("softmax_spatial_sum_backward", p.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
-              grad_logits.data_ptr(), grad_p.data_ptr(), *_shape_args(logits, p))
+                    grad_logits.data_ptr(), grad_p.data_ptr(), *_shape_args(logits, p))
     return grad_logits, grad_p
 
 
