@@ -11,6 +11,9 @@ Tables (printed, and written to bench/results/):
 * ``shannon_gpu``: GB/s of the CUDA scorer vs a device-to-device copy of the same bytes (only with a CUDA device).
 * ``shannon_gpu_model``: modelled shared-memory wavefronts per histogram increment of the CUDA word path on these
   tiles (CPU only; the shared-memory side of the roofline in docs/cuda.md).
+* ``shannon_gpu_sass``: instructions per byte of the CUDA kernel counted from its sm_90 SASS, setup included, and
+  the share of an H200's HBM bandwidth that instruction issue allows (csrc/shannon/sass_roofline.py; needs nvcc
+  and cuobjdump, no GPU). Goal (asserted): >= ``SASS_GOAL`` on 256 px tiles.
 """
 
 from __future__ import annotations
@@ -195,3 +198,29 @@ def test_shared_atomic_conflicts(tiles, report):
         report.add("shannon_gpu_model", f"wavefronts per ATOMS, {name}", value, unit="wavefronts")
     clocks = STRIP * 4 / (HBM_GOAL * H200["hbm_bytes_per_s"] / (H200["sms"] * H200["clock_hz"]))  # 13.9
     assert 4 * wavefronts["all"] + 1 <= clocks, (wavefronts, clocks)
+
+
+SASS_GOAL = 0.7  # issue-bound share of HBM by the SASS count, setup included (docs/cuda.md)
+
+
+def test_sass_instruction_roofline(report):
+    """The instruction side of the roofline, counted from the kernel's sm_90 SASS (no GPU needed)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "csrc" / "shannon" / "sass_roofline.py"
+    spec = importlib.util.spec_from_file_location("sass_roofline", path)
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    try:
+        code = roofline.kernels(roofline.dump_sass())
+    except SystemExit as missing:                                   # no nvcc or cuobjdump on this machine
+        pytest.skip(str(missing))
+    missed = []
+    for name, pitch, height, width in roofline.TILES:
+        r = roofline.per_tile(roofline.model(code[pitch]), pitch, height, width)
+        report.add("shannon_gpu_sass", name, r["per_byte"], unit="thread-instructions per byte", higher_is_better=False,
+                   hbm_fraction=round(r["hbm"], 3), loop_only=round(r["loop_per_byte"], 2))
+        if width == 256 and r["hbm"] < SASS_GOAL:
+            missed.append(f"{name}: {r['per_byte']:.2f} instructions per byte, {r['hbm']:.0%} of HBM")
+    assert not missed, f"below {SASS_GOAL:.0%} of HBM by the SASS count: {missed}"

@@ -6,8 +6,8 @@
 //
 // Word path (pixels packed: stride_c == 1, pitch P = stride_w of 1..4 bytes, channels <= P; rows of
 // whole words, 4-byte aligned; RGB, RGBA with alpha dropped as a view, grey): a row is n = width * P
-// bytes, read as 32-bit words, one word per lane (a strip is 31 words on lanes 1..31; lane 0 holds the
-// word to their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken
+// bytes, read as 32-bit words, one word per lane (a strip is 32 words, all counted; lane 0 also loads
+// the word to their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken
 // from the lane's own word and the lower lane's (one __shfl_up_sync and one funnel shift per word). MED
 // in SIMD form: cur - median(a, b, a + b - c) = cur + c - max(a, b, c) - min(a, b, c) (mod 256), in
 // 16-bit lanes (even bytes, odd bytes in place) with Hopper's 3-way min/max (__vimax3_u16x2, one
@@ -26,7 +26,7 @@ namespace isg {
 namespace shannon {
 namespace {
 
-constexpr int kThreads = 128;                   // 4 bands per tile: 64 rows each at 256 px (setup per strip and band)
+constexpr int kThreads = 128;                  // 4 bands per tile: 64 rows each at 256 px (setup per strip and band)
 constexpr int kRows = 8;                       // word path: rows loaded ahead per lane (loads in flight)
 constexpr int kTrash = kMaxCudaChannels;       // histogram slot of bytes that are no pixel of the tile
 constexpr int kSlots = kMaxCudaChannels + 1;
@@ -238,7 +238,7 @@ void histogram_cuda(TileBatch batch, int32_t* hist, void* stream) {
   // 4-byte aligned take the generic path, decided per block).
   const int64_t pitch = batch.stride_w;
   const bool words = (batch.stride_c == 1 || batch.channels == 1) && pitch >= 1 && pitch <= 4 && batch.channels <= pitch &&
-                     (batch.width * pitch) % 4 == 0 && batch.stride_h % 4 == 0 &&
+                     (batch.width * pitch) % 4 == 0 && batch.width * pitch / 4 < (int64_t(1) << 30) && batch.stride_h % 4 == 0 &&
                      batch.stride_h / 4 < (int64_t(1) << 31) && batch.stride_h / 4 > -(int64_t(1) << 31);
   const Words g{words ? int(batch.width * pitch / 4) : 0, words ? int(batch.stride_h / 4) : 0};
   auto launch = [&](auto kernel) {
