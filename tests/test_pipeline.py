@@ -101,7 +101,7 @@ def test_train_then_predict_new_slides(cohort, trained, tmp_path, monkeypatch, m
     assert calls == {"open_slide": 2, "write_patch_file": 2}
     for slide in slides:
         written = read_patch_file(tmp_path / "pred" / "patches" / f"{slide.stem}.h5")
-        assert written.has_features(predictor.models[0].uses_local) and written.rule["rule"] == "mean_std"
+        assert written.has_features(predictor.models[0].uses_local) and written.rule["rule"] == "rank"  # the default rule, frozen in the model
     assert summary.ok and list(predictions.columns) == predictor.outputs == [f"SYN{g:04d}" for g in range(5)]
     assert predictions.shape == (2, 5) and np.isfinite(predictions.to_numpy()).all()
     assert set(timings.columns) >= {"read", "select", "features", "predict", "total", "n_patches"}

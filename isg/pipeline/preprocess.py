@@ -37,7 +37,7 @@ from isg.data.manifest import slide_id_of
 from isg.data.patch_file import PatchGeometry, SlidePatches, is_complete, write_patch_file
 from isg.pipeline.cohort import on_dask, run_cohort
 from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
-from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, select
+from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, kept_record, select
 from isg.utils import atomic_path
 
 
@@ -271,6 +271,8 @@ def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress: bo
         check_damaged(slide, damaged, len(grid.coords), opts)
         rule = opts.selection_rule()
         selected, cut = select_patches(scores, rule, name=str(slide_path))
+        if not rule.pending:
+            kept_record(selected, name=str(slide_path))  # a warning names a slide under the floor
         clock.lap("select")
         thumb = grid.thumb
         if opts.thumbnail and max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
@@ -289,7 +291,9 @@ def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress: bo
 
 def _stats(patches: SlidePatches, clock: _Clock) -> dict:
     g = patches.geometry
-    return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, "n_damaged": len(patches.damaged_coords),
+    pending = patches.rule is not None and SelectionRule.from_dict(patches.rule).pending
+    kept = {} if pending else kept_record(patches.selected, warn=False)  # kept_fraction, under_floor (summary.json)
+    return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, **kept, "n_damaged": len(patches.damaged_coords),
             "level": g.patch_level, "mpp": math.nan if g.mpp is None else float(g.mpp), **clock.stats()}
 
 
@@ -387,6 +391,20 @@ def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
     return mpps
 
 
+def _warn_under_floor(summary) -> None:
+    """One warning naming every slide of this run whose selection is under the floor (``under_floor`` in
+    summary.json): worker processes' own warnings do not reach the caller."""
+    import warnings
+
+    from isg.select import KEEP_FLOOR, KEEP_FLOOR_PATCHES, SelectionWarning
+    from isg.utils import list_some
+
+    under = [f"{r.name} ({r.stats['n_kept']} of {r.stats['n_tissue']})" for r in summary.done if r.stats.get("under_floor")]
+    if under:
+        warnings.warn(f"isg preprocess: {len(under)} slide(s) keep under the floor ({KEEP_FLOOR:.0%} of their tissue "
+                      f"patches or {KEEP_FLOOR_PATCHES} patches): {list_some(under)}", SelectionWarning, stacklevel=3)
+
+
 class _PreprocessOne:
     """``preprocess_slide`` for one slide of a cohort, with its mpp from ``slide_mpps`` (picklable for process pools)."""
 
@@ -442,6 +460,7 @@ def preprocess_cohort(
             done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if is_complete(out_dir / f"{slide_id_of(s)}.h5")]
             if done:  # freeze the cut over the scores of every finished slide (selection.json)
                 apply_rule(done, rule)
+        _warn_under_floor(summary)
         return summary
     finally:
         release_buffers()  # the pooled tile batch buffers of this run

@@ -222,8 +222,10 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) 
     feature_dir = Path(feature_dir)
     patches = read_patch_file(feature_dir / f"{slide_id}.h5", features=False)
     preprocess = dict(patches.options)
-    if patches.rule is not None:
-        preprocess["rule"] = patches.rule
+    if patches.rule is not None:  # as the current SelectionRule writes it (files of older versions lack new fields)
+        from isg.select import SelectionRule
+
+        preprocess["rule"] = SelectionRule.from_dict(patches.rule).to_dict()
     pipeline = {"features_dir": str(feature_dir.resolve()), "patch_file_schema": SCHEMA_VERSION, "preprocess": preprocess,
                 "geometry": geometry_dict(patches.geometry), "global_features": patches.feature_attrs,
                 "local_features": patches.local_feature_attrs}
