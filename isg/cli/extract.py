@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
     from isg.cli import add_quiet, defaults_of
     from isg.pipeline.extract import extract_slide
+    from isg.train.config import SAMPLERS
     from isg.train.config import AutoencoderTrainConfig as AE
 
     default = defaults_of(AE)
@@ -49,6 +50,14 @@ def register(subparsers) -> None:
                           "--channel-max 256 --global-resolution 128 --local-resolution 64 is the large one")
     fit.add_argument("--channel-max", type=int, default=default["channel_max"], help="most channels of a layer")
     fit.add_argument("--max-tiles", type=int, default=default["max_tiles"], help="cap on training tiles read into memory per AE")
+    fit.add_argument("--sampler", choices=SAMPLERS, default=default["sampler"],
+                     help="bank: at most --max-tiles tiles read once into memory; stream: tiles streamed from every "
+                          "slide across the run, read while training, in bounded memory; auto: the bank when the "
+                          "cohort's tiles fit in --max-tiles, else the stream")
+    fit.add_argument("--stream-slides", type=int, default=default["stream_slides"],
+                     help="stream: slides read together and shuffled as one window")
+    fit.add_argument("--stream-patches", type=int, default=default["stream_patches"],
+                     help="stream: patches taken from a slide each time the stream visits it")
     fit.add_argument("--lpips-weight", type=float, default=default["lpips_weight"], help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=default["adv_weight"], help="weight of the adversarial term")
     fit.add_argument("--r1-gamma", type=float, default=default["r1_gamma"], help="R1 penalty weight on the critic")
@@ -114,29 +123,45 @@ def _positive(args, names: list[str]) -> None:
 
 
 def run_fit(args) -> int:
-    from isg.cli import CLIError
+    """Under ``torchrun --nproc-per-node N`` each process trains on its share of every global batch
+    (isg.train.distributed); rank 0 alone prints, logs and writes."""
+    from isg.cli import CLIError, quiet_other_ranks
     from isg.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+    from isg.train.distributed import close_distributed, init_distributed
 
     files = _h5_files(args.h5_dir)
-    _positive(args, ["epochs", "steps", "batch_size", "lr", "global_resolution", "local_resolution", "global_d", "local_d", "max_tiles"])
+    _positive(args, ["epochs", "steps", "batch_size", "lr", "global_resolution", "local_resolution", "global_d", "local_d",
+                     "max_tiles", "stream_slides", "stream_patches"])
     if args.lpips_weights and not Path(args.lpips_weights).is_file():
         raise CLIError(f"--lpips-weights {args.lpips_weights}: no such file")
+    try:
+        ranks, device = init_distributed(args.device)
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from None
+    quiet_other_ranks(ranks)
     out = Path(args.out)
     kinds = ("global", "local") if args.which == "both" else (args.which,)
-    for kind in kinds:
-        config = AutoencoderTrainConfig(
-            resolution=getattr(args, f"{kind}_resolution"), d=getattr(args, f"{kind}_d"), channel_base=args.channel_base,
-            channel_max=args.channel_max, kind=kind, max_tiles=args.max_tiles, epochs=args.epochs, max_steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, lpips_weight=args.lpips_weight, adv_weight=args.adv_weight,
-            r1_gamma=args.r1_gamma, device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            lpips_weights=args.lpips_weights, lpips_impl=args.lpips_impl, progress=not args.quiet,
-        )
-        try:
-            _, history = train_autoencoder(files, out / kind, config, resume=args.resume)
-        except ValueError as exc:  # bad resolution, no readable tiles, mismatching checkpoint, ...
-            raise CLIError(f"{kind} autoencoder: {exc}") from exc
-        l1 = history["l1"]
-        print(f"{kind}: {len(l1)} steps, L1 {l1[0]:.4f} -> {l1[-1]:.4f}; wrote {out / kind / 'autoencoder.pt'}" if l1 else f"{kind}: already trained ({out / kind})")
+    try:
+        for kind in kinds:
+            config = AutoencoderTrainConfig(
+                resolution=getattr(args, f"{kind}_resolution"), d=getattr(args, f"{kind}_d"), channel_base=args.channel_base,
+                channel_max=args.channel_max, kind=kind, max_tiles=args.max_tiles, sampler=args.sampler,
+                stream_slides=args.stream_slides, stream_patches=args.stream_patches, epochs=args.epochs,
+                max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lpips_weight=args.lpips_weight,
+                adv_weight=args.adv_weight, r1_gamma=args.r1_gamma, device=device, seed=args.seed,
+                checkpoint_every=args.checkpoint_every, lpips_weights=args.lpips_weights, lpips_impl=args.lpips_impl,
+                progress=not args.quiet and ranks.is_main,
+            )
+            try:
+                _, history = train_autoencoder(files, out / kind, config, resume=args.resume)
+            except ValueError as exc:  # bad resolution, no readable tiles, mismatching checkpoint, uneven batch, ...
+                raise CLIError(f"{kind} autoencoder: {exc}") from exc
+            l1 = history["l1"]
+            if ranks.is_main:
+                print(f"{kind}: {len(l1)} steps, L1 {l1[0]:.4f} -> {l1[-1]:.4f}; wrote {out / kind / 'autoencoder.pt'}"
+                      if l1 else f"{kind}: already trained ({out / kind})")
+    finally:
+        close_distributed()
     return 0
 
 
