@@ -24,7 +24,8 @@ Attributes of ``coords`` (the patch geometry, :class:`PatchGeometry`; CLAM and T
 (``round(p * downsample)``, TRIDENT), ``downsample`` [2] (CLAM), ``level_dim`` [2] (W, H at the level),
 ``mpp`` (um/px at the read level, NaN unknown), ``local_size`` (q), ``name``. Issue 18's magnification
 attrs (``level0_magnification``, ``target_magnification``) belong here too. Attributes of ``features`` /
-``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``, ``checkpoint``).
+``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``, ``checkpoint`` (absolute) and
+``checkpoint_sha256``).
 Root attributes: ``slide_id``, ``slide_path`` (absolute), ``isg_version``, ``backend``, ``level0_mpp``
 (NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, ``kept_fraction`` (selected / tissue
 patches: the floor guard's record, :func:`isg.select.kept_record`), and two JSON attributes:

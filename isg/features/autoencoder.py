@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from isg.utils import file_sha256
 
 __all__ = [
     "Autoencoder", "Encoder", "Decoder", "Discriminator", "modulated_conv2d",
@@ -344,4 +345,5 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
         raise CheckpointError(f"autoencoder checkpoint {path}: cannot rebuild the autoencoder ({str(exc).splitlines()[0]})") from None
     ae.extra = checkpoint.extra
     ae.checkpoint_path = str(path)
+    ae.checkpoint_sha256 = file_sha256(path)  # features record it; a model folder checks its copy against it
     return ae.to(map_location).eval()

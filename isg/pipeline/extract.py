@@ -66,8 +66,10 @@ def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int = 
 def _encoder_attrs(ae: Autoencoder, role: str) -> dict:
     attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
     checkpoint = getattr(ae, "checkpoint_path", None)
-    if checkpoint:
-        attrs["checkpoint"] = str(checkpoint)
+    if checkpoint:  # isg train copies it into the model folder, checking it is still this file
+        attrs["checkpoint"] = str(Path(checkpoint).resolve())
+        if getattr(ae, "checkpoint_sha256", None):
+            attrs["checkpoint_sha256"] = ae.checkpoint_sha256
     return attrs
 
 

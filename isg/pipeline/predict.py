@@ -3,8 +3,9 @@
 A :class:`Predictor` bundles what a trained run needs on new slides: the fold
 models of ``isg train`` (averaged as an ensemble), the global/local
 autoencoders and the preprocessing options and selection rule the training
-features were made with (``<train_dir>/pipeline.json``, copied from the patch
-files: :func:`new_slide_options`). Per slide, :func:`predict_slide`
+features were made with, all inside the model folder (``model.json``,
+:mod:`isg.model.folder`; folders of earlier versions: ``pipeline.json`` with
+paths; :func:`new_slide_options`). Per slide, :func:`predict_slide`
 
 1. preprocesses it (tissue grid, scores, selection) into a
    :class:`~isg.data.patch_file.SlidePatches` in memory (or reads the patch file
@@ -73,27 +74,42 @@ class Predictor:
     @classmethod
     def from_train_dir(cls, train_dir: str | os.PathLike, global_ae: str | os.PathLike | None = None,
                        local_ae: str | os.PathLike | None = None, device: str = "cpu", **preprocess) -> Predictor:
-        """Fold models of ``train_dir``; extractors and preprocessing from its pipeline.json unless given."""
+        """Fold models of the model folder ``train_dir``, and the extractors and preprocessing it holds
+        (model.json, :mod:`isg.model.folder`: every file checked against its checksum) unless given. A folder
+        of an earlier isg (pipeline.json only) reads its extractors from the paths it recorded."""
         from isg.features import load_autoencoder
         from isg.model import load_fold_models
+        from isg.model.folder import CARD, extractor_missing, read_model_folder
 
         train_dir = Path(train_dir)
-        models = load_fold_models(train_dir, device)
-        pipeline_path = train_dir / "pipeline.json"
-        pipeline = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
-        global_ae = global_ae or pipeline.get("global_features", {}).get("checkpoint")
-        local_ae = local_ae or pipeline.get("local_features", {}).get("checkpoint")
-        if not global_ae:
-            raise ValueError(f"{train_dir}: no global autoencoder recorded in pipeline.json; pass one explicitly")
-        if models[0].uses_local and not local_ae:
-            raise ValueError(f"{train_dir}: model {models[0].config.model} needs local features but no local autoencoder is recorded; pass one")
+        if (train_dir / CARD).is_file():
+            folder = read_model_folder(train_dir)  # a missing or altered fold model or extractor is named here
+            models = load_fold_models(train_dir, device)
+            record, extractors = folder.preprocess_record(), {}
+            for role, given in (("global", global_ae), ("local", local_ae)):
+                ref = folder.extractor(role)
+                if given is None and ref is None and (role == "global" or models[0].uses_local):
+                    raise extractor_missing(folder, role)
+                extractors[role] = given if given is not None else ref and ref.path
+            global_ae, local_ae = extractors["global"], extractors["local"]
+        else:
+            models = load_fold_models(train_dir, device)
+            pipeline_path = train_dir / "pipeline.json"
+            record = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
+            global_ae = global_ae or record.get("global_features", {}).get("checkpoint")
+            local_ae = local_ae or record.get("local_features", {}).get("checkpoint")
+            if not global_ae:
+                raise ValueError(f"{train_dir}: no global autoencoder recorded in pipeline.json; pass one explicitly")
+            if models[0].uses_local and not local_ae:
+                raise ValueError(f"{train_dir}: model {models[0].config.model} needs local features but no local autoencoder is recorded; pass one")
         for path in (global_ae, local_ae):
             if path and not Path(path).is_file():
                 raise FileNotFoundError(f"autoencoder checkpoint {path}: no such file")
-        options = {**new_slide_options(pipeline), **preprocess}
+        options = {**new_slide_options(record), **preprocess}
+        local_ae = local_ae if models[0].uses_local else None
         source = dict(train_dir=str(train_dir.resolve()), global_ae=global_ae and str(Path(global_ae).resolve()),
                       local_ae=local_ae and str(Path(local_ae).resolve()), device=device, **preprocess)
-        return cls(models, load_autoencoder(global_ae, device), load_autoencoder(local_ae, device) if models[0].uses_local else None,
+        return cls(models, load_autoencoder(global_ae, device), load_autoencoder(local_ae, device) if local_ae else None,
                    options, device, source=source)
 
 

@@ -8,8 +8,9 @@ per-gene standardised log10(1 + x) expression (or binary cross-entropy for
 MSI-H vs MSS), stop early on the validation loss, keep the best weights,
 predict the held-out fold. Out-of-fold predictions are averaged per sample and
 scored per gene (Pearson r, BH-FDR, significant genes) or by AUC. The output
-folder also gets ``pipeline.json``: how the features were made, so
-``isg predict`` can redo it on new slides.
+folder is a model folder that travels (:mod:`isg.model.folder`: the fold models, copies of the extractors,
+``model.json`` with the frozen selection rule, ``README.md``), so ``isg predict`` can redo the features on new
+slides from any directory; ``pipeline.json`` records how the features were made, as earlier versions wrote it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from isg.data import splits as splits_lib
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
+from isg.data.patch_file import read_patch_file
 from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
+from isg.model.folder import write_model_folder
 from isg.model.tasks import get_task
 from isg.train.config import TrainConfig
 from isg.train.distributed import Ranks, barrier, ranks_now, sum_over_ranks, sync_gradients
@@ -241,6 +244,11 @@ def cross_validate(
     with atomic_path(out_dir / "folds.csv") as tmp:
         pd.DataFrame(fold_rows).to_csv(tmp, index=False)
     write_pipeline(out_dir, feature_dir, manifest["slide_id"].iloc[0])
+    first = read_patch_file(Path(feature_dir) / f"{manifest['slide_id'].iloc[0]}.h5", features=False)
+    cohort = {"slides": len(manifest), "samples": int(manifest["sample_id"].nunique()),
+              "patients": int(manifest["patient_id"].nunique())}
+    write_model_folder(out_dir, first, model=config.model, task=config.task, outputs=list(targets.columns),
+                       uses_local=local, cohort=cohort, metrics=summary, training=_plain(asdict(config)))
     barrier()
     return summary
 
