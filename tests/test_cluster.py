@@ -4,6 +4,7 @@ workers' memory stays flat over the cohort."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -216,13 +217,18 @@ def slurm_module():
     return module
 
 
-def test_slurm_config_gives_each_worker_job_one_gpu():
+def test_slurm_config_gives_each_worker_job_one_gpu(tmp_path):
     pytest.importorskip("dask_jobqueue")
     import dask
 
-    with dask.config.set({}):  # the yaml goes into a copy of the config, dropped after the test
-        with slurm_module().slurm_cluster(scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"}) as cluster:
+    saved = copy.deepcopy(dask.config.config)
+    try:
+        with slurm_module().slurm_cluster(scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"},
+                                          log_directory=str(tmp_path / "logs")) as cluster:
             script = cluster.job_script()  # what sbatch would get; nothing is submitted
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)  # the yaml was read into the process's dask config
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
     assert "--resources GPU=1" in script and "--nthreads 8" in script and "distributed.cli.dask_worker" in script
 
