@@ -260,3 +260,30 @@ def test_slurm_script_runs_the_stages_on_a_local_cluster(cohort, cluster, tmp_pa
     predictions = pd.read_csv(out / "pred" / "predictions.csv", index_col="slide_id")
     assert list(predictions.index) == [p.stem for p in new] and np.isfinite(predictions.to_numpy()).all()
     assert module.split_commands(["--jobs", "2", "--", "a", "b", "--", "c"]) == (["--jobs", "2"], [["a", "b"], ["c"]])
+
+
+def test_cuda_on_dask_asks_each_slide_for_a_gpu(cluster, caplog):
+    from types import SimpleNamespace
+
+    from isg.cli import CLIError
+    from isg.cli._cluster import scheduler_from_args
+    from isg.pipeline.cohort import _warn_without_resources
+
+    args = SimpleNamespace(workers=None, scheduler="tcp://127.0.0.1:8786", resources=None, device="cuda")
+    assert scheduler_from_args(args) == ("tcp://127.0.0.1:8786", None, {"GPU": 1.0})
+    args.resources = ""  # asks for none
+    assert scheduler_from_args(args)[2] is None
+    args.resources, args.workers = "GPU=2,MEM=0.5", 3
+    assert scheduler_from_args(args) == ("tcp://127.0.0.1:8786", 3, {"GPU": 2.0, "MEM": 0.5})
+    args.device, args.resources = "cpu", None
+    assert scheduler_from_args(args)[2] is None
+    for bad in ("GPU", "=1", "GPU=one"):
+        args.resources = bad
+        with pytest.raises(CLIError, match="--resources"):
+            scheduler_from_args(args)
+    _, client = cluster
+    with caplog.at_level("WARNING", logger="isg.pipeline.cohort"):
+        _warn_without_resources(client, {"GPU": 1})  # the workers offer one GPU each
+        assert not caplog.records
+        _warn_without_resources(client, {"GPU": 2})
+    assert "none of the 2 Dask worker(s) offers GPU=2" in caplog.text
