@@ -26,6 +26,7 @@ from isg.features import Autoencoder, ExtractorError, ExtractorRef, save_autoenc
 from isg.pipeline.cohort import run_cohort  # noqa: E402
 from isg.pipeline.extract import _ExtractOne, _HasFeatures, extract_cohort  # noqa: E402
 from isg.utils import atomic_path, process_cache_loads  # noqa: E402
+from small_cohort import preprocessed_cohort  # noqa: E402
 
 N_SLIDES = 16
 WAIT = 240  # seconds: generous, the test machine may be loaded
@@ -34,13 +35,8 @@ WAIT = 240  # seconds: generous, the test machine may be loaded
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """``N_SLIDES`` preprocessed 768 px synthetic slides (64 px patches; manifest, expression) and two small extractors."""
-    from isg.io.synth import make_cohort
-    from isg.pipeline.preprocess import preprocess_cohort
-
     root = tmp_path_factory.mktemp("cluster")
-    synth = make_cohort(root / "cohort", n_slides=N_SLIDES, size=768, tile=64, genes=5, seed=0)
-    summary = preprocess_cohort(synth.slides, root / "patches", patch_size=64, local_size=32, progress=False, workers=2)
-    assert summary.ok
+    synth = preprocessed_cohort(root, n_slides=N_SLIDES, genes=5, k=None)
     torch.manual_seed(0)
     for role in ("global", "local"):
         save_autoencoder(root / f"{role}.pt", Autoencoder(resolution=32, d=16, channel_base=256, channel_max=16, mapping_layers=1))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from isg.cli import main
+from small_cohort import preprocessed_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 AE = ["--which", "global", "--batch-size", "8", "--global-resolution", "16", "--global-d", "8", "--channel-base", "128",
@@ -27,15 +28,10 @@ SMALL = '{"embed_dim": 16, "depth": 1, "num_heads": 2}'
 def cohort(tmp_path_factory):
     """6 synthetic slides, 8 selected 64 px patches each, with features of a small untrained extractor."""
     from isg.features import Autoencoder, save_autoencoder
-    from isg.io.synth import make_cohort
     from isg.pipeline.extract import extract_cohort
-    from isg.pipeline.preprocess import preprocess_cohort
-    from isg.select import SelectionRule
 
     root = tmp_path_factory.mktemp("ddp")
-    synth = make_cohort(root / "cohort", n_slides=6, size=768, tile=64, genes=4, seed=2)
-    assert preprocess_cohort(synth.slides, root / "patches", patch_size=64, local_size=32, progress=False,
-                             rule=SelectionRule("topk", k=8)).ok
+    synth = preprocessed_cohort(root, seed=2, genes=4, k=8)
     torch.manual_seed(0)
     for role in ("global", "local"):
         save_autoencoder(root / f"{role}.pt", Autoencoder(resolution=16, d=8, channel_base=128, channel_max=16, mapping_layers=1))

@@ -15,19 +15,14 @@ from isg.features.patches import split_local
 from isg.io import open_slide
 from isg.train.distributed import Ranks
 from isg.train.patch_stream import PatchStream, resized_tiles
+from small_cohort import preprocessed_cohort
 
 
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory):
     """6 synthetic 768 px slides preprocessed with 64 px patches (local 32), topk 8: 8 selected patches each."""
-    from isg.io.synth import make_cohort
-    from isg.pipeline.preprocess import preprocess_cohort
-    from isg.select import SelectionRule
-
     root = tmp_path_factory.mktemp("stream")
-    synth = make_cohort(root / "cohort", n_slides=6, size=768, tile=64, genes=3, seed=1)
-    assert preprocess_cohort(synth.slides, root / "patches", patch_size=64, local_size=32, progress=False,
-                             rule=SelectionRule("topk", k=8)).ok
+    preprocessed_cohort(root, seed=1, k=8)
     return sorted((root / "patches").glob("*.h5"))
 
 

@@ -3,8 +3,9 @@
 ``isg extract fit --h5-dir D --out CKPT_DIR`` trains ``CKPT_DIR/global`` and ``CKPT_DIR/local``
 (each with ``checkpoint.pt``, ``autoencoder.pt``, ``history.json``; rerunning resumes).
 ``isg extract run --h5-dir D --global CKPT_DIR/global --local CKPT_DIR/local`` adds ``features``
-and ``local_features`` to every ``D/*.h5``. Exit code 0 when every slide is done, 1 when some
-failed (listed), 2 on bad arguments.
+and ``local_features`` to every ``D/*.h5``, one task per slide through the cohort runner (``--scheduler``:
+threads, processes or a Dask address; each worker loads the extractors once). Exit code 0 when every slide
+is done, 1 when some failed (listed), 2 on bad arguments. Under ``torchrun`` ``fit`` trains on every process.
 """
 
 from __future__ import annotations
