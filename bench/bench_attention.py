@@ -53,7 +53,8 @@ from isg.ops import attention as ops
 
 QUICK = os.environ.get("ISG_BENCH_QUICK") == "1"
 CPU_SIZES = [(4096, 128, 16)] if QUICK else [(512, 64, 16), (4096, 128, 16), (2048, 128, 64)]  # (M, C, L = S * S)
-GPU_SIZES = [(4096, 128, 16), (2048, 128, 64), (16384, 128, 16), (4096, 256, 64)]
+# GPU: the paper's shape only with ISG_BENCH_QUICK=1 (bench/gpu_check.sh: 8 torch.compile objects, ~2 min at most)
+GPU_SIZES = [(4096, 128, 16)] if QUICK else [(4096, 128, 16), (2048, 128, 64), (16384, 128, 16), (4096, 256, 64)]
 OPS = ("gated_hadamard", "softmax_spatial_sum")
 FORMS = ("paper", "plus")
 SPEEDUP_GOAL, COMPILE_TOLERANCE, MODEL_GOAL = 2.0, 1.1, 1.2
@@ -69,15 +70,18 @@ def _inputs(op, M, C, L, device, dtype=torch.float32, form="paper"):
 _COMPILED: dict = {}
 
 
-def _contender(op, name):
-    """eager (the reference), compiled (torch.compile of the reference) or fused (isg._C)."""
+def _contender(op, name, inputs):
+    """eager (the reference), compiled (torch.compile of the reference) or fused (isg._C) for ``inputs``. One compiled
+    object per op, shapes, dtype and device: a shared one recompiles for every variant and, past dynamo's recompile
+    limit (8), silently falls back to eager."""
     if name == "fused":
         return lambda *x: getattr(ops, op)(*x, fused=True)
     reference = getattr(ops, f"{op}_reference")
     if name == "compiled":
-        if op not in _COMPILED:
-            _COMPILED[op] = torch.compile(reference, dynamic=False)
-        return _COMPILED[op]
+        key = (op, *((tuple(t.shape), t.dtype, t.device.type) for t in inputs))
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(reference, dynamic=False)
+        return _COMPILED[key]
     return reference
 
 
@@ -143,7 +147,7 @@ _MODEL: dict[str, float] = {}
 def test_cpu_contenders(op, form, size, report):
     _needs_native("cpu")
     inputs = _inputs(op, *size, "cpu", form=form)
-    steps = {name: (lambda fn=_contender(op, name): _step(fn, inputs)) for name in _contenders("cpu")}
+    steps = {name: (lambda fn=_contender(op, name, inputs): _step(fn, inputs)) for name in _contenders("cpu")}
     _CPU_MS[op, form, size] = _interleaved_ms(steps, report)
 
 
@@ -201,7 +205,7 @@ def test_cpu_peak_memory_and_tables(report):
         pytest.skip("peak memory needs glibc's mallopt")
     for (op, form, size), ms in _CPU_MS.items():
         inputs = _inputs(op, *size, "cpu", form=form)
-        peak = {name: _cpu_peak_mb(lambda: _step(_contender(op, name), inputs)) for name in ms}
+        peak = {name: _cpu_peak_mb(lambda: _step(_contender(op, name, inputs), inputs)) for name in ms}
         table = "attention_cpu_{}_{}_M{}_C{}_L{}".format(op, form, *size)
         for name in ms:
             report.add(table, name, ms[name], unit="ms fwd+bwd", baseline=name == "eager", higher_is_better=False,
@@ -257,7 +261,7 @@ def test_gpu_contenders(op, form, size, dtype, report):
     inputs = _inputs(op, *size, "cuda", dtype, form=form)
     results = {}
     for name in _contenders("cuda"):
-        fn = _contender(op, name)
+        fn = _contender(op, name, inputs)
 
         def run():
             _step(fn, inputs)
@@ -275,6 +279,7 @@ def test_gpu_contenders(op, form, size, dtype, report):
     report.add("attention_gpu_summary", "{} {} {} M{} C{} L{}".format(op, form, dtype_name, *size),
                results["eager"] / results["fused"], unit="x speed-up vs eager",
                **{f"{k}": round(v, 3) for k, v in results.items()})
+    print(f"\n{table}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)  # kept if a time limit stops the run
     if dtype == torch.float32:
         _GPU_MS[op, form, size] = results
 

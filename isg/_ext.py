@@ -25,10 +25,6 @@ _error: str | None = None
 _loaded = False
 
 
-# The static CUDA 13 runtime in _C needs a driver that supports CUDA 13 (R580 or newer).
-MIN_DRIVER_CUDA_VERSION = 13000
-
-
 def _load() -> None:
     global _module, _error, _loaded
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -115,6 +116,73 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoints are identified by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ProcessCache:
+    """Objects built once per process and reused, keyed by what identifies them (e.g. a checkpoint's path and
+    SHA-256): a Dask worker or pool process loads a model on its first task and keeps it for the next ones.
+
+    Least-recently-used entries beyond ``max_entries`` are dropped. ``loads`` counts the builds per key.
+    Thread-safe: concurrent first uses of one key build it once.
+    """
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self.lock = threading.Lock()
+        self.entries: dict = {}  # key -> object, least recently used first
+        self.loads: dict = {}  # key -> number of builds in this process
+
+    def get(self, key, build):
+        """The object cached under ``key``, built by ``build()`` on first use."""
+        with self.lock:
+            if key in self.entries:
+                self.entries[key] = self.entries.pop(key)  # most recently used last
+                return self.entries[key]
+            value = build()
+            self.entries[key] = value
+            self.loads[key] = self.loads.get(key, 0) + 1
+            while len(self.entries) > self.max_entries:
+                self.entries.pop(next(iter(self.entries)))
+            return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+PROCESS_CACHE = ProcessCache()  # the one cache of this process (extractors, model folders)
+
+
+def process_cache_loads() -> dict:
+    """``{str(key): builds}`` of :data:`PROCESS_CACHE` in this process (``client.run`` calls it on Dask workers)."""
+    with PROCESS_CACHE.lock:
+        return {str(key): n for key, n in PROCESS_CACHE.loads.items()}
+
+
+def process_memory() -> dict:
+    """This process's resident memory now and at its peak, in MB, and its name ``host:pid``."""
+    import socket
+
+    import psutil
+
+    info = psutil.Process().memory_info()
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        peak = getattr(info, "peak_wset", info.rss) / 2**20
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "rss_mb": round(info.rss / 2**20, 1),
+            "peak_rss_mb": round(max(peak, info.rss / 2**20), 1)}
 
 
 # ----------------------------------------------------------------------------- output of C libraries

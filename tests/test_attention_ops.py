@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 
 from isg import _ext
 from isg.ops import attention as ops
+from isg.ops import native as launch
 
 @pytest.fixture(scope="session")
 def attention_ext(require_ext):
     """The native module with the attention kernels (an older build without them is skipped, or fails under CI)."""
-    if not _ext.has("gated_hadamard_forward"):
+    if not _ext.has("gated_hadamard_forward_cpu"):
         message = "isg._C was built without the attention kernels"
         if os.environ.get("ISG_REQUIRE_EXT") == "1":
             pytest.fail(message)
@@ -200,6 +202,22 @@ def test_non_contiguous_and_mixed_dtype_inputs(attention_ext):
     assert out.dtype == torch.float32
 
 
+def test_reference_fallback_warns_once(monkeypatch):
+    """fused=None without a kernel for the device: the reference, with one warning per op and device type that names
+    the reason; fused=False asks for the reference (no warning); fused=True fails."""
+    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(_ext, "has", lambda name: False)
+    q, k, v = _gated_inputs(2, 3, 4)
+    with pytest.warns(RuntimeWarning, match=r"gated_hadamard: the native cpu kernel is not used \(isg._C has no"):
+        out = ops.gated_hadamard(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(ops.gated_hadamard(q, k, v), out)
+        torch.testing.assert_close(ops.gated_hadamard(q, k, v, fused=False), ops.gated_hadamard_reference(q, k, v))
+    with pytest.raises(RuntimeError, match="no fused kernel for torch.float32 on cpu"):
+        ops.gated_hadamard(q, k, v, fused=True)
+
+
 def test_public_functions_pick_native_on_cpu(attention_ext):
     assert ops.native_available(torch.zeros(1))
     assert not ops.native_available(torch.zeros(1, dtype=torch.int32))
@@ -212,7 +230,8 @@ def test_public_functions_pick_native_on_cpu(attention_ext):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name,make,fused,reference", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION], ids=str)
-@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 7), (2, 3, 49), (16, 64, 64), (256, 128, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 7), (2, 3, 49), (16, 64, 64), (256, 128, 16), (4096, 128, 16), (33, 130, 100)],
+                         ids=lambda s: "x".join(map(str, s)))  # the paper's shape (4096 blocks of channel groups), odd ones
 def test_cuda_matches_cpu_reference(attention_ext, name, make, fused, reference, dtype, size, form):
     if not ops.native_available(torch.zeros(1, device="cuda")):
         pytest.fail("isg._C has no usable CUDA kernels on this GPU machine (isg info says why)")
@@ -251,11 +270,22 @@ def test_registered_ops_validate_their_inputs(attention_ext):
         torch.ops.isg.softmax_spatial_sum(logits.to("meta"), p)
 
 
+def test_entry_points_follow_one_naming(attention_ext):
+    """One binding table (csrc/module.cpp): every kernel as <op>_cpu and, in CUDA builds, <op>_cuda; no other spelling."""
+    names = {name for name in dir(attention_ext) if not name.startswith("_")}
+    kernels = {"gated_hadamard_forward", "gated_hadamard_backward", "softmax_spatial_sum_forward",
+               "softmax_spatial_sum_backward", "shannon_histogram"}
+    assert {f"{k}_cpu" for k in kernels} | {"shannon_bits_cpu"} <= names
+    cuda_entries = {name for name in names if name.endswith("_cuda")} - {"built_with_cuda"}
+    assert cuda_entries == ({f"{k}_cuda" for k in kernels} if attention_ext.built_with_cuda else set())
+    assert not kernels & names
+
+
 def test_kernels_reject_null_pointers(attention_ext):
     with pytest.raises(ValueError, match="null"):
-        attention_ext.gated_hadamard_forward(0, 0, 0, 0, 2, 3, 4, True, 0, 1)
+        attention_ext.gated_hadamard_forward_cpu(0, 0, 0, 0, (2, 3, 4, True), 0, 1)
     with pytest.raises(ValueError, match="null"):
-        attention_ext.softmax_spatial_sum_backward(0, 0, 0, 0, 0, 2, 3, 4, False, 0, 1)
+        attention_ext.softmax_spatial_sum_backward_cpu(0, 0, 0, 0, 0, (2, 3, 4, False), 0, 1)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -284,7 +314,7 @@ def test_cpu_kernels_honour_torch_thread_count(attention_ext, monkeypatch):
                 return getattr(module, name)(*args)
             return call
 
-    monkeypatch.setattr(ops._ext, "ext", lambda: Spy())
+    monkeypatch.setattr(_ext, "ext", lambda: Spy())
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -3,8 +3,8 @@
 The emulated module is ``_C`` built by CMake with ``-DISG_EMU=ON`` (the .cu files compiled as C++ against
 an emulation of CUDA's execution model: each CUDA thread a fiber, real barriers, shuffles, votes and
 ``__match_any_sync``). It is built on demand into ``build/emu`` (``ISG_EMU_BUILD``), incrementally, and
-its ``*_cuda`` functions take host pointers. The tests route the ops' single launch point (``_call`` in
-isg/ops/attention.py and isg/ops/shannon.py) to those functions, so the whole path (checks inside the
+its ``*_cuda`` functions take host pointers. The tests route the ops' single launch point (``isg.ops.native.call``)
+to those functions, so the whole path (checks inside the
 registered ops, argument building, autograd) runs as it would on a GPU. Marker ``emu``.
 """
 
@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from isg.ops import attention as ops
+from isg.ops import native
 from isg.ops import shannon
+from test_shannon import histogram_of_case, word_path_cases  # the layouts of the GPU check (tests/test_shannon.py)
 
 pytestmark = pytest.mark.emu
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +69,13 @@ def emu():
 @pytest.fixture
 def emulated(emu, monkeypatch):
     """CPU tensors run through the ops' CUDA launch path, on the emulator."""
-    def call(name, device, *args):  # host pointers, stream 0
-        getattr(emu, f"{name}_cuda")(*args, 0)
+    def call(name, device, *args):  # host pointers, stream 0; host-only kernels (bits) on the CPU
+        if hasattr(emu, f"{name}_cuda"):
+            getattr(emu, f"{name}_cuda")(*args, 0)
+        else:
+            getattr(emu, f"{name}_cpu")(*args, torch.get_num_threads())
 
-    monkeypatch.setattr(ops, "_call", call)
-    monkeypatch.setattr(shannon, "_call", call)
+    monkeypatch.setattr(native, "call", call)
     monkeypatch.setattr(ops, "native_available", lambda x: x.dtype in ops._DTYPE_CODES)
     return emu
 
@@ -140,6 +144,25 @@ def test_attention_model_shape_spans_many_blocks(emulated, form):
         assert_within_budget(got, eager, oracle, torch.float32)
 
 
+# The paper's shapes with fewer patches (C = 128 channels; L = 16 and 64 positions: one chunk of W = 16 lanes, two of
+# W = 32), and odd ones: channels that leave groups idle or split unevenly over the 256 / W groups and kUnroll steps.
+PAPER_SHAPES = [(3, 128, 16), (2, 128, 64), (5, 37, 16), (3, 130, 49), (2, 200, 100), (70, 9, 4), (4, 1, 16)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", PAPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_paper_shapes(emulated, size, dtype, form):
+    """Channel-split reductions (paper form: a block per patch, groups over channels, sums across groups in shared
+    memory) and group rows (plus form) at the model's shapes."""
+    for op, (fused, reference) in OPS.items():
+        inputs = _inputs(op, *size, dtype, form, seed=sum(size))
+        got = _forward_backward(lambda *x: fused(*x, fused=True), inputs)
+        oracle = _forward_backward(reference, [t.detach().double().requires_grad_() for t in inputs])
+        eager = _forward_backward(reference, inputs)
+        assert_within_budget(got, eager, oracle, dtype)
+
+
 def test_attention_extreme_rows(emulated):
     logits = torch.tensor([[[1000.0, 0.0, -1000.0]], [[-5e4, -5e4, -5e4]]])   # paper form, [2, 1, 3]
     p = torch.tensor([[[2.0, 3.0, 4.0]], [[1.0, 2.0, 3.0]]]).expand(2, 4, 3).contiguous()
@@ -188,7 +211,7 @@ def test_shannon_bits_identical_to_cpu(emulated, require_ext):
     hist = torch.empty((6, 3, 256), dtype=torch.int32)
     t = torch.from_numpy(tiles)
     offsets = torch.arange(6, dtype=torch.int64) * t.stride(0)
-    require_ext.shannon_histogram_cpu(t.data_ptr(), offsets.data_ptr(), 6, 37, 29, 3, *t.stride()[1:], hist.data_ptr(), 1)
+    require_ext.shannon_histogram_cpu((t.data_ptr(), offsets.data_ptr(), 6, 37, 29, 3, *t.stride()[1:]), hist.data_ptr(), 1)
     np.testing.assert_array_equal(gpu_bits, shannon.histogram_bits(hist.long()))
     np.testing.assert_allclose(gpu_bits, shannon.shannon_bits_reference(tiles), rtol=1e-12)
 
@@ -215,6 +238,13 @@ def test_shannon_word_path(emulated, h, w):
         np.testing.assert_array_equal(torch.ops.isg.shannon_histogram(x).numpy(), _histogram_per_channel_reference(x.numpy()))
     rows = torch.from_numpy(rgb[0, 0]).expand(2, h, w, 3)                           # row stride 0: every row the same
     np.testing.assert_array_equal(shannon.shannon_histogram(rows).numpy(), shannon.shannon_histogram_reference(rows.contiguous().numpy()))
+
+
+@pytest.mark.parametrize("case", list(word_path_cases()))
+def test_shannon_word_path_real_widths(emulated, case):
+    x, grid = word_path_cases()[case]
+    expected = shannon.shannon_histogram_reference(x) if grid is None else shannon.shannon_grid_histogram_reference(x, *grid)
+    np.testing.assert_array_equal(histogram_of_case(x, grid), expected)
 
 
 def test_shannon_word_path_is_taken(emulated):
@@ -296,6 +326,8 @@ def test_other_schedules(emulated, monkeypatch, schedule):
         for op in OPS:
             for size in [(3, 5, 7), (2, 3, 49), (4, 9, 16)]:
                 test_attention_kernels(emulated, op, torch.float32, size, form)
+        for size in [(3, 128, 16), (2, 130, 49)]:
+            test_attention_paper_shapes(emulated, size, torch.float32, form)
     for h, w in [(7, 13), (33, 95)]:
         test_shannon_histogram(emulated, h, w, 3)
     for h, w in [(9, 44), (17, 124)]:

@@ -42,3 +42,44 @@ def test_cuda_status_says_why(monkeypatch, module, reason):
     monkeypatch.setattr(_ext, "ext", lambda: module)
     ok, why = _ext._query_cuda()
     assert not ok and reason in why
+
+
+# ----------------------------------------------------------------------------- a toy kernel through the one launch point
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_a_toy_kernel_face_launches_through_the_binding_names(monkeypatch, n):
+    """The face side of docs/architecture.md's kernel recipe: `<op>_cpu(pointers..., num_threads)` is found by its
+    name and called by isg.ops.native; without it the face runs its reference and warns once."""
+    import warnings
+
+    import torch
+
+    from isg.ops import native
+
+    calls = []
+
+    def toy_scale_cpu(src, dst, size, factor, threads):  # what an ISG_BIND'ed C++ function receives
+        calls.append(threads)
+        torch.mul(src_tensor, factor, out=dst_tensor)
+
+    src_tensor, dst_tensor = torch.arange(n, dtype=torch.float32), torch.empty(n)
+
+    def face(x: torch.Tensor) -> torch.Tensor:  # the recipe's face, over the one launch point
+        if native.available("toy_scale", x.device):
+            native.call("toy_scale", x.device, x.data_ptr(), dst_tensor.data_ptr(), x.numel(), 2.0)
+            return dst_tensor
+        native.warn_fallback("toy_scale", "toy_scale", x.device)
+        return x * 2.0  # the reference
+
+    monkeypatch.setattr(_ext, "ext", lambda: types.SimpleNamespace(toy_scale_cpu=toy_scale_cpu))
+    torch.testing.assert_close(face(src_tensor), src_tensor * 2)
+    assert calls == [torch.get_num_threads()]
+
+    monkeypatch.setattr(_ext, "ext", lambda: types.SimpleNamespace())  # a build without the op
+    monkeypatch.setattr(native, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"toy_scale: the native cpu kernel is not used \(isg._C has no toy_scale_cpu"):
+        torch.testing.assert_close(face(src_tensor), src_tensor * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        face(src_tensor)

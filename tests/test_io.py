@@ -683,3 +683,16 @@ def test_jpeg_check_attributes_warnings_under_threads(tmp_path):
     with cf.ThreadPoolExecutor(4) as pool:
         errors = list(pool.map(jpeg_error, streams * 3))
     assert [e is not None for e in errors] == alone * 3
+
+
+@pytest.mark.parametrize("keep_bytes", [300, 1000])
+def test_a_tile_index_cut_short_is_a_damaged_slide(tmp_path, keep_bytes):
+    """A TIFF truncated inside its tile index lists fewer tiles than its grid: they count as missing (the
+    slide is refused naming the file), never an IndexError while streaming."""
+    image = np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8)  # 3 x 5 tiles of 128
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, image, tile=(128, 128), compression="jpeg", photometric="rgb")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[:keep_bytes])
+    with pytest.raises(DamagedSlideError, match=r"cut\.tif: truncated or damaged: 15 of 15 tiles of level 0"):
+        open_slide(cut, backend="tifffile", mpp=0.5)

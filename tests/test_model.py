@@ -18,7 +18,7 @@ def attention_ext(require_ext):
     """The native module with the attention kernels (skipped for an older build, failed under ISG_REQUIRE_EXT=1)."""
     from isg import _ext
 
-    if not _ext.has("gated_hadamard_forward"):
+    if not _ext.has("gated_hadamard_forward_cpu"):
         if os.environ.get("ISG_REQUIRE_EXT") == "1":
             pytest.fail("isg._C was built without the attention kernels")
         pytest.skip("isg._C was built without the attention kernels")

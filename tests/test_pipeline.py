@@ -101,7 +101,7 @@ def test_train_then_predict_new_slides(cohort, trained, tmp_path, monkeypatch, m
     assert calls == {"open_slide": 2, "write_patch_file": 2}
     for slide in slides:
         written = read_patch_file(tmp_path / "pred" / "patches" / f"{slide.stem}.h5")
-        assert written.has_features(predictor.models[0].uses_local) and written.rule["rule"] == "mean_std"
+        assert written.has_features(predictor.models[0].uses_local) and written.rule["rule"] == "rank"  # the default rule, frozen in the model
     assert summary.ok and list(predictions.columns) == predictor.outputs == [f"SYN{g:04d}" for g in range(5)]
     assert predictions.shape == (2, 5) and np.isfinite(predictions.to_numpy()).all()
     assert set(timings.columns) >= {"read", "select", "features", "predict", "total", "n_patches"}
@@ -160,6 +160,62 @@ def test_predict_skips_bad_slides_and_resumes(cohort, tmp_path):
     assert list(predictions.index) == [synth.slides[0].stem, synth.slides[1].stem]
     again = predict_slides(slides, predictor, tmp_path / "pred", progress=False)[2]
     assert len(again.skipped) == 2 and len(again.failed) == 1  # finished slides are not redone
+
+
+def test_a_copied_model_folder_predicts_from_anywhere(cohort, trained, tmp_path, monkeypatch, capsys):
+    """The trained folder, copied elsewhere, predicts from a third directory with the extractors it carries (the
+    originals moved away); an altered or missing extractor is named; a folder of an earlier isg still loads."""
+    from isg.cli import main
+
+    root, synth = cohort
+    card = json.loads((trained / "model.json").read_text())
+    assert card["format"] == "isg-model-folder" and card["isg_version"] and card["model"] == "isg-2-1-plus"
+    assert card["outputs"] == [f"SYN{g:04d}" for g in range(5)] and card["cohort"] == {"slides": 24, "samples": 24, "patients": 18}
+    from isg.data.patch_file import read_patch_file
+
+    trained_on = read_patch_file(next((root / "patches").glob("*.h5")), features=False)
+    assert card["preprocess"]["rule"]["rule"] == trained_on.rule["rule"] and card["geometry"]["patch_size"] == 128
+    assert [f["file"] for f in card["folds"]] == [f"model_fold{k}.pt" for k in range(3)]
+    assert {role: entry["file"] for role, entry in card["extractors"].items()} == {"global": "extractors/global.pt",
+                                                                                "local": "extractors/local.pt"}
+    assert "mean_r" in card["metrics"] and "train_mean_floor_mean_r" in card["metrics"]
+    readme = (trained / "README.md").read_text()
+    assert "isg-2-1-plus" in readme and "SYN0002" in readme and "24 slides" in readme and trained_on.rule["rule"] in readme
+
+    copied = tmp_path / "elsewhere" / "model"
+    shutil.copytree(trained, copied)
+    third = tmp_path / "third"
+    third.mkdir()
+    monkeypatch.chdir(third)
+    slide = str(synth.slides[0])
+    args = ["predict", slide, "--model", "../elsewhere/model", "--out", "pred", "--quiet"]
+    away = {name: root / f"{name}.away" for name in ("global.pt", "local.pt")}
+    for name, moved in away.items():  # the extractors the training features were made with are gone
+        (root / name).rename(moved)
+    try:
+        assert main(args) == 0, capsys.readouterr().err
+    finally:
+        for name, moved in away.items():
+            moved.rename(root / name)
+    assert main(["predict", slide, "--model", str(trained), "--out", str(tmp_path / "original"), "--quiet"]) == 0
+    here = pd.read_csv(third / "pred" / "predictions.csv", index_col=0)
+    np.testing.assert_allclose(here.to_numpy(), pd.read_csv(tmp_path / "original" / "predictions.csv", index_col=0).to_numpy(),
+                               rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+
+    with open(copied / "extractors" / "local.pt", "ab") as handle:
+        handle.write(b"\0")
+    assert main([*args[:-3], "--out", "again", "--quiet"]) == 2
+    assert "local extractor" in (err := capsys.readouterr().err) and "local.pt: altered" in err
+    (copied / "extractors" / "local.pt").unlink()
+    assert main([*args[:-3], "--out", "again", "--quiet"]) == 2
+    assert "local.pt: no such file" in capsys.readouterr().err
+
+    legacy = tmp_path / "legacy"  # a folder of an earlier isg: pipeline.json with the extractor paths, no card
+    shutil.copytree(trained, legacy, ignore=shutil.ignore_patterns("model.json", "extractors", "README.md"))
+    assert main(["predict", slide, "--model", str(legacy), "--out", str(tmp_path / "legacy_pred"), "--quiet"]) == 0
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "legacy_pred" / "predictions.csv", index_col=0).to_numpy(),
+                               here.to_numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_he2rna_slide_pipeline_matches_manual_route(cohort):

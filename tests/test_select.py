@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from isg.ops.shannon import shannon_bits
-from isg.select import (DEFAULT_RULE, PAPER_THRESHOLD_BITS, RULE_KINDS, RULES, SELECTION_FILE, SELECTORS, Selection,
+from isg.select import (DEFAULT_RULE, kept_record, robust_z_threshold, PAPER_THRESHOLD_BITS, RULE_KINDS, RULES, SELECTION_FILE, SELECTORS, Selection,
                         SelectionRule, SelectionWarning, apply_rule, cohort_threshold, default_threshold_bits,
                         get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scored, register_rule,
                         reselect_h5, select)
@@ -77,10 +78,11 @@ def test_rule_defaults_have_one_definition():
     from isg.cli import build_parser
     from isg.pipeline.preprocess import PreprocessOptions
 
-    assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
-    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} == set(RULE_KINDS)
+    assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "rank" and DEFAULT_RULE.share == pytest.approx(0.1587)
+    assert DEFAULT_RULE.n_sigma == 1.0
+    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk", "rank", "robust_z"} == set(RULE_KINDS)
     assert list(SELECTORS) == ["shannon", "otsu", "gradient", "canny", "dog", "log"]
-    # each selector carries its natural rule: Otsu tissue fraction >= 0.5, the others mean + 1 sigma per slide
+    # each selector carries its natural rule: Otsu tissue fraction >= 0.5, the others the paper's share by rank
     assert get_selector("otsu").natural_rule == SelectionRule("threshold", threshold=0.5)
     assert all(get_selector(name).natural_rule == DEFAULT_RULE for name in SELECTORS if name != "otsu")
     assert PreprocessOptions().rule is None and PreprocessOptions().selection_rule() == DEFAULT_RULE
@@ -88,6 +90,11 @@ def test_rule_defaults_have_one_definition():
     for command in ("preprocess", "select"):  # no rule option given: the selector's natural rule
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
         assert args.rule is None and args.n_sigma is None and args.threshold is None and args.k is None
+    from isg.cli._rules import rule_from_args
+
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--share", "0.3"])) == SelectionRule("rank", share=0.3)
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--rule", "robust_z", "--n-sigma", "2"])) == \
+        SelectionRule("robust_z", n_sigma=2)
 
 
 def test_select_returns_the_cut_it_applied():
@@ -97,8 +104,9 @@ def test_select_returns_the_cut_it_applied():
     assert select(SCORES, "threshold", threshold=3.0).cut == 3.0
     assert select(SCORES, SelectionRule("cohort", threshold=9.0)).cut == 9.0
     assert select(SCORES, "topk", k=2).cut is None  # rank-based: no absolute cut
-    keep, cut = select(SCORES, DEFAULT_RULE)  # a NamedTuple
+    keep, cut = select(SCORES, "mean_std")  # a NamedTuple
     assert isinstance(select(SCORES), Selection) and keep.sum() == 2 and cut == pytest.approx(mean + std)
+    assert select(SCORES).cut is None and select(SCORES).keep.sum() == 1  # the default: rank, ceil(0.1587 * 6) = 1
     with pytest.warns(SelectionWarning):  # the rule's own cut, also when min_keep stepped in
         assert select(SCORES, "threshold", threshold=100.0).cut == 100.0
     with pytest.raises(TypeError, match="inside the SelectionRule"):
@@ -147,10 +155,14 @@ def test_adding_a_rule_kind_is_one_decorator():
 
 @pytest.mark.parametrize("n", [0, 1, 7])
 @pytest.mark.parametrize("rule", [SelectionRule("threshold", threshold=1.0), SelectionRule("topk", k=2), DEFAULT_RULE,
-                                  SelectionRule("cohort", threshold=5.0)], ids=lambda r: r.rule)
+                                  SelectionRule("mean_std"), SelectionRule("robust_z"), SelectionRule("cohort", threshold=5.0)],
+                         ids=lambda r: r.rule)
 def test_odd_sizes(n, rule):
     scores = np.arange(n, dtype=np.float64)[::-1] * 1.5  # distinct, best first
+    median = np.median(scores) if n else 0.0
     expected = {"threshold": scores >= 1.0, "cohort": scores >= 5.0, "topk": np.arange(n) < 2,
+                "rank": np.arange(n) < np.ceil(0.1587 * n - 1e-9),
+                "robust_z": scores > median + 1.4826 * np.median(np.abs(scores - median)) if n else np.zeros(0, bool),
                 "mean_std": scores > scores.mean() + scores.std() if n else np.zeros(0, bool)}[rule.rule]
     if n and not expected.any():
         expected = np.arange(n) < 1  # min_keep = 1: the best one
@@ -158,7 +170,7 @@ def test_odd_sizes(n, rule):
         warnings.simplefilter("ignore", SelectionWarning)
         keep, cut = select(scores, rule)
     np.testing.assert_array_equal(keep, expected)
-    assert keep.dtype == np.bool_ and (cut is None) == (rule.rule == "topk" or (n == 0 and rule.rule == "mean_std"))
+    assert keep.dtype == np.bool_ and (cut is None) == (rule.rule in ("topk", "rank") or (n == 0 and rule.rule in ("mean_std", "robust_z")))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -287,7 +299,7 @@ def test_reselect_keeps_matching_features_for_a_subset(tmp_path):
 
     path = _write_h5(tmp_path / "a.h5", [5, 1, 9, 3, 8, 0], [1, 0, 1, 1, 1, 0])
     result = reselect_h5(path, SelectionRule("topk", k=2), tmp_path / "out" / "a.h5")
-    assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "features": "kept"}
+    assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "kept_fraction": 2 / 6, "under_floor": True, "features": "kept"}
     out = read_patch_file(tmp_path / "out" / "a.h5")
     np.testing.assert_array_equal(out.selected, [0, 0, 1, 0, 1, 0])
     np.testing.assert_array_equal(out.coords[:, 0], [2 * 128, 4 * 128])
@@ -382,3 +394,77 @@ def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
     assert new.cut == pytest.approx(record["threshold"])  # a new slide does not move the cut
     if (new.scores >= new.cut).any():  # (else min_keep keeps the best one, with a warning)
         np.testing.assert_array_equal(new.selected, new.scores >= new.cut)
+
+
+# ----------------------------------------------------------------------------- rank and robust z
+
+
+@pytest.mark.parametrize("n, kept", [(1, 1), (6, 1), (7, 2), (12, 2), (100, 16), (1001, 159)])
+def test_rank_keeps_the_share_mean_plus_sigma_keeps_of_normal_scores(n, kept):
+    scores = np.random.default_rng(n).permutation(n).astype(float)  # distinct: the best are n - 1, n - 2, ...
+    keep = select(scores, DEFAULT_RULE).keep
+    assert keep.sum() == kept == np.ceil(0.1587 * n - 1e-9)
+    assert set(scores[keep]) == set(range(n - kept, n))
+    assert select(np.ones(5), SelectionRule("rank", share=0.4)).keep.tolist() == [True, True, False, False, False]  # ties by index
+    assert select(scores, SelectionRule("rank", share=1.0)).keep.all()
+
+
+def test_rank_survives_skew_where_mean_plus_sigma_does_not():
+    """Normal scores: mean + 1 sigma and rank keep the same share. Left-skewed ones (a bulk near the top, a long lower
+    tail, as real tissue): mean + 1 sigma keeps almost nothing, rank keeps 15.87 %, robust z in between."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=20000)
+    shares = {rule: select(normal, rule).keep.mean() for rule in ("mean_std", "rank", "robust_z")}
+    assert shares == pytest.approx({"mean_std": 0.1587, "rank": 0.1587, "robust_z": 0.1587}, abs=0.01)
+    skewed = -rng.lognormal(0, 1.0, 20000)  # skew about -6
+    assert select(skewed, "mean_std").keep.mean() < 0.08
+    assert select(skewed, "rank").keep.mean() == pytest.approx(0.1587, abs=1e-4)
+
+
+def test_robust_z_known_answers():
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 100.0])  # median 3, MAD 1
+    assert robust_z_threshold(scores) == pytest.approx(3 + 1.4826)
+    assert select(scores, "robust_z").keep.tolist() == [False, False, False, False, True]
+    assert select(scores, "robust_z", n_sigma=0.5).keep.tolist() == [False, False, False, True, True]
+    selection = select(scores, SelectionRule("robust_z", n_sigma=2))
+    assert selection.cut == pytest.approx(3 + 2 * 1.4826)
+    with pytest.warns(SelectionWarning, match="robust_z"):  # a constant slide: MAD 0, nothing strictly above
+        assert select(np.full(4, 2.0), "robust_z").keep.sum() == 1
+
+
+def test_rank_rule_round_trips_and_is_checked():
+    rule = SelectionRule("rank", share=0.3)
+    assert SelectionRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="share"):
+            SelectionRule("rank", share=bad)
+
+
+def test_floor_guard_names_the_slide_and_records_the_kept_share(tmp_path):
+    """A rule that keeps 2 patches of a slide: a warning names the slide, and the kept share is on the record (h5 attrs,
+    summary.json); the default rule keeps the paper's share and stays above the floor."""
+    import h5py
+
+    from isg.io.synth import make_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
+
+    cohort = make_cohort(tmp_path / "c", n_slides=2, size=768, tile=128, genes=3, seed=2)
+    with pytest.warns(SelectionWarning, match="under the floor") as caught:
+        preprocess_cohort(cohort.slides, tmp_path / "two", patch_size=64, local_size=16, rule=SelectionRule("topk", k=2),
+                          thumbnail=False, progress=False, workers=1)
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(slide.stem in messages for slide in cohort.slides)
+    items = json.loads((tmp_path / "two" / "summary.json").read_text())["items"]
+    for item in items:
+        stats = item["stats"]
+        assert stats["under_floor"] is True and stats["kept_fraction"] == pytest.approx(2 / stats["n_tissue"])
+        with h5py.File(tmp_path / "two" / f"{item['name']}.h5") as f:
+            assert f.attrs["kept_fraction"] == pytest.approx(2 / stats["n_tissue"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)  # the default rule is not under the floor here
+        preprocess_cohort(cohort.slides, tmp_path / "default", patch_size=64, local_size=16, thumbnail=False, progress=False)
+    for item in json.loads((tmp_path / "default" / "summary.json").read_text())["items"]:
+        assert item["stats"]["under_floor"] is False and item["stats"]["kept_fraction"] == pytest.approx(0.1587, abs=0.02)
+    assert kept_record(np.ones(10, bool)) == {"kept_fraction": 1.0, "under_floor": False}
+    with pytest.warns(SelectionWarning, match="slide-x: the selection keeps 7 of 7"):  # fewer than 8 patches
+        assert kept_record(np.ones(7, bool), name="slide-x")["under_floor"]

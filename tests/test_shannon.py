@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lzma
 import math
+import warnings
 import zlib
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from isg.ops import native as launch
 from isg.ops import shannon
 from isg.ops.shannon import (bits_from_histogram, shannon_bits, shannon_bits_reference, shannon_grid_bits,
                              shannon_grid_histogram, shannon_grid_histogram_reference, shannon_histogram,
@@ -212,15 +214,38 @@ def test_launch_switches_to_the_tensors_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(shannon._ext, "ext", lambda: Module())
-    shannon._call("shannon_histogram", torch.device("cuda:1"), 1, 2, 3)
+    monkeypatch.setattr(launch._ext, "ext", lambda: Module())
+    launch.call("shannon_histogram", torch.device("cuda:1"), 1, 2, 3)
     assert launched == [("cuda:1", 1234)]
+
+
+def _require_cuda_kernels():
+    if not shannon._native(torch.device("cuda")):
+        pytest.fail("isg._C has no usable CUDA kernels on this GPU machine (python -m isg info says why)")
+
+
+def test_reference_fallback_warns_once(monkeypatch):
+    """Without a native kernel for the tiles' device the numpy reference runs, and says so once per op and device
+    type, naming the reason (after stylegan2-ada's bias_act)."""
+    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(launch._ext, "has", lambda name: False)
+    tiles = _tiles(2, 9, 11, 3)
+    with pytest.warns(RuntimeWarning, match=r"shannon_histogram: the native cpu kernel is not used \(isg._C has no "
+                                            r"shannon_histogram_cpu"):
+        first = shannon_histogram(tiles)
+    with pytest.warns(RuntimeWarning, match=r"shannon_bits: the native cpu kernel is not used"):
+        bits = shannon_bits(tiles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = shannon_histogram(tiles)
+        assert np.array_equal(shannon_bits(tiles), bits)
+    np.testing.assert_array_equal(first, shannon_histogram_reference(tiles))
+    np.testing.assert_array_equal(second, first)
 
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(native):
-    if not shannon._native(torch.device("cuda")):
-        pytest.skip("isg._C built without CUDA")
+    _require_cuda_kernels()
     tiles = torch.from_numpy(_tiles(5, 37, 29, 3)).cuda()
     np.testing.assert_array_equal(shannon.shannon_histogram_torch(tiles).cpu().numpy(),
                                   shannon_histogram_reference(tiles.cpu().numpy()))
@@ -231,6 +256,45 @@ def test_cuda_matches_cpu(native):
     region = tiles[0]
     np.testing.assert_array_equal(shannon_grid_histogram(region, 9, (5, 4)).cpu().numpy(),
                                   shannon_grid_histogram_reference(region.cpu().numpy(), 9, (5, 4)))
+
+
+def word_path_cases() -> dict[str, tuple[np.ndarray, tuple | None]]:
+    """Layouts the scorer sees at the widths of real tiles, as (tiles or region, None or (tile, stride) of a grid); the
+    CUDA word path reads them as 4-byte words (256 px RGB rows: 192 words, 6 strips of 32). Shared with the emulated
+    tests (tests/test_emulated_kernels.py)."""
+    region = _tiles(1, 48, 520, 3, seed=23)[0]
+    return {
+        "rgb-256": (_tiles(2, 40, 256, 3, seed=21), None),
+        "rgb-256x256": (_tiles(1, 256, 256, 3, seed=24), None),            # a production tile: 8 bands of 32 rows
+        "rgba-view-256": (_tiles(2, 40, 256, 4, seed=25)[..., :3], None),   # pitch 4 bytes, alpha dropped as a view
+        "grey-256": (_tiles(2, 40, 256, 1, seed=26), None),
+        "rgba-view-width-255": (_tiles(2, 33, 255, 4, seed=22)[..., :3], None),  # 255 words: the last strip is short
+        "misaligned-origins": (region[:24, :264], ((24, 256), (1, 1))),   # x = 0..8: 4-byte aligned at x % 4 == 0 only
+        "grid": (region, ((24, 128), (24, 128))),                           # 2 x 4 tiles of 96 words
+    }
+
+
+def histogram_of_case(x, grid):
+    """Histograms of a word_path_cases() entry by the public functions (on x's device)."""
+    return shannon_histogram(x) if grid is None else shannon_grid_histogram(x, *grid)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(word_path_cases()))
+def test_cuda_word_path_matches_cpu(native, case):
+    """The word path on the GPU against the CPU kernel and the numpy reference, bits included (bench/gpu_check.sh)."""
+    _require_cuda_kernels()
+    x, grid = word_path_cases()[case]
+    base = x if x.base is None else x.base                 # a region's corner or an RGBA view: the same view on the GPU
+    assert base.base is None and base.flags.c_contiguous
+    offset = x.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    device_x = torch.from_numpy(base).cuda().reshape(-1).as_strided(x.shape, x.strides, offset)  # uint8: strides in bytes
+    gpu = histogram_of_case(device_x, grid)
+    cpu = histogram_of_case(torch.from_numpy(x), grid)
+    reference = shannon_histogram_reference(x) if grid is None else shannon_grid_histogram_reference(x, *grid)
+    np.testing.assert_array_equal(gpu.cpu().numpy(), cpu.numpy())
+    np.testing.assert_array_equal(cpu.numpy(), reference)
+    np.testing.assert_array_equal(shannon.histogram_bits(gpu), shannon.histogram_bits(cpu))
 
 
 # ------------------------------------------------------------------------------------------ inputs and errors

@@ -60,3 +60,44 @@ def test_a_toy_task_trains_with_one_decorator(tmp_path, l1_task):
     assert sorted(oof.index) == sorted(manifest.slide_id)
     models = load_fold_models(tmp_path / "out")
     assert models[0].task == "toy-l1" and models[0].columns == list(targets.columns)
+
+
+# ----------------------------------------------------------------------------- a toy model, registered once
+
+
+@pytest.fixture
+def mean_pool_model():
+    import torch.nn as nn
+
+    from isg.model import registry
+
+    class MeanPool(nn.Module):
+        """Mean of the patch features, then a linear head: global features only."""
+
+        uses_local = False
+        batch_inputs = ("features", "mask")
+
+        def __init__(self, d: int, n_outputs: int):
+            super().__init__()
+            self.head = nn.Linear(d, n_outputs)
+            self.config = {"name": "toy-mean-pool", "d": d, "n_outputs": n_outputs}
+
+        def forward(self, features, mask):  # [B, N, d], [B, N] -> [B, n_outputs]
+            weights = mask.float().unsqueeze(-1)
+            return self.head((features * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+    @registry.register_model("toy-mean-pool", MeanPool)
+    def build(d, local_grid, n_outputs, **options):
+        return MeanPool(d, n_outputs)
+
+    yield "toy-mean-pool"
+    registry._BUILDERS.pop("toy-mean-pool")
+
+
+def test_a_toy_model_trains_and_predicts_with_one_decorator(tmp_path, mean_pool_model):
+    manifest, feature_dir, targets = _cohort(tmp_path, genes=2)
+    config = TrainConfig(model=mean_pool_model, epochs=60, patience=60, lr=1e-2, n_splits=3)
+    summary = cross_validate(manifest, feature_dir, targets, tmp_path / "out", config)
+    assert summary["model"] == mean_pool_model and summary["mean_r"] > 0.5  # linear in the mean feature: learnable
+    models = load_fold_models(tmp_path / "out")
+    assert models[0].config.model == mean_pool_model and not models[0].uses_local

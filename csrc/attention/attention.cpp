@@ -1,10 +1,8 @@
-// CPU kernels of the fused Dual Attention ops (OpenMP over rows) and their pybind11 bindings.
+// CPU kernels of the fused Dual Attention ops (OpenMP over rows); bound in csrc/module.cpp.
 // No FP-trap semantics in this file: lets GCC if-convert (and so vectorise) the
 // clamps of exp_acc; results are unchanged (IEEE rounding is kept).
 #pragma GCC optimize("no-trapping-math")
 #include "attention/attention.h"
-
-#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,8 +20,6 @@
 
 #include "attention/attention_math.h"
 #include "common/check.h"
-
-namespace py = pybind11;
 
 namespace isg {
 namespace attention {
@@ -79,17 +75,6 @@ inline void store(float* p, float x) { *p = x; }
 inline void store(double* p, double x) { *p = x; }
 inline void store(Half* p, float x) { p->bits = float_to_half(x); }
 inline void store(BFloat16* p, float x) { p->bits = float_to_bfloat16(x); }
-
-template <typename F>
-void dispatch(DType dtype, F&& fn) {
-  switch (dtype) {
-    case DType::Float32: return fn(float{});
-    case DType::Float64: return fn(double{});
-    case DType::Float16: return fn(Half{});
-    case DType::BFloat16: return fn(BFloat16{});
-  }
-  ISG_CHECK(false, "attention: unsupported dtype code " + std::to_string(int(dtype)));
-}
 
 // ----------------------------------------------------------------------------- kernels
 // A row is one (m, c) of [M, C, L]. Plus-form kernels handle rows [r0, r1); paper-form kernels
@@ -533,22 +518,14 @@ void advise_huge_pages(void* data, int64_t bytes) {
 #endif
 }
 
-void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
-  ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0,
-            std::string(op) + ": negative size (M=" + std::to_string(s.batch) + ", C=" + std::to_string(s.channels) +
-                ", L=" + std::to_string(s.length) + ")");
-  if (s.batch * s.channels * s.length == 0) return;
-  for (const void* p : pointers) ISG_CHECK(p != nullptr, std::string(op) + ": null data pointer");
-}
-
 }  // namespace
 
 // ----------------------------------------------------------------------------- public CPU entry points
 
 void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, Shape s, DType dtype, int threads) {
-  check_args("gated_hadamard_forward", s, {q, k, v, out});
+  check_args("gated_hadamard_forward_cpu", s, {q, k, v, out});
   if (s.batch * s.channels * s.length == 0) return;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<Half, BFloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T *qq = static_cast<const T*>(q), *kk = static_cast<const T*>(k), *vv = static_cast<const T*>(v);
     T* o = static_cast<T*>(out);
@@ -564,9 +541,9 @@ void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, voi
 
 void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k, const void* v, void* grad_q, void* grad_k,
                                  void* grad_v, Shape s, DType dtype, int threads) {
-  check_args("gated_hadamard_backward", s, {grad, q, k, v, grad_q, grad_k, grad_v});
+  check_args("gated_hadamard_backward_cpu", s, {grad, q, k, v, grad_q, grad_k, grad_v});
   const int64_t q_size = s.shared_over_channels ? s.batch * s.length : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<Half, BFloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (s.batch * s.channels * s.length == 0) {  // the gradient of a sum over nothing
       if (q_size) std::fill_n(static_cast<T*>(grad_q), q_size, T{});
@@ -586,10 +563,10 @@ void gated_hadamard_backward_cpu(const void* grad, const void* q, const void* k,
 }
 
 void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* out, Shape s, DType dtype, int threads) {
-  check_args("softmax_spatial_sum_forward", s, {logits, p, out});
-  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_forward: softmax over an empty spatial axis");
+  check_args("softmax_spatial_sum_forward_cpu", s, {logits, p, out});
+  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_forward_cpu: softmax over an empty spatial axis");
   if (s.batch * s.channels == 0) return;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<Half, BFloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T *l = static_cast<const T*>(logits), *pp = static_cast<const T*>(p);
     T* o = static_cast<T*>(out);
@@ -616,14 +593,14 @@ void softmax_spatial_sum_forward_cpu(const void* logits, const void* p, void* ou
 
 void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, const void* p, void* grad_logits, void* grad_p,
                                       Shape s, DType dtype, int threads) {
-  check_args("softmax_spatial_sum_backward", s, {grad, logits, p, grad_logits, grad_p});
-  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_backward: softmax over an empty spatial axis");
+  check_args("softmax_spatial_sum_backward_cpu", s, {grad, logits, p, grad_logits, grad_p});
+  ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_backward_cpu: softmax over an empty spatial axis");
   if (s.batch * s.channels == 0) {
     if (s.shared_over_channels && s.batch * s.length > 0)  // no channel reads the logits: zero gradient
-      dispatch(dtype, [&](auto tag) { std::fill_n(static_cast<decltype(tag)*>(grad_logits), s.batch * s.length, decltype(tag){}); });
+      dispatch<Half, BFloat16>(dtype, [&](auto tag) { std::fill_n(static_cast<decltype(tag)*>(grad_logits), s.batch * s.length, decltype(tag){}); });
     return;
   }
-  dispatch(dtype, [&](auto tag) {
+  dispatch<Half, BFloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T *g = static_cast<const T*>(grad), *l = static_cast<const T*>(logits), *pp = static_cast<const T*>(p);
     T *gl = static_cast<T*>(grad_logits), *gp = static_cast<T*>(grad_p);
@@ -646,102 +623,4 @@ void softmax_spatial_sum_backward_cpu(const void* grad, const void* logits, cons
 }
 
 }  // namespace attention
-
-// ----------------------------------------------------------------------------- bindings
-
-namespace {
-template <typename T = void>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
-
-attention::DType to_dtype(int code) {
-  ISG_CHECK(code >= 0 && code <= 3, "attention: dtype code must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16), got " +
-                                        std::to_string(code));
-  return static_cast<attention::DType>(code);
-}
-
-attention::Shape to_shape(int64_t batch, int64_t channels, int64_t length, bool paper) { return {batch, channels, length, paper}; }
-
-// Every entry point takes (pointers..., M, C, L, shared_over_channels, dtype code, threads | stream).
-#define ISG_SHAPE_ARGS py::arg("batch"), py::arg("channels"), py::arg("length"), py::arg("shared_over_channels"), py::arg("dtype")
-}  // namespace
-
-void register_attention(py::module_& m) {
-  using namespace attention;
-  m.def("gated_hadamard_forward",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, int threads) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          gated_hadamard_forward_cpu(ptr(q), ptr(k), ptr(v), ptr(out), to_shape(M, C, L, paper), dt, threads);
-        },
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("num_threads"),
-        "out = sigmoid(q * k) * v on CPU; q [M, 1, L] (shared_over_channels) or [M, C, 1], k, v, out [M, C, L]");
-  m.def("gated_hadamard_backward",
-        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t M,
-           int64_t C, int64_t L, bool paper, int dtype, int threads) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          gated_hadamard_backward_cpu(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v), to_shape(M, C, L, paper),
-                                      dt, threads);
-        },
-        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
-        ISG_SHAPE_ARGS, py::arg("num_threads"), "gradients of gated_hadamard on CPU");
-  m.def("softmax_spatial_sum_forward",
-        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, int threads) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          softmax_spatial_sum_forward_cpu(ptr(logits), ptr(p), ptr(out), to_shape(M, C, L, paper), dt, threads);
-        },
-        py::arg("logits"), py::arg("p"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("num_threads"),
-        "out[m, c] = sum_j softmax_j(logits) * p[m, c, j] on CPU; logits [M, 1, L] (shared_over_channels) or [M, C, L]");
-  m.def("softmax_spatial_sum_backward",
-        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t M, int64_t C, int64_t L,
-           bool paper, int dtype, int threads) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          softmax_spatial_sum_backward_cpu(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), to_shape(M, C, L, paper), dt,
-                                           threads);
-        },
-        py::arg("grad"), py::arg("logits"), py::arg("p"), py::arg("grad_logits"), py::arg("grad_p"), ISG_SHAPE_ARGS,
-        py::arg("num_threads"), "gradients of softmax_spatial_sum on CPU (the forward output is recomputed in float)");
-#ifdef ISG_WITH_CUDA
-  m.def("gated_hadamard_forward_cuda",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype,
-           uintptr_t stream) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          gated_hadamard_forward_cuda(ptr(q), ptr(k), ptr(v), ptr(out), to_shape(M, C, L, paper), dt, ptr(stream));
-        },
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("stream"),
-        "CUDA version of gated_hadamard_forward (device pointers, async on stream)");
-  m.def("gated_hadamard_backward_cuda",
-        [](uintptr_t grad, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t M,
-           int64_t C, int64_t L, bool paper, int dtype, uintptr_t stream) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          gated_hadamard_backward_cuda(ptr(grad), ptr(q), ptr(k), ptr(v), ptr(grad_q), ptr(grad_k), ptr(grad_v),
-                                       to_shape(M, C, L, paper), dt, ptr(stream));
-        },
-        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
-        ISG_SHAPE_ARGS, py::arg("stream"), "CUDA version of gated_hadamard_backward");
-  m.def("softmax_spatial_sum_forward_cuda",
-        [](uintptr_t logits, uintptr_t p, uintptr_t out, int64_t M, int64_t C, int64_t L, bool paper, int dtype, uintptr_t stream) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          softmax_spatial_sum_forward_cuda(ptr(logits), ptr(p), ptr(out), to_shape(M, C, L, paper), dt, ptr(stream));
-        },
-        py::arg("logits"), py::arg("p"), py::arg("out"), ISG_SHAPE_ARGS, py::arg("stream"),
-        "CUDA version of softmax_spatial_sum_forward");
-  m.def("softmax_spatial_sum_backward_cuda",
-        [](uintptr_t grad, uintptr_t logits, uintptr_t p, uintptr_t grad_logits, uintptr_t grad_p, int64_t M, int64_t C, int64_t L,
-           bool paper, int dtype, uintptr_t stream) {
-          const DType dt = to_dtype(dtype);
-          py::gil_scoped_release release;
-          softmax_spatial_sum_backward_cuda(ptr(grad), ptr(logits), ptr(p), ptr(grad_logits), ptr(grad_p), to_shape(M, C, L, paper),
-                                            dt, ptr(stream));
-        },
-        py::arg("grad"), py::arg("logits"), py::arg("p"), py::arg("grad_logits"), py::arg("grad_p"), ISG_SHAPE_ARGS,
-        py::arg("stream"), "CUDA version of softmax_spatial_sum_backward");
-#endif
-}
-
 }  // namespace isg

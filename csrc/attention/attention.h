@@ -9,6 +9,10 @@
 // plus q, channels for the paper q and logits). Plain functions over raw pointers, sizes and (CUDA)
 // a stream; math in float (double for double), storage in the tensor's dtype.
 #include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "common/check.h"
 
 namespace isg {
 namespace attention {
@@ -20,6 +24,29 @@ struct Shape {
   int64_t batch, channels, length;  // M, C, L
   bool shared_over_channels;        // paper form: q / logits are [M, 1, L]
 };
+
+// Runs fn(T{}) with T the storage type of `dtype`: float, double, then the half and bfloat16 types of
+// the caller's device (CPU: bit containers; CUDA: __half, __nv_bfloat16).
+template <typename Half, typename BFloat16, typename F>
+void dispatch(DType dtype, F&& fn) {
+  switch (dtype) {
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+    case DType::Float16: return fn(Half{});
+    case DType::BFloat16: return fn(BFloat16{});
+  }
+  ISG_CHECK(false, "attention: dtype code must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16), got " +
+                       std::to_string(int(dtype)));
+}
+
+// Sizes >= 0 and, unless the op is empty, no null pointer (both devices check alike).
+inline void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
+  ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0,
+            std::string(op) + ": negative size (M=" + std::to_string(s.batch) + ", C=" + std::to_string(s.channels) +
+                ", L=" + std::to_string(s.length) + ")");
+  if (s.batch * s.channels * s.length == 0) return;
+  for (const void* p : pointers) ISG_CHECK(p != nullptr, std::string(op) + ": null data pointer");
+}
 
 // CPU (OpenMP over M; `num_threads` <= 0: OpenMP's default).
 void gated_hadamard_forward_cpu(const void* q, const void* k, const void* v, void* out, Shape shape, DType dtype, int num_threads);

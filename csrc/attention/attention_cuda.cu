@@ -2,12 +2,15 @@
 //
 // * gated_hadamard forward: one thread per element, grid-stride; the index of the broadcast q
 //   comes from 32-bit multiply-high divisions (no 64-bit division per element).
-// * Everything that reduces over positions or channels works on "units" (a row (m, c) of the
-//   plus form, a batch m of the paper form) handled by groups of `width` lanes, width = the next
-//   power of two >= L, at most 32: a warp takes 32 / width units at once (2 rows of the model's
-//   L = 16 per warp), and reductions over a unit are shuffles inside its group.
-//   Paper-form gradients of q / logits sum over channels: each lane owns positions j and loops
-//   over c (reads of a fixed c are contiguous across the group's lanes).
+// * Reductions over positions work on groups of W lanes (W = the next power of two >= L, 4..32, a
+//   template parameter: the shuffle trees are unrolled); a position j is lane j % W of its group.
+// * Plus form (q [M, C, 1], logits [M, C, L]): a group per row (m, c), 256 / W rows per block.
+// * Paper form (q, logits [M, 1, L], shared by the C rows of a patch m): a block per patch m
+//   (grid-stride), its 256 / W groups split the C channels (group g: channels g, g + G, ...), each
+//   loads several rows before using them (8 to 12 loads in flight per lane); sums over channels
+//   (dL/dq, dw = sum_c g_c p[c, :]) are reduced across groups in shared memory. At M = 4096,
+//   C = 128, L = 16 that is 4096 blocks of 16 groups, 8 channels each (the earlier kernel: 256 blocks,
+//   every lane looping over all 128 channels with one load in flight).
 // Math per element is shared with the CPU path (attention_math.h); exp is the accurate expf.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,10 +28,12 @@ namespace attention {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / 32;
-static_assert(kThreads % 32 == 0 && kThreads <= 1024, "the warp-group kernels need whole warps");
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "the group kernels need whole warps");
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = 1 << 16;
+constexpr int kUnroll = 4;     // paper form, gated backward: channel rows loaded per group before use (12 loads per lane)
+constexpr int kRowsAhead = 8;  // paper form, softmax: rows of p loaded per group before use (8 loads per lane)
+constexpr int kMinBlocks = 4;  // resident blocks per SM the group kernels are compiled for (<= 64 registers)
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -53,29 +58,74 @@ struct Divider {
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
 };
 
-// Sum / max over a group of `width` lanes (aligned, power of two); every lane gets the result.
-template <typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t x, int width) {
-  for (int offset = width >> 1; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+// Sum / max over an aligned group of W lanes; every lane gets the result.
+template <int W, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t x) {
+#pragma unroll
+  for (int offset = W >> 1; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t group_max(acc_t x, int width) {
-  for (int offset = width >> 1; offset > 0; offset >>= 1) x = max(x, __shfl_xor_sync(kFullMask, x, offset));
+template <int W, typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t x) {
+#pragma unroll
+  for (int offset = W >> 1; offset > 0; offset >>= 1) x = max(x, __shfl_xor_sync(kFullMask, x, offset));
   return x;
 }
 
-// Units handled by groups of `width` lanes. All lanes of a warp run the loop the same number of
-// times (the shuffles need them); a lane whose unit is past the end has `active` false.
-#define ISG_FOR_EACH_GROUP_UNIT(units, width, unit, active, lane)                                   \
-  const int lane = int(threadIdx.x & 31) % (width);                                                 \
-  const int64_t per_warp = 32 / (width);                                                            \
-  const int64_t warp_stride = (int64_t(gridDim.x) * blockDim.x >> 5) * per_warp;                    \
-  for (int64_t first = ((blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5) * per_warp; first < (units); \
-       first += warp_stride)                                                                        \
-    for (int64_t unit = first + int(threadIdx.x & 31) / (width), once = 0; once < 1; ++once)        \
-      for (const bool active = unit < (units); !once; once = 1)
+// The thread's group and lane: kThreads / W groups per block.
+template <int W>
+struct Group {
+  static constexpr int kPerBlock = kThreads / W;
+  int index = int(threadIdx.x) / W, lane = int(threadIdx.x) % W;
+};
+
+// Plus form: rows (m, c) by groups, grid-stride. Every lane of a warp runs the loop the same number of
+// times (the shuffles need them); a lane whose row is past the end has `active` false.
+template <int W, typename F>
+__device__ __forceinline__ void for_each_row(int64_t rows, F&& body) {
+  const Group<W> group;
+  const int64_t stride = int64_t(gridDim.x) * Group<W>::kPerBlock;
+  const int64_t warp_first = int64_t(blockIdx.x) * Group<W>::kPerBlock + (group.index & ~(32 / W - 1));
+  for (int64_t first = warp_first; first < rows; first += stride) {
+    const int64_t row = first + (group.index & (32 / W - 1));
+    body(row, row < rows, group.lane);
+  }
+}
+
+// Paper form: shared-memory sum over the block's groups of one value per lane (lane j of every group holds a
+// partial sum for position j); lanes of group 0 get the totals. Ends with a barrier (the buffer is reused).
+template <int W, typename acc_t>
+__device__ __forceinline__ acc_t sum_over_groups(acc_t* buffer, acc_t x, const Group<W>& group) {
+  buffer[threadIdx.x] = x;
+  __syncthreads();
+  acc_t total = 0;
+  if (group.index == 0)
+    for (int g = 0; g < Group<W>::kPerBlock; ++g) total += buffer[g * W + group.lane];
+  __syncthreads();
+  return total;
+}
+
+// max_j logits[j] and 1 / sum_j exp(logits[j] - max) of one row of `length`, reduced over the group.
+template <int W, typename T, typename acc_t>
+__device__ __forceinline__ void softmax_stats(const T* logits, int64_t length, int lane, bool active, acc_t& m, acc_t& inv) {
+  m = -INFINITY;
+  for (int64_t j = lane; active && j < length; j += W) m = max(m, acc_t(load(logits + j)));
+  m = group_max<W>(m);
+  acc_t sum = 0;
+  for (int64_t j = lane; active && j < length; j += W) sum += exp_acc(acc_t(load(logits + j)) - m);
+  inv = acc_t(1) / group_sum<W>(sum);
+}
+
+// Plus form: sum_j softmax_j(logits) p_j of one row, reduced over the group, with the row's max and 1 / sum.
+template <int W, typename T, typename acc_t>
+__device__ __forceinline__ acc_t softmax_row_sum(const T* logits, const T* p, int64_t length, int lane, bool active, acc_t& m,
+                                                 acc_t& inv) {
+  softmax_stats<W>(logits, length, lane, active, m, inv);
+  acc_t acc = 0;
+  for (int64_t j = lane; active && j < length; j += W) acc += exp_acc(acc_t(load(logits + j)) - m) * acc_t(load(p + j));
+  return group_sum<W>(acc) * inv;
+}
 
 // ----------------------------------------------------------------------------- gated_hadamard
 
@@ -92,140 +142,197 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(const T* __rest
   }
 }
 
-// Plus form: unit = row; dL/dq[row] = group sum over the row's positions.
-// Paper form: unit = batch m; lane owns positions j and sums dL/dq[m, j] over channels.
-template <bool kPaper, typename T>
-__global__ void __launch_bounds__(kThreads) gated_backward_kernel(const T* __restrict__ grad, const T* __restrict__ q,
-                                                                  const T* __restrict__ k, const T* __restrict__ v,
-                                                                  T* __restrict__ grad_q, T* __restrict__ grad_k,
-                                                                  T* __restrict__ grad_v, Shape s, int width) {
+// Plus form: a group per row; dL/dq[row] = group sum over the row's positions.
+// Paper form: a block per patch m, groups over channels; per chunk of W positions each lane sums its
+// position's dL/dq over its group's channels, then over the groups.
+template <int W, bool kPaper, typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    gated_backward_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, T* __restrict__ grad_q, T* __restrict__ grad_k,
+                          T* __restrict__ grad_v, Shape s) {
   using acc_t = typename Acc<T>::type;
-  const int64_t units = kPaper ? s.batch : s.batch * s.channels, L = s.length;
-  ISG_FOR_EACH_GROUP_UNIT(units, width, unit, active, lane) {
-    if (kPaper) {
-      for (int64_t j = lane; active && j < L; j += width) {
-        const acc_t qj = load(q + unit * L + j);
-        acc_t dq = 0;
-        for (int64_t c = 0; c < s.channels; ++c) {
-          const int64_t i = (unit * s.channels + c) * L + j;
-          acc_t gk, gv;
-          dq += gated_backward<acc_t>(qj, load(k + i), load(v + i), load(grad + i), gk, gv);
-          store(grad_k + i, gk);
-          store(grad_v + i, gv);
-        }
-        store(grad_q + unit * L + j, dq);
-      }
-    } else {
-      const acc_t qr = active ? acc_t(load(q + unit)) : acc_t(0);
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      const acc_t qr = active ? acc_t(load(q + row)) : acc_t(0);
       acc_t dq = 0;
-      for (int64_t j = lane; active && j < L; j += width) {
-        const int64_t i = unit * L + j;
+      for (int64_t j = lane; active && j < L; j += W) {
+        const int64_t i = row * L + j;
         acc_t gk, gv;
         dq += gated_backward<acc_t>(qr, load(k + i), load(v + i), load(grad + i), gk, gv);
         store(grad_k + i, gk);
         store(grad_v + i, gv);
       }
-      dq = group_sum(dq, width);
-      if (active && lane == 0) store(grad_q + unit, dq);
+      dq = group_sum<W>(dq);
+      if (active && lane == 0) store(grad_q + row, dq);
+    });
+  } else {
+    __shared__ acc_t partial[kThreads];
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kUnroll) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
+      for (int64_t j0 = 0; j0 < L; j0 += W) {
+        const int64_t j = j0 + group.lane;
+        const bool inside = j < L;
+        const acc_t qj = inside ? acc_t(load(q + m * L + j)) : acc_t(0);
+        acc_t dq = 0;
+        for (int64_t c0 = group.index; c0 < C; c0 += kStep) {   // no shuffles inside: groups may differ
+          acc_t kk[kUnroll], vv[kUnroll], gg[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {                            // loads first
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
+            const bool load_it = inside && c < C;
+            kk[u] = load_it ? acc_t(load(k + i)) : acc_t(0);
+            vv[u] = load_it ? acc_t(load(v + i)) : acc_t(0);
+            gg[u] = load_it ? acc_t(load(grad + i)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock, i = (m * C + c) * L + j;
+            if (!inside || c >= C) continue;
+            acc_t gk, gv;
+            dq += gated_backward<acc_t>(qj, kk[u], vv[u], gg[u], gk, gv);
+            store(grad_k + i, gk);
+            store(grad_v + i, gv);
+          }
+        }
+        dq = sum_over_groups<W>(partial, dq, group);
+        if (group.index == 0 && inside) store(grad_q + m * L + j, dq);
+      }
     }
   }
 }
 
 // ----------------------------------------------------------------------------- softmax_spatial_sum
 
-// max_j logits[j] and 1 / sum_j exp(logits[j] - max) of one row, reduced over the group.
-template <typename T, typename acc_t>
-__device__ __forceinline__ void softmax_stats(const T* logits, int64_t length, int lane, int width, bool active, acc_t& m,
-                                              acc_t& inv) {
-  m = -INFINITY;
-  for (int64_t j = lane; active && j < length; j += width) m = max(m, acc_t(load(logits + j)));
-  m = group_max(m, width);
-  acc_t sum = 0;
-  for (int64_t j = lane; active && j < length; j += width) sum += exp_acc(acc_t(load(logits + j)) - m);
-  inv = acc_t(1) / group_sum(sum, width);
-}
-
-// Plus form: unit = row. Paper form: unit = batch m, the softmax of logits[m] is computed once
-// (held in a register when L <= width) and weights the C channels.
-template <bool kPaper, typename T>
-__global__ void __launch_bounds__(kThreads) softmax_forward_kernel(const T* __restrict__ logits, const T* __restrict__ p,
-                                                                   T* __restrict__ out, Shape s, int width) {
+// Plus form: a group per row: out[row] = sum_j softmax_j(logits[row]) p[row, j].
+// Paper form: a block per patch m; every group computes the softmax of logits[m] (L reads from cache) and
+// the weighted sums of its channel rows, kAhead rows per step. With L <= W a lane holds its weight.
+template <int W, bool kPaper, typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_forward_kernel(const T* __restrict__ logits, const T* __restrict__ p, T* __restrict__ out, Shape s) {
   using acc_t = typename Acc<T>::type;
-  const int64_t units = kPaper ? s.batch : s.batch * s.channels, L = s.length;
-  const int64_t rows = kPaper ? s.channels : 1;  // rows sharing one softmax
-  const bool one_per_lane = L <= width;
-  ISG_FOR_EACH_GROUP_UNIT(units, width, unit, active, lane) {
-    const T* l = logits + (active ? unit * L : 0);
-    acc_t m, inv;
-    softmax_stats(l, L, lane, width, active, m, inv);
-    const acc_t w0 = active && lane < L ? exp_acc(acc_t(load(l + lane)) - m) * inv : acc_t(0);
-    for (int64_t c = 0; c < rows; ++c) {
-      const int64_t row = unit * rows + c;
-      acc_t acc = 0;
-      for (int64_t j = lane; active && j < L; j += width) {
-        const acc_t w = one_per_lane ? w0 : exp_acc(acc_t(load(l + j)) - m) * inv;
-        acc += w * acc_t(load(p + row * L + j));
-      }
-      acc = group_sum(acc, width);
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      acc_t m, inv;
+      const acc_t acc = softmax_row_sum<W>(logits + (active ? row * L : 0), p + row * L, L, lane, active, m, inv);
       if (active && lane == 0) store(out + row, acc);
+    });
+  } else {
+    constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {
+      const T* l = logits + m * L;
+      acc_t mx, inv;
+      softmax_stats<W>(l, L, group.lane, true, mx, inv);
+      const acc_t w0 = group.lane < L ? exp_acc(acc_t(load(l + group.lane)) - mx) * inv : acc_t(0);
+      for (int64_t c0 = 0; c0 < C; c0 += kStep) {                       // the same iterations for every group (shuffles)
+        const int64_t first = c0 + group.index;                          // this group's first channel of the step
+        acc_t acc[kAhead];
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) acc[u] = 0;
+        for (int64_t j = group.lane; j < L; j += W) {
+          const acc_t w = L <= W ? w0 : exp_acc(acc_t(load(l + j)) - mx) * inv;
+          acc_t pv[kAhead];
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {                            // loads first
+            const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
+            pv[u] = c < C ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) acc[u] += w * pv[u];
+        }
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t c = first + int64_t(u) * Group<W>::kPerBlock;
+          const acc_t total = group_sum<W>(acc[u]);
+          if (group.lane == 0 && c < C) store(out + m * C + c, total);
+        }
+      }
     }
   }
 }
 
-// Plus form (unit = row): dL/dp_j = g w_j, dL/dlogit_j = g w_j (p_j - out).
-// Paper form (unit = batch m): dL/dp[c, j] = g_c w_j, dL/dlogit_j = w_j (dw_j - sum_c g_c out_c) with
-// dw_j = sum_c g_c p[c, j]; dw_j stays in a register when L <= width, else p is read twice.
-template <bool kPaper, typename T>
-__global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const T* __restrict__ grad, const T* __restrict__ logits,
-                                                                    const T* __restrict__ p, T* __restrict__ grad_logits,
-                                                                    T* __restrict__ grad_p, Shape s, int width) {
+// Plus form (a group per row): dL/dp_j = g w_j, dL/dlogit_j = g w_j (p_j - out).
+// Paper form (a block per patch m, groups over channels): dL/dp[c, j] = g_c w_j and
+// dL/dlogit_j = w_j (dw_j - mean) with dw_j = sum_c g_c p[c, j] (partial per group, summed over the groups)
+// and mean = sum_j w_j dw_j. With L <= W one pass over p; with L > W the mean is taken first as
+// sum_c g_c out_c (out_c = sum_j w_j p[c, j], the forward output), a second pass over p.
+template <int W, bool kPaper, typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    softmax_backward_kernel(const T* __restrict__ grad, const T* __restrict__ logits, const T* __restrict__ p,
+                            T* __restrict__ grad_logits, T* __restrict__ grad_p, Shape s) {
   using acc_t = typename Acc<T>::type;
-  const int64_t units = kPaper ? s.batch : s.batch * s.channels, L = s.length, C = s.channels;
-  ISG_FOR_EACH_GROUP_UNIT(units, width, unit, active, lane) {
-    const T* l = logits + (active ? unit * L : 0);
-    acc_t m, inv;
-    softmax_stats(l, L, lane, width, active, m, inv);
-    if (!kPaper) {
-      acc_t out = 0;  // recomputed in acc_t, as on the CPU
-      for (int64_t j = lane; active && j < L; j += width) out += exp_acc(acc_t(load(l + j)) - m) * acc_t(load(p + unit * L + j));
-      out = group_sum(out, width) * inv;
-      const acc_t g = active ? acc_t(load(grad + unit)) : acc_t(0);
-      for (int64_t j = lane; active && j < L; j += width) {
+  if constexpr (!kPaper) {
+    const int64_t L = s.length;
+    for_each_row<W>(s.batch * s.channels, [&](int64_t row, bool active, int lane) {
+      const T* l = logits + (active ? row * L : 0);
+      acc_t m, inv;
+      const acc_t out = softmax_row_sum<W>(l, p + row * L, L, lane, active, m, inv);  // recomputed in acc_t, as on the CPU
+      const acc_t g = active ? acc_t(load(grad + row)) : acc_t(0);
+      for (int64_t j = lane; active && j < L; j += W) {
         acc_t gl, gp;
-        softmax_sum_backward<acc_t>(exp_acc(acc_t(load(l + j)) - m) * inv, acc_t(load(p + unit * L + j)), out, g, gl, gp);
-        store(grad_logits + unit * L + j, gl);
-        store(grad_p + unit * L + j, gp);
+        softmax_sum_backward<acc_t>(exp_acc(acc_t(load(l + j)) - m) * inv, acc_t(load(p + row * L + j)), out, g, gl, gp);
+        store(grad_logits + row * L + j, gl);
+        store(grad_p + row * L + j, gp);
       }
-    } else if (L <= width) {
-      const acc_t w = active && lane < L ? exp_acc(acc_t(load(l + lane)) - m) * inv : acc_t(0);
-      acc_t dw = 0;
-      for (int64_t c = 0; active && lane < L && c < C; ++c) {
-        const acc_t g = load(grad + unit * C + c);
-        const int64_t i = (unit * C + c) * L + lane;
-        dw += g * acc_t(load(p + i));
-        store(grad_p + i, g * w);
-      }
-      const acc_t mean = group_sum(w * dw, width);
-      if (active && lane < L) store(grad_logits + unit * L + lane, w * (dw - mean));
-    } else {  // L > 32: dw_j is recomputed in a second pass instead of held
-      acc_t mean = 0;  // sum_j w_j dw_j
-      for (int64_t j = lane; active && j < L; j += width) {
-        const acc_t w = exp_acc(acc_t(load(l + j)) - m) * inv;
-        acc_t dw = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t g = load(grad + unit * C + c);
-          const int64_t i = (unit * C + c) * L + j;
-          dw += g * acc_t(load(p + i));
-          store(grad_p + i, g * w);
+    });
+  } else {
+    constexpr int kAhead = sizeof(acc_t) == 8 ? kRowsAhead / 2 : kRowsAhead;  // double: half as many (no spills)
+    __shared__ acc_t partial[kThreads];
+    const Group<W> group;
+    const int64_t L = s.length, C = s.channels;
+    constexpr int64_t kStep = int64_t(kAhead) * Group<W>::kPerBlock;
+    for (int64_t m = blockIdx.x; m < s.batch; m += gridDim.x) {          // uniform over the block: barriers inside
+      const T* l = logits + m * L;
+      acc_t mx, inv;
+      softmax_stats<W>(l, L, group.lane, true, mx, inv);
+      acc_t mean = 0;
+      if (L > W) {                                                       // mean = sum_c g_c out_c, out_c over all chunks
+        acc_t mine = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += Group<W>::kPerBlock) {        // the same iterations for every group (shuffles)
+          const int64_t c = c0 + group.index;
+          acc_t out = 0;
+          for (int64_t j = group.lane; c < C && j < L; j += W)
+            out += exp_acc(acc_t(load(l + j)) - mx) * inv * acc_t(load(p + (m * C + c) * L + j));
+          out = group_sum<W>(out);
+          if (c < C) mine += acc_t(load(grad + m * C + c)) * out;
         }
-        mean += w * dw;
+        partial[threadIdx.x] = group.lane == 0 ? mine : acc_t(0);
+        __syncthreads();
+        for (int g = 0; g < Group<W>::kPerBlock; ++g) mean += partial[g * W];
+        __syncthreads();
       }
-      mean = group_sum(mean, width);
-      for (int64_t j = lane; active && j < L; j += width) {
-        const acc_t w = exp_acc(acc_t(load(l + j)) - m) * inv;
+      for (int64_t j0 = 0; j0 < L; j0 += W) {
+        const int64_t j = j0 + group.lane;
+        const bool inside = j < L;
+        const acc_t w = inside ? exp_acc(acc_t(load(l + j)) - mx) * inv : acc_t(0);
         acc_t dw = 0;
-        for (int64_t c = 0; c < C; ++c) dw += acc_t(load(grad + unit * C + c)) * acc_t(load(p + (unit * C + c) * L + j));
-        store(grad_logits + unit * L + j, w * (dw - mean));
+        for (int64_t c0 = group.index; c0 < C; c0 += kStep) {
+          acc_t pv[kAhead], gv[kAhead];
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {                            // loads first
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
+            const bool load_it = inside && c < C;
+            gv[u] = c < C ? acc_t(load(grad + m * C + c)) : acc_t(0);
+            pv[u] = load_it ? acc_t(load(p + (m * C + c) * L + j)) : acc_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {
+            const int64_t c = c0 + int64_t(u) * Group<W>::kPerBlock;
+            dw += gv[u] * pv[u];
+            if (inside && c < C) store(grad_p + (m * C + c) * L + j, gv[u] * w);
+          }
+        }
+        dw = sum_over_groups<W>(partial, dw, group);                     // totals in group 0, zero elsewhere
+        if (threadIdx.x < 32) {                                          // warp 0, whole: the shuffles of group_sum
+          if (L <= W) mean = group_sum<W>(w * dw);
+          if (group.index == 0 && inside) store(grad_logits + m * L + j, w * (dw - mean));
+        }
       }
     }
   }
@@ -233,33 +340,19 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const T* __r
 
 // ----------------------------------------------------------------------------- launchers
 
+// Runs launch(kernel-width tag) with W = the next power of two >= L, at least 4, at most 32.
 template <typename F>
-void dispatch(DType dtype, F&& fn) {
-  switch (dtype) {
-    case DType::Float32: return fn(float{});
-    case DType::Float64: return fn(double{});
-    case DType::Float16: return fn(__half{});
-    case DType::BFloat16: return fn(__nv_bfloat16{});
-  }
-  ISG_CHECK(false, "attention (CUDA): unsupported dtype code " + std::to_string(int(dtype)));
+void with_width(int64_t length, F&& launch) {
+  if (length <= 4) return launch(std::integral_constant<int, 4>{});
+  if (length <= 8) return launch(std::integral_constant<int, 8>{});
+  if (length <= 16) return launch(std::integral_constant<int, 16>{});
+  return launch(std::integral_constant<int, 32>{});
 }
 
-// Lanes per unit: the next power of two >= L, at most 32.
-int group_width(int64_t length) {
-  int width = 1;
-  while (width < 32 && width < length) width <<= 1;
-  return width;
-}
-
-unsigned group_blocks(int64_t units, int width) {
-  const int64_t per_block = int64_t(kWarpsPerBlock) * (32 / width);
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>((units + per_block - 1) / per_block, kMaxBlocks)));
-}
-
-void check_args(const char* op, const Shape& s, std::initializer_list<const void*> pointers) {
-  ISG_CHECK(s.batch >= 0 && s.channels >= 0 && s.length >= 0, std::string(op) + ": negative size");
-  if (s.batch * s.channels * s.length == 0) return;
-  for (const void* p : pointers) ISG_CHECK(p != nullptr, std::string(op) + ": null data pointer");
+// Plus form: blocks of 256 / W rows; paper form: a block per patch (grid-stride beyond kMaxBlocks).
+unsigned blocks_for(const Shape& s, int width) {
+  const int64_t units = s.shared_over_channels ? s.batch : (s.batch * s.channels + kThreads / width - 1) / (kThreads / width);
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(units, kMaxBlocks)));
 }
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
@@ -275,7 +368,7 @@ void gated_hadamard_forward_cuda(const void* q, const void* k, const void* v, vo
   const int64_t batches_per_launch = kMaxElements / batch_size;  // whole batches, < 2^31 elements per launch
   const int64_t q_per_batch = s.shared_over_channels ? s.length : s.channels;
   const Divider length = Divider::make(uint32_t(s.length)), per_batch = Divider::make(uint32_t(batch_size));
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t m0 = 0; m0 < s.batch; m0 += batches_per_launch) {
       const int64_t n = std::min(batches_per_launch, s.batch - m0) * batch_size;
@@ -300,25 +393,21 @@ void gated_hadamard_backward_cuda(const void* grad, const void* q, const void* k
   if (s.batch * s.channels * s.length == 0) {  // the gradient of a sum over nothing
     if (q_size) {
       ISG_CHECK(grad_q != nullptr, "gated_hadamard_backward_cuda: null grad_q");
-      dispatch(dtype, [&](auto tag) {
+      dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
         ISG_CUDA_CHECK(cudaMemsetAsync(grad_q, 0, size_t(q_size) * sizeof(decltype(tag)), as_stream(stream)));
       });
     }
     return;
   }
-  const int width = group_width(s.length);
-  const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto args = [&](auto kernel) {
-      kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(
+    with_width(s.length, [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      auto kernel = s.shared_over_channels ? gated_backward_kernel<W, true, T> : gated_backward_kernel<W, false, T>;
+      kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(grad), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-          static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), s, width);
-    };
-    if (s.shared_over_channels)
-      args(gated_backward_kernel<true, T>);
-    else
-      args(gated_backward_kernel<false, T>);
+          static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v), s);
+    });
   });
   ISG_CUDA_CHECK(cudaGetLastError());
 }
@@ -327,18 +416,14 @@ void softmax_spatial_sum_forward_cuda(const void* logits, const void* p, void* o
   check_args("softmax_spatial_sum_forward_cuda", s, {logits, p, out});
   ISG_CHECK(s.length > 0 || s.batch * s.channels == 0, "softmax_spatial_sum_forward_cuda: softmax over an empty spatial axis");
   if (s.batch * s.channels == 0) return;
-  const int width = group_width(s.length);
-  const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) {
-      kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(logits), static_cast<const T*>(p),
-                                                                             static_cast<T*>(out), s, width);
-    };
-    if (s.shared_over_channels)
-      launch(softmax_forward_kernel<true, T>);
-    else
-      launch(softmax_forward_kernel<false, T>);
+    with_width(s.length, [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      auto kernel = s.shared_over_channels ? softmax_forward_kernel<W, true, T> : softmax_forward_kernel<W, false, T>;
+      kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(logits), static_cast<const T*>(p),
+                                                                  static_cast<T*>(out), s);
+    });
   });
   ISG_CUDA_CHECK(cudaGetLastError());
 }
@@ -350,25 +435,21 @@ void softmax_spatial_sum_backward_cuda(const void* grad, const void* logits, con
   if (s.batch * s.channels == 0) {
     if (s.shared_over_channels && s.batch * s.length > 0) {  // no channel reads the logits: zero gradient
       ISG_CHECK(grad_logits != nullptr, "softmax_spatial_sum_backward_cuda: null grad_logits");
-      dispatch(dtype, [&](auto tag) {
+      dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
         ISG_CUDA_CHECK(cudaMemsetAsync(grad_logits, 0, size_t(s.batch * s.length) * sizeof(decltype(tag)), as_stream(stream)));
       });
     }
     return;
   }
-  const int width = group_width(s.length);
-  const int64_t units = s.shared_over_channels ? s.batch : s.batch * s.channels;
-  dispatch(dtype, [&](auto tag) {
+  dispatch<__half, __nv_bfloat16>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) {
-      kernel<<<group_blocks(units, width), kThreads, 0, as_stream(stream)>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(logits), static_cast<const T*>(p), static_cast<T*>(grad_logits),
-          static_cast<T*>(grad_p), s, width);
-    };
-    if (s.shared_over_channels)
-      launch(softmax_backward_kernel<true, T>);
-    else
-      launch(softmax_backward_kernel<false, T>);
+    with_width(s.length, [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      auto kernel = s.shared_over_channels ? softmax_backward_kernel<W, true, T> : softmax_backward_kernel<W, false, T>;
+      kernel<<<blocks_for(s, W), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(grad), static_cast<const T*>(logits),
+                                                                  static_cast<const T*>(p), static_cast<T*>(grad_logits),
+                                                                  static_cast<T*>(grad_p), s);
+    });
   });
   ISG_CUDA_CHECK(cudaGetLastError());
 }

@@ -1,8 +1,6 @@
-// Shannon scorer, CPU: MED residual histograms per tile (OpenMP over tiles) and
-// their two-part code length; pybind11 bindings of the CPU and CUDA entry points.
+// Shannon scorer, CPU: MED residual histograms per tile (OpenMP over tiles) and their two-part
+// code length; the argument checks of both devices. Bound in csrc/module.cpp.
 #include "shannon/shannon.h"
-
-#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstring>
@@ -14,8 +12,6 @@
 
 #include "common/check.h"
 #include "shannon/shannon_bits.h"
-
-namespace py = pybind11;
 
 namespace isg {
 namespace shannon {
@@ -99,7 +95,17 @@ void tile_histogram(const TileBatch& t, int64_t tile, int32_t* hist, std::vector
 
 }  // namespace
 
-void histograms_cpu(const TileBatch& batch, int32_t* hist, int num_threads) {
+void check_batch(const TileBatch& t, const int32_t* hist) {
+  ISG_CHECK(t.tiles >= 0, "shannon: tiles must be >= 0");
+  ISG_CHECK(t.height >= 1 && t.width >= 1, "shannon: tile height and width must be >= 1");
+  ISG_CHECK(t.channels >= 1 && t.channels <= 64, "shannon: channels must be in 1..64");
+  ISG_CHECK(t.height * t.width < (int64_t(1) << 31), "shannon: tiles of 2^31 pixels or more overflow int32 counts");
+  ISG_CHECK(t.tiles == 0 || (t.base != nullptr && t.offsets != nullptr), "shannon: null data or offsets pointer");
+  ISG_CHECK(t.tiles == 0 || hist != nullptr, "shannon: null histogram pointer");
+}
+
+void histogram_cpu(TileBatch batch, int32_t* hist, int num_threads) {
+  check_batch(batch, hist);
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #pragma omp parallel num_threads(num_threads)
@@ -115,6 +121,8 @@ void histograms_cpu(const TileBatch& batch, int32_t* hist, int num_threads) {
 }
 
 void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, int num_threads) {
+  ISG_CHECK(tiles >= 0 && channels >= 1, "shannon: bad histogram shape");
+  ISG_CHECK(tiles == 0 || (hist != nullptr && bits != nullptr), "shannon: null pointer");
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -123,61 +131,4 @@ void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits
 }
 
 }  // namespace shannon
-
-namespace {
-
-shannon::TileBatch make_batch(uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width,
-                              int64_t channels, int64_t stride_h, int64_t stride_w, int64_t stride_c) {
-  ISG_CHECK(tiles >= 0, "shannon: tiles must be >= 0");
-  ISG_CHECK(height >= 1 && width >= 1, "shannon: tile height and width must be >= 1");
-  ISG_CHECK(channels >= 1 && channels <= 64, "shannon: channels must be in 1..64");
-  ISG_CHECK(height * width < (int64_t(1) << 31), "shannon: tiles of 2^31 pixels or more overflow int32 counts");
-  ISG_CHECK(tiles == 0 || (base != 0 && offsets != 0), "shannon: null data or offsets pointer");
-  return {reinterpret_cast<const uint8_t*>(base), reinterpret_cast<const int64_t*>(offsets), tiles, height, width,
-          channels, stride_h, stride_w, stride_c};
-}
-
-}  // namespace
-
-void register_shannon(py::module_& m) {
-  m.def(
-      "shannon_histogram_cpu",
-      [](uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width, int64_t channels,
-         int64_t stride_h, int64_t stride_w, int64_t stride_c, uintptr_t hist, int num_threads) {
-        auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
-        ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
-        py::gil_scoped_release release;
-        shannon::histograms_cpu(batch, reinterpret_cast<int32_t*>(hist), num_threads);
-      },
-      py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
-      py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
-      py::arg("num_threads") = 0,
-      "Residual histograms int32 [tiles, channels, 256] of uint8 tiles at base + offsets[t] (host pointers).");
-  m.def(
-      "shannon_bits_cpu",
-      [](uintptr_t hist, int64_t tiles, int64_t channels, uintptr_t bits, int num_threads) {
-        ISG_CHECK(tiles >= 0 && channels >= 1, "shannon: bad histogram shape");
-        ISG_CHECK(tiles == 0 || (hist != 0 && bits != 0), "shannon: null pointer");
-        py::gil_scoped_release release;
-        shannon::bits_cpu(reinterpret_cast<const int64_t*>(hist), tiles, channels, reinterpret_cast<double*>(bits),
-                          num_threads);
-      },
-      py::arg("hist"), py::arg("tiles"), py::arg("channels"), py::arg("bits"), py::arg("num_threads") = 0,
-      "Bits float64 [tiles] of histograms int64 [tiles, channels, 256] (host pointers).");
-#ifdef ISG_WITH_CUDA
-  m.def(
-      "shannon_histogram_cuda",
-      [](uintptr_t base, uintptr_t offsets, int64_t tiles, int64_t height, int64_t width, int64_t channels,
-         int64_t stride_h, int64_t stride_w, int64_t stride_c, uintptr_t hist, uintptr_t stream) {
-        auto batch = make_batch(base, offsets, tiles, height, width, channels, stride_h, stride_w, stride_c);
-        ISG_CHECK(tiles == 0 || hist != 0, "shannon: null histogram pointer");
-        py::gil_scoped_release release;
-        shannon::histograms_cuda(batch, reinterpret_cast<int32_t*>(hist), stream);
-      },
-      py::arg("base"), py::arg("offsets"), py::arg("tiles"), py::arg("height"), py::arg("width"),
-      py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stride_c"), py::arg("hist"),
-      py::arg("stream") = 0, "CUDA version of shannon_histogram_cpu (device pointers, async on stream).");
-#endif
-}
-
 }  // namespace isg

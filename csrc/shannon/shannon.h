@@ -21,13 +21,17 @@ struct TileBatch {
   int64_t stride_h, stride_w, stride_c;
 };
 
-void histograms_cpu(const TileBatch& batch, int32_t* hist, int num_threads);
+// Throws std::invalid_argument (Python ValueError) for sizes or pointers no kernel may read.
+void check_batch(const TileBatch& batch, const int32_t* hist);
+
+// Host pointers; OpenMP over tiles (`num_threads` <= 0: OpenMP's default).
+void histogram_cpu(TileBatch batch, int32_t* hist, int num_threads);
 void bits_cpu(const int64_t* hist, int64_t tiles, int64_t channels, double* bits, int num_threads);
 
 #ifdef ISG_WITH_CUDA
 constexpr int kMaxCudaChannels = 4;
 // Device pointers (base, offsets, hist); asynchronous on `stream` (a cudaStream_t).
-void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream);
+void histogram_cuda(TileBatch batch, int32_t* hist, void* stream);
 #endif
 
 }  // namespace shannon

@@ -6,8 +6,8 @@
 //
 // Word path (pixels packed: stride_c == 1, pitch P = stride_w of 1..4 bytes, channels <= P; rows of
 // whole words, 4-byte aligned; RGB, RGBA with alpha dropped as a view, grey): a row is n = width * P
-// bytes, read as 32-bit words, one word per lane (a strip is 31 words on lanes 1..31; lane 0 holds the
-// word to their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken
+// bytes, read as 32-bit words, one word per lane (a strip is 32 words, all counted; lane 0 also loads
+// the word to their left). Byte b of a row belongs to channel b % P; its left neighbour is byte b - P, taken
 // from the lane's own word and the lower lane's (one __shfl_up_sync and one funnel shift per word). MED
 // in SIMD form: cur - median(a, b, a + b - c) = cur + c - max(a, b, c) - min(a, b, c) (mod 256), in
 // 16-bit lanes (even bytes, odd bytes in place) with Hopper's 3-way min/max (__vimax3_u16x2, one
@@ -26,16 +26,13 @@ namespace isg {
 namespace shannon {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;                  // 4 bands per tile: 64 rows each at 256 px (setup per strip and band)
 constexpr int kRows = 8;                       // word path: rows loaded ahead per lane (loads in flight)
-constexpr int kStrip = 31;                     // word path: words per strip (lanes 1..31)
 constexpr int kTrash = kMaxCudaChannels;       // histogram slot of bytes that are no pixel of the tile
 constexpr int kSlots = kMaxCudaChannels + 1;
 constexpr int kSlotStride = 256 + 11;          // channels 11 banks apart: small residuals of different channels in other banks
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kThreads % 32 == 0 && kThreads >= 32 && kThreads <= 1024, "whole warps: the band loops need full-warp shuffles");
-
-__device__ unsigned zero_word = 0u;           // left context of the first column (never written)
 
 __device__ __forceinline__ int med_predict(int a, int b, int c) {
   const int lo = min(a, b), hi = max(a, b);
@@ -79,70 +76,93 @@ __device__ __forceinline__ void count_word(Split cur, Split a, Split b, Split c,
   increment(inc.slot[3] + 4 * __byte_perm(residuals, 0, 0x4443));
 }
 
-// One row of the strip: the left word from the lower lane, then the residuals; the row becomes the
-// upper neighbour (b) and its left word the upper-left one (c) of the next row.
-__device__ __forceinline__ void count_row(unsigned cur, int shift, Split& b, Split& c, const Increments& inc) {
-  const unsigned a = __funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift);
-  const Split cs = split(cur), as = split(a);
-  count_word(cs, as, b, c, inc);
-  b = cs;
-  c = as;
+// Word-path geometry, computed on the host once per launch (32-bit: a row has < 2^31 words).
+struct Words {
+  int words;      // words per tile row (width * pitch / 4)
+  int row_words;  // row stride in words
+};
+
+// The histogram slots and byte order of one lane's word w (see Increments): for pitch 3, increments 0..2
+// count channels 0..2 (byte (j - w) mod 3 of the word) and increment 3 counts byte 3, channel w mod 3
+// (`phase`); for pitch 1, 2, 4 increment j counts byte j, channel j mod pitch. Words past the row's end
+// and bytes of channels not scored (alpha of an RGBA view) count into the trash slot.
+template <int P>
+__device__ __forceinline__ Increments strip_increments(bool counted, int phase, int channels, unsigned shared_sub) {
+  Increments inc;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    int byte = j, channel = j % P;
+    if (P == 3) {
+      byte = j - phase < 0 ? j - phase + 3 : j - phase;
+      channel = j < 3 ? j : phase;
+      if (j == 3) byte = 3;
+    }
+    inc.slot[j] = unsigned(counted && channel < channels ? channel : kTrash) * (kSlotStride * 4u) + shared_sub;
+    if (j < 3) inc.order[j] = 0x4440u | unsigned(byte);
+  }
+  return inc;
 }
 
-// Rows [i0, i1) of a tile whose rows are `words` aligned words, `pitch` bytes per pixel.
-__device__ void band_words(const TileBatch& t, const uint8_t* origin, unsigned* sub, int64_t i0, int64_t i1, int lane) {
-  const int pitch = int(t.stride_w), shift = 8 * pitch;
-  const int64_t words = t.width * pitch / 4;
-  const int row_words = int(t.stride_h / 4);
+// Rows [i0, i1) of a tile with `P` bytes per pixel whose rows are whole, aligned words. A strip is 32
+// words, one per lane, all counted; lane 0's left word (the word before the strip, none in the first
+// strip) is its own extra load, the other lanes' come from the lower lane. Setup in 32-bit arithmetic,
+// once per band; per strip a few compares and moves.
+template <int P>
+__device__ void band_words(const TileBatch& t, Words g, const uint8_t* origin, unsigned* sub, int i0, int i1, int lane) {
+  constexpr int kShift = 8 * P;                                // funnel shift: the left pixel's bytes
   const unsigned shared_sub = unsigned(__cvta_generic_to_shared(sub));
-  for (int64_t w0 = 0; w0 < words; w0 += kStrip) {            // warp-uniform loops: every lane reaches the shuffles
-    const int64_t w = w0 + lane - 1;                           // lane 0: the word left of the strip (context)
-    Increments inc;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int byte = j < 3 && pitch == 3 ? int(((j - w) % 3 + 3) % 3) : j;   // pitch 3: byte of channel j
-      const int channel = int((4 * w + byte) % pitch);
-      inc.slot[j] = unsigned(lane > 0 && w < words && channel < t.channels ? channel : kTrash) * kSlotStride * 4u + shared_sub;
-      if (j < 3) inc.order[j] = 0x4440u | unsigned(byte);
-    }
-    // Lanes past the row's end read its last word (counted as trash); lane 0 of the first strip reads
-    // a zero word on every row, so the first column sees a = c = 0 (pred = b) and pixel (0, 0) pred 0.
-    const unsigned* p = &zero_word;
-    int step = 0;
-    if (w >= 0) {
-      p = reinterpret_cast<const unsigned*>(origin + (i0 > 0 ? i0 - 1 : 0) * t.stride_h) + min(w, words - 1);
-      step = row_words;
-    }
+  const unsigned* first_row = reinterpret_cast<const unsigned*>(origin) + int64_t(i0 > 0 ? i0 - 1 : 0) * g.row_words;
+  int phase = lane % 3;                                        // pitch 3: (w0 + lane) mod 3, w0 = 0
+  for (int w0 = 0; w0 < g.words; w0 += 32) {                   // warp-uniform loops: every lane reaches the shuffles
+    const int w = w0 + lane;
+    const Increments inc = strip_increments<P>(w < g.words, phase, int(t.channels), shared_sub);
+    phase = phase + 2 >= 3 ? phase - 1 : phase + 2;            // the next strip starts 32 = 2 (mod 3) words later
+    const bool has_left = lane == 0 && w0 > 0;                 // lane 0 loads its left word (zero in the first strip)
+    const unsigned* p = first_row + min(w, g.words - 1);       // lanes past the row's end re-read its last word (trash)
+    const int step = g.row_words;
+    // One row of the strip: lane 0's left word (loaded) or the lower lane's word, then the residuals; the
+    // row becomes the upper neighbour (b) and its left word the upper-left one (c) of the next row.
+    auto left_of = [&](unsigned cur, unsigned left0) {
+      const unsigned lower = __shfl_up_sync(kFullMask, cur, 1);
+      return __funnelshift_lc(lane == 0 ? left0 : lower, cur, kShift);
+    };
     Split b, c;
-    int64_t i = i0;
-    if (i0 == 0) {                                             // first row: b = c = a, i.e. pred = a
-      const unsigned cur = __ldg(p);
+    int i = i0;
+    {
+      const unsigned up = __ldg(p), up_left = has_left ? __ldg(p - 1) : 0u;
       p += step;
-      const Split a = split(__funnelshift_lc(__shfl_up_sync(kFullMask, cur, 1), cur, shift));
-      count_word(split(cur), a, a, a, inc);
-      b = split(cur);
-      c = a;
-      i = 1;
-    } else {                                                   // the row above the band
-      const unsigned up = __ldg(p);
-      p += step;
+      const unsigned a = left_of(up, up_left);
+      if (i0 == 0) {                                           // first row: b = c = a, i.e. pred = a
+        count_word(split(up), split(a), split(a), split(a), inc);
+        i = 1;
+      }                                                        // else: the row above the band, context only
       b = split(up);
-      c = split(__funnelshift_lc(__shfl_up_sync(kFullMask, up, 1), up, shift));
+      c = split(a);
     }
     for (; i + kRows <= i1; i += kRows) {
-      unsigned cur[kRows];
+      unsigned cur[kRows], left[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {                        // loads first: kRows words in flight per lane
         cur[r] = __ldg(p);
+        left[r] = has_left ? __ldg(p - 1) : 0u;
         p += step;
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) count_row(cur[r], shift, b, c, inc);
+      for (int r = 0; r < kRows; ++r) {
+        const Split cs = split(cur[r]), as = split(left_of(cur[r], left[r]));
+        count_word(cs, as, b, c, inc);
+        b = cs;
+        c = as;
+      }
     }
-    for (; i < i1; ++i) {
-      const unsigned cur = __ldg(p);
+#pragma unroll 1
+    for (; i < i1; ++i) {                                      // the band's last rows % kRows, one at a time (small code)
+      const unsigned cur = __ldg(p), left = has_left ? __ldg(p - 1) : 0u;
       p += step;
-      count_row(cur, shift, b, c, inc);
+      const Split cs = split(cur), as = split(left_of(cur, left));
+      count_word(cs, as, b, c, inc);
+      b = cs;
+      c = as;
     }
   }
 }
@@ -181,20 +201,25 @@ __device__ void band_pixels(const TileBatch& t, const uint8_t* origin, unsigned*
 
 // ------------------------------------------------------------------------------------------- kernel
 
-__global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, bool words, int32_t* __restrict__ hist) {
+// P = 1..4: packed pixels of P bytes, rows of whole words (the word path for tiles whose origin is 4-byte
+// aligned, the generic one for the others, decided per block); P = 0: the generic path only.
+template <int P>
+__global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, Words g, int32_t* __restrict__ hist) {
   __shared__ unsigned sub[kSlots * kSlotStride];
   for (int k = threadIdx.x; k < kSlots * kSlotStride; k += blockDim.x) sub[k] = 0u;
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const uint8_t* origin = t.base + t.offsets[blockIdx.x];
-  const int64_t band = (t.height + warps - 1) / warps;
-  const int64_t i0 = warp * band, i1 = min(t.height, i0 + band);
+  const int height = int(t.height), band = (height + warps - 1) / warps;
+  const int i0 = warp * band, i1 = min(height, i0 + band);
   if (i0 < i1) {                                               // uniform over the warp
-    if (words && reinterpret_cast<uintptr_t>(origin) % 4 == 0)  // uniform over the block
-      band_words(t, origin, sub, i0, i1, lane);
-    else
-      band_pixels(t, origin, sub, i0, i1, lane);
+    bool words = false;
+    if constexpr (P > 0) words = reinterpret_cast<uintptr_t>(origin) % 4 == 0;  // uniform over the block
+    if constexpr (P > 0) {
+      if (words) band_words<P>(t, g, origin, sub, i0, i1, lane);
+    }
+    if (!words) band_pixels(t, origin, sub, i0, i1, lane);
   }
   __syncthreads();
 
@@ -204,7 +229,8 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(TileBatch t, bool w
 
 }  // namespace
 
-void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream) {
+void histogram_cuda(TileBatch batch, int32_t* hist, void* stream) {
+  check_batch(batch, hist);
   if (batch.tiles == 0) return;
   ISG_CHECK(batch.channels <= kMaxCudaChannels, "shannon (CUDA): at most 4 channels per tile");
   ISG_CHECK(batch.tiles < (int64_t(1) << 31), "shannon (CUDA): too many tiles for one launch");
@@ -212,9 +238,19 @@ void histograms_cuda(const TileBatch& batch, int32_t* hist, uintptr_t stream) {
   // 4-byte aligned take the generic path, decided per block).
   const int64_t pitch = batch.stride_w;
   const bool words = (batch.stride_c == 1 || batch.channels == 1) && pitch >= 1 && pitch <= 4 && batch.channels <= pitch &&
-                     (batch.width * pitch) % 4 == 0 && batch.stride_h % 4 == 0 &&
+                     (batch.width * pitch) % 4 == 0 && batch.width * pitch / 4 < (int64_t(1) << 30) && batch.stride_h % 4 == 0 &&
                      batch.stride_h / 4 < (int64_t(1) << 31) && batch.stride_h / 4 > -(int64_t(1) << 31);
-  histogram_kernel<<<unsigned(batch.tiles), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(batch, words, hist);
+  const Words g{words ? int(batch.width * pitch / 4) : 0, words ? int(batch.stride_h / 4) : 0};
+  auto launch = [&](auto kernel) {
+    kernel<<<unsigned(batch.tiles), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(batch, g, hist);
+  };
+  switch (words ? pitch : 0) {
+    case 1: launch(histogram_kernel<1>); break;
+    case 2: launch(histogram_kernel<2>); break;
+    case 3: launch(histogram_kernel<3>); break;
+    case 4: launch(histogram_kernel<4>); break;
+    default: launch(histogram_kernel<0>);
+  }
   ISG_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -63,6 +63,14 @@ def add_quiet(parser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
 
 
+def quiet_other_ranks(ranks) -> None:
+    """Under torchrun, only rank 0 talks: the other ranks log errors only and show no warnings."""
+    if ranks.is_main:
+        return
+    logging.getLogger("isg").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
 def _show_warning_once(shown: set):
     """``warnings.showwarning`` replacement: each message once, in words, without the source line."""
 

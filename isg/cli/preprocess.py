@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from isg.cli._cluster import add_scheduler_arguments, scheduler_from_args
 from isg.cli._rules import add_rule_arguments, rule_from_args
 from isg.cli._slides import add_slide_arguments, slides_from_args
 
@@ -64,31 +65,11 @@ def register(subparsers) -> None:
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"tiles per batch (default {defaults.batch_size})")
     group.add_argument("--num-workers", type=int, default=defaults.num_workers,
                        help=f"tile reader threads per slide (default {defaults.num_workers})")
-    group.add_argument("--workers", type=int, help="slides in parallel (threads/processes; default min(4, cpus))")
-    group.add_argument("--scheduler", default="threads",
-                       help="threads (default, in-process), processes, or a Dask scheduler address (tcp://host:8786)")
-    group.add_argument("--resources", help="Dask worker resources per slide, e.g. GPU=1")
+    add_scheduler_arguments(group, "slides in parallel (threads/processes; default min(4, cpus))")
     group.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
     group.add_argument("--no-thumbnail", dest="thumbnail", action="store_false", help="skip the thumbnail PNGs")
     group.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
     parser.set_defaults(func=run)
-
-
-def _resources(text: str | None) -> dict | None:
-    from isg.cli import CLIError
-
-    if not text:
-        return None
-    resources = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            resources[name.strip()] = float(value)
-        except ValueError:
-            raise CLIError(f"--resources {text!r}: expected NAME=NUMBER[,NAME=NUMBER], e.g. GPU=1") from None
-        if not name.strip():
-            raise CLIError(f"--resources {text!r}: empty resource name")
-    return resources
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,18 +96,11 @@ def run(args: argparse.Namespace) -> int:
         slide_mpps = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    if args.workers is not None and args.workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {args.workers}")
-    if args.device.startswith("cuda") and args.scheduler in ("threads", "processes"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {args.device}: no CUDA device is available here")
-    scheduler = None if args.scheduler == "threads" else args.scheduler
-    one_at_a_time = scheduler is None and (args.workers == 1 or len(slides) == 1)
+    scheduler, workers, resources = scheduler_from_args(args)
+    one_at_a_time = scheduler is None and (workers == 1 or len(slides) == 1)
     try:
-        summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=args.workers,
-                                    resources=_resources(args.resources), overwrite=args.overwrite,
+        summary = preprocess_cohort(slides, args.out, scheduler=scheduler, workers=workers,
+                                    resources=resources, overwrite=args.overwrite,
                                     progress=not args.quiet, tile_progress=one_at_a_time and not args.quiet,
                                     slide_mpps=slide_mpps, **options)
     except ConnectionError as exc:

@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=default["weight_decay"], help="AdamW weight decay")
     parser.add_argument("--max-patches", type=int, default=default["max_patches"], help="random patches per slide per step while training")
     parser.add_argument("--seed", type=int, default=default["seed"], help="seed of the folds, initialisation and batches")
-    parser.add_argument("--device", default=default["device"], help="cpu or cuda[:i]")
+    parser.add_argument("--device", default=default["device"], help="cpu or cuda[:i] (under torchrun: cuda = one GPU per process)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="train every fold again, even those a previous run with the same options finished")
     add_quiet(parser)
     parser.set_defaults(func=run)
 
@@ -62,6 +64,8 @@ def run(args) -> int:
     from isg.cli._progress import TrainProgress
     from isg.model.tasks import get_task
     from isg.train.config import TrainConfig
+    from isg.cli import quiet_other_ranks
+    from isg.train.distributed import close_distributed, init_distributed
     from isg.train.expression import cross_validate
 
     for name in ("folds", "epochs", "patience", "batch_size", "max_patches", "top_n", "min_samples"):
@@ -96,20 +100,28 @@ def run(args) -> int:
         from isg.utils import list_some
 
         raise CLIError(f"--features {features}: {len(missing)} slide(s) have no feature file: {list_some(missing)}")
+    try:
+        ranks, device = init_distributed(args.device)  # under torchrun: one process per rank, rank 0 writes and talks
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from None
+    quiet_other_ranks(ranks)
     config = TrainConfig(model=args.model, task=args.task, epochs=args.epochs, patience=args.patience,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=args.device,
+                         max_patches=args.max_patches, n_splits=args.folds, seed=args.seed, device=device,
                          model_kwargs=model_kwargs)
     progress = TrainProgress()
     if not getattr(args, "verbose", False):  # the bars show each fold; its result dict is for -v
         logging.getLogger("isg.train.expression").setLevel(logging.WARNING)
     try:
-        summary = cross_validate(manifest, features, targets, args.out, config, progress=None if args.quiet else progress)
+        summary = cross_validate(manifest, features, targets, args.out, config,
+                                 progress=None if args.quiet or not ranks.is_main else progress, resume=args.resume)
     except (ValueError, TypeError) as exc:  # unknown model name or option, too few patients for the folds, bad feature files
         raise CLIError(str(exc)) from exc
     finally:
         progress.close()
-    print(result_line(summary, args.model, args.out))
+        close_distributed()
+    if ranks.is_main:
+        print(result_line(summary, args.model, args.out))
     return 0
 
 

@@ -28,9 +28,11 @@ the patch pixels: the cohort's target, NaN unknown), ``level0_magnification`` an
 (10 / mpp, as TRIDENT names them; NaN unknown), ``local_size`` (q), ``name``. A CLAM reader reads
 ``patch_size`` px at ``patch_level``: the same pixels whenever ``patch_size_level == patch_size``; a
 TRIDENT reader reads ``patch_size_level0`` px at level 0 and resizes them to ``patch_size``.
-Attributes of ``features`` / ``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``, ``checkpoint``).
+Attributes of ``features`` / ``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``,
+``checkpoint`` (absolute) and ``checkpoint_sha256``).
 Root attributes: ``slide_id``, ``slide_path`` (absolute), ``isg_version``, ``backend``, ``level0_mpp``
-(NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, and two JSON attributes:
+(NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, ``kept_fraction`` (selected / tissue
+patches: the floor guard's record, :func:`isg.select.kept_record`), and two JSON attributes:
 ``options`` (the preprocess options that made the patches; ``isg predict`` reuses them) and ``rule``
 (the :class:`~isg.select.SelectionRule` applied, as ``to_dict()``, plus ``"cut"``: the absolute cut it
 used on this slide, null for top-k).
@@ -266,7 +268,7 @@ def write_patch_file(path: str | os.PathLike, patches: SlidePatches) -> Path:
                        isg_version=patches.isg_version or isg.__version__, backend=patches.backend or "",
                        level0_mpp=unknown if patches.level0_mpp is None else patches.level0_mpp,
                        n_damaged=len(patches.damaged_coords), options=json.dumps(patches.options),
-                       rule=json.dumps(rule))
+                       rule=json.dumps(rule), kept_fraction=patches.n_selected / max(1, patches.n_tissue))
         if patches.dimensions is not None:
             f.attrs["dimensions"] = np.asarray(patches.dimensions, np.int64)
         coords = f.create_dataset("coords", data=patches.coords)  # [M, 2]

@@ -16,9 +16,10 @@ from isg.features.autoencoder import (
     save_autoencoder,
     tiles_to_input,
 )
+from isg.features.extractors import ExtractorError, ExtractorRef
 from isg.features.lpips_loss import LPIPSLoss, load_lpips
 
 __all__ = [
-    "Autoencoder", "Decoder", "Discriminator", "Encoder",
+    "Autoencoder", "Decoder", "Discriminator", "Encoder", "ExtractorError", "ExtractorRef",
     "LPIPSLoss", "load_autoencoder", "load_lpips", "modulated_conv2d", "save_autoencoder", "tiles_to_input",
 ]

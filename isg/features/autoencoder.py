@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from isg.utils import file_sha256
 
 __all__ = [
     "Autoencoder", "Encoder", "Decoder", "Discriminator", "modulated_conv2d",
@@ -120,18 +121,30 @@ class SynthesisLayer(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros(()))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.up, self.resolution = up, resolution
+        self.noise_shard = (0, 1)  # (rank, ranks): under data parallelism, the rows of the global batch's noise
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = modulated_conv2d(x, self.weight, self.affine(w), demodulate=True, padding=1)  # [B, O, r, r]
         if noise_mode == "random":
-            x = x + torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype) * self.noise_strength
+            rank, ranks = self.noise_shard  # draw the whole global batch's noise, keep this rank's rows (shard_noise)
+            noise = torch.randn(x.shape[0] * ranks, 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
+            x = x + noise[rank::ranks] * self.noise_strength
         elif noise_mode == "const":
             x = x + (self.noise_const * self.noise_strength).to(x.dtype)
         elif noise_mode != "none":
             raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
         return lrelu(x + self.bias.reshape(1, -1, 1, 1).to(x.dtype))
+
+
+def shard_noise(module: nn.Module, rank: int, ranks: int) -> None:
+    """Make the decoder's random noise that of a global batch split by stride over ``ranks`` processes: each
+    layer draws the noise of all ``batch * ranks`` images (so every rank's random stream advances as one process's
+    would) and keeps rows ``rank, rank + ranks, ...``, the rows of this rank's images."""
+    for layer in module.modules():
+        if isinstance(layer, SynthesisLayer):
+            layer.noise_shard = (rank, ranks)
 
 
 class ToRGB(nn.Module):
@@ -350,4 +363,5 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
         raise CheckpointError(f"autoencoder checkpoint {path}: cannot rebuild the autoencoder ({str(exc).splitlines()[0]})") from None
     ae.extra = checkpoint.extra
     ae.checkpoint_path = str(path)
+    ae.checkpoint_sha256 = file_sha256(path)  # features record it; a model folder checks its copy against it
     return ae.to(map_location).eval()

@@ -135,13 +135,16 @@ class TiffSegments:
         self._checked: dict[tuple[int, int], str | None] = {}
         self._heads: dict[int, bytes] = {}
         self.structural: list[dict[int, str]] = []  # per level: index -> reason (found from the index alone)
-        for page in self.pages:
+        for level, page in enumerate(self.pages):
             damaged = {}
             for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
                 if count == 0 or offset == 0:
                     damaged[index] = "no data (empty tile)"
                 elif offset + count > self.size:
                     damaged[index] = f"data past the end of the file (bytes {offset}..{offset + count}, file has {self.size})"
+            listed = min(len(page.dataoffsets), len(page.databytecounts))
+            for index in range(listed, self.count(level)):  # a tile index cut short (truncated file)
+                damaged[index] = f"not in the file's tile index ({listed} of {self.count(level)} tiles listed)"
             self.structural.append(damaged)
 
     def shape(self, level: int) -> tuple[int, int]:
@@ -152,7 +155,10 @@ class TiffSegments:
         return (page.rowsperstrip or page.imagelength), page.imagewidth
 
     def count(self, level: int) -> int:
-        return len(self.pages[level].dataoffsets)
+        """Segments of ``level`` by its geometry (a truncated file may list fewer)."""
+        th, tw = self.shape(level)
+        page = self.pages[level]
+        return -(-page.imagelength // th) * -(-page.imagewidth // tw)
 
     def indices(self, level: int, x: int, y: int, w: int, h: int) -> list[int]:
         """Segments of ``level`` that the in-bounds rectangle (x, y, w, h) at that level touches."""

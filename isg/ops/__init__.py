@@ -8,7 +8,8 @@ Each op follows one pattern (after pytorch/extension-cpp and stylegan2-ada's
 * a ``torch.library.custom_op`` in the ``isg`` namespace that calls the native
   C++ (CPU) or CUDA function on raw pointers with the GIL released, plus its
   fake (meta) and autograd registrations, so the op works under
-  ``torch.compile`` and passes ``torch.library.opcheck``;
+  ``torch.compile`` and passes ``torch.library.opcheck``; every face launches
+  through :func:`isg.ops.native.call` (``isg._C.<op>_cpu`` / ``<op>_cuda``);
 * a public function that picks the native op when it is available for the
-  input's device, else the reference.
+  input's device, else the reference (with a warning, once, that says why).
 """

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from isg import _ext
+from isg.ops import native
 
 __all__ = [
     "gated_hadamard",
@@ -120,22 +120,11 @@ def _check_softmax_op(op: str, logits: torch.Tensor, p: torch.Tensor, grad: torc
 # ----------------------------------------------------------------------------- native calls
 
 
-def _call(name: str, device: torch.device, *args) -> None:
-    """``isg._C.<name>`` on CPU (with torch's thread count), ``isg._C.<name>_cuda`` on CUDA (on the
-    tensors' device and its current stream). The one place where kernels are launched."""
-    module = _ext.ext()
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # kernels launch on the current device
-            getattr(module, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        getattr(module, name)(*args, torch.get_num_threads())
-
-
-def _shape_args(small: torch.Tensor, full: torch.Tensor) -> tuple[int, int, int, bool, int]:
-    """(M, C, L, shared_over_channels, dtype code) of a [M, C, L] op whose small operand is ``small``."""
+def _shape_args(small: torch.Tensor, full: torch.Tensor) -> tuple[tuple[int, int, int, bool], int]:
+    """((M, C, L, shared_over_channels), dtype code) of a [M, C, L] op whose small operand is ``small``."""
     m, c, length = full.shape
     paper = small.shape[1] == 1 and small.shape[2] == length  # [M, 1, L] (for C = 1 both forms agree)
-    return m, c, length, paper, _DTYPE_CODES[full.dtype]
+    return (m, c, length, paper), _DTYPE_CODES[full.dtype]
 
 
 def _gated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -143,8 +132,8 @@ def _gated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(k, memory_format=torch.contiguous_format)
     if k.numel():
-        _call("gated_hadamard_forward", k.device, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-              *_shape_args(q, k))
+        native.call("gated_hadamard_forward", k.device, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                    *_shape_args(q, k))
     return out
 
 
@@ -153,8 +142,8 @@ def _gated_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     grad, q, k, v = grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():  # with k empty the kernel zeroes grad_q (a sum over nothing)
-        _call("gated_hadamard_backward", k.device, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-              grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), *_shape_args(q, k))
+        native.call("gated_hadamard_backward", k.device, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                    grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), *_shape_args(q, k))
     return grad_q, grad_k, grad_v
 
 
@@ -162,8 +151,8 @@ def _softmax_forward(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     logits, p = logits.contiguous(), p.contiguous()
     out = p.new_empty(p.shape[:2])
     if out.numel():
-        _call("softmax_spatial_sum_forward", p.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
-              *_shape_args(logits, p))
+        native.call("softmax_spatial_sum_forward", p.device, logits.data_ptr(), p.data_ptr(), out.data_ptr(),
+                    *_shape_args(logits, p))
     return out
 
 
@@ -172,8 +161,8 @@ def _softmax_backward(grad: torch.Tensor, logits: torch.Tensor, p: torch.Tensor)
     grad, logits, p = grad.contiguous(), logits.contiguous(), p.contiguous()
     grad_logits, grad_p = torch.empty_like(logits), torch.empty_like(p)
     if logits.numel():  # with C = 0 the kernel zeroes the paper-form grad_logits
-        _call("softmax_spatial_sum_backward", p.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
-              grad_logits.data_ptr(), grad_p.data_ptr(), *_shape_args(logits, p))
+        native.call("softmax_spatial_sum_backward", p.device, grad.data_ptr(), logits.data_ptr(), p.data_ptr(),
+                    grad_logits.data_ptr(), grad_p.data_ptr(), *_shape_args(logits, p))
     return grad_logits, grad_p
 
 
@@ -291,13 +280,7 @@ class _SoftmaxSpatialSum(torch.autograd.Function):
 
 def native_available(x: torch.Tensor) -> bool:
     """Whether the fused kernels serve tensors like ``x`` (device and dtype)."""
-    if x.dtype not in _DTYPE_CODES:
-        return False
-    if x.device.type == "cpu":
-        return _ext.has("gated_hadamard_forward")
-    if x.device.type == "cuda":
-        return _ext.has("gated_hadamard_forward_cuda") and _ext.cuda_ready()
-    return False
+    return x.dtype in _DTYPE_CODES and native.available("gated_hadamard_forward", x.device)
 
 
 def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -308,10 +291,15 @@ def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _use_fused(op: str, fused: bool | None, small: torch.Tensor, full: torch.Tensor) -> bool:
+    """fused=None: the kernel when it serves ``full`` (else the reference, with a warning once when the dtype has a
+    kernel but the device's is missing); True: the kernel or an error; False: the reference."""
     available = native_available(full)
     if fused and not available:
-        raise RuntimeError(f"{op}: no fused kernel for {full.dtype} on {full.device} "
-                           f"(isg._C: {_ext.ext_error() or 'built'}; isg info says why)")
+        why = (f"dtype {full.dtype} has none" if full.dtype not in _DTYPE_CODES
+               else native.unavailable_reason("gated_hadamard_forward", full.device))
+        raise RuntimeError(f"{op}: no fused kernel for {full.dtype} on {full.device} ({why})")
+    if fused is None and not available and full.dtype in _DTYPE_CODES:
+        native.warn_fallback(op, "gated_hadamard_forward", full.device)
     return available if fused is None else fused
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from isg import _ext
+from isg.ops import native
 
 __all__ = [
     "prepare_tiles", "shannon_histogram_reference", "shannon_bits_reference", "bits_from_histogram",
@@ -180,17 +180,6 @@ def shannon_grid_histogram_reference(region, tile, stride=None) -> np.ndarray:
 # Native custom ops: tiles are passed as base pointer + per-tile element offsets + strides (no copies).
 
 
-def _call(name: str, device: torch.device, *args) -> None:
-    """``isg._C.<name>_cpu`` (with torch's thread count) or ``isg._C.<name>_cuda`` (on the tensors' device
-    and its current stream). The one place where the Shannon kernels are launched."""
-    module = _ext.ext()
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # a tensor on cuda:1 while cuda:0 is current launches on cuda:1
-            getattr(module, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        getattr(module, f"{name}_cpu")(*args, torch.get_num_threads())
-
-
 def _check_tiles_op(op: str, data: torch.Tensor, dims: int) -> None:
     """Checks inside the registered ops (what torch.compile graphs call), before any pointer is read."""
     if data.dtype != torch.uint8 or data.dim() != dims:
@@ -206,8 +195,8 @@ def _launch_histogram(data: torch.Tensor, offsets: torch.Tensor, height: int, wi
     """Histograms int32 [tiles, channels, 256] of the tiles at data + offsets (element offsets, on data's device)."""
     hist = torch.empty((offsets.numel(), channels, 256), dtype=torch.int32, device=data.device)
     if offsets.numel():
-        _call("shannon_histogram", data.device, data.data_ptr(), offsets.data_ptr(), offsets.numel(), height, width,
-              channels, *strides, hist.data_ptr())
+        batch = (data.data_ptr(), offsets.data_ptr(), offsets.numel(), height, width, channels, *strides)
+        native.call("shannon_histogram", data.device, batch, hist.data_ptr())
     return hist
 
 
@@ -266,7 +255,7 @@ def _bits_op(hist: torch.Tensor) -> torch.Tensor:
     hist = hist.contiguous()
     bits = torch.empty(hist.shape[0], dtype=torch.float64)
     if hist.shape[0]:
-        _ext.ext().shannon_bits_cpu(hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr(), torch.get_num_threads())
+        native.call("shannon_bits", hist.device, hist.data_ptr(), hist.shape[0], hist.shape[1], bits.data_ptr())
     return bits
 
 
@@ -277,9 +266,11 @@ def _(hist):
 
 
 def _native(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return _ext.has("shannon_histogram_cuda") and _ext.cuda_ready()
-    return device.type == "cpu" and _ext.has("shannon_histogram_cpu")
+    """Whether the histogram kernel serves tensors on ``device``; warns once when it does not on CPU or CUDA."""
+    if native.available("shannon_histogram", device):
+        return True
+    native.warn_fallback("shannon_histogram", "shannon_histogram", device)
+    return False
 
 
 def _as_tensor(array) -> torch.Tensor:
@@ -316,8 +307,9 @@ def histogram_bits(hist) -> np.ndarray:
     if x.dtype != torch.int64 or x.ndim != 3 or x.shape[2] != 256:
         raise ValueError(f"hist: expected int64 [B, C, 256], got {x.dtype} {tuple(x.shape)}")
     x = x.cpu()
-    if _ext.has("shannon_bits_cpu"):
+    if native.available("shannon_bits", x.device):
         return _bits_op(x).numpy()
+    native.warn_fallback("shannon_bits", "shannon_bits", x.device)
     return bits_from_histogram(x.numpy())
 
 

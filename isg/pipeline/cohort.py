@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import multiprocessing
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isg.utils import atomic_path
+from isg.utils import atomic_path, process_memory
+
+log = logging.getLogger(__name__)
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 CONNECT_TIMEOUT = "20s"  # to reach a Dask scheduler given by address
@@ -49,6 +53,9 @@ class ItemResult:
     stats: dict[str, Any] = field(default_factory=dict)
     error_type: str | None = None
     error: str | None = None
+    worker: str | None = None  # host:pid of the process that ran it
+    rss_mb: float | None = None  # that process's resident memory after the item
+    peak_rss_mb: float | None = None  # and its peak so far
 
 
 @dataclass
@@ -157,11 +164,25 @@ def _run_one(process_one: Callable, item: Any, name: str, output: str) -> ItemRe
     try:
         clean_stale_temp(output)
         stats = process_one(item) or {}
-        return ItemResult(name, DONE, output, time.perf_counter() - start, dict(stats))
+        result = ItemResult(name, DONE, output, time.perf_counter() - start, dict(stats))
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
         message = str(exc) or traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return ItemResult(name, FAILED, output, time.perf_counter() - start,
-                          error_type=type(exc).__name__, error=message)
+        result = ItemResult(name, FAILED, output, time.perf_counter() - start,
+                            error_type=type(exc).__name__, error=message)
+    memory = process_memory()
+    result.worker, result.rss_mb, result.peak_rss_mb = memory["worker"], memory["rss_mb"], memory["peak_rss_mb"]
+    return result
+
+
+def on_dask(scheduler) -> bool:
+    """Whether ``scheduler`` sends items to Dask workers, which may run in another working directory (give
+    them absolute paths)."""
+    return scheduler is not None and scheduler not in ("threads", "processes")
+
+
+def duplicate_outputs(outputs: list[str]) -> list[str]:
+    """The outputs named more than once, sorted (one pass: O(n) in the cohort size)."""
+    return sorted(output for output, n in Counter(outputs).items() if n > 1)
 
 
 def _scheduler_name(scheduler) -> str:
@@ -202,7 +223,7 @@ def run_cohort(
     items = list(items)
     names = [name_of(item) for item in items]
     outputs = [str(out_path_of(item)) for item in items]
-    duplicated = sorted({o for o in outputs if outputs.count(o) > 1})
+    duplicated = duplicate_outputs(outputs)
     if duplicated:
         raise ValueError(f"run_cohort: several items write the same output(s): {', '.join(duplicated[:5])}")
 
@@ -299,6 +320,8 @@ def _execute_dask(todo, items, names, outputs, process_one, scheduler, resources
     else:
         client = scheduler
     try:
+        if resources:
+            _warn_without_resources(client, resources)
         futures = {}
         for i in todo:
             future = client.submit(_run_one, process_one, items[i], names[i], outputs[i],
@@ -311,6 +334,19 @@ def _execute_dask(todo, items, names, outputs, process_one, scheduler, resources
     finally:
         if own_client:
             client.close()
+
+
+def _warn_without_resources(client, resources: Mapping[str, float]) -> None:
+    """Say so when no worker offers the ``resources`` every task asks for: the tasks wait until one joins."""
+    try:
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})  # all of them (distributed >= 2025.1)
+    except TypeError:
+        workers = client.scheduler_info().get("workers", {})
+    if not any(all(info.get("resources", {}).get(name, 0) >= amount for name, amount in resources.items())
+               for info in workers.values()):
+        wanted = ",".join(f"{name}={amount:g}" for name, amount in resources.items())
+        log.warning("none of the %d Dask worker(s) offers %s: the tasks wait until a worker started with "
+                    "`--resources %s` joins", len(workers), wanted, wanted)
 
 
 _STATUS: list = []  # the live cohort bar's status sink, while one is shown (see item_status)

@@ -27,9 +27,10 @@ import torch
 
 from isg.data.patch_file import SlidePatches, read_patch_file, write_patch_file
 from isg.features.autoencoder import Autoencoder, tiles_to_input
+from isg.features.extractors import ExtractorRef
 from isg.features.patches import open_patch_slide, split_local
 from isg.io import BATCH_SIZE, NUM_WORKERS, iter_tiles
-from isg.pipeline.cohort import DONE, FAILED, SKIPPED, run_cohort
+from isg.pipeline.cohort import DONE, FAILED, SKIPPED, on_dask, run_cohort
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,10 @@ def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int | 
 def _encoder_attrs(ae: Autoencoder, role: str, amp: bool = False) -> dict:
     attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
     checkpoint = getattr(ae, "checkpoint_path", None)
-    if checkpoint:
-        attrs["checkpoint"] = str(checkpoint)
+    if checkpoint:  # isg train copies it into the model folder, checking it is still this file
+        attrs["checkpoint"] = str(Path(checkpoint).resolve())
+        if getattr(ae, "checkpoint_sha256", None):
+            attrs["checkpoint_sha256"] = ae.checkpoint_sha256
     if amp:
         attrs["precision"] = "bfloat16"
     return attrs
@@ -194,10 +197,53 @@ def extract_slide(
     return ExtractResult(str(h5_path), WRITTEN, patches.n_selected, time.perf_counter() - start, n_read=n_read)
 
 
+Extractor = Autoencoder | ExtractorRef | str | os.PathLike  # a module in memory, or its checkpoint
+
+
+def _extractor(value, role: str):
+    """An Autoencoder stays as it is; a path becomes an :class:`ExtractorRef` (loaded once per worker)."""
+    if value is None or isinstance(value, (Autoencoder, ExtractorRef)):
+        return value
+    return ExtractorRef.of(value, role)
+
+
+class _ExtractOne:
+    """:func:`extract_slide` for one patch file of a cohort; picklable, so a Dask worker or pool process runs it.
+
+    Extractors given as :class:`ExtractorRef` are loaded on a process's first slide and reused for the next
+    ones (:meth:`ExtractorRef.cached`); only their paths and checksums travel with each task.
+    """
+
+    def __init__(self, global_ae, local_ae, slide_paths: dict, options: dict):
+        self.global_ae, self.local_ae, self.slide_paths, self.options = global_ae, local_ae, slide_paths, options
+
+    def _model(self, value):
+        return value.cached(self.options["device"]) if isinstance(value, ExtractorRef) else value
+
+    def __call__(self, h5_path: Path) -> dict:
+        slide_path = self.slide_paths.get(h5_path.stem)
+        result = extract_slide(h5_path, slide_path, self._model(self.global_ae), self._model(self.local_ae),
+                               overwrite=True, **self.options)
+        return {"n_patches": result.n_patches, "n_read": result.n_read}
+
+
+class _HasFeatures:
+    """Resume check of extract: the patch file has the features asked for (picklable)."""
+
+    def __init__(self, local: bool):
+        self.local = local
+
+    def __call__(self, h5_path: Path) -> bool:
+        try:
+            return read_patch_file(h5_path, features=False).has_features(self.local)
+        except (OSError, ValueError):  # absent or not HDF5: processing it reports the problem
+            return False
+
+
 def extract_cohort(
     h5_paths,
-    global_ae: Autoencoder,
-    local_ae: Autoencoder | None,
+    global_ae: Extractor,
+    local_ae: Extractor | None,
     batch_size: int = BATCH_SIZE,
     device: str | torch.device = "cpu",
     num_workers: int = NUM_WORKERS,
@@ -205,31 +251,39 @@ def extract_cohort(
     slide_paths: dict | None = None,
     progress: bool = True,
     amp: bool = False,
+    *,
+    scheduler=None,
+    workers: int | None = 1,
+    resources: dict | None = None,
+    summary_path: str | os.PathLike | None = None,
+    backend: str = "auto",
 ) -> list[ExtractResult]:
-    """:func:`extract_slide` over many .h5 files with the cohort runner (:func:`isg.pipeline.cohort.run_cohort`,
-    one slide at a time: the encoders hold the device); a slide that fails is logged, reported and skipped,
-    slides that have their features already are skipped unless ``overwrite``.
+    """:func:`extract_slide` over many .h5 files with the cohort runner (:func:`isg.pipeline.cohort.run_cohort`):
+    a slide that fails is logged, reported and skipped, slides that have their features already are skipped
+    unless ``overwrite``, every patch file is rewritten atomically.
 
-    ``slide_paths`` optionally maps an .h5 path (or its stem, the slide id) to its slide.
+    ``global_ae`` / ``local_ae``: an :class:`Autoencoder` or its checkpoint (a path or an :class:`ExtractorRef`).
+    A checkpoint is loaded once per process, on its first slide, after its checksum is checked; that is what a
+    Dask cluster wants (``scheduler="tcp://host:8786"`` or a ``distributed.Client``: one task per slide, with
+    worker ``resources`` such as ``{"GPU": 1}``), while a module in memory travels with every task.
+    ``workers``: slides at a time in-process (default 1: the encoders hold the device). ``slide_paths``
+    optionally maps an .h5 path (or its stem, the slide id) to its slide. ``summary_path``: the cohort summary
+    (see :class:`isg.pipeline.cohort.CohortSummary`), written during the run and at its end.
     """
-    slide_paths = slide_paths or {}
     h5_paths = [Path(p) for p in h5_paths]
-
-    def extract_one(h5_path: Path) -> dict:
-        slide_path = slide_paths.get(str(h5_path), slide_paths.get(h5_path.stem))
-        result = extract_slide(h5_path, slide_path, global_ae, local_ae, batch_size, device, num_workers, True, amp=amp)
-        return {"n_patches": result.n_patches}
-
-    def has_features(h5_path: Path) -> bool:
-        try:
-            return read_patch_file(h5_path, features=False).has_features(local_ae is not None)
-        except (OSError, ValueError):  # absent or not HDF5: processing it reports the problem
-            return False
-
-    summary = run_cohort(h5_paths, extract_one, lambda p: p, workers=1, overwrite=overwrite, progress=progress,
-                         name_of=lambda p: Path(p).stem, is_complete=has_features, title="isg extract")
+    if on_dask(scheduler):  # the workers' working directory may be another one
+        h5_paths = [p.absolute() for p in h5_paths]
+        summary_path = summary_path and Path(summary_path).absolute()
+    slide_paths = {Path(key).stem if str(key).endswith(".h5") else str(key): str(Path(value).absolute())
+                   for key, value in (slide_paths or {}).items()}  # by slide id
+    process = _ExtractOne(_extractor(global_ae, "global"), _extractor(local_ae, "local"), slide_paths,
+                          dict(batch_size=batch_size, device=str(device), num_workers=num_workers, backend=backend, amp=amp))
+    summary = run_cohort(h5_paths, process, lambda p: p, scheduler=scheduler, workers=workers, resources=resources,
+                         overwrite=overwrite, progress=progress, name_of=lambda p: Path(p).stem,
+                         is_complete=_HasFeatures(local_ae is not None), summary_path=summary_path, title="isg extract")
     results = [ExtractResult(r.output, r.status, int(r.stats.get("n_patches", 0)), r.seconds,
-                             f"{r.error_type}: {r.error}" if r.error_type else None) for r in summary.results]
+                             f"{r.error_type}: {r.error}" if r.error_type else None, int(r.stats.get("n_read", 0)))
+               for r in summary.results]
     failed = [r for r in results if r.status == FAILED]
     if failed:
         log.warning("extract: %d of %d slide(s) failed: %s", len(failed), len(results), ", ".join(Path(r.h5_path).name for r in failed))

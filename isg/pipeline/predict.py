@@ -3,8 +3,9 @@
 A :class:`Predictor` bundles what a trained run needs on new slides: the fold
 models of ``isg train`` (averaged as an ensemble), the global/local
 autoencoders and the preprocessing options and selection rule the training
-features were made with (``<train_dir>/pipeline.json``, copied from the patch
-files: :func:`new_slide_options`). Per slide, :func:`predict_slide`
+features were made with, all inside the model folder (``model.json``,
+:mod:`isg.model.folder`; folders of earlier versions: ``pipeline.json`` with
+paths; :func:`new_slide_options`). Per slide, :func:`predict_slide`
 
 1. preprocesses it (tissue grid, scores, selection) into a
    :class:`~isg.data.patch_file.SlidePatches` in memory (or reads the patch file
@@ -68,6 +69,7 @@ class Predictor:
     num_workers: int = NUM_WORKERS
     tile_memory_mb: float = 256.0  # per slide: best-scored tiles kept from the scoring pass (read once)
     amp: bool = False  # bfloat16 encoders where the device runs bf16 natively (docs/features.md)
+    source: dict | None = None  # from_train_dir's arguments: a Dask worker rebuilds the predictor from them, once
 
     @property
     def outputs(self) -> list[str]:
@@ -76,26 +78,43 @@ class Predictor:
     @classmethod
     def from_train_dir(cls, train_dir: str | os.PathLike, global_ae: str | os.PathLike | None = None,
                        local_ae: str | os.PathLike | None = None, device: str = "cpu", **preprocess) -> Predictor:
-        """Fold models of ``train_dir``; extractors and preprocessing from its pipeline.json unless given."""
+        """Fold models of the model folder ``train_dir``, and the extractors and preprocessing it holds
+        (model.json, :mod:`isg.model.folder`: every file checked against its checksum) unless given. A folder
+        of an earlier isg (pipeline.json only) reads its extractors from the paths it recorded."""
         from isg.features import load_autoencoder
         from isg.model import load_fold_models
+        from isg.model.folder import CARD, extractor_missing, read_model_folder
 
         train_dir = Path(train_dir)
-        models = load_fold_models(train_dir, device)
-        pipeline_path = train_dir / "pipeline.json"
-        pipeline = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
-        global_ae = global_ae or pipeline.get("global_features", {}).get("checkpoint")
-        local_ae = local_ae or pipeline.get("local_features", {}).get("checkpoint")
-        if not global_ae:
-            raise ValueError(f"{train_dir}: no global autoencoder recorded in pipeline.json; pass one explicitly")
-        if models[0].uses_local and not local_ae:
-            raise ValueError(f"{train_dir}: model {models[0].config.model} needs local features but no local autoencoder is recorded; pass one")
+        if (train_dir / CARD).is_file():
+            folder = read_model_folder(train_dir)  # a missing or altered fold model or extractor is named here
+            models = load_fold_models(train_dir, device)
+            record, extractors = folder.preprocess_record(), {}
+            for role, given in (("global", global_ae), ("local", local_ae)):
+                ref = folder.extractor(role)
+                if given is None and ref is None and (role == "global" or models[0].uses_local):
+                    raise extractor_missing(folder, role)
+                extractors[role] = given if given is not None else ref and ref.path
+            global_ae, local_ae = extractors["global"], extractors["local"]
+        else:
+            models = load_fold_models(train_dir, device)
+            pipeline_path = train_dir / "pipeline.json"
+            record = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
+            global_ae = global_ae or record.get("global_features", {}).get("checkpoint")
+            local_ae = local_ae or record.get("local_features", {}).get("checkpoint")
+            if not global_ae:
+                raise ValueError(f"{train_dir}: no global autoencoder recorded in pipeline.json; pass one explicitly")
+            if models[0].uses_local and not local_ae:
+                raise ValueError(f"{train_dir}: model {models[0].config.model} needs local features but no local autoencoder is recorded; pass one")
         for path in (global_ae, local_ae):
             if path and not Path(path).is_file():
                 raise FileNotFoundError(f"autoencoder checkpoint {path}: no such file")
-        options = {**new_slide_options(pipeline), **preprocess}
-        return cls(models, load_autoencoder(global_ae, device), load_autoencoder(local_ae, device) if models[0].uses_local else None,
-                   options, device)
+        options = {**new_slide_options(record), **preprocess}
+        local_ae = local_ae if models[0].uses_local else None
+        source = dict(train_dir=str(train_dir.resolve()), global_ae=global_ae and str(Path(global_ae).resolve()),
+                      local_ae=local_ae and str(Path(local_ae).resolve()), device=device, **preprocess)
+        return cls(models, load_autoencoder(global_ae, device), load_autoencoder(local_ae, device) if local_ae else None,
+                   options, device, source=source)
 
 
 def new_slide_options(pipeline: dict) -> dict:
@@ -200,8 +219,8 @@ def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir:
 
 
 def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike | None = None,
-                   scheduler=None, workers: int | None = 1, overwrite: bool = False, progress: bool = True,
-                   heatmaps: list[str] | None = None, attention_maps: bool = False):
+                   scheduler=None, workers: int | None = 1, resources: dict | None = None, overwrite: bool = False,
+                   progress: bool = True, heatmaps: list[str] | None = None, attention_maps: bool = False):
     """Predict every slide; returns ``(predictions [slides, outputs], timings [slides, stages], summary)``.
 
     Per-slide results go to ``<out_dir>/slides/<slide_id>.json`` (atomic; a rerun
@@ -212,12 +231,14 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     ``attention_maps`` add :func:`explain_slide`'s files under ``<out_dir>/heatmaps`` and
     ``<out_dir>/attention``. The returned ``predictions`` hold the means only.
     """
-    from isg.pipeline.cohort import run_cohort
+    from isg.pipeline.cohort import on_dask, run_cohort
 
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "patches"
-    per_slide = out_dir / "slides"
     slides = [Path(s) for s in slides]
+    if on_dask(scheduler):  # the workers' working directory may be another one
+        out_dir, work_dir, slides = out_dir.absolute(), work_dir.absolute(), [s.absolute() for s in slides]
+    per_slide = out_dir / "slides"
     heatmaps = list(heatmaps or [])
     unknown = [g for g in heatmaps if g not in predictor.outputs]
     if unknown:
@@ -226,30 +247,18 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     if (heatmaps or attention_maps) and not task.per_patch_maps:
         raise ValueError(f"heatmaps and attention maps are not made for task {task.name!r} ({task.description})")
 
-    def explained(slide: Path) -> bool:
-        sid = slide_id_of(slide)
-        return (all((out_dir / "heatmaps" / sid / f"{_file_name(g)}.png").is_file() for g in heatmaps)
-                and (not attention_maps or (out_dir / "attention" / f"{sid}.h5").is_file()))
-
-    def process(slide: Path) -> dict:
-        result = predict_one(slide, predictor, work_dir, tile_progress=progress and workers == 1)
-        if heatmaps or attention_maps:
-            explain_slide(slide, result.patches, predictor, out_dir, heatmaps, attention_maps, batch=result.batch)
-        timings = result.timings
-        record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": result.prediction.to_dict(),
-                  "seconds": timings}
-        write_text_atomic(per_slide / f"{slide_id_of(slide)}.json", json.dumps(record, default=float))
-        return {"n_patches": timings["n_patches"], **{f"seconds_{k}": round(timings[k], 4) for k in STAGES}}
-
     def complete(path: Path) -> bool:  # a slide is done when its JSON and the maps asked for exist
-        return path.is_file() and explained(next(s for s in slides if slide_id_of(s) == path.stem))
+        return path.is_file() and _explained(out_dir, path.stem, heatmaps, attention_maps)
 
     from isg.pipeline.progress import progress_log
 
-    with progress_log(out_dir / "progress.log"):
+    process = _PredictOne(predictor, work_dir, out_dir, heatmaps, attention_maps,
+                          tile_progress=progress and workers == 1, ship_source=scheduler not in (None, "threads"))
+    with progress_log(out_dir / "progress.log"):  # the lines of slides run in this process
         summary = run_cohort(slides, process, lambda s: per_slide / f"{slide_id_of(s)}.json", scheduler=scheduler,
-                             workers=workers, overwrite=overwrite, progress=progress, name_of=slide_id_of,
-                             is_complete=complete, summary_path=out_dir / "summary.json", title="isg predict")
+                             workers=workers, resources=resources, overwrite=overwrite, progress=progress,
+                             name_of=slide_id_of, is_complete=complete, summary_path=out_dir / "summary.json",
+                             title="isg predict")
     records = [json.loads((per_slide / f"{slide_id_of(s)}.json").read_text()) for s in slides
                if (per_slide / f"{slide_id_of(s)}.json").is_file()]
     index = pd.Index([r["slide_id"] for r in records], name="slide_id")
@@ -262,6 +271,54 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp)
     return predictions, timings, summary
+
+
+def _explained(out_dir: Path, slide_id: str, heatmaps: list[str], attention_maps: bool) -> bool:
+    return (all((out_dir / "heatmaps" / slide_id / f"{_file_name(g)}.png").is_file() for g in heatmaps)
+            and (not attention_maps or (out_dir / "attention" / f"{slide_id}.h5").is_file()))
+
+
+def cached_predictor(source: dict, settings: dict) -> Predictor:
+    """The predictor ``Predictor.from_train_dir(**source)``, built once per process (a Dask worker's first slide)
+    and reused, with ``settings`` (batch size, reader threads, tile memory, amp) applied."""
+    from dataclasses import replace
+
+    from isg.utils import PROCESS_CACHE
+
+    key = ("predictor", json.dumps(source, sort_keys=True, default=str), _folder_fingerprint(source["train_dir"]))
+    return replace(PROCESS_CACHE.get(key, lambda: Predictor.from_train_dir(**source)), **settings)
+
+
+def _folder_fingerprint(train_dir: str) -> tuple:
+    """Names, sizes and mtimes of a model folder's files: a folder trained again is loaded again."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(train_dir).iterdir()) if p.is_file())
+
+
+class _PredictOne:
+    """One slide of :func:`predict_slides` (picklable). With ``ship_source`` only the predictor's
+    :attr:`Predictor.source` travels: each Dask worker or process builds the predictor once and reuses it."""
+
+    def __init__(self, predictor: Predictor, work_dir: Path, out_dir: Path, heatmaps: list[str], attention_maps: bool,
+                 tile_progress: bool, ship_source: bool):
+        ship_source = ship_source and predictor.source is not None
+        self.predictor = None if ship_source else predictor
+        self.source = predictor.source if ship_source else None
+        self.settings = dict(batch_size=predictor.batch_size, num_workers=predictor.num_workers,
+                             tile_memory_mb=predictor.tile_memory_mb, amp=predictor.amp)
+        self.work_dir, self.out_dir, self.heatmaps, self.attention_maps = work_dir, out_dir, heatmaps, attention_maps
+        self.tile_progress = tile_progress
+
+    def __call__(self, slide: Path) -> dict:
+        predictor = self.predictor if self.predictor is not None else cached_predictor(self.source, self.settings)
+        result = predict_one(slide, predictor, self.work_dir, tile_progress=self.tile_progress)
+        if self.heatmaps or self.attention_maps:
+            explain_slide(slide, result.patches, predictor, self.out_dir, self.heatmaps, self.attention_maps,
+                          batch=result.batch)
+        timings = result.timings
+        record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": result.prediction.to_dict(),
+                  "seconds": timings}
+        write_text_atomic(self.out_dir / "slides" / f"{slide_id_of(slide)}.json", json.dumps(record, default=float))
+        return {"n_patches": timings["n_patches"], **{f"seconds_{k}": round(timings[k], 4) for k in STAGES}}
 
 
 def _some(names, n: int = 8) -> str:

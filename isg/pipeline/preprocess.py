@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from isg.data.manifest import slide_id_of
-from isg.data.patch_file import PatchGeometry, SlidePatches, is_complete, write_patch_file
-from isg.pipeline.cohort import run_cohort
+from isg.data.patch_file import SlidePatches, is_complete, write_patch_file
+from isg.pipeline.cohort import on_dask, run_cohort
 from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP
-from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, select
+from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, kept_record, select
 from isg.utils import atomic_path
 
 
@@ -178,22 +178,10 @@ class _Grid:
     coords: np.ndarray  # [N, 2] level-0 (x, y)
 
 
-def read_plan_of(slide, opts: PreprocessOptions) -> tuple[int, int]:
-    """``(level, read_size)`` of :func:`isg.io.read_plan` for the options' target; a slide without mpp under the
-    default target is read at level 0 without resampling (logged: its physical scale is unknown)."""
-    from isg.io import read_plan
-
-    target = opts.target_mpp
-    if target is not None and slide.mpp is None and opts.mpp is None:
-        log.warning("%s: no mpp in the metadata, so patches cannot be resized to %g um/px; reading %d px at level 0 "
-                    "(give --slide-mpp / --mpp-csv for one physical scale, or --level)", slide.path, target, opts.patch_size)
-        target = None
-    return read_plan(slide, opts.patch_size, target, opts.level)
-
-
 def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
-    """Step 1: the read level and size (:func:`read_plan_of`) and the patches with enough tissue on the thumbnail."""
+    """Step 1: the read level and size (:func:`isg.pipeline.scale.read_plan_of`) and the patches with enough tissue on the thumbnail."""
     from isg.io import tile_grid, tissue_mask
+    from isg.pipeline.scale import read_plan_of
 
     level, read_size = read_plan_of(slide, opts)
     downsample = float(slide.level_downsamples[level])
@@ -207,15 +195,6 @@ def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
         raise ValueError(f"{slide.path}: no tissue found (no {read_size} px patch at level {level} "
                          f"has >= {opts.tissue_min:.0%} tissue on the thumbnail)")
     return _Grid(level, read_size, downsample, level0_patch_size, thumb, coords)
-
-
-def patch_geometry(slide, grid: _Grid, opts: PreprocessOptions) -> PatchGeometry:
-    """The geometry the patch file records: sizes at the level, at level 0 and as encoded, and the patches' um/px."""
-    level_mpp = slide.level_mpp(grid.level)
-    mpp = None if level_mpp is None else level_mpp * grid.read_size / opts.patch_size  # um/px of the patch pixels
-    return PatchGeometry(opts.patch_size, grid.level, grid.level0_patch_size, grid.downsample,
-                         tuple(int(v) for v in slide.level_dimensions[grid.level]), mpp, opts.local_size,
-                         None if grid.read_size == opts.patch_size else grid.read_size)
 
 
 def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress=None, on_tiles=None):
@@ -309,6 +288,7 @@ def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress, on
 
 def _preprocess_slide(slide_path, opts: PreprocessOptions, clock: _Clock, progress, on_tiles) -> SlidePatches:
     from isg.io import open_slide
+    from isg.pipeline.scale import patch_geometry
 
     import isg
 
@@ -324,11 +304,13 @@ def _preprocess_slide(slide_path, opts: PreprocessOptions, clock: _Clock, progre
             progress.stage("select")
         rule = opts.selection_rule()
         selected, cut = select_patches(scores, rule, name=str(slide_path))
+        if not rule.pending:
+            kept_record(selected, name=str(slide_path))  # a warning names a slide under the floor
         clock.lap("select")
         thumb = grid.thumb
         if opts.thumbnail and max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
             thumb = slide.thumbnail(PNG_SIZE)  # the selection PNG (and isg predict's heatmaps) draw on it
-        geometry = patch_geometry(slide, grid, opts)
+        geometry = patch_geometry(slide, grid.level, grid.read_size, opts)
         return SlidePatches(
             slide_id=slide_id_of(slide_path),  # the input's name (a DICOM WSI folder opens one of its files)
             slide_path=str(Path(slide_path).resolve()), geometry=geometry, tissue_coords=coords, scores=scores,
@@ -340,7 +322,9 @@ def _preprocess_slide(slide_path, opts: PreprocessOptions, clock: _Clock, progre
 
 def _stats(patches: SlidePatches, clock: _Clock) -> dict:
     g = patches.geometry
-    return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, "n_damaged": len(patches.damaged_coords),
+    pending = patches.rule is not None and SelectionRule.from_dict(patches.rule).pending
+    kept = {} if pending else kept_record(patches.selected, warn=False)  # kept_fraction, under_floor (summary.json)
+    return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, **kept, "n_damaged": len(patches.damaged_coords),
             "level": g.patch_level, "mpp": math.nan if g.mpp is None else float(g.mpp), "read_size": g.size_at_level,
             **clock.stats()}
 
@@ -368,8 +352,8 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
     fine and resized on the fly (:func:`isg.io.read_plan`, as TRIDENT and CLAM do); with ``level`` they are
     ``patch_size`` pixels read at that level, not resampled. The patch file records both sizes and the patches'
     um/px (:class:`~isg.data.patch_file.PatchGeometry`). ``slide_mpp`` overrides the slide's level-0 mpp (for
-    files without it; such a slide under the default target is read at level 0 unresampled, with a warning). ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name),
-    None for the selector's natural rule (Shannon: mean + 1 sigma of the slide's scores; Otsu: tissue
+    files without it; such a slide under the default target is read at level 0 unresampled, with a warning).
+    ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name), None for the selector's natural rule (Shannon: mean + 1 sigma of the slide's scores; Otsu: tissue
     fraction >= 0.5). ``"cohort"`` is the paper's rule: its ``threshold`` is the frozen cohort cut;
     without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
     slide's scores. ``"threshold"`` without a threshold takes the selector's default cut
@@ -418,6 +402,20 @@ def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.nda
 # ----------------------------------------------------------------------------- cohorts
 
 
+def _warn_under_floor(summary) -> None:
+    """One warning naming every slide of this run whose selection is under the floor (``under_floor`` in
+    summary.json): worker processes' own warnings do not reach the caller."""
+    import warnings
+
+    from isg.select import KEEP_FLOOR, KEEP_FLOOR_PATCHES, SelectionWarning
+    from isg.utils import list_some
+
+    under = [f"{r.name} ({r.stats['n_kept']} of {r.stats['n_tissue']})" for r in summary.done if r.stats.get("under_floor")]
+    if under:
+        warnings.warn(f"isg preprocess: {len(under)} slide(s) keep under the floor ({KEEP_FLOOR:.0%} of their tissue "
+                      f"patches or {KEEP_FLOOR_PATCHES} patches): {list_some(under)}", SelectionWarning, stacklevel=3)
+
+
 class _PreprocessOne:
     """``preprocess_slide`` for one slide of a cohort, with its mpp from ``slide_mpps`` (picklable for process pools)."""
 
@@ -459,6 +457,8 @@ def preprocess_cohort(
     check_options(**options)
     out_dir = Path(out_dir)
     slides = [Path(s) for s in slides]
+    if on_dask(scheduler):  # the workers' working directory may be another one
+        out_dir, slides = out_dir.absolute(), [s.absolute() for s in slides]
     process = _PreprocessOne(out_dir, options, slide_mpps or {}, tile_progress)
     messages = native_messages()
     try:
@@ -475,6 +475,7 @@ def preprocess_cohort(
             done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if is_complete(out_dir / f"{slide_id_of(s)}.h5")]
             if done:  # freeze the cut over the scores of every finished slide (selection.json)
                 apply_rule(done, rule)
+        _warn_under_floor(summary)
         return summary
     finally:
         release_buffers()  # the pooled tile batch buffers of this run

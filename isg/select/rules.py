@@ -7,7 +7,13 @@ A rule turns scores [N] (higher = more informative) into a keep-mask and the cut
 * ``"cohort"`` (the paper's rule): one absolute cut for every slide, ``mean + n_sigma * std`` over
   the scores of all patches of a cohort (:func:`cohort_threshold`), frozen and reused on new slides;
 * ``"threshold"``: keep ``scores >= threshold`` (e.g. :func:`default_threshold_bits`);
-* ``"topk"``: the ``k`` highest scores (equal-budget comparisons).
+* ``"topk"``: the ``k`` highest scores (equal-budget comparisons);
+* ``"rank"`` (the default): the ``share`` highest scores of the slide, by default :data:`RANK_SHARE` =
+  15.87 %, what mean + 1 sigma keeps of normally distributed scores: the share the paper meant, kept
+  whatever the skew (real tissue scores are left-skewed and mean + 1 sigma keeps 0-13 % of them,
+  docs/selection.md);
+* ``"robust_z"``: ``scores > median + n_sigma * 1.4826 * MAD`` of the slide's scores (the z-score of
+  robust statistics; 1.4826 * MAD = sigma for normal scores).
 
 :class:`SelectionRule` holds a kind and its parameters and serialises to JSON (``to_dict`` /
 ``from_dict``: the patch file, ``selection.json`` and ``pipeline.json`` store it); its field defaults
@@ -39,8 +45,13 @@ PAPER_THRESHOLD_BITS = 1.6e6   # paper Sec. 4.2 / Tab. 4: the Shannon threshold 
 PAPER_PATCH_SIZE = 512         # ... assumed to be for 512 x 512 RGB patches (docs/selection.md)
 PAPER_ABLATION_BITS = (8e5, 1.6e6, 2.4e6)  # paper Tab. 4
 N_SIGMA = 1.0  # paper Sec. 4.2: keep patches "at least one positive standard deviation from the mean"
+RANK_SHARE = 0.1587  # P(z > 1) of a normal distribution: the share mean + 1 sigma keeps of normal scores
+MAD_TO_SIGMA = 1.4826  # sigma = 1.4826 * MAD for normally distributed scores
+KEEP_FLOOR = 0.05  # a slide whose rule keeps under 5 % of its tissue patches ...
+KEEP_FLOOR_PATCHES = 8  # ... or under 8 patches is named in a warning (kept_record)
 
-__all__ = ["RULES", "RULE_KINDS", "N_SIGMA", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS",
+__all__ = ["RULES", "RULE_KINDS", "N_SIGMA", "RANK_SHARE", "MAD_TO_SIGMA", "KEEP_FLOOR", "KEEP_FLOOR_PATCHES", "kept_record",
+           "robust_z_threshold", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS",
            "DEFAULT_RULE", "RuleKind", "Selection", "SelectionRule", "SelectionWarning", "register_rule", "select",
            "mean_std_threshold", "cohort_threshold", "default_threshold_bits"]
 
@@ -87,15 +98,17 @@ class SelectionRule:
     """A selection rule kind and its parameters (see the module docstring).
 
     ``threshold`` is the absolute cut of ``"threshold"`` and, once frozen over a cohort, of
-    ``"cohort"`` (bits for the Shannon selector); ``k`` is the budget of ``"topk"``; when fewer than
-    ``min_keep`` tiles pass, the ``min_keep`` best are kept and a :class:`SelectionWarning` says so.
+    ``"cohort"`` (bits for the Shannon selector); ``k`` is the budget of ``"topk"``; ``share`` the share
+    of ``"rank"``; when fewer than ``min_keep`` tiles pass, the ``min_keep`` best are kept and a
+    :class:`SelectionWarning` says so.
     """
 
-    rule: str = "mean_std"
+    rule: str = "rank"
     n_sigma: float = N_SIGMA
     threshold: float | None = None
     k: int | None = None
     min_keep: int = 1
+    share: float = RANK_SHARE
 
     def __post_init__(self):
         if self.rule not in RULE_KINDS:
@@ -108,6 +121,9 @@ class SelectionRule:
             raise ValueError(f"rule {self.rule!r}: k= must be a non-negative integer, got {self.k!r}")
         if self.min_keep < 0:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
+        if not isinstance(self.share, numbers.Real) or not 0 < self.share <= 1:
+            raise ValueError(f"share must be a number in (0, 1], got {self.share!r}")
+        object.__setattr__(self, "share", float(self.share))
         # plain Python numbers: the rule serialises to JSON
         object.__setattr__(self, "n_sigma", float(self.n_sigma))
         if self.threshold is not None:
@@ -175,6 +191,15 @@ def mean_std_threshold(scores, n_sigma: float = N_SIGMA) -> float:
     return float(scores.mean() + n_sigma * scores.std())
 
 
+def robust_z_threshold(scores, n_sigma: float = N_SIGMA) -> float:
+    """``median + n_sigma * 1.4826 * MAD`` of ``scores`` [N] (MAD: median absolute deviation from the median)."""
+    scores = _checked(scores)
+    if scores.size == 0:
+        raise ValueError("median + n_sigma * MAD of no scores")
+    median = float(np.median(scores))
+    return median + n_sigma * MAD_TO_SIGMA * float(np.median(np.abs(scores - median)))
+
+
 def cohort_threshold(scores_per_slide, n_sigma: float = N_SIGMA) -> float:
     """The paper's cohort cut: ``mean + n_sigma * std`` over the pooled scores of every slide (a list of [N_i])."""
     pooled = [_checked(s) for s in scores_per_slide]
@@ -186,13 +211,25 @@ def cohort_threshold(scores_per_slide, n_sigma: float = N_SIGMA) -> float:
 # ----------------------------------------------------------------------------- the rule kinds
 
 
+def _above(scores: np.ndarray, cut_of: Callable):
+    """(scores > cut_of(scores), the cut); no scores: nothing kept and no cut."""
+    if scores.size == 0:
+        return np.zeros(0, bool), None
+    cut = cut_of(scores)
+    return scores > cut, cut
+
+
+def _best(scores: np.ndarray, count: int):
+    """(the ``count`` highest scores, ties broken by lower index; no cut)."""
+    keep = np.zeros(scores.shape, dtype=bool)
+    keep[np.argsort(-scores, kind="stable")[:count]] = True
+    return keep, None
+
+
 @register_rule("mean_std")
 def _mean_std(scores: np.ndarray, rule: SelectionRule):
     """keep scores > mean + n_sigma * std of this slide's scores (paper Sec. 4.2: n_sigma = 1)"""
-    if scores.size == 0:
-        return np.zeros(0, bool), None
-    cut = mean_std_threshold(scores, rule.n_sigma)
-    return scores > cut, cut
+    return _above(scores, lambda s: mean_std_threshold(s, rule.n_sigma))
 
 
 @register_rule("cohort", needs={"threshold": "isg.select.cohort_threshold(scores of every slide)"},
@@ -211,9 +248,19 @@ def _threshold(scores: np.ndarray, rule: SelectionRule):
 @register_rule("topk", needs={"k": "the number of patches to keep"})
 def _topk(scores: np.ndarray, rule: SelectionRule):
     """keep the k highest scores (ties broken by lower index)"""
-    keep = np.zeros(scores.shape, dtype=bool)
-    keep[np.argsort(-scores, kind="stable")[: int(rule.k)]] = True
-    return keep, None
+    return _best(scores, int(rule.k))
+
+
+@register_rule("rank")
+def _rank(scores: np.ndarray, rule: SelectionRule):
+    """keep the share highest scores of this slide (default 15.87 %: what mean + 1 sigma keeps of normal scores)"""
+    return _best(scores, math.ceil(rule.share * scores.size - 1e-9))
+
+
+@register_rule("robust_z")
+def _robust_z(scores: np.ndarray, rule: SelectionRule):
+    """keep scores > median + n_sigma * 1.4826 * MAD of this slide's scores"""
+    return _above(scores, lambda s: robust_z_threshold(s, rule.n_sigma))
 
 
 DEFAULT_RULE = SelectionRule()  # the default rule of the library (a selector's natural rule may differ)
@@ -246,6 +293,27 @@ def select(scores, rule: SelectionRule | str = DEFAULT_RULE, *, name: str | None
             keep = np.zeros(scores.shape, dtype=bool)
             keep[np.argsort(-scores, kind="stable")[:min_keep]] = True
     return Selection(keep, None if cut is None else float(cut))
+
+
+def kept_record(keep, name: str | None = None, floor: float = KEEP_FLOOR, min_patches: int = KEEP_FLOOR_PATCHES,
+                warn: bool = True) -> dict:
+    """``{"kept_fraction", "under_floor"}`` of one slide's selection ``keep`` bool [N] (N = its tissue patches).
+
+    A slide is under the floor when its rule keeps fewer than ``floor`` of its tissue patches or fewer than
+    ``min_patches`` patches: a :class:`SelectionWarning` names it (``name``), so that a prediction from a
+    handful of patches never passes silently. ``isg preprocess`` records both values per slide (h5 attrs and
+    summary.json). ``warn=False``: the record only.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    n, kept = keep.size, int(keep.sum())
+    fraction = kept / n if n else 0.0
+    under = kept < min_patches or fraction < floor
+    if under and warn:
+        where = f"{name}: " if name else ""
+        warnings.warn(f"{where}the selection keeps {kept} of {n} tissue patches ({fraction:.1%}), under the floor "
+                      f"({floor:.0%} of the tissue or {min_patches} patches): predictions from it rest on few patches",
+                      SelectionWarning, stacklevel=2)
+    return {"kept_fraction": float(fraction), "under_floor": bool(under)}
 
 
 def _warn_too_few(scores: np.ndarray, rule: str, cut: float | None, passed: int, min_keep: int, name: str | None) -> None:

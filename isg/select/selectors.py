@@ -6,7 +6,7 @@ used with), the unit of its scores, an optional per-slide preparation hook (thum
 scorer options) and an optional default cut for the ``"threshold"`` rule.
 
 ``shannon`` is the paper's scorer (bits of a two-part code, :mod:`isg.ops.shannon`; natural rule
-mean + 1 sigma per slide, default threshold :func:`~isg.select.default_threshold_bits`);
+the share mean + 1 sigma keeps of normal scores, by rank (:data:`~isg.select.DEFAULT_RULE`), default threshold :func:`~isg.select.default_threshold_bits`);
 the others are the baselines of the paper's comparison, on the grey image
 (ITU-R 601 luma, as ``cv2.COLOR_RGB2GRAY``):
 
@@ -21,7 +21,7 @@ the others are the baselines of the paper's comparison, on the grey image
 * ``dog``: mean |Gaussian(sigma=1) - Gaussian(sigma=2)|;
 * ``log``: mean |Laplacian of Gaussian(sigma=1.5)|.
 
-The four edge selectors' natural rule is mean + 1 sigma per slide. Adding a selector is one
+The four edge selectors' natural rule is Shannon's (the paper's mean + 1 sigma share, by rank). Adding a selector is one
 decorator on its scoring function (docs/architecture.md, "How to add a selector")::
 
     @register_selector("mine", natural_rule=SelectionRule("mean_std"), unit="my unit")
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from isg.ops.shannon import prepare_tiles, shannon_bits
-from isg.select.rules import N_SIGMA, SelectionRule, default_threshold_bits
+from isg.select.rules import DEFAULT_RULE, SelectionRule, default_threshold_bits
 
 OTSU_MAX_GREY = 220  # white slide background is brighter than this (0..255)
 
@@ -129,9 +129,11 @@ def _per_tile(fn: Callable[[np.ndarray], float]) -> Callable:
     return score
 
 
-_MEAN_STD = SelectionRule("mean_std", n_sigma=N_SIGMA)
+# the share mean + 1 sigma keeps of normal scores, by rank: real scores are skewed (docs/selection.md);
+# the paper's literal rule is SelectionRule("mean_std") and its cohort cut SelectionRule("cohort")
+_PAPER_SHARE = DEFAULT_RULE
 
-register_selector("shannon", natural_rule=_MEAN_STD, unit="bits", default_threshold=default_threshold_bits)(shannon_bits)
+register_selector("shannon", natural_rule=_PAPER_SHARE, unit="bits", default_threshold=default_threshold_bits)(shannon_bits)
 
 
 @register_selector("otsu", natural_rule=SelectionRule("threshold", threshold=0.5), unit="tissue fraction",
@@ -144,7 +146,7 @@ def otsu_tissue_fraction(tiles, threshold: float | None = None) -> np.ndarray:
     return (grey <= threshold).mean(axis=(1, 2), dtype=np.float64)
 
 
-@register_selector("gradient", natural_rule=_MEAN_STD, unit="mean Sobel gradient magnitude (grey levels / px)")
+@register_selector("gradient", natural_rule=_PAPER_SHARE, unit="mean Sobel gradient magnitude (grey levels / px)")
 @_per_tile
 def gradient_magnitude(grey: np.ndarray) -> float:
     import cv2
@@ -154,7 +156,7 @@ def gradient_magnitude(grey: np.ndarray) -> float:
     return float(np.sqrt(gx * gx + gy * gy).mean(dtype=np.float64))
 
 
-@register_selector("canny", natural_rule=_MEAN_STD, unit="share of Canny edge pixels")
+@register_selector("canny", natural_rule=_PAPER_SHARE, unit="share of Canny edge pixels")
 @_per_tile
 def canny_edge_density(grey: np.ndarray) -> float:
     import cv2
@@ -162,7 +164,7 @@ def canny_edge_density(grey: np.ndarray) -> float:
     return float((cv2.Canny(np.ascontiguousarray(grey), 50, 100) > 0).mean())
 
 
-@register_selector("dog", natural_rule=_MEAN_STD, unit="mean |DoG| (grey levels)")
+@register_selector("dog", natural_rule=_PAPER_SHARE, unit="mean |DoG| (grey levels)")
 @_per_tile
 def difference_of_gaussians(grey: np.ndarray) -> float:
     import cv2
@@ -173,7 +175,7 @@ def difference_of_gaussians(grey: np.ndarray) -> float:
     return float(np.abs(fine - coarse).mean(dtype=np.float64))
 
 
-@register_selector("log", natural_rule=_MEAN_STD, unit="mean |LoG| (grey levels)")
+@register_selector("log", natural_rule=_PAPER_SHARE, unit="mean |LoG| (grey levels)")
 @_per_tile
 def laplacian_of_gaussian(grey: np.ndarray) -> float:
     import cv2

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from isg.data.patch_file import SlidePatches, read_patch_file, write_patch_file
-from isg.select.rules import SelectionRule, select
+from isg.select.rules import SelectionRule, kept_record, select
 from isg.select.selectors import SELECTORS
 from isg.utils import write_text_atomic
 
@@ -46,13 +46,15 @@ def reselect(patches: SlidePatches, rule: SelectionRule, name: str | None = None
 def reselect_h5(src: str | os.PathLike, rule: SelectionRule, dst: str | os.PathLike | None = None) -> dict:
     """Write the patch file ``src`` with ``rule`` applied to its stored scores to ``dst`` (default: over ``src``).
 
-    Returns ``slide_id``, ``n_tissue``, ``n_kept`` and ``features``: ``"kept"`` (subset of the old
-    selection), ``"dropped"`` or ``"none"``.
+    Returns ``slide_id``, ``n_tissue``, ``n_kept``, ``kept_fraction``, ``under_floor``
+    (:func:`isg.select.kept_record`) and ``features``: ``"kept"`` (subset of the old selection),
+    ``"dropped"`` or ``"none"``.
     """
     src = Path(src)
     patches, features = reselect(read_scored(src, features=True), rule, name=str(src))
     write_patch_file(Path(dst) if dst is not None else src, patches)
-    return {"slide_id": patches.slide_id, "n_tissue": patches.n_tissue, "n_kept": patches.n_selected, "features": features}
+    kept = kept_record(patches.selected, name=str(src))  # kept_fraction, under_floor (warns under the floor)
+    return {"slide_id": patches.slide_id, "n_tissue": patches.n_tissue, "n_kept": patches.n_selected, **kept, "features": features}
 
 
 def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule | None = None,

@@ -35,12 +35,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from isg.features.autoencoder import Autoencoder, save_autoencoder, tiles_to_input
+from isg.features.autoencoder import Autoencoder, save_autoencoder, shard_noise, tiles_to_input
 from isg.features.lpips_loss import load_lpips
 from isg.data.patch_file import read_patch_file
 from isg.features.patches import open_patch_slide, split_local
 from isg.io import BATCH_SIZE, NUM_WORKERS, iter_tiles
 from isg.train.config import AutoencoderTrainConfig
+from isg.train.distributed import Ranks, barrier, check_global_batch, mean_over_ranks, ranks_now, shard, sync_gradients
+from isg.train.patch_stream import PatchStream, resized_tiles
 from isg.utils import h5_sources, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,10 @@ LOSSES = ("l1", "lpips", "adv", "d_loss", "r1")
 # ----------------------------------------------------------------------------- data
 
 
-def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | None = None, seed: int = 0, batch_size: int = BATCH_SIZE, num_workers: int = NUM_WORKERS) -> torch.Tensor:
-    """Training bank uint8 [N, r, r, 3] from the selected patches of preprocessed slides.
-
-    ``kind="global"``: each selected p-pixel patch; ``"local"``: each of its S x S q-pixel
-    sub-patches; all resized to ``resolution``. With ``max_tiles`` a random subset of global
-    patches (spread over slides) is read. Slides that fail are logged and skipped.
-    """
-    if kind not in ("global", "local"):
-        raise ValueError(f"kind must be 'global' or 'local', got {kind!r}")
-    infos = []  # SlidePatches of the slides that can be read
+def _usable_patch_files(h5_paths: list, kind: str) -> list:
+    """``(SlidePatches, S)`` of the patch files whose geometry and slide can be used (others logged, left out);
+    S = local patches per side (1 for ``kind="global"``)."""
+    usable = []
     for path in h5_paths:
         try:
             info = read_patch_file(path, features=False)
@@ -76,7 +72,20 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
         if info.slide_path is None or not Path(info.slide_path).is_file():  # do not spend the tile budget on it
             log.warning("skipping %s: slide %s not found", path, info.slide_path)
             continue
-        infos.append((info, grid))
+        usable.append((info, grid))
+    return usable
+
+
+def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | None = None, seed: int = 0, batch_size: int = BATCH_SIZE, num_workers: int = NUM_WORKERS) -> torch.Tensor:
+    """Training bank uint8 [N, r, r, 3] from the selected patches of preprocessed slides.
+
+    ``kind="global"``: each selected p-pixel patch; ``"local"``: each of its S x S q-pixel
+    sub-patches; all resized to ``resolution``. With ``max_tiles`` a random subset of global
+    patches (spread over slides) is read. Slides that fail are logged and skipped.
+    """
+    if kind not in ("global", "local"):
+        raise ValueError(f"kind must be 'global' or 'local', got {kind!r}")
+    infos = _usable_patch_files(h5_paths, kind)
     counts = np.array([info.n_selected for info, _ in infos])
     per_patch = [grid**2 for _, grid in infos]
     rng = np.random.default_rng(seed)
@@ -103,8 +112,7 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
                                            out_size=g.patch_size):
                     if kind == "local":
                         tiles = split_local(tiles, g.local_size).reshape(-1, g.local_size, g.local_size, 3)
-                    x = tiles_to_input(tiles, resolution)  # [B, 3, r, r]
-                    bank.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+                    bank.append(resized_tiles(tiles, resolution))
         except (OSError, ValueError) as exc:
             log.warning("skipping slide %s: %s", info.slide_path, exc)
     if not bank:
@@ -112,18 +120,67 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
     return torch.cat(bank)
 
 
-def _as_bank(tiles_source, config: AutoencoderTrainConfig) -> torch.Tensor:
+class _Bank:
+    """Training tiles held in memory; global batch t = tiles at random indices drawn from the step's generator."""
+
+    def __init__(self, tiles: torch.Tensor, ranks: Ranks):
+        self.tiles, self.ranks = tiles, ranks
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def take(self, step: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(self.tiles), (batch_size,), generator=generator)  # the global batch
+        return self.tiles[shard(idx, self.ranks)]
+
+    def close(self) -> None:
+        pass
+
+
+class _Stream:
+    """Training tiles streamed from the cohort (:class:`~isg.train.patch_stream.PatchStream`), consumed in step order."""
+
+    def __init__(self, stream: PatchStream):
+        self.stream, self.batches, self.next_step = stream, None, None
+
+    def __len__(self) -> int:
+        return self.stream.tiles_per_pass
+
+    def take(self, step: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        if self.batches is None or step != self.next_step:
+            self.close()
+            self.batches = self.stream.batches(batch_size, start_step=step)
+        self.next_step = step + 1
+        return next(self.batches)
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+
+def _training_tiles(tiles_source, config: AutoencoderTrainConfig, ranks: Ranks):
+    """The in-memory bank or the cohort stream, as ``config.sampler`` says (``auto``: the bank when it holds
+    every tile of the cohort within ``max_tiles``)."""
     if isinstance(tiles_source, (torch.Tensor, np.ndarray)):
         tiles = torch.as_tensor(tiles_source)
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != torch.uint8 or len(tiles) == 0:
             raise ValueError(f"tiles_source must be uint8 RGB tiles [N, H, W, 3] (N > 0), got {tiles.dtype} {tuple(tiles.shape)}")
-        return tiles.cpu()
-    return collect_tiles(h5_sources(tiles_source), config.kind, config.resolution, config.max_tiles, config.seed)
+        return _Bank(tiles.cpu(), ranks)
+    paths = h5_sources(tiles_source)
+    sampler = config.sampler
+    if sampler == "auto":
+        total = sum(info.n_selected * grid**2 for info, grid in _usable_patch_files(paths, config.kind))
+        sampler = "bank" if config.max_tiles is None or total <= config.max_tiles else "stream"
+        log.info("%s autoencoder: %d training tiles in the cohort, max_tiles %s: %s", config.kind, total,
+                 config.max_tiles, "in-memory bank" if sampler == "bank" else "streamed from every slide")
+    if sampler == "bank":
+        return _Bank(collect_tiles(paths, config.kind, config.resolution, config.max_tiles, config.seed), ranks)
+    return _Stream(PatchStream(paths, config.kind, config.resolution, config.seed, slides_per_window=config.stream_slides,
+                               patches_per_slide=config.stream_patches, ranks=ranks))
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random element of the dihedral group per sample (histology has no orientation). x [B, 3, r, r]."""
-    ops = torch.randint(0, 8, (x.shape[0],), generator=generator)
+def _augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Element ``ops[i]`` of the dihedral group applied to sample i (histology has no orientation). x [B, 3, r, r]."""
     out = x.clone()
     for k in range(8):
         sel = (ops == k).nonzero().flatten()
@@ -158,9 +215,10 @@ def _export_state(ae: Autoencoder, decoder_ema: torch.nn.Module) -> dict:
 class _Trainer:
     """E, D, the EMA decoder, C, LPIPS, optimisers and loss scaling of one run; one method per part of a step."""
 
-    def __init__(self, config: AutoencoderTrainConfig):
-        self.config, self.device = config, torch.device(config.device)
+    def __init__(self, config: AutoencoderTrainConfig, ranks: Ranks = Ranks()):
+        self.config, self.device, self.ranks = config, torch.device(config.device), ranks
         self.ae = Autoencoder(**config.model_kwargs()).to(self.device)
+        shard_noise(self.ae, ranks.rank, ranks.world_size)  # N processes draw the noise one process would
         self.disc = self.ae.make_discriminator(config.mbstd_group).to(self.device)
         self.decoder_ema = copy.deepcopy(self.ae.decoder).eval().requires_grad_(False)
         self.lpips = load_lpips(config.lpips_weights, self.device, config.lpips_impl) if config.lpips_weight > 0 else None
@@ -174,12 +232,15 @@ class _Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
-    def batch(self, bank: torch.Tensor, step: int) -> torch.Tensor:
-        """Real images [B, 3, r, r] of ``step``: a function of (seed, step), so a resumed run draws the same."""
+    def batch(self, tiles, step: int) -> torch.Tensor:
+        """This rank's real images [B / ranks, 3, r, r] of ``step``'s global batch: a function of (seed, step), so a
+        resumed run, and N processes together, draw what one process draws."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(bank), (self.config.batch_size,), generator=generator)
-        real = tiles_to_input(bank[idx], self.config.resolution, self.device)
-        return _augment(real, generator) if self.config.augment else real
+        real = tiles_to_input(tiles.take(step, self.config.batch_size, generator), self.config.resolution, self.device)
+        if not self.config.augment:
+            return real
+        ops = torch.randint(0, 8, (self.config.batch_size,), generator=generator)  # one per image of the global batch
+        return _augment(real, shard(ops, self.ranks).to(real.device))
 
     def generator_step(self, real: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """E, D: L1 + lambda LPIPS + the non-saturating adversarial term u(-C(D(E(x))))."""
@@ -193,6 +254,7 @@ class _Trainer:
             loss = l1 + config.lpips_weight * perceptual + config.adv_weight * adv
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        sync_gradients(self.ae.parameters(), self.ranks)
         self.scaler.step(self.opt_g)
         return fake, {"l1": l1, "lpips": perceptual, "adv": adv}
 
@@ -214,6 +276,7 @@ class _Trainer:
                 loss = loss + r1 * (config.r1_gamma / 2) * config.r1_interval
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            sync_gradients(self.disc.parameters(), self.ranks)
             self.scaler.step(self.opt_d)
         self.scaler.update()
         return {"d_loss": d_loss, "r1": r1}
@@ -291,40 +354,52 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
         (autoencoder with the EMA decoder, in eval mode, history {"step": [...], "l1": [...], ...}).
     """
     config = config if isinstance(config, AutoencoderTrainConfig) else AutoencoderTrainConfig.from_dict(config or {})
+    ranks = ranks_now()  # under torchrun: this process's share of every global batch (isg.train.distributed)
+    check_global_batch(config.batch_size, ranks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    bank = _as_bank(tiles_source, config)  # uint8 [N, H, W, 3] on CPU
-    steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * len(bank) / config.batch_size))
-    trainer = _Trainer(config)
+    tiles = _training_tiles(tiles_source, config, ranks)  # the in-memory bank or the cohort stream
+    steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * len(tiles) / config.batch_size))
+    trainer = _Trainer(config, ranks)
     start, history = 0, {"step": [], **{k: [] for k in LOSSES}}
     if resume and (out_dir / CHECKPOINT).is_file():
         start, history = trainer.resume(out_dir / CHECKPOINT)
         log.info("resuming %s from step %d", out_dir, start)
+    barrier()  # every rank has read the checkpoint before rank 0 writes the next one
 
     trainer.ae.train(), trainer.disc.train()
     clock = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"autoencoder ({config.kind})", disable=not config.progress)
-    for step in bar:
-        real = trainer.batch(bank, step)
-        fake, losses = trainer.generator_step(real)
-        losses.update(trainer.discriminator_step(real, fake, step))
-        trainer.update_ema(step)
-        history["step"].append(step)
-        for name, value in losses.items():
-            history[name].append(float(value.detach()))
-        bar.set_postfix(l1=f"{history['l1'][-1]:.3f}", lpips=f"{history['lpips'][-1]:.3f}", d=f"{history['d_loss'][-1]:.3f}")
-        if progress is not None:
-            seconds = time.perf_counter() - clock
-            progress(AutoencoderProgress(config.kind, step + 1, steps, {k: history[k][-1] for k in LOSSES}, seconds,
-                                         seconds / (step + 1 - start) * (steps - step - 1)))
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
-            trainer.save(out_dir / CHECKPOINT, step + 1, history)
-    bar.close()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"autoencoder ({config.kind})",
+               disable=not (config.progress and ranks.is_main))
+    try:
+        for step in bar:
+            real = trainer.batch(tiles, step)
+            fake, losses = trainer.generator_step(real)
+            losses.update(trainer.discriminator_step(real, fake, step))
+            trainer.update_ema(step)
+            values = mean_over_ranks(torch.stack([losses[k].detach().float() for k in LOSSES]), ranks).tolist()
+            history["step"].append(step)
+            for name, value in zip(LOSSES, values):
+                history[name].append(value)
+            bar.set_postfix(l1=f"{history['l1'][-1]:.3f}", lpips=f"{history['lpips'][-1]:.3f}", d=f"{history['d_loss'][-1]:.3f}")
+            if progress is not None and ranks.is_main:
+                seconds = time.perf_counter() - clock
+                progress(AutoencoderProgress(config.kind, step + 1, steps, {k: history[k][-1] for k in LOSSES}, seconds,
+                                             seconds / (step + 1 - start) * (steps - step - 1)))
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
+                trainer.save(out_dir / CHECKPOINT, step + 1, history)
+    finally:
+        bar.close()
+        tiles.close()
 
-    trainer.save(out_dir / CHECKPOINT, steps, history)
-    result = trainer.exported()
-    save_autoencoder(out_dir / EXPORT, result, extra={"train_config": asdict(config), "steps": steps, "n_tiles": len(bank)})
+    if ranks.is_main:  # one writer; the other ranks wait for the files
+        trainer.save(out_dir / CHECKPOINT, steps, history)
+    result = trainer.exported()  # after the save: building it draws random numbers
+    if ranks.is_main:
+        save_autoencoder(out_dir / EXPORT, result, extra={"train_config": asdict(config), "steps": steps, "n_tiles": len(tiles),
+                                                          "processes": ranks.world_size})
+    barrier()
     return result.to(trainer.device).eval(), history
 
 

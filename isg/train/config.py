@@ -10,6 +10,11 @@ from isg.model.tasks import DEFAULT_TASK
 from isg.utils import from_known_fields
 
 
+SAMPLERS = ("auto", "bank", "stream")  # autoencoder training tiles: in-memory bank, or streamed from the cohort
+SLIDES_PER_WINDOW = 16  # stream: slides read together (a window of tiles, shuffled)
+PATCHES_PER_SLIDE = 64  # stream: patches taken from a slide per visit
+
+
 @dataclass
 class TrainConfig:
     """Cross-validated training of a slide-level model (:func:`isg.train.expression.cross_validate`)."""
@@ -51,6 +56,11 @@ class AutoencoderTrainConfig:
     # data
     kind: str = "global"  # which inputs of .h5 sources: "global" patches or "local" sub-patches
     max_tiles: int | None = 20000  # cap on the in-memory bank (random subset)
+    # "bank": at most max_tiles tiles read once into memory; "stream": tiles streamed from every slide across the
+    # run (isg.train.patch_stream); "auto": the bank when the cohort's tiles fit in max_tiles, else the stream
+    sampler: str = "auto"
+    stream_slides: int = SLIDES_PER_WINDOW
+    stream_patches: int = PATCHES_PER_SLIDE
     augment: bool = True  # random flips / 90-degree rotations
     # optimisation
     epochs: float = 10.0
@@ -76,6 +86,8 @@ class AutoencoderTrainConfig:
     def __post_init__(self):
         if self.kind not in ("global", "local"):
             raise ValueError(f"kind must be 'global' or 'local', got {self.kind!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.resolution is None:
             self.resolution = self.GLOBAL_RESOLUTION if self.kind == "global" else self.LOCAL_RESOLUTION
 
@@ -89,4 +101,4 @@ class AutoencoderTrainConfig:
                     mapping_layers=self.mapping_layers)
 
 
-__all__ = ["AutoencoderTrainConfig", "TrainConfig"]
+__all__ = ["PATCHES_PER_SLIDE", "SAMPLERS", "SLIDES_PER_WINDOW", "AutoencoderTrainConfig", "TrainConfig"]

@@ -8,8 +8,9 @@ per-gene standardised log10(1 + x) expression (or binary cross-entropy for
 MSI-H vs MSS), stop early on the validation loss, keep the best weights,
 predict the held-out fold. Out-of-fold predictions are averaged per sample and
 scored per gene (Pearson r, BH-FDR, significant genes) or by AUC. The output
-folder also gets ``pipeline.json``: how the features were made, so
-``isg predict`` can redo it on new slides.
+folder is a model folder that travels (:mod:`isg.model.folder`: the fold models, copies of the extractors,
+``model.json`` with the frozen selection rule, ``README.md``), so ``isg predict`` can redo the features on new
+slides from any directory; ``pipeline.json`` records how the features were made, as earlier versions wrote it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import copy
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,9 +34,12 @@ from isg.data import splits as splits_lib
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
 from isg.eval import metrics
+from isg.data.patch_file import read_patch_file
 from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
+from isg.model.folder import write_model_folder
 from isg.model.tasks import get_task
 from isg.train.config import TrainConfig
+from isg.train.distributed import Ranks, barrier, ranks_now, sum_over_ranks, sync_gradients
 from isg.utils import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -98,17 +103,20 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_loader, val_loader = _loader(train, config, True), _loader(val, config, False)
+    ranks = ranks_now()  # under torchrun every rank draws each global batch and trains on its share
     best, best_state, stale, history = math.inf, None, 0, []
     for epoch in range(config.epochs):
         model.train()
         train_loss = []
         for batch in train_loader:
-            loss = loss_of(batch)
+            mine, share = rank_share(batch, ranks)
+            loss = loss_of(mine) * share  # this rank's part of the global batch's mean loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * ranks.world_size).backward()
+            sync_gradients(model.parameters(), ranks)  # the mean over ranks: the gradient of the global mean
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)  # transformers diverge without it at high lr
             optimizer.step()
-            train_loss.append(loss.item())
+            train_loss.append(sum_over_ranks(loss.detach(), ranks).item())
         model.eval()
         with torch.no_grad():
             val_loss = float(np.mean([loss_of(batch).item() for batch in val_loader]))
@@ -124,6 +132,18 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
     model.load_state_dict(best_state)
     model.standardizer = scale
     return model, {"history": history, "best_val_loss": best, "epochs_run": len(history)}
+
+
+def rank_share(batch: dict, ranks: Ranks) -> tuple[dict, float]:
+    """This rank's share of a collated global batch (items rank, rank + N, ...) and the fraction of the batch it
+    holds; a rank left without items gets the first one with fraction 0 (it still joins the gradient all-reduce)."""
+    if not ranks.enabled:
+        return batch, 1.0
+    n = len(batch["slide_id"])
+    rows = list(range(ranks.rank, n, ranks.world_size))
+    share = len(rows) / n
+    rows = rows or [0]
+    return {key: value[rows] if torch.is_tensor(value) else [value[i] for i in rows] for key, value in batch.items()}, share
 
 
 def predict_bags(model, dataset: BagDataset, config: TrainConfig) -> pd.DataFrame:
@@ -145,6 +165,7 @@ def cross_validate(
     out_dir: str | Path,
     config: TrainConfig,
     progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Patient-level k-fold CV; writes splits, per-fold and overall results, figures, per-fold models and pipeline.json.
 
@@ -152,10 +173,18 @@ def cross_validate(
         manifest: slides (columns slide_path, slide_id, sample_id, patient_id).
         targets: samples x genes (log-normalised) or, for ``task="msi"``, one 0/1 column.
         progress: called with a :class:`TrainProgress` after every epoch (None: silent).
+        resume: reuse the folds a previous run with the same config finished (``out_dir/folds/fold<k>.json``
+            beside ``model_fold<k>.pt``): a run killed in fold 4 restarts at fold 4.
     Returns the overall summary dict (also written to ``out_dir/summary.json``).
+
+    Under torchrun every rank trains every fold on its share of each global batch (:func:`fit_fold`); rank 0
+    alone writes ``out_dir`` (the other ranks write to a scratch folder, dropped at the end).
     """
     clock = time.perf_counter()
-    out_dir = Path(out_dir)
+    records_dir = out_dir = Path(out_dir)
+    if not ranks_now().is_main:
+        scratch = tempfile.TemporaryDirectory(prefix="isg-rank-")  # removed when this call returns
+        out_dir = Path(scratch.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, targets = match_samples(manifest, targets)
     task = get_task(config.task)
@@ -177,7 +206,16 @@ def cross_validate(
                                train_loss=row["train_loss"], val_loss=row["val_loss"], best_val_loss=row["best_val_loss"],
                                seconds=time.perf_counter() - clock, seconds_left=left * float(np.mean(epoch_seconds))))
 
+    data = data_key(manifest, feature_dir, targets)
+    finished = {k: fold_record(records_dir, k, config, split, data) for k, split in enumerate(folds)} if resume else {}
+    barrier()  # every rank has read the records before rank 0 writes new ones
     for k, split in enumerate(folds):
+        if finished.get(k) is not None:
+            record = finished[k]
+            predictions.append(pd.DataFrame(**record["predictions"]))
+            fold_rows.append(record["row"])
+            log.info("fold %d: finished by a previous run (%s)", k, records_dir / FOLD_RECORDS / f"fold{k}.json")
+            continue
         started = time.perf_counter()
         train = bags(split.train, max_patches=config.max_patches, cache=True)
         val = bags(split.val or split.train, cache=True)
@@ -190,6 +228,7 @@ def cross_validate(
         fold_score = _score(pred.drop(columns="fold"), manifest, targets, config)
         fold_rows.append({"fold": k, **fold_score, "epochs_run": info["epochs_run"], "best_val_loss": info["best_val_loss"], "seconds": time.perf_counter() - started})
         save_fold_model(out_dir / f"model_fold{k}.pt", model, config, outputs=list(targets.columns), fold=k, standardizer=model.standardizer)
+        write_fold_record(out_dir, k, config, split, data, fold_rows[-1], pred, info["history"])
         log.info("fold %d: %s", k, {key: round(v, 4) if isinstance(v, float) else v for key, v in fold_rows[-1].items()})
 
     oof = pd.concat(predictions)
@@ -205,7 +244,56 @@ def cross_validate(
     with atomic_path(out_dir / "folds.csv") as tmp:
         pd.DataFrame(fold_rows).to_csv(tmp, index=False)
     write_pipeline(out_dir, feature_dir, manifest["slide_id"].iloc[0])
+    first = read_patch_file(Path(feature_dir) / f"{manifest['slide_id'].iloc[0]}.h5", features=False)
+    cohort = {"slides": len(manifest), "samples": int(manifest["sample_id"].nunique()),
+              "patients": int(manifest["patient_id"].nunique())}
+    write_model_folder(out_dir, first, model=config.model, task=config.task, outputs=list(targets.columns),
+                       uses_local=local, cohort=cohort, metrics=summary, training=_plain(asdict(config)))
+    barrier()
     return summary
+
+
+FOLD_RECORDS = "folds"  # out_dir/folds/fold<k>.json: a finished fold (a rerun resumes after it)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def data_key(manifest: pd.DataFrame, feature_dir, targets: pd.DataFrame) -> str:
+    """What the folds were trained on: the targets and the feature files (names, sizes, modification times)."""
+    import hashlib
+
+    digest = hashlib.sha256(pd.util.hash_pandas_object(targets, index=True).to_numpy().tobytes())
+    digest.update(json.dumps([str(c) for c in targets.columns]).encode())
+    for slide_id in manifest["slide_id"]:
+        stat = (Path(feature_dir) / f"{slide_id}.h5").stat()
+        digest.update(f"{slide_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def write_fold_record(out_dir: Path, k: int, config: TrainConfig, split, data: str, row: dict,
+                      predictions: pd.DataFrame, history: list) -> None:
+    """``out_dir/folds/fold<k>.json``: what fold k gave (its row, out-of-fold predictions, epoch history), with the
+    config, test samples and data (:func:`data_key`) it was made for; written atomically after the fold's model."""
+    record = {"config": _plain(asdict(config)), "test": sorted(map(str, split.test)), "data": data, "row": _plain(row),
+              "predictions": _plain(predictions.to_dict(orient="split")), "history": _plain(history)}
+    write_text_atomic(out_dir / FOLD_RECORDS / f"fold{k}.json", json.dumps(record))
+
+
+def fold_record(out_dir: Path, k: int, config: TrainConfig, split, data: str) -> dict | None:
+    """Fold k's record when a previous run finished it with this config, test samples and data (else None)."""
+    path = out_dir / FOLD_RECORDS / f"fold{k}.json"
+    if not (path.is_file() and (out_dir / f"model_fold{k}.pt").is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = {key: value for key, value in _plain(asdict(config)).items() if key != "device"}  # any device resumes
+    if {key: value for key, value in record.get("config", {}).items() if key != "device"} != same:
+        return None
+    return record if record.get("test") == sorted(map(str, split.test)) and record.get("data") == data else None
 
 
 def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) -> None:
@@ -222,8 +310,10 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) 
     feature_dir = Path(feature_dir)
     patches = read_patch_file(feature_dir / f"{slide_id}.h5", features=False)
     preprocess = dict(patches.options)
-    if patches.rule is not None:
-        preprocess["rule"] = patches.rule
+    if patches.rule is not None:  # as the current SelectionRule writes it (files of older versions lack new fields)
+        from isg.select import SelectionRule
+
+        preprocess["rule"] = SelectionRule.from_dict(patches.rule).to_dict()
     pipeline = {"features_dir": str(feature_dir.resolve()), "patch_file_schema": SCHEMA_VERSION, "preprocess": preprocess,
                 "geometry": geometry_dict(patches.geometry), "global_features": patches.feature_attrs,
                 "local_features": patches.local_feature_attrs}
