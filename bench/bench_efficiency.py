@@ -12,7 +12,8 @@ bench/synthetic_slides.py: 0.5 um/px, default 100,000 px), one device (``ISG_BEN
 sides (``ISG_BENCH_AMP=1``: bfloat16 on both), random weights (time does not depend on them). Rows:
 
 * **ISG compact** (run in full, :func:`isg.pipeline.predict.predict_slide`): tissue grid of 256 px patches,
-  Shannon scores of every tissue patch, mean + 1 sigma, the compact encoders (global patch resized to 64 px,
+  Shannon scores of every tissue patch, the default rule (each slide's best 15.87 %, the share mean + 1 sigma
+  keeps of normal scores), the compact encoders (global patch resized to 64 px,
   its 16 local 64 px sub-patches resized to 32 px) on the selected patches, ISG-10-2.
 * **ISG paper resolution** (projected): the same read, selection and slide model, with encoders at the paper's
   resolution (global patch encoded at 256 px, local at 64 px; the large widths, ``channel_base=8192,
@@ -20,11 +21,11 @@ sides (``ISG_BENCH_AMP=1``: bfloat16 on both), random weights (time does not dep
   x the selected count.
 * **HE2RNA** (run in full, :func:`isg.pipeline.he2rna.he2rna_predict_slide`): Otsu tissue, every 224 px tile at
   0.5 um/px through ResNet50, per-tile MLP + top-k pooling.
-* **HE2RNA-Shannon** (projected ResNet): the Shannon scores of every HE2RNA tile are computed in full and mean +
-  1 sigma selects tiles; the ResNet is charged HE2RNA's measured seconds per tile x the selected count.
+* **HE2RNA-Shannon** (projected ResNet): the Shannon scores of every HE2RNA tile are computed in full and the
+  same default rule selects tiles; the ResNet is charged HE2RNA's measured seconds per tile x the selected count.
 
 Run times on 2 CPU cores (float32): 16k px ~10 min; 100k px ~3.5 h, nearly all of it HE2RNA's ResNet50 on
-~160k tiles (minutes on a GPU).
+~160k tiles (minutes on a GPU); the 100k slide is written first when it is not cached (bench/synthetic_slides.py).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def test_isg_vs_he2rna_at_full_size(tmp_path_factory, report):
         rows["HE2RNA"] = {**{k: he[k] for k in STAGES}, "patches": he["n_tiles"], "encoded": he["n_tiles"], "how": "run"}
         start = time.perf_counter()
         grid = he2rna_tile_grid(slide)
-        keep = select(he2rna_tile_scores(slide, grid, "shannon"), SelectionRule("mean_std")).keep
+        keep = select(he2rna_tile_scores(slide, grid, "shannon"), SelectionRule()).keep  # ISG's default rule
         scoring = time.perf_counter() - start
     per_tile = he["features"] / he["n_tiles"]
     rows["HE2RNA-Shannon"] = {"read": 0.0, "select": scoring, "features": per_tile * keep.sum(), "predict": he["predict"],

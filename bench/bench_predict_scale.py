@@ -5,7 +5,7 @@ isg-10-2; the encoders' FLOP rate against the CPU's; a single-level 10^5 px TIFF
     ISG_SCALE_SIZES=16384,32768,65536,100000 python3 -m pytest bench/bench_predict_scale.py --benchmark-enable -s
 
 Per size, one synthetic slide (``isg synth --slides 1 --size N``, written once into ``ISG_BENCH_CACHE``, default
-``$TMPDIR/isg-bench-cache``; the 100k one takes ~7 min and 1.9 GB) goes through ``isg predict`` in a fresh process
+``$TMPDIR/isg-bench-cache``, see bench/synthetic_slides.py) goes through ``isg predict`` in a fresh process
 with a model folder trained once at p = 256, q = 64 on a small synthetic cohort (``isg preprocess``, ``extract
 fit`` for a few steps, ``extract run``, ``isg train --model isg-10-2``: the weights' quality is irrelevant to
 throughput). Recorded from the process itself (``os.wait4``): wall seconds, user and system CPU seconds, peak
@@ -14,14 +14,15 @@ between progress lines. ``busy`` is CPU seconds / (wall x cores): reading overla
 
 Goals (asserted; the table is printed first):
 
-* every size: system time <= 10% of CPU time, a progress line at least every 2 s, cost linear in tissue
-  patches (seconds per tissue patch within 1.5x of the smallest size's);
+* every size: a progress line at least every 2 s, cost linear in tissue patches (seconds per tissue patch
+  within 1.5x of the smallest size's); from 16k px on (below, starting Python and torch is most of the
+  system time): system time <= 10% of CPU time;
 * 100k px: <= 10 min wall, <= 2 GB peak RSS, cores busy >= 85% of the wall time (on an idle machine:
   ``ISG_SCALE_IDLE=0`` skips the wall and busy goals on a shared one);
 * single-level 10^5 px TIFF (no pyramid, mostly background): ``isg preprocess`` in <= 3 GB peak RSS.
 
 Without the 100k run, the table ends with a row estimated from the largest size measured (seconds per tissue
-and per selected patch x the 100k slide's counts: 124,805 tissue patches, 23,717 selected), marked so. A run is
+and per selected patch x that size's counts scaled by area to 10^5 px), marked so. A run is
 killed after ``ISG_SCALE_LIMIT_S`` (default 1500 s): a 100k run fits that even on a loaded machine.
 ``ISG_SCALE_AMP=1`` adds ``--amp`` (bfloat16 encoders).
 """
@@ -40,22 +41,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic_slides import CACHE, isg, synthetic_slide
+from synthetic_slides import CACHE, GENERATOR, isg, synthetic_slide
 
 SIZES = [int(s) for s in os.environ.get("ISG_SCALE_SIZES", "16384,32768").split(",")]
 LIMIT_S = float(os.environ.get("ISG_SCALE_LIMIT_S", "1500"))
 IDLE = os.environ.get("ISG_SCALE_IDLE", "1") != "0"
 AMP = os.environ.get("ISG_SCALE_AMP", "0") == "1"
 FULL = 100_000
-FULL_COUNTS = (124_805, 23_717)  # tissue, selected patches of `isg synth --size 100000` at p = 256
+SYS_GOAL_FROM = 16384  # px: smaller runs are mostly process start-up, whose page faults are system time
 GOALS = {"wall_s": 600.0, "rss_gb": 2.0, "sys_share": 0.10, "busy": 0.85, "gap_s": 2.0, "flat_rss_gb": 3.0, "linear": 1.5}
 
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     """A model folder of `isg train` at p = 256, q = 64, isg-10-2 (trained once, cached)."""
-    root = CACHE / "model-p256-q64-isg-10-2"
-    if (root / "model" / "pipeline.json").is_file():
+    root = CACHE / f"model-p256-q64-isg-10-2-{GENERATOR}"
+    if (root / "model" / "model.json").is_file():  # the model card: written last by isg train
         return root / "model"
     root.mkdir(parents=True, exist_ok=True)
     cohort = root / "cohort"
@@ -134,14 +135,17 @@ def test_predict_scales_to_a_tcga_class_slide(model_dir, report, tmp_path):
         big = rows[-1]
         per_tissue = (big["read"] + big["select"]) / big["n_tissue"]
         per_kept = (big["features"] + big["predict"]) / big["n_patches"]
-        estimate = per_tissue * FULL_COUNTS[0] + per_kept * FULL_COUNTS[1] + (big["wall_s"] - big["total"])
+        counts = tuple(round(big[k] * (FULL / big["size"]) ** 2) for k in ("n_tissue", "n_patches"))  # by area
+        estimate = per_tissue * counts[0] + per_kept * counts[1] + (big["wall_s"] - big["total"])
         report.add("predict_scale", "100000 px (estimate)", estimate, unit="s", higher_is_better=False,
-                   note=f"projected from {big['size']} px: s per tissue patch x {FULL_COUNTS[0]}, s per selected patch x "
-                        f"{FULL_COUNTS[1]} (attention is quadratic in selected patches: a lower bound for predict)")
+                   note=f"projected from {big['size']} px: s per tissue patch x {counts[0]}, s per selected patch x "
+                        f"{counts[1]} (its counts scaled by area)")
+        estimate = (estimate, counts)
     print("\n" + table(rows, estimate))
     base = rows[0]["s_per_1k_tissue"]
     for row in rows:
-        assert row["sys_share"] <= GOALS["sys_share"], f"{row['size']} px: system time {row['sys_share']:.0%} of CPU time"
+        if row["size"] >= SYS_GOAL_FROM:
+            assert row["sys_share"] <= GOALS["sys_share"], f"{row['size']} px: system time {row['sys_share']:.0%} of CPU time"
         assert row["gap_s"] <= GOALS["gap_s"] + 0.5, f"{row['size']} px: {row['gap_s']:.1f} s without a progress line"
         assert row["s_per_1k_tissue"] <= GOALS["linear"] * base, f"{row['size']} px: not linear in tissue patches"
         if row["size"] == FULL:
@@ -150,7 +154,7 @@ def test_predict_scales_to_a_tcga_class_slide(model_dir, report, tmp_path):
                 assert row["wall_s"] <= GOALS["wall_s"] and row["busy"] >= GOALS["busy"], table(rows, estimate)
 
 
-def table(rows: list[dict], estimate: float | None) -> str:
+def table(rows: list[dict], estimate: tuple[float, tuple[int, int]] | None) -> str:
     head = (f"{'size':>8} {'tissue':>7} {'kept':>6} {'read':>6} {'select':>6} {'features':>8} {'predict':>7} {'wall':>7} "
             f"{'user':>7} {'sys':>6} {'sys%':>5} {'busy':>5} {'RSS GB':>6} {'gap s':>5}")
     lines = [head]
@@ -159,7 +163,8 @@ def table(rows: list[dict], estimate: float | None) -> str:
                      f"{r['features']:>8.1f} {r['predict']:>7.1f} {r['wall_s']:>7.1f} {r['user_s']:>7.1f} {r['sys_s']:>6.1f} "
                      f"{r['sys_share']:>5.0%} {r['busy']:>5.0%} {r['rss_gb']:>6.2f} {r['gap_s']:>5.1f}")
     if estimate is not None:
-        lines.append(f"{FULL:>8} {FULL_COUNTS[0]:>7} {FULL_COUNTS[1]:>6}  estimated wall {estimate:.0f} s (not measured)")
+        seconds, (tissue, kept) = estimate
+        lines.append(f"{FULL:>8} {tissue:>7} {kept:>6}  estimated wall {seconds:.0f} s (not measured; counts scaled by area)")
     return "\n".join(lines)
 
 

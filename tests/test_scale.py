@@ -100,6 +100,25 @@ def test_a_trident_style_reader_gets_the_pixels_isg_used(mixed, tmp_path):
             assert np.abs(tile - ref).max() <= 1
 
 
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_the_training_stream_reads_the_resized_patches(mixed, tmp_path, kind):
+    from isg.features.patches import split_local
+    from isg.train.patch_stream import PatchStream, resized_tiles
+
+    slide_path = mixed["40x"]  # read 128 px at level 0, resized to 64
+    preprocess_slide(slide_path, tmp_path, patch_size=P, local_size=Q, thumbnail=False)
+    stream = PatchStream([tmp_path / f"{slide_path.stem}.h5"], kind, 8, seed=1, patches_per_slide=3, num_workers=0)
+    _, order = next(stream._windows_from(0))
+    batch = next(stream.batches(5))  # uint8 [5, 8, 8, 3]
+    coords = stream.slides[0].coords
+    with open_slide(slide_path) as slide:
+        for row, (_, patch, sub) in enumerate(order[:5]):
+            (_, tile), = iter_tiles(slide, coords[patch:patch + 1], 2 * P, num_workers=0, out_size=P)  # [1, P, P, 3]
+            if kind == "local":
+                tile = split_local(tile, Q).reshape(-1, Q, Q, 3)[sub:sub + 1]
+            torch.testing.assert_close(batch[row], resized_tiles(tile, 8)[0], rtol=0, atol=1)
+
+
 def test_slides_without_mpp_keep_working_at_level_0(tmp_path, caplog):
     image, _, _ = render_slide(np.random.default_rng(4), 300, 260, PARAMS, mpp=0.5, artefacts=False)
     Image.fromarray(image).save(tmp_path / "plain.png")
