@@ -14,7 +14,7 @@ pulls in neither pandas nor torch.
 import importlib
 
 _HOME = {
-    "BagDataset": "bags", "collate_bags": "bags",
+    "BagDataset": "bags", "collate_bags": "bags", "write_bag": "bags",
     "ExpressionError": "expression", "load_expression": "expression", "read_gene_list": "expression",
     "resolve_genes": "expression",
     "GDCCohort": "gdc", "build_gdc_cohort": "gdc", "read_sample_sheet": "gdc", "read_star_counts": "gdc",

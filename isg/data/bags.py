@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from isg.utils import list_some
+from isg.utils import atomic_path, list_some
 
 DATASETS = ("features", "local_features", "coords")
 
@@ -106,6 +106,20 @@ class BagDataset(Dataset):
             bag["target"] = self.targets[index]
         bag["slide_id"] = self.slide_ids[index]
         return bag
+
+
+def write_bag(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
+    """Write one bag file atomically: ``features`` [N, d], ``coords`` [N, 2] and optionally ``local_features``
+    [N, S, S, d] (and any other per-patch array, e.g. ``scores`` [N]), each with ``attrs[name]`` (JSON-able scalars),
+    as :class:`BagDataset` reads it. Rows must agree across arrays."""
+
+    lengths = {name: len(array) for name, array in arrays.items()}
+    if "features" not in arrays or "coords" not in arrays or len(set(lengths.values())) != 1:
+        raise ValueError(f"bag {path}: needs features and coords with one row per patch, got {lengths}")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
+        for name, array in arrays.items():
+            dataset = file.create_dataset(name, data=np.asarray(array))
+            dataset.attrs.update({key: value for key, value in (attrs or {}).get(name, {}).items() if value is not None})
 
 
 def collate_bags(bags: list[dict]) -> dict:

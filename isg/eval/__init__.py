@@ -3,6 +3,7 @@
 from isg.eval.metrics import (
     benjamini_hochberg,
     gene_correlations,
+    l2_error,
     pearson_per_gene,
     plot_gene_correlations,
     plot_pred_vs_true,
@@ -14,6 +15,7 @@ from isg.eval.metrics import (
 __all__ = [
     "benjamini_hochberg",
     "gene_correlations",
+    "l2_error",
     "pearson_per_gene",
     "plot_gene_correlations",
     "plot_pred_vs_true",

@@ -69,8 +69,15 @@ def _has_features(h5_path: Path, local: bool) -> bool:
         return "features" in f and (not local or "local_features" in f)
 
 
-def _encoder_attrs(ae: Autoencoder, role: str) -> dict:
-    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
+def encoder_attrs(ae: Autoencoder, role: str) -> dict:
+    """Attrs of a ``features`` / ``local_features`` dataset: which encoder made it and what it was trained with
+    (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record)."""
+    from isg.features.autoencoder import extractor_size
+
+    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config),
+             "extractor_size": extractor_size(ae.config)}
+    objective = (getattr(ae, "extra", None) or {}).get("objective") or {}
+    attrs.update({key: objective[key] for key in ("loss_terms", "lpips_backbone", "lpips_weight", "adv_weight") if key in objective})
     checkpoint = getattr(ae, "checkpoint_path", None)
     if checkpoint:
         attrs["checkpoint"] = str(checkpoint)
@@ -134,7 +141,7 @@ def extract_slide(
             offset += b
     if offset != m:
         raise RuntimeError(f"{h5_path}: read {offset} of {m} patches")
-    _write_features(h5_path, features, local, _encoder_attrs(global_ae, "global"), _encoder_attrs(local_ae, "local") if local_ae is not None else None)
+    _write_features(h5_path, features, local, encoder_attrs(global_ae, "global"), encoder_attrs(local_ae, "local") if local_ae is not None else None)
     return ExtractResult(str(h5_path), WRITTEN, m, time.perf_counter() - start, n_read=n_read)
 
 

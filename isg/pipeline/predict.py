@@ -76,6 +76,9 @@ class Predictor:
         models = load_fold_models(train_dir, device)
         pipeline_path = train_dir / "pipeline.json"
         pipeline = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
+        if pipeline.get("fold_clean") and not (global_ae and local_ae):
+            raise ValueError(f"{train_dir}: a fold-clean run (every fold model has its own extractors, pipeline.json: fold_clean); "
+                             "predict with a model trained on one set of features, or pass --global-ae and --local-ae")
         global_ae = global_ae or pipeline.get("global_features", {}).get("checkpoint")
         local_ae = local_ae or pipeline.get("local_features", {}).get("checkpoint")
         if not global_ae:

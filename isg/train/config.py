@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from isg.model.names import DEFAULT_MODEL
 
+LPIPS_WITHOUT_WEIGHTS = ("random", "off")  # what the LPIPS term does without ImageNet AlexNet weights
+
 
 @dataclass
 class TrainConfig:
@@ -56,6 +58,9 @@ class AutoencoderTrainConfig:
     batch_size: int = 32
     lr: float = 2e-3  # Adam, betas (0, 0.99), as StyleGAN2
     lpips_weight: float = 1.0  # lambda of Eq. 2
+    # Without ImageNet AlexNet weights (torch hub cache or lpips_weights): "random" keeps the LPIPS term on a
+    # random AlexNet (warned), "off" drops it (L1 + adversarial). Chosen by measurement (README, Accuracy: Tab. 5).
+    lpips_without_weights: str = "random"
     adv_weight: float = 1.0
     r1_gamma: float = 1.0
     r1_interval: int = 16
@@ -74,6 +79,8 @@ class AutoencoderTrainConfig:
     def __post_init__(self):
         if self.kind not in ("global", "local"):
             raise ValueError(f"kind must be 'global' or 'local', got {self.kind!r}")
+        if self.lpips_without_weights not in LPIPS_WITHOUT_WEIGHTS:
+            raise ValueError(f"lpips_without_weights must be one of {', '.join(LPIPS_WITHOUT_WEIGHTS)}, got {self.lpips_without_weights!r}")
         if self.resolution is None:
             self.resolution = self.GLOBAL_RESOLUTION if self.kind == "global" else self.LOCAL_RESOLUTION
 
@@ -91,4 +98,4 @@ class AutoencoderTrainConfig:
                     mapping_layers=self.mapping_layers)
 
 
-__all__ = ["AutoencoderTrainConfig", "TrainConfig"]
+__all__ = ["AutoencoderTrainConfig", "LPIPS_WITHOUT_WEIGHTS", "TrainConfig"]

@@ -122,6 +122,8 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
             on_epoch({**history[-1], "best_val_loss": best})
         if stale >= config.patience:
             break
+    if best_state is None:
+        raise ValueError(f"no epoch gave a finite validation loss ({history[-1]['val_loss']}): NaN or infinite features or targets?")
     model.load_state_dict(best_state)
     model.standardizer = scale
     return model, {"history": history, "best_val_loss": best, "epochs_run": len(history)}
@@ -141,6 +143,14 @@ def _feature_shape(dataset: BagDataset) -> tuple[int, int | None]:
     return bag["features"].shape[-1], None if local is None else local.shape[1]
 
 
+def cv_folds(manifest: pd.DataFrame, targets: pd.DataFrame, config: TrainConfig) -> list:
+    """The patient-level folds :func:`cross_validate` uses for these slides, targets and ``config`` (a function
+    of ``config.seed``, ``n_splits``, ``val_fraction`` and, for MSI, the labels it stratifies by)."""
+    manifest, targets = match_samples(manifest, targets)
+    stratify = targets.iloc[:, 0].astype(int).astype(str) if config.task == "msi" else None
+    return splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
+
+
 def cross_validate(
     manifest: pd.DataFrame,
     feature_dir: str | Path,
@@ -148,6 +158,7 @@ def cross_validate(
     out_dir: str | Path,
     config: TrainConfig,
     progress: Callable[[TrainProgress], None] | None = None,
+    fold_feature_dirs: list[str | Path] | None = None,
 ) -> dict:
     """Patient-level k-fold CV; writes splits, per-fold and overall results, figures, per-fold models and pipeline.json.
 
@@ -155,20 +166,26 @@ def cross_validate(
         manifest: slides (columns slide_path, slide_id, sample_id, patient_id).
         targets: samples x genes (log-normalised) or, for ``task="msi"``, one 0/1 column.
         progress: called with a :class:`TrainProgress` after every epoch (None: silent).
+        fold_feature_dirs: fold-clean runs: fold k reads every bag (train, validation, test) from
+            ``fold_feature_dirs[k]``, features whose selection cut and extractors were fitted on that fold's
+            training slides only (folds: :func:`cv_folds`); ``pipeline.json`` then says so (``fold_clean``) and
+            ``isg predict`` refuses the folder (each fold model has its own extractors).
     Returns the overall summary dict (also written to ``out_dir/summary.json``).
     """
     clock = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, targets = match_samples(manifest, targets)
-    stratify = targets.iloc[:, 0].astype(int).astype(str) if config.task == "msi" else None
-    folds = splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
+    folds = cv_folds(manifest, targets, config)
+    if fold_feature_dirs is not None and len(fold_feature_dirs) != len(folds):
+        raise ValueError(f"fold_feature_dirs: {len(fold_feature_dirs)} folder(s) for {len(folds)} folds")
     splits_lib.save_splits(out_dir / "splits.json", folds, seed=config.seed)
     local = model_class(config.model).uses_local  # whether the model reads local cubes, as it declares
 
-    def bags(sample_ids, **kw) -> BagDataset:
+    def bags(sample_ids, k: int, **kw) -> BagDataset:
         part = manifest[manifest["sample_id"].astype(str).isin(sample_ids)]
-        return BagDataset.from_manifest(part, feature_dir, targets, local=local, **kw)
+        source = feature_dir if fold_feature_dirs is None else fold_feature_dirs[k]
+        return BagDataset.from_manifest(part, source, targets, local=local, **kw)
 
     predictions, fold_rows, epoch_seconds = [], [], []
 
@@ -181,9 +198,9 @@ def cross_validate(
 
     for k, split in enumerate(folds):
         started = time.perf_counter()
-        train = bags(split.train, max_patches=config.max_patches, cache=True)
-        val = bags(split.val or split.train, cache=True)
-        test = bags(split.test)
+        train = bags(split.train, k, max_patches=config.max_patches, cache=True)
+        val = bags(split.val or split.train, k, cache=True)
+        test = bags(split.test, k)
         d, grid = _feature_shape(train)
         model, info = fit_fold(config, train, val, d, grid, None if progress is None else lambda row, k=k: report(k, row))
         pred = predict_bags(model, test, config)
@@ -206,16 +223,18 @@ def cross_validate(
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     with atomic_path(out_dir / "folds.csv") as tmp:
         pd.DataFrame(fold_rows).to_csv(tmp, index=False)
-    write_pipeline(out_dir, feature_dir, manifest["slide_id"].iloc[0])
+    write_pipeline(out_dir, feature_dir if fold_feature_dirs is None else fold_feature_dirs[0], manifest["slide_id"].iloc[0],
+                   fold_feature_dirs=fold_feature_dirs)
     return summary
 
 
-def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) -> None:
+def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str, fold_feature_dirs: list | None = None) -> None:
     """``out_dir/pipeline.json``: how the features were made, so ``isg predict`` can redo it on new slides.
 
     Keys: ``features_dir``; ``preprocess`` (attrs of ``coords``: patch_size, local_size, selector,
     rule, ...); ``global_features`` and ``local_features`` (attrs of those datasets: checkpoint,
-    resolution, d, ...), read from one slide's feature file.
+    resolution, d, ``extractor_size``, ``loss_terms``, ``lpips_backbone``, ...), read from one slide's
+    feature file; ``fold_clean`` (the per-fold feature folders) for a fold-clean run.
     """
     import h5py
 
@@ -232,6 +251,9 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) 
 
         pipeline = {"features_dir": str(feature_dir.resolve()), "preprocess": attrs("coords"),
                     "global_features": attrs("features"), "local_features": attrs("local_features")}
+    if fold_feature_dirs is not None:
+        pipeline["fold_clean"] = {"fold_features_dirs": [str(Path(d).resolve()) for d in fold_feature_dirs],
+                                  "note": "each fold model reads features of extractors fitted on its training slides"}
     write_text_atomic(Path(out_dir) / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
 
 
@@ -248,7 +270,8 @@ def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list)
         test = sorted(split.test)
         predictions.append(pd.DataFrame(np.tile(train.mean().to_numpy(), (len(test), 1)), index=test, columns=targets.columns))
     pred = pd.concat(predictions)
-    return metrics.summarize(metrics.gene_correlations(targets.loc[pred.index], pred))
+    truth = targets.loc[pred.index]
+    return {**metrics.summarize(metrics.gene_correlations(truth, pred)), "l2": metrics.l2_error(truth, pred)}
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -267,7 +290,7 @@ def _score(pred: pd.DataFrame, manifest, targets: pd.DataFrame, config: TrainCon
         return {"mean_r": float("nan"), "n_samples": len(per_sample)}
     per_sample.columns = truth.columns
     results = metrics.gene_correlations(truth, per_sample)
-    summary = metrics.summarize(results)
+    summary = {**metrics.summarize(results), "l2": metrics.l2_error(truth, per_sample)}
     if out_dir is not None:
         metrics.save_results(out_dir / "genes.csv", results, summary)
         metrics.plot_gene_correlations(results, out_dir / "gene_correlations.png")
