@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 
 DESCRIPTION = (
@@ -80,6 +81,8 @@ def run(args) -> int:
         except (FileNotFoundError, ExpressionError, ManifestError, LabelError) as exc:
             raise CLIError(str(exc)) from exc
     command = _command(args)
+    if not getattr(args, "verbose", False):  # every row prints one line; the folds' result dicts are for -v
+        logging.getLogger("isg.train.expression").setLevel(logging.WARNING)
     say = (lambda *a, **k: None) if args.quiet else (lambda text: print(text, flush=True))
     try:
         results = run_tables(args.out, sizes, cohort, tables, args.device, say, command)

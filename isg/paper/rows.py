@@ -150,6 +150,7 @@ class RowSpec:
     task: str = "regression"
     model_kwargs: dict = field(default_factory=dict)
     note: str = ""
+    train: dict = field(default_factory=dict)  # TrainConfig fields over the run's (e.g. a probe's epochs and lr)
 
 
 def _run_dir(ws: Workspace, spec: RowSpec, seed: int) -> tuple[Path, dict]:
@@ -157,7 +158,7 @@ def _run_dir(ws: Workspace, spec: RowSpec, seed: int) -> tuple[Path, dict]:
     sizes = ws.sizes
     key = {"bags": spec.bags.folder.name, "fold_dirs": [d.name for d in spec.bags.fold_dirs or []], "model": spec.model,
            "model_kwargs": spec.model_kwargs, "task": spec.task, "seed": seed, "epochs": sizes.epochs, "patience": sizes.patience,
-           "folds": sizes.folds, "max_patches": sizes.max_patches, **TRAIN}
+           "folds": sizes.folds, "max_patches": sizes.max_patches, **TRAIN, **spec.train}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return ws.root / "runs" / f"{spec.bags.folder.name}-{spec.model}-{digest}", key
 
@@ -172,8 +173,9 @@ def _cross_validate(ws: Workspace, spec: RowSpec, seed: int) -> dict:
             json.dumps(key, default=str)):
         return json.loads(summary_path.read_text())  # trained before with the same key: reused
     s = ws.sizes
-    config = TrainConfig(model=spec.model, task=spec.task, epochs=s.epochs, patience=s.patience, n_splits=s.folds,
-                         max_patches=s.max_patches, seed=seed, device=ws.device, model_kwargs=dict(spec.model_kwargs), **TRAIN)
+    options = {"epochs": s.epochs, "patience": s.patience, "max_patches": s.max_patches, **TRAIN, **spec.train}
+    config = TrainConfig(model=spec.model, task=spec.task, n_splits=s.folds, seed=seed, device=ws.device,
+                         model_kwargs=dict(spec.model_kwargs), **options)
     targets = ws.cohort.expression if spec.task == "regression" else ws.cohort.labels
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "row.json").unlink(missing_ok=True)

@@ -47,6 +47,7 @@ class PaperSizes:
     he2rna_arch: str = "resnet50"  # its ImageNet weights when cached, else random (the row says which)
     he2rna_hidden: tuple[int, ...] = (256,)
     probe_hidden: int = 256
+    probe_train: dict = field(default_factory=lambda: {"epochs": 200, "patience": 30, "lr": 1e-3})  # probes train to convergence
     grid: tuple[tuple[int, int], ...] = PAPER_GRID
 
     def with_options(self, folds: int | None = None, seeds: tuple[int, ...] | None = None) -> PaperSizes:
@@ -70,7 +71,8 @@ DEFAULT = PaperSizes("default")
 QUICK = PaperSizes("quick", slides=8, slide_size=1024, genes=8, ae_d=16, ae_channel_max=16, ae_steps=12, ae_batch=8,
                    epochs=1, patience=1, folds=2, max_patches=16, seeds=(0,), ablation_seeds=(0, 1),
                    transformer={"embed_dim": 16, "depth": 1, "num_heads": 2}, cube={"channels": 8},
-                   he2rna_arch="resnet18", he2rna_hidden=(16,), probe_hidden=16)
+                   he2rna_arch="resnet18", he2rna_hidden=(16,), probe_hidden=16,
+                   probe_train={"epochs": 2, "patience": 2, "lr": 1e-3})
 COHORT = PaperSizes("cohort", patch_size=256, local_size=64, ae_resolution=None, ae_d=512, ae_channel_max=128, ae_steps=None,
                     ae_batch=32, epochs=40, patience=8, folds=5, max_patches=256,
                     transformer={"embed_dim": 384, "depth": 12, "num_heads": 6}, cube={"channels": 64})  # ViT-S everywhere

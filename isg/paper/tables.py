@@ -195,9 +195,10 @@ def table5(ws: Workspace) -> dict:
     for variant in ("lpips", "no-lpips"):
         bags = _natural(ws, variant=variant)
         rows.append({**train_row(ws, RowSpec(f"MLP probe on pooled ISG features ({variant})", "mlp-probe", bags, seeds,
-                                             model_kwargs=probe)), "paper_row": "ISG features", "variant": variant})
+                                             model_kwargs=probe, train=s.probe_train)), "paper_row": "ISG features", "variant": variant})
     rows.append({**train_row(ws, RowSpec(f"MLP probe on pooled {ws.he2rna()['label']} features", "mlp-probe",
-                                         he2rna_bags(ws, "he2rna all"), seeds, model_kwargs=probe)), "paper_row": "ResNet50 features"})
+                                         he2rna_bags(ws, "he2rna all"), seeds, model_kwargs=probe, train=s.probe_train)),
+                 "paper_row": "ResNet50 features"})
     for variant in ("lpips", "no-lpips"):
         rows.append({**_isg_row(ws, f"ISG-10-2 on features of the {variant} extractor", _natural(ws, variant=variant)),
                      "variant": variant})
@@ -209,7 +210,8 @@ def table5(ws: Workspace) -> dict:
                "holds": not beaten,
                "detail": f"{main} {_seeds(by_variant[main])} vs {other} {_seeds(by_variant[other])}"}]
     columns = ["name", "features", "pcc", "l2", "floor", "significant", "kept", "seconds", "paper"]
-    notes = [f"Probe rows over split seeds {', '.join(map(str, seeds))}; the library's default extractor here: {main}.",
+    notes = [f"Probe rows over split seeds {', '.join(map(str, seeds))}, trained to convergence ({s.probe_train}); "
+             f"the library's default extractor here: {main}.",
              "Across split seeds (probe PCC, same folds per seed):", *seed_verdicts(rows[:3])]
     return {"id": "tab5", "title": "Paper Tab. 5: what the features carry (two-layer MLP probe on mean-pooled features)",
             "columns": columns, "rows": rows, "notes": notes, "checks": checks}
