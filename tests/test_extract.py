@@ -12,6 +12,7 @@ import torch
 from isg.features import Autoencoder, tiles_to_input
 from isg.pipeline.extract import FAILED, SKIPPED, WRITTEN, extract_cohort, extract_slide
 from isg.io import open_slide
+from isg.select import SelectionRule
 from isg.io.synth import pyramid, render_slide, write_pyramid_tiff
 
 TINY = dict(channel_base=128, channel_max=16, mapping_layers=1)
@@ -161,7 +162,7 @@ def test_preprocess_h5_then_extract(tmp_path, slide_file):
     """The .h5 written by the real preprocess step is consumed as is."""
     from isg.pipeline.preprocess import preprocess_slide
 
-    preprocess_slide(slide_file, tmp_path, patch_size=32, local_size=16, selector="shannon", rule="topk", k=4,
+    preprocess_slide(slide_file, tmp_path, patch_size=32, local_size=16, selector="shannon", rule=SelectionRule("topk", k=4),
                      tissue_min=0.0, num_workers=0)
     h5 = tmp_path / "slide.h5"
     ae = Autoencoder(8, 3, **TINY)

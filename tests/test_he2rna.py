@@ -165,7 +165,8 @@ def test_he2rna_shannon_scores_tiles_and_keeps_the_selected_ones(tmp_path):
     from isg.pipeline.he2rna import he2rna_predict_slide, he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
     from isg.io import open_slide
     from isg.io.synth import make_cohort
-    from isg.select import SelectionRule, score_tiles, select
+    from isg.ops.shannon import shannon_bits
+    from isg.select import SelectionRule, select
 
     slide_path = make_cohort(tmp_path, n_slides=1, size=1024, genes=3, seed=5).slides[0]
     with pytest.warns(UserWarning, match="RANDOM weights"):
@@ -177,8 +178,8 @@ def test_he2rna_shannon_scores_tiles_and_keeps_the_selected_ones(tmp_path):
         assert grid.size == 224 and len(grid.coords) >= 4  # 0.5 um/px slide: tiles read at 224 px, no resize
         tiles = np.stack([slide.read_region(tuple(c), grid.level, (grid.size, grid.size)) for c in grid.coords])
         scores = he2rna_tile_scores(slide, grid, batch_size=3)
-        np.testing.assert_allclose(scores, score_tiles(tiles))  # grid order, whatever the batch size
-        keep = select(scores, rule)
+        np.testing.assert_allclose(scores, shannon_bits(tiles))  # grid order, whatever the batch size
+        keep = select(scores, rule).keep
         assert 0 < keep.sum() < len(keep)
         prediction, timings = he2rna_predict_slide(slide, backbone, model, selection=rule, batch_size=4)
         everything, _ = he2rna_predict_slide(slide, backbone, model, batch_size=4)

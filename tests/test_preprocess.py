@@ -15,8 +15,10 @@ import pytest
 from isg.cli import main as cli_main
 from isg.pipeline.preprocess import h5_complete, preprocess_cohort, preprocess_slide
 from isg.io import SlideError
+from isg.select import SelectionRule
 
 P, Q = 128, 32  # small global / local patches for fast tests
+TOP5 = SelectionRule("topk", k=5)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_h5_layout_and_selection_follow_rule(cohort, tmp_path, rule, extra):
     from isg.select import default_threshold_bits
 
     slide = cohort.slides[0]
-    stats = preprocess_slide(slide, tmp_path, patch_size=P, local_size=Q, rule=rule, **extra)
+    stats = preprocess_slide(slide, tmp_path, patch_size=P, local_size=Q, rule=SelectionRule(rule, **extra))
     out = read_h5(tmp_path / f"{slide.stem}.h5")
     coords, all_coords, scores, selected = out["coords"], out["all_coords"], out["scores"], out["selected"]
     n = len(all_coords)
@@ -280,6 +282,46 @@ def test_otsu_selector_uses_one_threshold_per_slide(cohort, tmp_path):
     assert 0 <= a["scores"].min() and a["scores"].max() <= 1  # tissue fractions
 
 
+def test_preprocess_otsu_keeps_its_natural_share_of_tissue(cohort, tmp_path):
+    """``isg preprocess --selector otsu`` without ``--rule`` applies Otsu's natural rule (tissue fraction >= 0.5),
+    not mean + 1 sigma, which keeps one patch per slide because the fractions saturate at 1 (issue 17)."""
+    slide = cohort.slides[0]
+    args = ["preprocess", str(slide), "--patch-size", str(P), "--local-size", str(Q), "--selector", "otsu", "--quiet"]
+    assert cli_main(args + ["--out", str(tmp_path / "natural")]) == 0
+    out = read_h5(tmp_path / "natural" / f"{slide.stem}.h5")
+    np.testing.assert_array_equal(out["selected"], out["scores"] >= 0.5)
+    assert out["selected"].sum() > len(out["scores"]) // 2 and out["coords_attrs"]["rule"] == "threshold"
+    assert out["coords_attrs"]["threshold"] == 0.5
+    # an explicit rule still wins: mean + 1 sigma keeps only tiles above the cut (none, if the fractions saturate)
+    assert cli_main(args + ["--out", str(tmp_path / "mean_std"), "--rule", "mean_std"]) == 0
+    scores = out["scores"]
+    kept = read_h5(tmp_path / "mean_std" / f"{slide.stem}.h5")["selected"]
+    assert kept.sum() == max(1, (scores > scores.mean() + scores.std()).sum()) < out["selected"].sum()
+
+
+def test_a_selector_registered_by_one_decorator_runs_through_preprocess(cohort, tmp_path):
+    from isg.io import open_slide
+    from isg.select import SELECTORS, grey_tiles, register_selector
+
+    @register_selector("darkness", natural_rule=SelectionRule("topk", k=3), unit="grey levels below white")
+    def darkness(tiles) -> np.ndarray:
+        return 255.0 - grey_tiles(tiles).mean(axis=(1, 2), dtype=np.float64)  # [B]
+
+    try:
+        slide = cohort.slides[1]
+        assert cli_main(["preprocess", str(slide), "--out", str(tmp_path), "--patch-size", str(P), "--local-size", str(Q),
+                         "--selector", "darkness", "--quiet", "--no-thumbnail"]) == 0
+        out = read_h5(tmp_path / f"{slide.stem}.h5")
+        assert out["selected"].sum() == 3 and out["coords_attrs"]["selector"] == "darkness"  # its natural rule
+        assert out["scores"][out["selected"]].min() >= out["scores"][~out["selected"]].max()
+        pick = [0, len(out["all_coords"]) // 2, len(out["all_coords"]) - 1]
+        with open_slide(slide) as reader:
+            tiles = np.stack([reader.read_region(tuple(out["all_coords"][i]), 0, (P, P)) for i in pick])
+        np.testing.assert_allclose(out["scores"][pick], darkness(tiles))
+    finally:
+        SELECTORS.pop("darkness")
+
+
 # ----------------------------------------------------------------------------- damaged tiles, mpp, formats (issue 10)
 
 
@@ -299,7 +341,7 @@ def damaged_svs(tmp_path_factory):
 def test_damaged_patches_are_excluded_listed_and_counted(damaged_svs, tmp_path, capfd, backend):
     pytest.importorskip(backend)
     good, bad = damaged_svs
-    options = dict(patch_size=128, local_size=32, rule="topk", k=5, tissue_min=0, backend=backend)
+    options = dict(patch_size=128, local_size=32, rule=TOP5, tissue_min=0, backend=backend)
     clean = preprocess_slide(good, tmp_path / "good", **options)
     stats = preprocess_slide(bad, tmp_path / "bad", **options)
     assert (clean["n_damaged"], stats["n_damaged"]) == (0, 1)
@@ -317,7 +359,7 @@ def test_damaged_patches_are_excluded_listed_and_counted(damaged_svs, tmp_path, 
 
 def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_path, capsys):
     _, bad = damaged_svs
-    options = dict(patch_size=128, local_size=32, rule="topk", k=5, tissue_min=0)
+    options = dict(patch_size=128, local_size=32, rule=TOP5, tissue_min=0)
     from isg.io import DamagedSlideError
 
     with pytest.raises(DamagedSlideError, match=r"ihc_bad\.svs: 1 of 48 tissue patches \(2\.1%\) touch damaged tiles, "
@@ -327,7 +369,7 @@ def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_pa
         preprocess_slide(bad, tmp_path, on_damaged="fail", **options)
     assert not list(tmp_path.glob("*.h5"))
     # the thumbnail paints the damaged tile white, yet its patch stays on the grid to be found and counted
-    stats = preprocess_slide(bad, tmp_path / "default", patch_size=128, local_size=32, rule="topk", k=5)
+    stats = preprocess_slide(bad, tmp_path / "default", patch_size=128, local_size=32, rule=TOP5)
     assert stats["n_damaged"] == 1
     # the CLI: summary.json and the table carry n_damaged; --on-damaged fail makes the slide a failure
     args = ["preprocess", str(bad), "--out", str(tmp_path / "cli"), "--patch-size", "128", "--local-size", "32",
@@ -405,8 +447,8 @@ def test_unsupported_format_is_a_clear_error(tmp_path):
 def test_dali_reader_through_preprocess(cohort, tmp_path):
     """``reader="dali"`` (``--reader dali``): the same patches as the thread reader (patch size = the file's tiles)."""
     slide = cohort.slides[0]
-    a = preprocess_slide(slide, tmp_path / "threads", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False)
-    b = preprocess_slide(slide, tmp_path / "dali", patch_size=128, local_size=32, rule="topk", k=5, thumbnail=False,
+    a = preprocess_slide(slide, tmp_path / "threads", patch_size=128, local_size=32, rule=TOP5, thumbnail=False)
+    b = preprocess_slide(slide, tmp_path / "dali", patch_size=128, local_size=32, rule=TOP5, thumbnail=False,
                          reader="dali")
     assert (a["n_tissue"], a["n_damaged"]) == (b["n_tissue"], b["n_damaged"])
     ha, hb = read_h5(tmp_path / "threads" / f"{slide.stem}.h5"), read_h5(tmp_path / "dali" / f"{slide.stem}.h5")

@@ -2,57 +2,61 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from isg.select import (DEFAULT_RULE, NATURAL_RULES, PAPER_THRESHOLD_BITS, RULES, SELECTION_FILE, SELECTORS,
+from isg.ops.shannon import shannon_bits
+from isg.select import (DEFAULT_RULE, kept_record, robust_z_threshold, PAPER_THRESHOLD_BITS, RULE_KINDS, RULES, SELECTION_FILE, SELECTORS, Selection,
                         SelectionRule, SelectionWarning, apply_rule, cohort_threshold, default_threshold_bits,
-                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scores, reselect_h5,
-                        score_tiles, select)
+                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scores, register_rule,
+                        reselect_h5, select)
 from tissue_samples import histology_image, textureless_tiles
 
 SCORES = np.array([5.0, 1.0, 9.0, 3.0, 9.0, 0.0])
 
 
 def test_threshold_rule():
-    np.testing.assert_array_equal(select(SCORES, "threshold", threshold=3.0), [1, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, SelectionRule("threshold", threshold=9.0)), [0, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "cohort", threshold=9.0), [0, 0, 1, 0, 1, 0])  # a frozen cohort cut
+    np.testing.assert_array_equal(select(SCORES, "threshold", threshold=3.0).keep, [1, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, SelectionRule("threshold", threshold=9.0)).keep, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "cohort", threshold=9.0).keep, [0, 0, 1, 0, 1, 0])  # a frozen cohort cut
     # nothing passes: min_keep keeps the best one (first of ties), unless disabled, and says so
     with pytest.warns(SelectionWarning, match=r"slide-7: rule 'threshold' keeps 0 of 6 tiles \(cut 100.*keeping the 1 best"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, name="slide-7"), [0, 0, 1, 0, 0, 0])
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, name="slide-7").keep, [0, 0, 1, 0, 0, 0])
     with pytest.warns(SelectionWarning, match="keeping none"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, min_keep=0), np.zeros(6, bool))
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=100.0, min_keep=0).keep, np.zeros(6, bool))
     with pytest.warns(SelectionWarning, match="keeps 2 of 6"):
-        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=9.0, min_keep=3), [1, 0, 1, 0, 1, 0])
-    assert select(SCORES, "threshold", threshold=3.0).dtype == np.bool_
+        np.testing.assert_array_equal(select(SCORES, "threshold", threshold=9.0, min_keep=3).keep, [1, 0, 1, 0, 1, 0])
+    assert select(SCORES, "threshold", threshold=3.0).keep.dtype == np.bool_
 
 
 def test_topk_rule():
-    np.testing.assert_array_equal(select(SCORES, "topk", k=1), [0, 0, 1, 0, 0, 0])   # tie -> lower index
-    np.testing.assert_array_equal(select(SCORES, "topk", k=3), [1, 0, 1, 0, 1, 0])
-    assert select(SCORES, "topk", k=100).all()
-    assert not select(SCORES, "topk", k=0, min_keep=0).any()
+    np.testing.assert_array_equal(select(SCORES, "topk", k=1).keep, [0, 0, 1, 0, 0, 0])   # tie -> lower index
+    np.testing.assert_array_equal(select(SCORES, "topk", k=3).keep, [1, 0, 1, 0, 1, 0])
+    assert select(SCORES, "topk", k=100).keep.all()
+    assert not select(SCORES, "topk", k=0, min_keep=0).keep.any()
 
 
 def test_mean_std_rule():
     # mean 4.5, population std ~3.5 -> mean + 1 sigma ~ 8.0 keeps the two 9s
-    np.testing.assert_array_equal(select(SCORES, "mean_std"), [0, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=0.0), [1, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=-1.0), [1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std").keep, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=0.0).keep, [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(select(SCORES, "mean_std", n_sigma=-1.0).keep, [1, 1, 1, 1, 1, 0])
     assert mean_std_threshold(SCORES) == pytest.approx(4.5 + np.sqrt(((SCORES - 4.5) ** 2).mean()))
     # constant scores: nobody is above the mean, min_keep keeps one, and the warning says the scores saturate
     with pytest.warns(SelectionWarning, match="saturate: 100% of the 4 tiles share the maximum 1"):
-        np.testing.assert_array_equal(select(np.ones(4), "mean_std"), [1, 0, 0, 0])
+        np.testing.assert_array_equal(select(np.ones(4), "mean_std").keep, [1, 0, 0, 0])
 
 
 def test_saturated_otsu_scores_keep_nothing_under_mean_std_and_say_so():
     # the issue-9 artefact: tissue fractions saturate at 1.0, mean + sigma > 1 keeps nothing
     fractions = np.r_[np.ones(60), np.linspace(0.05, 0.95, 40)]
     with pytest.warns(SelectionWarning, match="saturate: 60% of the 100 tiles"):
-        assert select(fractions, "mean_std").sum() == 1
-    assert select(fractions, NATURAL_RULES["otsu"]).sum() == 60 + (np.linspace(0.05, 0.95, 40) >= 0.5).sum()
+        assert select(fractions, "mean_std").keep.sum() == 1
+    assert select(fractions, get_selector("otsu").natural_rule).keep.sum() == 60 + (np.linspace(0.05, 0.95, 40) >= 0.5).sum()
 
 
 def test_cohort_threshold_pools_slides():
@@ -63,7 +67,7 @@ def test_cohort_threshold_pools_slides():
     # one cut for every slide: the low slide keeps nothing above the cohort mean + sigma...
     cut = cohort_threshold(slides)
     with pytest.warns(SelectionWarning):
-        assert select(slides[0], "cohort", threshold=cut).sum() == 1  # ...min_keep steps in, loudly
+        assert select(slides[0], "cohort", threshold=cut).keep.sum() == 1  # ...min_keep steps in, loudly
     with pytest.raises(ValueError, match="no scores"):
         cohort_threshold([np.zeros(0)])
     with pytest.raises(ValueError, match="needs threshold"):
@@ -74,17 +78,94 @@ def test_rule_defaults_have_one_definition():
     from isg.cli import build_parser
     from isg.pipeline.preprocess import PreprocessOptions
 
-    assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "mean_std" and DEFAULT_RULE.n_sigma == 1.0
-    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk"} and set(NATURAL_RULES) == set(SELECTORS)
-    assert PreprocessOptions().rule == DEFAULT_RULE.rule and PreprocessOptions().n_sigma == DEFAULT_RULE.n_sigma
-    for command in ("preprocess", "select"):
+    assert DEFAULT_RULE == SelectionRule() and DEFAULT_RULE.rule == "rank" and DEFAULT_RULE.share == pytest.approx(0.1587)
+    assert DEFAULT_RULE.n_sigma == 1.0
+    assert set(RULES) == {"mean_std", "cohort", "threshold", "topk", "rank", "robust_z"} == set(RULE_KINDS)
+    assert list(SELECTORS) == ["shannon", "otsu", "gradient", "canny", "dog", "log"]
+    # each selector carries its natural rule: Otsu tissue fraction >= 0.5, the others the paper's share by rank
+    assert get_selector("otsu").natural_rule == SelectionRule("threshold", threshold=0.5)
+    assert all(get_selector(name).natural_rule == DEFAULT_RULE for name in SELECTORS if name != "otsu")
+    assert PreprocessOptions().rule is None and PreprocessOptions().selection_rule() == DEFAULT_RULE
+    assert PreprocessOptions(selector="otsu").selection_rule() == get_selector("otsu").natural_rule
+    for command in ("preprocess", "select"):  # no rule option given: the selector's natural rule
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
-        assert args.n_sigma == DEFAULT_RULE.n_sigma
+        assert args.rule is None and args.n_sigma is None and args.threshold is None and args.k is None
 
 
-def test_empty_scores():
-    for rule, kw in (("threshold", {"threshold": 1.0}), ("topk", {"k": 2}), ("mean_std", {})):
-        assert select(np.zeros(0), rule, **kw).shape == (0,)
+def test_select_returns_the_cut_it_applied():
+    mean, std = SCORES.mean(), SCORES.std()
+    assert select(SCORES, "mean_std").cut == pytest.approx(mean + std)
+    assert select(SCORES, "mean_std", n_sigma=0.5).cut == pytest.approx(mean + 0.5 * std)
+    assert select(SCORES, "threshold", threshold=3.0).cut == 3.0
+    assert select(SCORES, SelectionRule("cohort", threshold=9.0)).cut == 9.0
+    assert select(SCORES, "topk", k=2).cut is None  # rank-based: no absolute cut
+    keep, cut = select(SCORES, "mean_std")  # a NamedTuple
+    assert isinstance(select(SCORES), Selection) and keep.sum() == 2 and cut == pytest.approx(mean + std)
+    assert select(SCORES).cut is None and select(SCORES).keep.sum() == 1  # the default: rank, ceil(0.1587 * 6) = 1
+    with pytest.warns(SelectionWarning):  # the rule's own cut, also when min_keep stepped in
+        assert select(SCORES, "threshold", threshold=100.0).cut == 100.0
+    with pytest.raises(TypeError, match="inside the SelectionRule"):
+        select(SCORES, DEFAULT_RULE, k=3)
+
+
+@pytest.mark.parametrize("rule", [SelectionRule(), SelectionRule("cohort", n_sigma=0.5, threshold=3.25),
+                                  SelectionRule("topk", k=7, min_keep=0), SelectionRule("threshold", threshold=np.float64(2.5))])
+def test_rule_serialises_to_json_and_back(rule):
+    import json
+
+    data = json.loads(json.dumps(rule.to_dict()))
+    assert SelectionRule.from_dict(data) == rule and type(data["n_sigma"]) is float
+    with pytest.raises(ValueError, match="unknown key.*cut"):
+        SelectionRule.from_dict({**data, "cut": 1.0})
+
+
+def test_cohort_rule_freezes_over_slides():
+    per_slide = [np.array([1.0, 2.0]), np.array([3.0, 10.0])]
+    pending = SelectionRule("cohort", n_sigma=0.5)
+    assert pending.pending and not SelectionRule("threshold").pending and not DEFAULT_RULE.pending
+    frozen = pending.frozen_over(per_slide)
+    assert not frozen.pending and frozen.threshold == pytest.approx(cohort_threshold(per_slide, 0.5))
+    assert frozen.frozen_over([np.zeros(3)]) is frozen  # a frozen cut never moves
+
+
+def test_adding_a_rule_kind_is_one_decorator():
+    @register_rule("above_median", description="keep scores above the median")
+    def above_median(scores, rule):
+        cut = float(np.median(scores))
+        return scores > cut, cut
+
+    try:
+        assert "above_median" in RULES  # the CLIs list it (live view of the registry)
+        rule = SelectionRule("above_median")
+        assert SelectionRule.from_dict(rule.to_dict()) == rule
+        np.testing.assert_array_equal(select(SCORES, rule).keep, [1, 0, 1, 0, 1, 0])
+        assert select(SCORES, rule).cut == 4.0
+        with pytest.raises(ValueError, match="registered twice"):
+            register_rule("above_median")(above_median)
+    finally:
+        RULE_KINDS.pop("above_median")
+    with pytest.raises(ValueError, match="unknown rule"):
+        SelectionRule("above_median")
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+@pytest.mark.parametrize("rule", [SelectionRule("threshold", threshold=1.0), SelectionRule("topk", k=2), DEFAULT_RULE,
+                                  SelectionRule("mean_std"), SelectionRule("robust_z"), SelectionRule("cohort", threshold=5.0)],
+                         ids=lambda r: r.rule)
+def test_odd_sizes(n, rule):
+    scores = np.arange(n, dtype=np.float64)[::-1] * 1.5  # distinct, best first
+    median = np.median(scores) if n else 0.0
+    expected = {"threshold": scores >= 1.0, "cohort": scores >= 5.0, "topk": np.arange(n) < 2,
+                "rank": np.arange(n) < np.ceil(0.1587 * n - 1e-9),
+                "robust_z": scores > median + 1.4826 * np.median(np.abs(scores - median)) if n else np.zeros(0, bool),
+                "mean_std": scores > scores.mean() + scores.std() if n else np.zeros(0, bool)}[rule.rule]
+    if n and not expected.any():
+        expected = np.arange(n) < 1  # min_keep = 1: the best one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)
+        keep, cut = select(scores, rule)
+    np.testing.assert_array_equal(keep, expected)
+    assert keep.dtype == np.bool_ and (cut is None) == (rule.rule in ("topk", "rank") or (n == 0 and rule.rule in ("mean_std", "robust_z")))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,10 +201,10 @@ def test_default_threshold_separates_tissue_from_flat_and_blurred():
     tissue = histology_image()[:p * 4, :p * 4].reshape(4, p, 4, p, 3).swapaxes(1, 2).reshape(16, p, p, 3)
     flat, names = textureless_tiles(p)
     threshold = default_threshold_bits(p)
-    assert (score_tiles(tissue) > threshold).all()
+    assert (shannon_bits(tissue) > threshold).all()
     # solid colours and blurred tissue fall below it (noisy background need not: see docs/selection.md)
     smooth = [i for i, name in enumerate(names) if name.startswith(("solid", "blur"))]
-    assert len(smooth) == 5 and (score_tiles(flat[smooth]) < threshold).all()
+    assert len(smooth) == 5 and (shannon_bits(flat[smooth]) < threshold).all()
 
 
 @pytest.fixture(scope="module")
@@ -164,21 +245,25 @@ def test_otsu_background_only_batch_is_not_split():
 def test_otsu_with_slide_threshold_is_batch_independent(tissue_and_background):
     threshold = otsu_grey_threshold(histology_image())
     assert 0 < threshold <= 220
-    scorer = get_selector("otsu", threshold=threshold)
+    scorer = get_selector("otsu").for_slide(histology_image())  # the per-slide preparation hook
     whole = scorer(tissue_and_background)
     np.testing.assert_array_equal(np.concatenate([scorer(tissue_and_background[:1]), scorer(tissue_and_background[1:])]),
                                   whole)
     grey = grey_tiles(tissue_and_background)
     np.testing.assert_allclose(whole, (grey <= threshold).mean(axis=(1, 2)))
-    with pytest.raises(ValueError, match="takes no options"):
-        get_selector("canny", threshold=3)
+    np.testing.assert_array_equal(get_selector("otsu")(tissue_and_background, threshold=threshold), whole)
+    assert get_selector("canny").for_slide(histology_image()) is get_selector("canny").score  # no hook: no options
 
 
-def test_get_selector_errors_and_score_tiles():
+def test_get_selector_errors_and_shannon():
     with pytest.raises(ValueError, match="unknown selector 'sift'"):
         get_selector("sift")
     tiles = np.zeros((2, 8, 8, 3), np.uint8)
-    assert get_selector("shannon") is score_tiles
+    assert get_selector("shannon").score is shannon_bits and get_selector("shannon").unit == "bits"
+    assert get_selector("shannon").rule_for(SelectionRule("threshold"), 256).threshold == default_threshold_bits(256)
+    with pytest.raises(ValueError, match="explicit threshold"):
+        get_selector("dog").rule_for(SelectionRule("threshold"), 256)
+    assert get_selector("dog").rule_for(None, 256) == DEFAULT_RULE
     assert grey_tiles(tiles).shape == (2, 8, 8)
     with pytest.raises(ValueError, match="uint8"):
         get_selector("gradient")(tiles.astype(np.float32))
@@ -210,7 +295,7 @@ def test_reselect_keeps_matching_features_for_a_subset(tmp_path):
 
     path = _write_h5(tmp_path / "a.h5", [5, 1, 9, 3, 8, 0], [1, 0, 1, 1, 1, 0])
     result = reselect_h5(path, SelectionRule("topk", k=2), tmp_path / "out" / "a.h5")
-    assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "features": "kept"}
+    assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "kept_fraction": 2 / 6, "under_floor": True, "features": "kept"}
     with h5py.File(tmp_path / "out" / "a.h5") as f:
         np.testing.assert_array_equal(f["selected"][()], [0, 0, 1, 0, 1, 0])
         np.testing.assert_array_equal(f["coords"][()][:, 0], [2 * 128, 4 * 128])
@@ -297,9 +382,83 @@ def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
     attrs = read_scores(tmp_path / "p" / f"{cohort.slides[0].stem}.h5")[1]
     assert attrs["rule"] == "cohort" and attrs["threshold"] == pytest.approx(record["threshold"])
     options = preprocess_options(attrs)  # what isg train records in pipeline.json and isg predict reuses
-    assert options["rule"] == "cohort" and options["threshold"] == pytest.approx(record["threshold"])
+    assert options["rule"].rule == "cohort" and options["rule"].threshold == pytest.approx(record["threshold"])
     options["patch_size"], options["local_size"] = int(options["patch_size"]), int(options["local_size"])
     preprocess_slide(cohort.slides[2], tmp_path / "new", **options)
     new_scores, new_attrs = read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
     assert new_attrs["threshold"] == pytest.approx(record["threshold"])  # a new slide does not move the cut
     assert read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")[0].size == new_scores.size
+
+
+# ----------------------------------------------------------------------------- rank and robust z
+
+
+@pytest.mark.parametrize("n, kept", [(1, 1), (6, 1), (7, 2), (12, 2), (100, 16), (1001, 159)])
+def test_rank_keeps_the_share_mean_plus_sigma_keeps_of_normal_scores(n, kept):
+    scores = np.random.default_rng(n).permutation(n).astype(float)  # distinct: the best are n - 1, n - 2, ...
+    keep = select(scores, DEFAULT_RULE).keep
+    assert keep.sum() == kept == np.ceil(0.1587 * n - 1e-9)
+    assert set(scores[keep]) == set(range(n - kept, n))
+    assert select(np.ones(5), SelectionRule("rank", share=0.4)).keep.tolist() == [True, True, False, False, False]  # ties by index
+    assert select(scores, SelectionRule("rank", share=1.0)).keep.all()
+
+
+def test_rank_survives_skew_where_mean_plus_sigma_does_not():
+    """Normal scores: mean + 1 sigma and rank keep the same share. Left-skewed ones (a bulk near the top, a long lower
+    tail, as real tissue): mean + 1 sigma keeps almost nothing, rank keeps 15.87 %, robust z in between."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=20000)
+    shares = {rule: select(normal, rule).keep.mean() for rule in ("mean_std", "rank", "robust_z")}
+    assert shares == pytest.approx({"mean_std": 0.1587, "rank": 0.1587, "robust_z": 0.1587}, abs=0.01)
+    skewed = -rng.lognormal(0, 1.0, 20000)  # skew about -6
+    assert select(skewed, "mean_std").keep.mean() < 0.08
+    assert select(skewed, "rank").keep.mean() == pytest.approx(0.1587, abs=1e-4)
+
+
+def test_robust_z_known_answers():
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 100.0])  # median 3, MAD 1
+    assert robust_z_threshold(scores) == pytest.approx(3 + 1.4826)
+    assert select(scores, "robust_z").keep.tolist() == [False, False, False, False, True]
+    assert select(scores, "robust_z", n_sigma=0.5).keep.tolist() == [False, False, False, True, True]
+    selection = select(scores, SelectionRule("robust_z", n_sigma=2))
+    assert selection.cut == pytest.approx(3 + 2 * 1.4826)
+    with pytest.warns(SelectionWarning, match="robust_z"):  # a constant slide: MAD 0, nothing strictly above
+        assert select(np.full(4, 2.0), "robust_z").keep.sum() == 1
+
+
+def test_rank_rule_round_trips_and_is_checked():
+    rule = SelectionRule("rank", share=0.3)
+    assert SelectionRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="share"):
+            SelectionRule("rank", share=bad)
+
+
+def test_floor_guard_names_the_slide_and_records_the_kept_share(tmp_path):
+    """A rule that keeps 2 patches of a slide: a warning names the slide, and the kept share is on the record (h5 attrs,
+    summary.json); the default rule keeps the paper's share and stays above the floor."""
+    import h5py
+
+    from isg.io.synth import make_cohort
+    from isg.pipeline.preprocess import preprocess_cohort
+
+    cohort = make_cohort(tmp_path / "c", n_slides=2, size=768, tile=128, genes=3, seed=2)
+    with pytest.warns(SelectionWarning, match="under the floor") as caught:
+        preprocess_cohort(cohort.slides, tmp_path / "two", patch_size=64, local_size=16, rule=SelectionRule("topk", k=2),
+                          thumbnail=False, progress=False, workers=1)
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(slide.stem in messages for slide in cohort.slides)
+    items = json.loads((tmp_path / "two" / "summary.json").read_text())["items"]
+    for item in items:
+        stats = item["stats"]
+        assert stats["under_floor"] is True and stats["kept_fraction"] == pytest.approx(2 / stats["n_tissue"])
+        with h5py.File(tmp_path / "two" / f"{item['name']}.h5") as f:
+            assert f["coords"].attrs["kept_fraction"] == pytest.approx(2 / stats["n_tissue"]) and f["coords"].attrs["under_floor"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)  # the default rule is not under the floor here
+        preprocess_cohort(cohort.slides, tmp_path / "default", patch_size=64, local_size=16, thumbnail=False, progress=False)
+    for item in json.loads((tmp_path / "default" / "summary.json").read_text())["items"]:
+        assert item["stats"]["under_floor"] is False and item["stats"]["kept_fraction"] == pytest.approx(0.1587, abs=0.02)
+    assert kept_record(np.ones(10, bool)) == {"kept_fraction": 1.0, "under_floor": False}
+    with pytest.warns(SelectionWarning, match="slide-x: the selection keeps 7 of 7"):  # fewer than 8 patches
+        assert kept_record(np.ones(7, bool), name="slide-x")["under_floor"]

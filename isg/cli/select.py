@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from isg.select.rules import DEFAULT_RULE, RULES
+from isg.cli._rules import add_rule_arguments, rule_from_args
 
 
 def register(subparsers) -> None:
@@ -22,12 +22,7 @@ def register(subparsers) -> None:
                     "(new slides never move it). Features already extracted are kept when the new selection is a "
                     "subset of the old one, else dropped (run isg extract again).")
     parser.add_argument("h5", nargs="+", metavar="H5", help="preprocess outputs: .h5 files or folders of them")
-    parser.add_argument("--rule", choices=RULES, default=None,
-                        help=f"mean_std (per slide, default {DEFAULT_RULE.rule}), cohort, threshold or topk")
-    parser.add_argument("--n-sigma", type=float, default=DEFAULT_RULE.n_sigma,
-                        help=f"sigmas above the mean for mean_std and cohort (default {DEFAULT_RULE.n_sigma:g})")
-    parser.add_argument("--threshold", type=float, help="absolute cut for threshold, or the frozen cut for cohort")
-    parser.add_argument("--top-k", type=int, dest="k", help="keep the k best patches per slide (topk)")
+    add_rule_arguments(parser)
     parser.add_argument("--from-selection", metavar="JSON",
                         help="selection.json of a training cohort: apply its rule and frozen cut")
     parser.add_argument("--out", help="write the files here (default: rewrite them in place)")
@@ -58,19 +53,15 @@ def _rule(args):
     from isg.select import SelectionRule
 
     if args.from_selection:
-        if args.rule or args.threshold is not None or args.k is not None:
-            raise CLIError("--from-selection takes its rule from the file: drop --rule/--threshold/--top-k")
+        if rule_from_args(args) is not None:
+            raise CLIError("--from-selection takes its rule from the file: drop --rule/--threshold/--top-k/--n-sigma")
         path = Path(args.from_selection)
         try:
             record = json.loads(path.read_text())
-            return SelectionRule(**record["rule"]), record
+            return SelectionRule.from_dict(record["rule"]), record
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CLIError(f"--from-selection {path}: not a selection.json written by isg select/preprocess ({exc})") from None
-    rule = args.rule or ("topk" if args.k is not None else "threshold" if args.threshold is not None else DEFAULT_RULE.rule)
-    try:
-        return SelectionRule(rule, n_sigma=args.n_sigma, threshold=args.threshold, k=args.k), None
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    return rule_from_args(args), None  # None: the files' selector's natural rule
 
 
 def run(args) -> int:
@@ -79,7 +70,7 @@ def run(args) -> int:
 
     paths = _h5_paths(args.h5)
     rule, source = _rule(args)
-    if rule.rule == "threshold" and rule.threshold is None:
+    if rule is not None and rule.rule == "threshold" and rule.threshold is None:
         raise CLIError("--rule threshold needs --threshold")
     if source is not None:
         selector = {str(source.get("selector"))}

@@ -45,8 +45,8 @@ def cell(row: dict, column: str, paper: dict) -> str:
     if column == "l2":
         sd = row.get("l2_sd")
         return _number(row.get("l2"), 4) + (f" ± {sd:.4f}" if sd is not None else "")
-    if column == "floor":
-        return _number(row.get("floor"))
+    if column in ("floor", "precision", "recall"):
+        return _number(row.get(column))
     if column == "kept":
         return f"{row['kept_mean']:.1f} (min {row['kept_min']})" if "kept_mean" in row else "-"
     if column in ("cut_bits", "paper_bits"):
@@ -64,7 +64,8 @@ def cell(row: dict, column: str, paper: dict) -> str:
 
 HEADERS = {"pcc": "PCC", "l2": "L2 (MSE)", "auc": "AUC", "floor": "floor", "kept": "kept / slide", "paper_bits": "paper bits",
            "cut_bits": "cut (bits)", "z": "cut (sigma)", "features": "features (extractor; loss terms)", "seconds": "s",
-           "paper": "paper", "significant": "significant"}
+           "paper": "paper", "significant": "significant", "precision": "signal precision", "recall": "signal recall",
+           "under_floor": "under floor"}
 
 
 def markdown(table: dict, setting: list[str], paper: dict) -> str:

@@ -35,10 +35,14 @@ class Bags:
     fallback: int = 0  # slides where the rule kept nothing and the best patch was kept instead
     cut_bits: float | None = None
     fold_dirs: list[Path] | None = None  # fold-clean rows: fold k reads fold_dirs[k]
+    under_floor: int = 0  # slides kept under the floor (isg.select.kept_record: < 5 % of the tissue or < 8 patches)
+    signal: dict | None = None  # synthetic cohorts: precision / recall of signal-bearing patches (isg.eval.mean_precision)
 
     def stats(self) -> dict:
+        known = {key: self.signal[key] for key in ("precision", "recall", "enrichment")} if self.signal else {}
         return {"kept_mean": float(np.mean(self.kept)), "kept_min": int(np.min(self.kept)), "fallback": self.fallback,
-                "selector": self.selector, "rule": self.rule, "cut_bits": self.cut_bits, "features": self.features}
+                "under_floor": self.under_floor, "selector": self.selector, "rule": self.rule, "cut_bits": self.cut_bits,
+                "features": self.features, **known}
 
 
 def slug(text: str) -> str:
@@ -51,8 +55,31 @@ def _keep(scores: np.ndarray, rule, name: str) -> tuple[np.ndarray, bool]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SelectionWarning)
-        keep = select(scores, rule, name=name)
+        keep = select(scores, rule, name=name).keep
     return keep, any(issubclass(w.category, SelectionWarning) for w in caught)
+
+
+def _known_answers(ws: Workspace, keeps: dict[str, np.ndarray]) -> tuple[int, dict | None]:
+    """(slides under the keep floor, signal precision summary or None) of one row's selection over the shared grid."""
+    from isg.eval import mean_precision, selection_precision
+    from isg.select import SelectionWarning, kept_record
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)  # counted in the row instead
+        under = sum(kept_record(keep)["under_floor"] for keep in keeps.values())
+    fractions = ws.signal_fraction()
+    if fractions is None:
+        return under, None
+    return under, mean_precision([selection_precision(keeps[s], fractions[s]) for s in ws.slide_ids])
+
+
+def bag_folder(ws: Workspace, name: str, source: str, keeps: dict[str, np.ndarray]) -> Path:
+    """Where a row's bags go: named by what they hold (``source``: which features; the kept patches), so rows that
+    keep the same patches of the same features share one folder and one training."""
+    digest = hashlib.sha1(source.encode())
+    for slide_id in ws.slide_ids:
+        digest.update(slide_id.encode() + np.packbits(keeps[slide_id]).tobytes() + len(keeps[slide_id]).to_bytes(8, "little"))
+    return ws.root / "bags" / f"{slug(name).split('_')[0]}-{digest.hexdigest()[:12]}"
 
 
 def write_row_bags(ws: Workspace, folder: Path, features: dict, keeps: dict[str, np.ndarray], attrs: dict) -> None:
@@ -82,9 +109,11 @@ def isg_bags(ws: Workspace, name: str, selector: str, rules, variant: str, rule:
     coords_attrs = {**ws.preprocess_attrs(), "selector": selector}
     attrs = {"coords": coords_attrs, "features": encoder_attrs(extractor.global_ae, "global"),
              "local_features": encoder_attrs(extractor.local_ae, "local")}
-    folder = ws.root / "bags" / slug(name)
+    folder = bag_folder(ws, name, f"isg {variant}", keeps)
     write_row_bags(ws, folder, features, keeps, attrs)
-    return Bags(folder, selector, rule or rule_text(rules), extractor.label, [int(k.sum()) for k in keeps.values()], fallback)
+    under, signal = _known_answers(ws, keeps)
+    return Bags(folder, selector, rule or rule_text(rules), extractor.label, [int(k.sum()) for k in keeps.values()], fallback,
+                under_floor=under, signal=signal)
 
 
 def he2rna_bags(ws: Workspace, name: str, rule=None) -> Bags:
@@ -97,7 +126,7 @@ def he2rna_bags(ws: Workspace, name: str, rule=None) -> Bags:
         else:
             keeps[slide_id], fell_back = _keep(slide["scores"], rule, slide_id)
             fallback += fell_back
-    folder = ws.root / "bags" / slug(name)
+    folder = bag_folder(ws, name, f"he2rna {he2rna['label']}", keeps)
     write_row_bags(ws, folder, he2rna["slides"], keeps, {"features": {"encoder": he2rna["label"]}})
     return Bags(folder, "otsu (tissue >= 50 %)" if rule is None else "shannon", "every tissue tile" if rule is None else rule_text(rule),
                 he2rna["label"], [int(k.sum()) for k in keeps.values()], fallback)
@@ -118,7 +147,7 @@ def fold_clean_bags(ws: Workspace, name: str, training_ids: list[list[str]], var
             fallback += fell_back
         attrs = {"coords": {**ws.preprocess_attrs(), "selector": "shannon", "rule": "cohort", "threshold": cut},
                  "features": encoder_attrs(extractor.global_ae, "global"), "local_features": encoder_attrs(extractor.local_ae, "local")}
-        folder = ws.root / "bags" / slug(name) / f"fold{k}"
+        folder = bag_folder(ws, name, f"fold-clean {variant} fold {k} of {len(training_ids)}: {sorted(ids)}", keeps)
         write_row_bags(ws, folder, features, keeps, attrs)
         dirs.append(folder)
         kept += [int(k.sum()) for k in keeps.values()]
@@ -132,6 +161,10 @@ def fold_clean_bags(ws: Workspace, name: str, training_ids: list[list[str]], var
 def rule_text(rule) -> str:
     if rule.rule == "mean_std":
         return f"mean + {rule.n_sigma:g} sigma per slide"
+    if rule.rule == "rank":
+        return f"top {rule.share:.2%} per slide (rank)"
+    if rule.rule == "robust_z":
+        return f"median + {rule.n_sigma:g} x 1.4826 MAD per slide"
     if rule.rule == "topk":
         return f"top-{rule.k}"
     if rule.rule == "cohort":

@@ -23,11 +23,10 @@ def _isg_kwargs(ws: Workspace) -> dict:
 
 
 def _natural(ws: Workspace, selector: str = "shannon", variant: str | None = None):
-    from isg.select import NATURAL_RULES
+    from isg.select import get_selector
 
     variant = variant or main_variant()
-    rule = NATURAL_RULES[selector]
-    return isg_bags(ws, f"{selector} natural {variant}", selector, rule, variant)
+    return isg_bags(ws, f"{selector} natural {variant}", selector, get_selector(selector).natural_rule, variant)
 
 
 def _isg_row(ws: Workspace, name: str, bags, model: str = ISG_MODEL, seeds=None, task: str = "regression", note: str = "",
@@ -87,12 +86,14 @@ def table1(ws: Workspace) -> dict:
 
 def table2(ws: Workspace) -> dict:
     """Every selector at its natural rule and at Shannon's budget (ISG-10-2), DexiNed, HE2RNA and HE2RNA-Shannon."""
-    from isg.select import NATURAL_RULES, SelectionRule, cohort_threshold
+    from isg.select import SelectionRule, cohort_threshold, get_selector
 
     variant = main_variant()
     natural = _natural(ws)
     budget = dict(zip(ws.slide_ids, natural.kept))  # patches Shannon keeps per slide
     rows = [_isg_row(ws, "Shannon, natural rule", natural, paper="Shannon")]
+    per_slide = isg_bags(ws, f"shannon mean_std {variant}", "shannon", SelectionRule("mean_std", n_sigma=1.0), variant)
+    rows.append(_isg_row(ws, "Shannon, mean + 1 sigma per slide (the paper's words)", per_slide))
     cut = cohort_threshold(list(ws.scores("shannon").values()), 1.0)
     cohort = isg_bags(ws, f"shannon cohort {variant}", "shannon", SelectionRule("cohort", threshold=cut), variant,
                       rule=f"cohort mean + 1 sigma ({cut:.3g} bits, all slides)")
@@ -106,12 +107,13 @@ def table2(ws: Workspace) -> dict:
                             paper_row="DexiNed"))
     he2rna = ws.he2rna()["label"]
     rows.append(_he2rna_row(ws, f"HE2RNA ({he2rna}, every tissue tile)", he2rna_bags(ws, "he2rna all"), paper="HE2RNA"))
-    rows.append(_he2rna_row(ws, f"HE2RNA-Shannon ({he2rna}, Shannon mean + 1 sigma per slide)",
-                            he2rna_bags(ws, "he2rna shannon", NATURAL_RULES["shannon"]), paper="HE2RNA-Shannon"))
+    rows.append(_he2rna_row(ws, f"HE2RNA-Shannon ({he2rna}, Shannon's natural rule)",
+                            he2rna_bags(ws, "he2rna shannon", get_selector("shannon").natural_rule), paper="HE2RNA-Shannon"))
     fallbacks = [f"{r['name']}: {r['fallback']} slide(s)" for r in rows if r.get("fallback") and "cohort" not in r.get("rule", "")]
     checks = [_floor_check([r for r in rows if r.get("model", "").startswith("isg")], "every ISG row"),
               {"claim": "no per-slide rule keeps nothing on a slide", "holds": not fallbacks, "detail": "; ".join(fallbacks) or "none"}]
-    columns = ["name", "selector", "rule", "pcc", "l2", "floor", "significant", "kept", "fallback", "seconds", "paper"]
+    columns = ["name", "selector", "rule", "precision", "recall", "pcc", "l2", "floor", "significant", "kept", "under_floor",
+               "fallback", "seconds", "paper"]
     return {"id": "tab2", "title": "Paper Tab. 2: patch selectors at their natural rule and at Shannon's budget (ISG-10-2)",
             "columns": columns, "rows": rows, "notes": [], "checks": checks}
 
@@ -162,7 +164,8 @@ def table4(ws: Workspace) -> dict:
              "(isg.select.rules.paper_cut); the area reading scales b by (p / 512)^2 and is shown only beside it.",
              f"Across split seeds {', '.join(map(str, seeds))} (PCC of the mapping's cuts, same folds per seed):",
              *seed_verdicts(mapping)]
-    columns = ["name", "reading", "paper_bits", "cut_bits", "z", "kept", "fallback", "pcc", "l2", "floor", "seconds", "paper"]
+    columns = ["name", "reading", "paper_bits", "cut_bits", "z", "kept", "under_floor", "fallback", "precision", "pcc", "l2", "floor",
+               "seconds", "paper"]
     return {"id": "tab4", "title": "Paper Tab. 4: Shannon threshold ablation", "columns": columns, "rows": rows, "notes": notes,
             "checks": checks}
 

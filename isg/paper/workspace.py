@@ -42,6 +42,7 @@ class Cohort:
     expression: pd.DataFrame
     labels: pd.DataFrame | None
     description: str
+    truth_dir: Path | None = None  # a synthetic cohort's folder: its signal masks give each patch's known answer
 
     @property
     def slides(self) -> list[Path]:
@@ -64,7 +65,7 @@ def builtin_cohort(root: Path, sizes: PaperSizes) -> Cohort:
     description = (f"built-in synthetic cohort (isg.io.synth.make_cohort): {sizes.slides} slides of {sizes.slide_size} px, "
                    f"{sizes.genes} genes, seed {sizes.cohort_seed}")
     return Cohort(load_manifest(root / "manifest.csv"), load_expression(root / "expression.tsv"), load_labels(root / "msi.csv"),
-                  description)
+                  description, root)
 
 
 def user_cohort(manifest: str | Path, expression: str | Path, labels: str | Path | None = None, top_n: int | None = None,
@@ -115,16 +116,34 @@ class Workspace:
     def __init__(self, root: str | Path, cohort: Cohort, sizes: PaperSizes, device: str = "cpu", say=print):
         self.root, self.cohort, self.sizes, self.device, self.say = Path(root), cohort, sizes, device, say
         self.root.mkdir(parents=True, exist_ok=True)
+        self._check_cache()
         self.seconds: dict[str, float] = {}
         self._scores: dict[str, dict[str, np.ndarray]] = {}
         self._coords: dict[str, np.ndarray] = {}
         self._extractors: dict[str, Extractor] = {}
         self._features: dict[str, dict[str, dict]] = {}
         self._he2rna: dict | None = None
+        self._signal: dict[str, np.ndarray] | None = None
 
     @property
     def slide_ids(self) -> list[str]:
         return self.cohort.slide_ids
+
+    def _check_cache(self) -> None:
+        """The cache holds one cohort at one set of shared-stage sizes: refuse to mix another into it."""
+        s = self.sizes
+        stages = {"cohort": self.cohort.description, "slides": self.slide_ids, "patch_size": s.patch_size, "local_size": s.local_size,
+                  "extractor": [s.ae_resolution, s.ae_d, s.ae_channel_base, s.ae_channel_max, s.ae_steps, s.ae_batch],
+                  "he2rna_arch": s.he2rna_arch}
+        path = self.root / "stages.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            changed = sorted(key for key in stages if cached.get(key) != json.loads(json.dumps(stages[key])))
+            if changed:
+                raise ValueError(f"{self.root} caches another run's shared stages (differs in {', '.join(changed)}); "
+                                 "use another --out, or delete that folder")
+        else:
+            path.write_text(json.dumps(stages, indent=1))
 
     def _timed(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
@@ -135,13 +154,15 @@ class Workspace:
     def patch_files(self, selector: str = "shannon") -> list[Path]:
         """Preprocess outputs of ``selector`` with every tissue patch kept, in manifest order (made on first use)."""
         from isg.pipeline.preprocess import preprocess_cohort
+        from isg.select import SelectionRule
 
         folder = self.root / "patches" / selector
         files = [folder / f"{slide_id}.h5" for slide_id in self.slide_ids]
         if not all(f.is_file() for f in files):
             started = time.perf_counter()
             summary = preprocess_cohort(self.cohort.slides, folder, patch_size=self.sizes.patch_size, local_size=self.sizes.local_size,
-                                        selector=selector, thumbnail=False, progress=False, rule="topk", k=10**9)
+                                        selector=selector, thumbnail=False, progress=False,
+                                        rule=SelectionRule("topk", k=10**9))  # everything: rows select from it
             failed = [f for f in files if not f.is_file()]
             if failed:
                 raise RuntimeError(f"preprocess ({selector}) failed on {len(failed)} slide(s), e.g. {failed[0]}; see {folder}/summary.json "
@@ -172,6 +193,19 @@ class Workspace:
                 scores[path.stem] = read_scores(path)[0]
             self._scores[selector] = scores
         return self._scores[selector]
+
+    def signal_fraction(self) -> dict[str, np.ndarray] | None:
+        """Per slide, the share of each tissue patch [N] (order of :meth:`coords`) inside the synthetic cohort's
+        signal regions; None for a cohort without signal masks."""
+        from isg.io.synth import SIGNAL_DIR, read_signal_truth
+
+        if self.cohort.truth_dir is None or not (Path(self.cohort.truth_dir) / SIGNAL_DIR).is_dir():
+            return None
+        if self._signal is None:
+            truth, attrs = read_signal_truth(self.cohort.truth_dir), self.preprocess_attrs()
+            size = int(attrs.get("level0_patch_size", attrs["patch_size"]))
+            self._signal = {s: truth[s].patch_fraction(coords, size) for s, coords in self.coords().items()}
+        return self._signal
 
     def preprocess_attrs(self) -> dict:
         """The ``coords`` attrs of the shared preprocess (patch_size, local_size, mpp, ...): what bags record."""

@@ -116,7 +116,7 @@ def he2rna_predict_slide(slide, backbone: torch.nn.Module, model: HE2RNA, *, n_s
     grid = he2rna_tile_grid(slide)
     if selection is not None and len(grid.coords):
         keep = select(he2rna_tile_scores(slide, grid, selector, batch_size=batch_size, num_workers=num_workers),
-                      selection, name=str(slide.path))
+                      selection, name=str(slide.path)).keep
         timings["n_scored"] = len(grid.coords)
         grid = grid.subset(keep)
     timings["select"] += time.perf_counter() - start

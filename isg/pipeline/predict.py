@@ -95,16 +95,21 @@ class Predictor:
 
 def preprocess_options(attrs: dict) -> dict:
     """preprocess_slide keyword arguments that reproduce the patches described by an h5 ``coords`` attrs dict."""
+    from isg.select import SelectionRule
+
     options = {}
-    for key in ("patch_size", "local_size", "selector", "rule", "n_sigma", "tissue_min"):
+    for key in ("patch_size", "local_size", "selector", "tissue_min"):
         if key in attrs:
             options[key] = attrs[key]
     if "mpp" in attrs:
         options["mpp"] = float(attrs["mpp"])
-    if attrs.get("rule") in ("threshold", "cohort") and not math.isnan(float(attrs.get("threshold", math.nan))):
-        options["threshold"] = float(attrs["threshold"])  # the training cohort's absolute threshold in bits
-    if attrs.get("rule") == "topk" and int(attrs.get("k", -1)) > 0:
-        options["k"] = int(attrs["k"])
+    if "rule" in attrs:
+        rule = {"rule": str(attrs["rule"]), "n_sigma": float(attrs.get("n_sigma", SelectionRule.n_sigma))}
+        if attrs["rule"] in ("threshold", "cohort") and not math.isnan(float(attrs.get("threshold", math.nan))):
+            rule["threshold"] = float(attrs["threshold"])  # the training cohort's absolute threshold in bits
+        if attrs["rule"] == "topk" and int(attrs.get("k", -1)) > 0:
+            rule["k"] = int(attrs["k"])
+        options["rule"] = SelectionRule(**rule)
     return options
 
 

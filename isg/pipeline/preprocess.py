@@ -51,7 +51,7 @@ import numpy as np
 from isg.data.manifest import slide_id_of
 from isg.pipeline.cohort import run_cohort
 from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
-from isg.select import DEFAULT_RULE, RULES, SelectionRule, mean_std_threshold, select
+from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, kept_record, select
 from isg.utils import atomic_path
 
 
@@ -69,12 +69,9 @@ class PreprocessOptions:
     mpp: float | None = None  # read at the coarsest level at least this fine (um/px)
     level: int | None = None  # or read at this level (default 0)
     slide_mpp: float | None = None  # level-0 um/px for slides whose metadata lacks it
-    selector: str = "shannon"
-    rule: str = DEFAULT_RULE.rule  # mean_std (per slide), cohort (the paper's frozen cohort cut), threshold, topk
-    threshold: float | None = None  # absolute cut for "threshold" (default: isg.select.default_threshold_bits),
-    #                                 the frozen cut for "cohort" (None: frozen by preprocess_cohort over all slides)
-    k: int | None = None  # patches kept by rule "topk"
-    n_sigma: float = DEFAULT_RULE.n_sigma  # mean_std / cohort: keep above mean + n_sigma std (paper: 1)
+    selector: str = "shannon"  # a registered selector (isg.select.SELECTORS)
+    rule: SelectionRule | None = None  # None: the selector's natural rule; "cohort" without threshold is
+    #                                    frozen by preprocess_cohort over every slide's scores
     tissue_min: float = 0.05  # minimum tissue fraction of a patch on the thumbnail mask
     backend: str = "auto"  # slide reader (isg.io.open_slide)
     reader: str = READERS[0]  # tile decoding: the slide reader in threads, or "dali"
@@ -85,10 +82,21 @@ class PreprocessOptions:
     device: str = "cpu"  # device of the tile tensors
     thumbnail: bool = True  # write <slide_id>.png
 
+    def __post_init__(self):
+        if isinstance(self.rule, str):  # a kind name with its default parameters
+            object.__setattr__(self, "rule", SelectionRule(self.rule))
+        elif isinstance(self.rule, dict):  # serialised (patch file, pipeline.json)
+            object.__setattr__(self, "rule", SelectionRule.from_dict(self.rule))
+        elif self.rule is not None and not isinstance(self.rule, SelectionRule):
+            raise ValueError(f"rule must be a SelectionRule, a rule name or None, got {self.rule!r}")
+
+    def selection_rule(self) -> SelectionRule:
+        """The rule applied: :attr:`rule`, or the selector's natural rule; a ``"threshold"`` rule without
+        a threshold gets the selector's default cut (Shannon: :func:`isg.select.default_threshold_bits`)."""
+        return get_selector(self.selector).rule_for(self.rule, self.patch_size)
+
     def check(self) -> None:
         """Validate before any slide is opened; raises ValueError naming the option."""
-        from isg.select import SELECTORS
-
         if not isinstance(self.patch_size, (int, np.integer)) or self.patch_size < 2:
             raise ValueError(f"patch_size must be an integer >= 2, got {self.patch_size!r}")
         if not isinstance(self.local_size, (int, np.integer)) or self.local_size < 1:
@@ -106,15 +114,10 @@ class PreprocessOptions:
             raise ValueError(f"level must be >= 0, got {self.level!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}; expected one of {', '.join(SELECTORS)}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
-        if self.rule == "threshold" and self.threshold is None and self.selector != "shannon":
-            raise ValueError(f"rule 'threshold' with selector {self.selector!r} needs an explicit threshold "
-                             f"(the default threshold is in bits, for the shannon selector only)")
-        if self.rule == "topk" and (self.k is None or self.k < 1):
-            raise ValueError(f"rule 'topk' needs k >= 1, got k={self.k!r}")
-        if not self.n_sigma == self.n_sigma:  # NaN
-            raise ValueError("n_sigma must be a number")
+        rule = self.selection_rule()
+        missing = [] if rule.pending else rule.missing()
+        if missing:
+            raise ValueError(f"rule {rule.rule!r} needs {', '.join(missing)}")
         if not 0 <= self.tissue_min <= 1:
             raise ValueError(f"tissue_min must be in [0, 1], got {self.tissue_min!r}")
         if self.reader not in READERS:
@@ -133,27 +136,6 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(PreprocessOption
 def check_options(**options) -> None:
     """Validate preprocessing options (fields of :class:`PreprocessOptions`); raises ValueError naming the argument."""
     PreprocessOptions(**options).check()
-
-
-def resolve_threshold(scores: np.ndarray, *, selector: str, rule: str, patch_size: int,
-                      threshold: float | None, n_sigma: float) -> float | None:
-    """The absolute cut a rule applies (None for top-k).
-
-    ``threshold``: the given value, else :func:`isg.select.default_threshold_bits` (Shannon bits);
-    ``mean_std``: mean + n_sigma * std of this slide's scores; ``cohort``: the frozen cohort cut
-    ``threshold`` (NaN while it is pending: :func:`preprocess_cohort` sets it once every slide is scored).
-    """
-    if rule == "threshold":
-        if threshold is not None:
-            return float(threshold)
-        from isg.select import default_threshold_bits
-
-        return float(default_threshold_bits(patch_size))
-    if rule == "mean_std":
-        return mean_std_threshold(scores, n_sigma) if len(scores) else math.nan
-    if rule == "cohort":
-        return float(threshold) if threshold is not None else math.nan
-    return None
 
 
 def mask_size(slide, level0_patch_size: float, px_per_patch: int = 8, smallest: int = 512, largest: int = 2048) -> int:
@@ -234,11 +216,8 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
     import torch
 
     from isg.io import DamagedTiles, iter_tiles
-    from isg.select import get_selector, otsu_grey_threshold
 
-    # Otsu (HE2RNA-style tissue fraction) needs one grey threshold per slide, not per batch
-    options = {"threshold": otsu_grey_threshold(grid.thumb)} if opts.selector == "otsu" else {}
-    score_fn = get_selector(opts.selector, **options)
+    score_fn = get_selector(opts.selector).for_slide(grid.thumb)  # e.g. Otsu's grey threshold of this slide
     damaged = DamagedTiles()
     batches = iter_tiles(slide, grid.coords, opts.patch_size, level=grid.level, batch_size=opts.batch_size,
                          device=opts.device, num_workers=opts.num_workers, damaged=damaged, reader=opts.reader)
@@ -280,19 +259,16 @@ def check_damaged(slide, damaged, n_patches: int, opts: PreprocessOptions) -> No
         raise DamagedSlideError(slide.path, f"all {n} tissue patches touch damaged tiles: {damaged.summary()}", n, n_patches)
 
 
-def select_patches(scores: np.ndarray, opts: PreprocessOptions, name: str | None = None) -> tuple[float | None, np.ndarray]:
-    """Step 4: the rule's cut (None for top-k) and the kept patches bool [N]."""
-    cut = resolve_threshold(scores, selector=opts.selector, rule=opts.rule, patch_size=opts.patch_size,
-                            threshold=opts.threshold, n_sigma=opts.n_sigma)
-    if opts.rule == "cohort" and opts.threshold is None:  # pending: the cut is frozen over the whole cohort
-        return cut, np.zeros(len(scores), dtype=bool)
-    selected = select(scores, rule=opts.rule, threshold=cut if opts.rule in ("threshold", "cohort") else None, k=opts.k,
-                      n_sigma=opts.n_sigma, name=name)
-    return cut, np.asarray(selected, dtype=bool)
+def select_patches(scores: np.ndarray, rule: SelectionRule, name: str | None = None) -> Selection:
+    """Step 4: the kept patches bool [N] and the cut (None for top-k) of ``rule`` (:meth:`PreprocessOptions.selection_rule`).
+    A cohort-wide rule not frozen yet keeps nothing: :func:`preprocess_cohort` freezes it over every slide."""
+    if rule.pending:
+        return Selection(np.zeros(len(scores), dtype=bool), None)
+    return select(scores, rule, name=name)
 
 
 def write_outputs(slide, slide_path: Path, out_dir: Path, grid: _Grid, coords, scores, selected, cut, damaged,
-                  opts: PreprocessOptions) -> None:
+                  opts: PreprocessOptions, rule: SelectionRule, kept: dict | None = None) -> None:
     """Step 5: ``<slide_id>.png`` (optional) and ``<slide_id>.h5``, each written atomically."""
     import h5py
 
@@ -317,9 +293,9 @@ def write_outputs(slide, slide_path: Path, out_dir: Path, grid: _Grid, coords, s
             patch_size=opts.patch_size, patch_level=grid.level, level0_patch_size=grid.level0_patch_size,
             downsample=np.asarray([grid.downsample, grid.downsample]),
             level_dim=np.asarray(slide.level_dimensions[grid.level]), mpp=unknown if read_mpp is None else read_mpp,
-            local_size=opts.local_size, selector=opts.selector, rule=opts.rule,
-            threshold=math.nan if cut is None else cut, k=-1 if opts.k is None else opts.k, n_sigma=opts.n_sigma,
-            tissue_min=opts.tissue_min, name=slide_id,
+            local_size=opts.local_size, selector=opts.selector, rule=rule.rule,
+            threshold=math.nan if cut is None else cut, k=-1 if rule.k is None else rule.k, n_sigma=rule.n_sigma, share=rule.share,
+            tissue_min=opts.tissue_min, name=slide_id, **(kept or {}),
         )
         f.create_dataset("all_coords", data=coords)  # [N, 2]
         f.create_dataset("scores", data=scores)  # [N]
@@ -336,11 +312,13 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
     ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
     (default 0) or at the level chosen for ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at
     least as fine, no resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
-    level-0 mpp (for files without it). ``rule``: ``"mean_std"`` (keep patches above mean + ``n_sigma``
-    std of the slide's scores), ``"cohort"`` (the paper's rule: ``threshold`` is the frozen cohort cut;
+    level-0 mpp (for files without it). ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name),
+    None for the selector's natural rule (Shannon: the slide's best 15.87 %, the share the paper's mean + 1 sigma
+    keeps of normal scores; Otsu: tissue
+    fraction >= 0.5). ``"cohort"`` is the paper's rule: its ``threshold`` is the frozen cohort cut;
     without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
-    slide's scores), ``"threshold"`` (``threshold``, default :func:`isg.select.default_threshold_bits`) or
-    ``"topk"`` (``k`` best).
+    slide's scores. ``"threshold"`` without a threshold takes the selector's default cut
+    (:func:`isg.select.default_threshold_bits` for Shannon).
 
     The method, step by step: :func:`tissue_grid` -> :func:`score_patches` -> :func:`check_damaged` ->
     :func:`select_patches` -> :func:`write_outputs`. Returns ``n_tissue`` (patches scored), ``n_kept``,
@@ -359,12 +337,14 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
         clock.lap("grid")
         coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
         check_damaged(slide, damaged, len(grid.coords), opts)
-        cut, selected = select_patches(scores, opts, name=str(slide_path))
+        rule = opts.selection_rule()
+        selected, cut = select_patches(scores, rule, name=str(slide_path))
+        kept = {} if rule.pending else kept_record(selected, name=str(slide_path))  # warns under the floor
         clock.lap("select")
-        write_outputs(slide, Path(slide_path), out_dir, grid, coords, scores, selected, cut, damaged, opts)
+        write_outputs(slide, Path(slide_path), out_dir, grid, coords, scores, selected, cut, damaged, opts, rule, kept)
         clock.lap("write")
         read_mpp = slide.level_mpp(grid.level)
-    return {"n_tissue": int(len(coords)), "n_kept": int(selected.sum()), "n_damaged": len(damaged), "level": grid.level,
+    return {"n_tissue": int(len(coords)), "n_kept": int(selected.sum()), **kept, "n_damaged": len(damaged), "level": grid.level,
             "mpp": math.nan if read_mpp is None else float(read_mpp), **clock.stats()}
 
 
@@ -420,6 +400,20 @@ def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
     return mpps
 
 
+def _warn_under_floor(summary) -> None:
+    """One warning naming every slide of this run whose selection is under the floor (``under_floor`` in
+    summary.json): worker processes' own warnings do not reach the caller."""
+    import warnings
+
+    from isg.select import KEEP_FLOOR, KEEP_FLOOR_PATCHES, SelectionWarning
+    from isg.utils import list_some
+
+    under = [f"{r.name} ({r.stats['n_kept']} of {r.stats['n_tissue']})" for r in summary.done if r.stats.get("under_floor")]
+    if under:
+        warnings.warn(f"isg preprocess: {len(under)} slide(s) keep under the floor ({KEEP_FLOOR:.0%} of their tissue "
+                      f"patches or {KEEP_FLOOR_PATCHES} patches): {list_some(under)}", SelectionWarning, stacklevel=3)
+
+
 class _PreprocessOne:
     """``preprocess_slide`` for one slide of a cohort, with its mpp from ``slide_mpps`` (picklable for process pools)."""
 
@@ -468,12 +462,12 @@ def preprocess_cohort(
             resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
             summary_path=out_dir / "summary.json", title="isg preprocess",
         )
-        if options.get("rule") == "cohort" and options.get("threshold") is None:
-            from isg.select import apply_rule
-
+        rule = PreprocessOptions(**options).selection_rule()
+        if rule.pending:
             done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
-            if done:  # freeze mean + n_sigma std over the scores of every finished slide (selection.json)
-                apply_rule(done, SelectionRule("cohort", n_sigma=options.get("n_sigma", DEFAULT_RULE.n_sigma)))
+            if done:  # freeze the cut over the scores of every finished slide (selection.json)
+                apply_rule(done, rule)
+        _warn_under_floor(summary)
         return summary
     finally:
         release_buffers()  # the pooled tile batch buffers of this run

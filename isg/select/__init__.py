@@ -1,20 +1,23 @@
 """Patch selection (paper Sec. 3.1 scorer, Sec. 4.2 rule): score tiles by information content, keep the informative ones.
 
-``score_tiles(tiles)`` gives bits per uint8 tile (:mod:`isg.ops.shannon`);
-``get_selector(name)`` returns the Shannon scorer or a baseline (Otsu tissue
-fraction, gradient, Canny, DoG, LoG) with the same signature; ``select`` turns
-scores into a keep-mask by a :class:`SelectionRule` (per-slide mean + n sigma,
-the paper's frozen cohort cut, an absolute threshold, or top-k);
-:func:`apply_rule` re-applies a rule to the scores stored by ``isg preprocess``.
+Selectors (:data:`SELECTORS`, one :func:`register_selector` each) score uint8 tiles: the Shannon
+scorer (bits, :mod:`isg.ops.shannon`) or a baseline (Otsu tissue fraction, gradient, Canny, DoG, LoG);
+each carries its natural rule. Rules (:data:`RULE_KINDS`, one :func:`register_rule` each) turn scores
+into a keep-mask and the cut they used: :func:`select` with a :class:`SelectionRule` (per-slide
+share by rank (the default), mean + n sigma, robust z, the paper's frozen cohort cut, an absolute threshold,
+or top-k); :func:`signal_precision` scores a rule against the known signal of a synthetic cohort. :func:`apply_rule`
+re-applies a rule to the scores stored by ``isg preprocess``.
 """
 
-from isg.select.rules import (DEFAULT_RULE, N_SIGMA, NATURAL_RULES, PAPER_ABLATION_BITS, PAPER_PATCH_SIZE, PAPER_THRESHOLD_BITS, RULES,
-                              SelectionRule, SelectionWarning, cohort_threshold, default_threshold_bits,
-                              mean_std_threshold, select)
-from isg.select.selectors import SELECTORS, get_selector, grey_tiles, otsu_grey_threshold, score_tiles
-from isg.select.stored import SELECTION_FILE, apply_rule, read_scores, read_selection, reselect_h5
+from isg.select.known_answer import signal_precision, stored_patches
+from isg.select.rules import (DEFAULT_RULE, KEEP_FLOOR, KEEP_FLOOR_PATCHES, MAD_TO_SIGMA, kept_record, N_SIGMA, RANK_SHARE, PAPER_ABLATION_BITS, PAPER_PATCH_SIZE, PAPER_THRESHOLD_BITS, RULE_KINDS,
+                              RULES, RuleKind, Selection, SelectionRule, SelectionWarning, cohort_threshold,
+                              default_threshold_bits, mean_std_threshold, register_rule, robust_z_threshold, select)
+from isg.select.selectors import SELECTORS, Selector, get_selector, grey_tiles, otsu_grey_threshold, register_selector
+from isg.select.stored import SELECTION_FILE, apply_rule, read_scores, reselect_h5
 
-__all__ = ["SELECTORS", "RULES", "N_SIGMA", "DEFAULT_RULE", "NATURAL_RULES", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS", "PAPER_ABLATION_BITS",
-           "SELECTION_FILE", "SelectionRule", "SelectionWarning", "score_tiles", "get_selector", "grey_tiles",
-           "otsu_grey_threshold", "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits",
-           "apply_rule", "read_scores", "read_selection", "reselect_h5"]
+__all__ = ["KEEP_FLOOR", "KEEP_FLOOR_PATCHES", "kept_record", "signal_precision", "stored_patches", "RANK_SHARE", "MAD_TO_SIGMA", "robust_z_threshold", "SELECTORS", "RULES", "RULE_KINDS", "N_SIGMA", "DEFAULT_RULE", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS",
+           "PAPER_ABLATION_BITS", "SELECTION_FILE", "RuleKind", "Selection", "SelectionRule", "SelectionWarning",
+           "Selector", "register_rule", "register_selector", "get_selector", "grey_tiles", "otsu_grey_threshold",
+           "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "apply_rule", "read_scores",
+           "reselect_h5"]

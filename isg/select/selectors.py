@@ -1,41 +1,104 @@
-"""Tile scorers behind one interface: uint8 tiles [B, H, W, C] -> float64 [B], higher = more informative.
+"""Tile scorers behind one registry: uint8 tiles [B, H, W, C] -> float64 [B], higher = more informative.
 
-``shannon`` is the paper's scorer (bits of a two-part code, :mod:`isg.ops.shannon`);
+Each selector is registered once, with what the pipeline needs to use it (:func:`register_selector`):
+its scoring function, its **natural rule** (the :class:`~isg.select.SelectionRule` it is meant to be
+used with), the unit of its scores, an optional per-slide preparation hook (thumbnail -> fixed
+scorer options) and an optional default cut for the ``"threshold"`` rule.
+
+``shannon`` is the paper's scorer (bits of a two-part code, :mod:`isg.ops.shannon`; natural rule
+the share mean + 1 sigma keeps of normal scores, by rank (:data:`~isg.select.DEFAULT_RULE`), default threshold :func:`~isg.select.default_threshold_bits`);
 the others are the baselines of the paper's comparison, on the grey image
 (ITU-R 601 luma, as ``cv2.COLOR_RGB2GRAY``):
 
 * ``otsu``: HE2RNA-style tissue fraction: share of pixels at or below a grey
-  threshold (tissue is dark; skimage's Otsu puts the background above it), by default the Otsu threshold of the grey levels pooled over the
-  batch, capped at ``OTSU_MAX_GREY`` so a batch of background alone is not split
-  in two. That default depends on the batch: for scores comparable across
-  batches pass the slide's threshold, ``get_selector("otsu",
-  threshold=otsu_grey_threshold(thumbnail))``;
+  threshold (tissue is dark; skimage's Otsu puts the background above it). Per slide the threshold
+  is the Otsu threshold of the slide's thumbnail (the preparation hook, :func:`otsu_grey_threshold`);
+  without one, the Otsu threshold of the grey levels pooled over the batch, capped at
+  ``OTSU_MAX_GREY`` so a batch of background alone is not split in two. Natural rule: tissue
+  fraction >= 0.5, as HE2RNA (the fractions saturate at 1, so mean + sigma would keep nothing);
 * ``gradient``: mean Sobel gradient magnitude (3x3);
 * ``canny``: edge density, share of Canny edge pixels (hysteresis 50/100);
 * ``dog``: mean |Gaussian(sigma=1) - Gaussian(sigma=2)|;
 * ``log``: mean |Laplacian of Gaussian(sigma=1.5)|.
+
+The four edge selectors' natural rule is Shannon's (the paper's mean + 1 sigma share, by rank). Adding a selector is one
+decorator on its scoring function (docs/architecture.md, "How to add a selector")::
+
+    @register_selector("mine", natural_rule=SelectionRule("mean_std"), unit="my unit")
+    def mine(tiles) -> np.ndarray: ...   # uint8 [B, H, W, C] -> float64 [B]
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from isg.ops.shannon import prepare_tiles, shannon_bits
+from isg.select.rules import DEFAULT_RULE, SelectionRule, default_threshold_bits
 
-SELECTORS = ("shannon", "otsu", "gradient", "canny", "dog", "log")
 OTSU_MAX_GREY = 220  # white slide background is brighter than this (0..255)
 
-__all__ = ["SELECTORS", "OTSU_MAX_GREY", "score_tiles", "get_selector", "grey_tiles", "otsu_grey_threshold"]
+__all__ = ["SELECTORS", "OTSU_MAX_GREY", "Selector", "register_selector", "get_selector", "grey_tiles",
+           "otsu_grey_threshold"]
 
 
-def score_tiles(tiles) -> np.ndarray:
-    """Information content in bits, float64 [B], of uint8 tiles [B, H, W, C] (numpy or torch; C = 1, 3, or 4 = RGBA
-    whose alpha is dropped). Uses the native C++/CUDA scorer when built, else the numpy reference."""
-    return shannon_bits(tiles)
+@dataclass(frozen=True)
+class Selector:
+    """A registered tile scorer and what the pipeline needs to use it (see :func:`register_selector`)."""
+
+    name: str
+    score: Callable[..., np.ndarray]  # uint8 tiles [B, H, W, C] (numpy or torch) -> float64 [B]
+    natural_rule: SelectionRule  # the rule it is meant to be used with (isg preprocess without --rule)
+    unit: str  # of the scores, e.g. "bits"
+    prepare: Callable[[np.ndarray], dict] | None = None  # per slide: thumbnail [h, w, 3] -> fixed score options
+    default_threshold: Callable[[int], float] | None = None  # patch size p -> cut of rule "threshold" without one
+
+    def __call__(self, tiles, **options) -> np.ndarray:
+        """Scores float64 [B] of uint8 tiles [B, H, W, C]; ``options`` go to the scoring function."""
+        return self.score(tiles, **options)
+
+    def for_slide(self, thumbnail: np.ndarray) -> Callable[..., np.ndarray]:
+        """The scorer of one slide: the preparation hook's options on its ``thumbnail`` [h, w, 3], fixed."""
+        options = self.prepare(thumbnail) if self.prepare is not None else {}
+        return functools.partial(self.score, **options) if options else self.score
+
+    def rule_for(self, rule: SelectionRule | None, patch_size: int) -> SelectionRule:
+        """The rule applied to this selector's scores of ``patch_size`` px patches: ``rule``, or the natural
+        rule when None; a ``"threshold"`` rule without a threshold gets the selector's default cut."""
+        rule = self.natural_rule if rule is None else rule
+        if rule.rule == "threshold" and rule.threshold is None:
+            if self.default_threshold is None:
+                has = ", ".join(name for name, s in SELECTORS.items() if s.default_threshold is not None)
+                raise ValueError(f"rule 'threshold' with selector {self.name!r} needs an explicit threshold "
+                                 f"(a default cut exists for: {has})")
+            rule = rule.with_threshold(self.default_threshold(patch_size))
+        return rule
+
+
+SELECTORS: dict[str, Selector] = {}  # name -> Selector, in registration order
+
+
+def register_selector(name: str, *, natural_rule: SelectionRule, unit: str, prepare: Callable | None = None,
+                      default_threshold: Callable | None = None) -> Callable:
+    """Decorator registering ``score(tiles [B, H, W, C] uint8) -> float64 [B]`` as the selector ``name``."""
+    def decorate(score: Callable) -> Callable:
+        if name in SELECTORS:
+            raise ValueError(f"selector {name!r} is registered twice")
+        SELECTORS[name] = Selector(name, score, natural_rule, unit, prepare, default_threshold)
+        return score
+    return decorate
+
+
+def get_selector(name: str) -> Selector:
+    """The registered :class:`Selector` ``name`` (callable on tiles: ``get_selector("gradient")(tiles)``)."""
+    try:
+        return SELECTORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}") from None
 
 
 def grey_tiles(tiles) -> np.ndarray:
@@ -59,20 +122,33 @@ def otsu_grey_threshold(images) -> float:
     return otsu_threshold(grey_tiles(images), upper=OTSU_MAX_GREY)
 
 
-def _otsu(tiles, threshold: float | None = None) -> np.ndarray:
+def _per_tile(fn: Callable[[np.ndarray], float]) -> Callable:
+    @functools.wraps(fn)
+    def score(tiles) -> np.ndarray:
+        return np.array([fn(tile) for tile in grey_tiles(tiles)], dtype=np.float64)
+    return score
+
+
+# the share mean + 1 sigma keeps of normal scores, by rank: real scores are skewed (docs/selection.md);
+# the paper's literal rule is SelectionRule("mean_std") and its cohort cut SelectionRule("cohort")
+_PAPER_SHARE = DEFAULT_RULE
+
+register_selector("shannon", natural_rule=_PAPER_SHARE, unit="bits", default_threshold=default_threshold_bits)(shannon_bits)
+
+
+@register_selector("otsu", natural_rule=SelectionRule("threshold", threshold=0.5), unit="tissue fraction",
+                   prepare=lambda thumbnail: {"threshold": otsu_grey_threshold(thumbnail)})
+def otsu_tissue_fraction(tiles, threshold: float | None = None) -> np.ndarray:
+    """Share of pixels with grey <= ``threshold`` (default: the Otsu threshold of this batch)."""
     grey = grey_tiles(tiles)
     if threshold is None:
         threshold = otsu_grey_threshold(tiles)
     return (grey <= threshold).mean(axis=(1, 2), dtype=np.float64)
 
 
-def _per_tile(fn: Callable[[np.ndarray], float]) -> Callable:
-    def score(tiles) -> np.ndarray:
-        return np.array([fn(tile) for tile in grey_tiles(tiles)], dtype=np.float64)
-    return score
-
-
-def _gradient(grey: np.ndarray) -> float:
+@register_selector("gradient", natural_rule=_PAPER_SHARE, unit="mean Sobel gradient magnitude (grey levels / px)")
+@_per_tile
+def gradient_magnitude(grey: np.ndarray) -> float:
     import cv2
 
     x = grey.astype(np.float32)
@@ -80,13 +156,17 @@ def _gradient(grey: np.ndarray) -> float:
     return float(np.sqrt(gx * gx + gy * gy).mean(dtype=np.float64))
 
 
-def _canny(grey: np.ndarray) -> float:
+@register_selector("canny", natural_rule=_PAPER_SHARE, unit="share of Canny edge pixels")
+@_per_tile
+def canny_edge_density(grey: np.ndarray) -> float:
     import cv2
 
     return float((cv2.Canny(np.ascontiguousarray(grey), 50, 100) > 0).mean())
 
 
-def _dog(grey: np.ndarray) -> float:
+@register_selector("dog", natural_rule=_PAPER_SHARE, unit="mean |DoG| (grey levels)")
+@_per_tile
+def difference_of_gaussians(grey: np.ndarray) -> float:
     import cv2
 
     x = grey.astype(np.float32)
@@ -95,35 +175,10 @@ def _dog(grey: np.ndarray) -> float:
     return float(np.abs(fine - coarse).mean(dtype=np.float64))
 
 
-def _log(grey: np.ndarray) -> float:
+@register_selector("log", natural_rule=_PAPER_SHARE, unit="mean |LoG| (grey levels)")
+@_per_tile
+def laplacian_of_gaussian(grey: np.ndarray) -> float:
     import cv2
 
     x = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), 1.5, borderType=cv2.BORDER_REFLECT)
     return float(np.abs(cv2.Laplacian(x, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)).mean(dtype=np.float64))
-
-
-_REGISTRY: dict[str, Callable] = {
-    "shannon": score_tiles,
-    "otsu": _otsu,
-    "gradient": _per_tile(_gradient),
-    "canny": _per_tile(_canny),
-    "dog": _per_tile(_dog),
-    "log": _per_tile(_log),
-}
-
-
-def get_selector(name: str, **options) -> Callable:
-    """Scorer ``tiles -> np.float64 [B]`` (higher = more informative) for ``name`` in :data:`SELECTORS`.
-
-    ``options`` are fixed keyword arguments of the scorer; only ``otsu`` takes one (``threshold``: grey level).
-    """
-    try:
-        scorer = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}") from None
-    if not options:
-        return scorer
-    if name != "otsu" or set(options) != {"threshold"}:
-        raise ValueError(f"selector {name!r} takes no options {sorted(options)}"
-                         + (" (otsu takes threshold=)" if name == "otsu" else ""))
-    return functools.partial(scorer, **options)

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from isg.select.rules import SelectionRule, cohort_threshold, select
+from isg.select.rules import SelectionRule, kept_record, select
+from isg.select.selectors import SELECTORS
 from isg.utils import atomic_path, write_text_atomic
 
 SELECTION_FILE = "selection.json"
 PER_PATCH = ("features", "local_features")  # datasets aligned with coords
 _REWRITTEN = ("coords", "selected", *PER_PATCH)
 
-__all__ = ["SELECTION_FILE", "read_scores", "reselect_h5", "apply_rule", "read_selection"]
+__all__ = ["SELECTION_FILE", "read_scores", "reselect_h5", "apply_rule"]
 
 
 def read_scores(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -61,17 +62,13 @@ def reselect_h5(src: str | os.PathLike, rule: SelectionRule, dst: str | os.PathL
     """
     import h5py
 
-    from isg.select.rules import mean_std_threshold
-
     src = Path(src)
     dst = Path(dst) if dst is not None else src
     scores, attrs = read_scores(src)
     name = str(attrs.get("name", src.stem))
-    keep = select(scores, rule, name=str(src))  # [N]
-    if rule.rule == "mean_std":
-        cut = mean_std_threshold(scores, rule.n_sigma) if len(scores) else math.nan
-    else:
-        cut = rule.threshold if rule.rule in ("threshold", "cohort") else math.nan
+    keep, cut = select(scores, rule, name=str(src))  # [N], the cut this rule applied (None: top-k)
+    kept = kept_record(keep, name=str(src))  # kept_fraction, under_floor (warns under the floor)
+    cut = math.nan if cut is None else cut
     with h5py.File(src, "r") as f:
         old = np.asarray(f["selected"][()], dtype=bool)
         has_features = [n for n in PER_PATCH if n in f]
@@ -85,7 +82,7 @@ def reselect_h5(src: str | os.PathLike, rule: SelectionRule, dst: str | os.PathL
             coords = out.create_dataset("coords", data=np.asarray(f["all_coords"][()], dtype=np.int64)[keep])  # [M, 2]
             coords.attrs.update(attrs)
             coords.attrs.update(rule=rule.rule, threshold=float(cut), n_sigma=float(rule.n_sigma),
-                                k=-1 if rule.k is None else int(rule.k))
+                                k=-1 if rule.k is None else int(rule.k), share=float(rule.share), **kept)
             out.create_dataset("selected", data=keep)
             if subset:
                 for item in has_features:
@@ -93,16 +90,18 @@ def reselect_h5(src: str | os.PathLike, rule: SelectionRule, dst: str | os.PathL
                     chunks = (min(len(data), 256), *data.shape[1:]) if len(data) else None
                     out.create_dataset(item, data=data, chunks=chunks).attrs.update(dict(f[item].attrs))
     features = "none" if not has_features else "kept" if subset else "dropped"
-    return {"slide_id": name, "n_tissue": int(len(scores)), "n_kept": int(keep.sum()), "features": features}
+    return {"slide_id": name, "n_tissue": int(len(scores)), "n_kept": int(keep.sum()), **kept, "features": features}
 
 
-def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule, out_dir: str | os.PathLike | None = None) -> dict:
+def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule | None = None,
+               out_dir: str | os.PathLike | None = None) -> dict:
     """Apply ``rule`` to every preprocess output in ``h5_paths``; returns (and writes) the selection record.
 
-    With ``rule.rule == "cohort"`` and no ``rule.threshold``, the cut is frozen first as
-    mean + n_sigma std over the scores of all files (:func:`isg.select.cohort_threshold`): it must
-    be computed once over the training cohort and then reused (``threshold=``) for new slides.
-    Files go to ``out_dir`` (default: rewritten in place); ``<folder>/selection.json`` records the rule,
+    A cohort-wide rule without its cut (``"cohort"`` without ``threshold``) is frozen first over the
+    scores of all files (:meth:`SelectionRule.frozen_over`; for ``"cohort"`` mean + n_sigma std,
+    :func:`isg.select.cohort_threshold`): it must be computed once over the training cohort and then
+    reused (``threshold=``) for new slides.
+    ``rule`` None applies the natural rule of the files' selector (:meth:`isg.select.Selector.rule_for`). Files go to ``out_dir`` (default: rewritten in place); ``<folder>/selection.json`` records the rule,
     the frozen cut, and the patches kept per slide. All files must share selector and patch size.
     """
     paths = sorted(Path(p) for p in h5_paths)
@@ -115,8 +114,12 @@ def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule, out_d
             odd = [str(p) for p, a in zip(paths, attrs) if str(a.get(key)) != str(attrs[0].get(key))]
             raise ValueError(f"apply_rule: the files mix {key}s {sorted(values)} ({odd[0]} has {attrs[paths.index(Path(odd[0]))].get(key)}); "
                              f"one rule needs one scale")
-    if rule.rule == "cohort" and rule.threshold is None:
-        rule = rule.with_threshold(cohort_threshold(scores, rule.n_sigma))
+    selector = str(attrs[0].get("selector", ""))
+    if selector in SELECTORS:
+        rule = SELECTORS[selector].rule_for(rule, int(attrs[0].get("patch_size", 0)))
+    elif rule is None:
+        raise ValueError(f"apply_rule: {paths[0]} names no known selector ({selector!r}): give the rule")
+    rule = rule.frozen_over(scores)  # a cohort-wide kind freezes its cut over every file's scores
     out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
     slides = {}
     for path in paths:
@@ -124,9 +127,9 @@ def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule, out_d
         slides[result.pop("slide_id")] = result
     kept = np.array([s["n_kept"] for s in slides.values()])
     record = {
-        "selector": str(attrs[0].get("selector", "")), "patch_size": int(attrs[0].get("patch_size", 0)),
-        "rule": rule.to_dict(), "threshold": rule.threshold if rule.rule in ("threshold", "cohort") else None,
-        "threshold_unit": "bits" if str(attrs[0].get("selector")) == "shannon" else "score",
+        "selector": selector, "patch_size": int(attrs[0].get("patch_size", 0)),
+        "rule": rule.to_dict(), "threshold": rule.threshold,
+        "threshold_unit": SELECTORS[selector].unit if selector in SELECTORS else "score",
         "n_slides": len(paths), "n_scored": int(sum(len(s) for s in scores)), "n_kept": int(kept.sum()),
         "kept_per_slide": {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max())},
         "features_dropped": sorted(k for k, s in slides.items() if s["features"] == "dropped"),
@@ -137,9 +140,3 @@ def apply_rule(h5_paths: Iterable[str | os.PathLike], rule: SelectionRule, out_d
         warnings.warn(f"{len(record['features_dropped'])} slide(s) now select patches without features; "
                       f"run `isg extract` on {out_dir} again", stacklevel=2)
     return record
-
-
-def read_selection(folder: str | os.PathLike) -> dict | None:
-    """``<folder>/selection.json`` as written by :func:`apply_rule`, or None."""
-    path = Path(folder) / SELECTION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
