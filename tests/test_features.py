@@ -179,7 +179,7 @@ def test_lpips_loads_backbone_from_hub_cache_or_path(tmp_path):
 
 
 TRAIN = dict(resolution=16, d=16, channel_base=128, channel_max=16, mapping_layers=1, batch_size=6, lr=2e-3, progress=False,
-             checkpoint_every=0, r1_interval=4)
+             checkpoint_every=0, r1_interval=4, lpips_without_weights="random")  # every term of Eq. 2, even without weights
 
 
 def test_training_reduces_reconstruction_loss(tmp_path):

@@ -35,13 +35,15 @@ DEMO_MODEL = "isg-4-2-plus"
 class ReadmeCheck:
     """The demo result a new user compares with the README (which quotes these values): the stain marker's r.
 
-    The whole-cohort mean r moves with the CPU (floating-point order differs between instruction sets: 0.254
-    on one 2-core VM, 0.314 on an AVX-512 EPYC VM, same commit); the stain marker is learned on every machine
-    and moves little, so it is the check. ``tolerance`` covers the spread measured across machines.
+    The run is deterministic on one machine but not across CPUs (floating-point order differs between
+    instruction sets and thread counts). Measured on one commit before the local-signal cohort: mean r 0.254 on
+    a 2-core VM and 0.314 on an AVX-512 EPYC VM, the size marker 0.03 vs 0.29, the stain marker 0.75 vs 0.81.
+    The stain marker (a slide-wide property: every patch carries it) moved least, so it is the check;
+    ``tolerance`` is that spread with room (0.06 measured). ``r`` is this commit's value on the 2-core VM.
     """
 
     marker: int = 2  # index into the markers [nuclei density, nuclei size, stain]
-    r: float = 0.78
+    r: float = 0.51
     tolerance: float = 0.10
 
     def line(self, name: str, r: float) -> str:
