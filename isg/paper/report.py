@@ -56,8 +56,8 @@ def cell(row: dict, column: str, paper: dict) -> str:
     if column == "seconds":
         return f"{row['seconds']:.0f}" if "seconds" in row else "-"
     if column == "significant":
-        value = row.get("significant")
-        return "-" if value is None else f"{value:g}"
+        value = row.get("significant")  # mean over split seeds
+        return "-" if value is None else f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
     value = row.get(column)
     return "-" if value is None else str(value)
 

@@ -20,9 +20,6 @@ import numpy as np
 
 from isg.paper.workspace import Workspace
 
-TRAIN = {"lr": 3e-4, "batch_size": 4}  # as the accuracy bench and the demo
-
-
 @dataclass
 class Bags:
     """A row's bags: ``folder`` of one bag file per slide (or one folder per fold for a fold-clean row)."""
@@ -191,7 +188,7 @@ def _run_dir(ws: Workspace, spec: RowSpec, seed: int) -> tuple[Path, dict]:
     sizes = ws.sizes
     key = {"bags": spec.bags.folder.name, "fold_dirs": [d.name for d in spec.bags.fold_dirs or []], "model": spec.model,
            "model_kwargs": spec.model_kwargs, "task": spec.task, "seed": seed, "epochs": sizes.epochs, "patience": sizes.patience,
-           "folds": sizes.folds, "max_patches": sizes.max_patches, **TRAIN, **spec.train}
+           "folds": sizes.folds, "max_patches": sizes.max_patches, "lr": sizes.lr, "batch_size": sizes.batch_size, **spec.train}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return ws.root / "runs" / f"{spec.bags.folder.name}-{spec.model}-{digest}", key
 
@@ -206,7 +203,8 @@ def _cross_validate(ws: Workspace, spec: RowSpec, seed: int) -> dict:
             json.dumps(key, default=str)):
         return json.loads(summary_path.read_text())  # trained before with the same key: reused
     s = ws.sizes
-    options = {"epochs": s.epochs, "patience": s.patience, "max_patches": s.max_patches, **TRAIN, **spec.train}
+    options = {"epochs": s.epochs, "patience": s.patience, "max_patches": s.max_patches, "lr": s.lr, "batch_size": s.batch_size,
+               **spec.train}
     config = TrainConfig(model=spec.model, task=spec.task, n_splits=s.folds, seed=seed, device=ws.device,
                          model_kwargs=dict(spec.model_kwargs), **options)
     targets = ws.cohort.expression if spec.task == "regression" else ws.cohort.labels

@@ -38,6 +38,8 @@ class PaperSizes:
     # slide models and cross-validation
     epochs: int = 12
     patience: int = 6
+    lr: float = 1e-3  # AdamW; ISG-10-2 at 3e-4 cleared its floor but learned less (pooled PCC 0.02 vs 0.10, docs/paper.md)
+    batch_size: int = 4
     folds: int = 3
     max_patches: int = 64
     seeds: tuple[int, ...] = (0,)  # split seeds of every row
@@ -61,7 +63,8 @@ class PaperSizes:
 
     def describe(self) -> str:
         seeds = ", ".join(map(str, self.seeds))
-        return (f"{self.folds}-fold patient CV, {self.epochs} epochs (patience {self.patience}), bags subsampled to "
+        return (f"{self.folds}-fold patient CV, {self.epochs} epochs (patience {self.patience}, AdamW lr {self.lr:g}, "
+                f"{self.batch_size} slides a step), bags subsampled to "
                 f"{self.max_patches} patches while training, split seed(s) {seeds} (Tab. 4-5 probes: "
                 f"{', '.join(map(str, self.ablation_seeds))}); patches {self.patch_size} px (local {self.local_size} px); "
                 f"slide transformer {self.transformer}")
