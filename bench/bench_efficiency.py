@@ -53,6 +53,7 @@ def _isg_train_dir(root: Path, device: str) -> Path:
     """A train folder as `isg train` writes it: one (random) ISG-10-2 fold model + pipeline.json."""
     from isg.features import Autoencoder, save_autoencoder
     from isg.model import Standardizer, save_fold_model
+    from isg.select import SelectionRule
     from isg.train.config import AutoencoderTrainConfig
     from isg.train.expression import TrainConfig, build_model
 
@@ -63,7 +64,8 @@ def _isg_train_dir(root: Path, device: str) -> Path:
     model = build_model(config, D, 4, GENES)
     save_fold_model(root / "model_fold0.pt", model, config, outputs=[f"g{i}" for i in range(GENES)], fold=0,
                     standardizer=Standardizer.fit(torch.randn(8, GENES)))
-    pipeline = {"preprocess": {"patch_size": 256, "local_size": 64, "selector": "shannon", "rule": "mean_std", "n_sigma": 1.0},
+    pipeline = {"patch_file_schema": "2",
+                "preprocess": {"patch_size": 256, "local_size": 64, "selector": "shannon", "rule": SelectionRule().to_dict()},
                 "global_features": {"checkpoint": str(root / "global.pt")}, "local_features": {"checkpoint": str(root / "local.pt")}}
     (root / "pipeline.json").write_text(json.dumps(pipeline))
     return root

@@ -11,6 +11,10 @@ patch scores, without giving p. Two measurements, written to ``bench/results/sel
   p = 256, 512, 1024; mean, std and the z-score of 1.6e6 bits, i.e. where the paper's cut sits as
   mean + z sigma of these scores.
 
+Also here: the score shapes of real tissue vs synthetic slides and the share each rule keeps
+(:func:`test_real_vs_synthetic_scores`, ``-k real``), and the known-answer precision and recall of every
+selector x rule on the synthetic cohort's signal regions (:func:`test_known_answer_selection`, ``-k known_answer``).
+
 Goal (asserted): the default cut ``default_threshold_bits(p)`` (2.03 bits per subpixel) keeps >= 90 %
 of the real tissue tiles at every size and every smooth textureless tile (solid, blurred) falls below it.
 Run: ``python3 -m pytest bench/bench_selection.py --benchmark-enable -s``.
@@ -50,7 +54,7 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
     from isg.pipeline.preprocess import preprocess_cohort
     from isg.io.synth import make_cohort
     from isg.ops.shannon import shannon_bits
-    from isg.select import SelectionRule, default_threshold_bits, read_scores
+    from isg.select import SelectionRule, default_threshold_bits, read_scored
 
     image = histology_image()  # [512, 512, 3] real IHC-stained tissue
     half = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
@@ -76,7 +80,7 @@ def test_paper_cut_on_the_scorer_scale(tmp_path_factory, report):
     for p in SIZES:
         preprocess_cohort(cohort.slides, root / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
                           thumbnail=False, progress=False)
-        bits = np.concatenate([read_scores(root / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides])
+        bits = np.concatenate([read_scored(root / f"p{p}" / f"{s.stem}.h5").scores for s in cohort.slides])
         synthetic[f"p={p}"] = _summary(bits, p)
 
     print("\nreal IHC tissue crops (bits per subpixel; share of tiles >= 1.6e6 bits; share >= default_threshold_bits):")
@@ -129,9 +133,9 @@ def _shape(scores: np.ndarray, p: int) -> dict:
 
 
 def _stored_scores(h5: Path) -> np.ndarray:
-    from isg.select import read_scores
+    from isg.select import read_scored
 
-    return read_scores(h5)[0]
+    return read_scored(h5).scores
 
 
 def test_real_vs_synthetic_scores(tmp_path_factory, report):

@@ -353,23 +353,9 @@ def test_bags_from_manifest_and_errors(tmp_path):
         BagDataset([tmp_path / "s0.h5", tmp_path / "nope.h5"])
     with h5py.File(tmp_path / "broken.h5", "w") as file:
         file["features"] = np.zeros((3, 2), np.float32)
-    with pytest.raises(KeyError, match=r"broken\.h5: missing dataset\(s\) local_features, coords"):
+    with pytest.raises(ValueError, match=r"broken\.h5: no 'coords' dataset"):
         BagDataset([tmp_path / "broken.h5"])[0]
-
-
-@pytest.mark.parametrize("n,grid", [(1, 3), (7, 2)])
-def test_write_bag_round_trips_through_bag_dataset(tmp_path, n, grid):
-    from isg.data import BagDataset, write_bag
-
-    rng = np.random.default_rng(n)
-    arrays = {"features": rng.normal(size=(n, 5)).astype(np.float32), "coords": rng.integers(0, 999, (n, 2)),
-              "local_features": rng.normal(size=(n, grid, grid, 5)).astype(np.float16)}
-    write_bag(tmp_path / "s.h5", arrays, {"features": {"loss_terms": "l1 + adv", "skipped": None}})
-    bag = BagDataset([tmp_path / "s.h5"], local=True)[0]
-    for name, array in arrays.items():
-        np.testing.assert_array_equal(bag[name].numpy(), array.astype(bag[name].numpy().dtype))
-    with h5py.File(tmp_path / "s.h5", "r") as f:
-        assert dict(f["features"].attrs) == {"loss_terms": "l1 + adv"}  # None values are left out
-    with pytest.raises(ValueError, match="one row per patch"):
-        write_bag(tmp_path / "bad.h5", {"features": arrays["features"], "coords": arrays["coords"][:0]})
-    assert not (tmp_path / "bad.h5").exists()
+    with h5py.File(tmp_path / "unextracted.h5", "w") as file:  # patches without features
+        file["coords"] = np.zeros((3, 2), np.int64)
+    with pytest.raises(KeyError, match=r"unextracted\.h5: missing dataset\(s\) features, local_features"):
+        BagDataset([tmp_path / "unextracted.h5"])[0]

@@ -58,10 +58,11 @@ def test_quick_run_writes_every_table_with_every_row(quick_run):
 
 @pytest.mark.slow
 def test_tab4_cuts_are_the_one_mapping_and_the_area_reading(quick_run):
-    from isg.select.stored import read_scores
+    from isg.data.patch_file import read_patch_file
 
     table = json.loads((quick_run / "tables" / "tab4.json").read_text())
-    pooled = np.concatenate([read_scores(p)[0] for p in sorted((quick_run / "work" / "patches" / "shannon").glob("*.h5"))])
+    pooled = np.concatenate([read_patch_file(p, features=False).scores
+                             for p in sorted((quick_run / "work" / "patches" / "shannon").glob("*.h5"))])
     for row in table["rows"]:
         if row["reading"].startswith("the mapping"):
             z = row["paper_bits"] / 8e5 - 1  # 8e5, 1.6e6, 2.4e6 bits -> mean + 0, 1, 2 sigma

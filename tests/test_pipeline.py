@@ -60,8 +60,11 @@ def test_isg_learns_the_stain_marker(trained):
 
 
 @pytest.mark.parametrize("model", ["isg-2-1-plus", "vit-s"])
-def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
+def test_train_then_predict_new_slides(cohort, trained, tmp_path, monkeypatch, model):
+    import isg.io
+    import isg.pipeline.preprocess
     from isg.cli import main
+    from isg.data.patch_file import read_patch_file
     from isg.pipeline.predict import Predictor, predict_slides
 
     root, synth = cohort
@@ -79,8 +82,26 @@ def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
     assert predictor.preprocess["patch_size"] == 128 and predictor.preprocess["local_size"] == 32
     slides = synth.slides[:2]
     heatmaps = MARKERS[2:] if model.startswith("isg") else []
+    calls = {"open_slide": 0, "write_patch_file": 0}
+
+    def counted(name, module):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted("open_slide", isg.io)
+    counted("write_patch_file", isg.pipeline.preprocess)
     predictions, timings, summary = predict_slides(slides, predictor, tmp_path / "pred", progress=False,
                                                    heatmaps=heatmaps, attention_maps=bool(heatmaps))
+    # in memory between the stages: each slide is opened once (heatmaps draw on preprocess's thumbnail) and its
+    # patch file written once, patches and features together
+    assert calls == {"open_slide": 2, "write_patch_file": 2}
+    for slide in slides:
+        written = read_patch_file(tmp_path / "pred" / "patches" / f"{slide.stem}.h5")
+        assert written.has_features(predictor.models[0].uses_local) and written.rule["rule"] == "rank"  # the default rule, frozen in the model
     assert summary.ok and list(predictions.columns) == predictor.outputs == [f"SYN{g:04d}" for g in range(5)]
     assert predictions.shape == (2, 5) and np.isfinite(predictions.to_numpy()).all()
     assert set(timings.columns) >= {"read", "select", "features", "predict", "total", "n_patches"}
@@ -106,7 +127,7 @@ def test_train_then_predict_new_slides(cohort, trained, tmp_path, model):
     patches = pd.read_csv(tmp_path / "pred" / "heatmaps" / sid / "patches.csv")
     with h5py.File(root / "patches" / f"{sid}.h5", "r") as f:
         np.testing.assert_array_equal(patches[["x", "y"]].to_numpy(), f["coords"][:])
-        assert (patches["size"] == f["coords"].attrs["level0_patch_size"]).all()
+        assert (patches["size"] == f["coords"].attrs["patch_size_level0"]).all()
     views = [m.explain(cached) for m in predictor.models]
     expected = torch.stack([v["patch_values"][0] for v in views]).mean(0)[:, predictor.outputs.index("SYN0002")]
     np.testing.assert_allclose(patches["SYN0002"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)

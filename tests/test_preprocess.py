@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from isg.cli import main as cli_main
-from isg.pipeline.preprocess import h5_complete, preprocess_cohort, preprocess_slide
+from isg.data.patch_file import is_complete as h5_complete
+from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
 from isg.io import SlideError
 from isg.select import SelectionRule
 
@@ -40,6 +41,7 @@ def read_h5(path) -> dict:
         data = {name: f[name][()] for name in f}
         data["attrs"] = dict(f.attrs)
         data["coords_attrs"] = dict(f["coords"].attrs)
+    data["options"], data["rule"] = json.loads(data["attrs"]["options"]), json.loads(data["attrs"]["rule"])
     return data
 
 
@@ -68,27 +70,27 @@ def test_h5_layout_and_selection_follow_rule(cohort, tmp_path, rule, extra):
     assert len(np.unique(all_coords, axis=0)) == n and (all_coords >= 0).all()
     assert (all_coords[:, 0] < 1100).all() and (all_coords[:, 1] < 900).all()
 
-    attrs = out["coords_attrs"]
+    attrs = out["coords_attrs"]  # the geometry, with CLAM / TRIDENT names
     assert attrs["patch_size"] == P and attrs["local_size"] == Q and attrs["patch_level"] == 0
-    assert attrs["level0_patch_size"] == P and attrs["mpp"] == pytest.approx(0.5)
-    assert attrs["selector"] == "shannon" and attrs["rule"] == rule
+    assert attrs["patch_size_level0"] == P and attrs["mpp"] == pytest.approx(0.5)
+    assert out["options"]["selector"] == "shannon" and out["options"]["patch_size"] == P and out["rule"]["rule"] == rule
     assert out["attrs"]["slide_id"] == slide.stem and out["attrs"]["slide_path"] == str(slide.resolve())
-    assert out["attrs"]["isg_version"]
+    assert out["attrs"]["isg_version"] and out["attrs"]["encoding-version"] == "2"
 
     if rule == "mean_std":
         cut = scores.mean() + extra.get("n_sigma", 1.0) * scores.std()
-        assert attrs["threshold"] == pytest.approx(cut)
+        assert out["rule"]["cut"] == pytest.approx(cut)
         np.testing.assert_array_equal(selected, scores > cut)
     elif rule == "threshold":
         cut = extra.get("threshold", default_threshold_bits(P))
-        assert attrs["threshold"] == pytest.approx(cut)
+        assert out["rule"]["cut"] == out["rule"]["threshold"] == pytest.approx(cut)  # the default cut, recorded
         expected = scores >= cut
         if not expected.any():  # min_keep=1: the best patch is kept
             expected = scores == scores.max()
         np.testing.assert_array_equal(selected, expected)
     else:
         assert selected.sum() == 5 and scores[selected].min() >= scores[~selected].max()
-        assert np.isnan(attrs["threshold"]) and attrs["k"] == 5
+        assert out["rule"]["cut"] is None and out["rule"]["k"] == 5
 
 
 def test_scores_are_the_selector_on_the_read_tiles(cohort, tmp_path):
@@ -116,7 +118,7 @@ def test_reduced_level_and_odd_sizes(cohort, tmp_path, patch_size, local_size):
     stats = preprocess_slide(slide_path, tmp_path, patch_size=patch_size, local_size=local_size, mpp=level_mpp * 1.2)
     attrs = read_h5(tmp_path / f"{slide_path.stem}.h5")["coords_attrs"]
     assert stats["level"] == 1 and attrs["patch_level"] == 1 and attrs["mpp"] == pytest.approx(level_mpp)
-    assert attrs["level0_patch_size"] == round(patch_size * downsample) and attrs["patch_size"] == patch_size
+    assert attrs["patch_size_level0"] == round(patch_size * downsample) and attrs["patch_size"] == patch_size
 
 
 def test_thumbnail_marks_kept_and_dropped(cohort, tmp_path):
@@ -290,8 +292,8 @@ def test_preprocess_otsu_keeps_its_natural_share_of_tissue(cohort, tmp_path):
     assert cli_main(args + ["--out", str(tmp_path / "natural")]) == 0
     out = read_h5(tmp_path / "natural" / f"{slide.stem}.h5")
     np.testing.assert_array_equal(out["selected"], out["scores"] >= 0.5)
-    assert out["selected"].sum() > len(out["scores"]) // 2 and out["coords_attrs"]["rule"] == "threshold"
-    assert out["coords_attrs"]["threshold"] == 0.5
+    assert out["selected"].sum() > len(out["scores"]) // 2 and out["rule"]["rule"] == "threshold"
+    assert out["rule"]["threshold"] == out["rule"]["cut"] == 0.5
     # an explicit rule still wins: mean + 1 sigma keeps only tiles above the cut (none, if the fractions saturate)
     assert cli_main(args + ["--out", str(tmp_path / "mean_std"), "--rule", "mean_std"]) == 0
     scores = out["scores"]
@@ -312,7 +314,7 @@ def test_a_selector_registered_by_one_decorator_runs_through_preprocess(cohort, 
         assert cli_main(["preprocess", str(slide), "--out", str(tmp_path), "--patch-size", str(P), "--local-size", str(Q),
                          "--selector", "darkness", "--quiet", "--no-thumbnail"]) == 0
         out = read_h5(tmp_path / f"{slide.stem}.h5")
-        assert out["selected"].sum() == 3 and out["coords_attrs"]["selector"] == "darkness"  # its natural rule
+        assert out["selected"].sum() == 3 and out["options"]["selector"] == "darkness"  # its natural rule
         assert out["scores"][out["selected"]].min() >= out["scores"][~out["selected"]].max()
         pick = [0, len(out["all_coords"]) // 2, len(out["all_coords"]) - 1]
         with open_slide(slide) as reader:

@@ -12,7 +12,7 @@ import torch
 from isg.ops.shannon import shannon_bits
 from isg.select import (DEFAULT_RULE, kept_record, robust_z_threshold, PAPER_THRESHOLD_BITS, RULE_KINDS, RULES, SELECTION_FILE, SELECTORS, Selection,
                         SelectionRule, SelectionWarning, apply_rule, cohort_threshold, default_threshold_bits,
-                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scores, register_rule,
+                        get_selector, grey_tiles, mean_std_threshold, otsu_grey_threshold, read_scored, register_rule,
                         reselect_h5, select)
 from tissue_samples import histology_image, textureless_tiles
 
@@ -90,6 +90,11 @@ def test_rule_defaults_have_one_definition():
     for command in ("preprocess", "select"):  # no rule option given: the selector's natural rule
         args = build_parser().parse_args([command, "x", "--out", "y"] if command == "preprocess" else [command, "x"])
         assert args.rule is None and args.n_sigma is None and args.threshold is None and args.k is None
+    from isg.cli._rules import rule_from_args
+
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--share", "0.3"])) == SelectionRule("rank", share=0.3)
+    assert rule_from_args(build_parser().parse_args(["select", "x", "--rule", "robust_z", "--n-sigma", "2"])) == \
+        SelectionRule("robust_z", n_sigma=2)
 
 
 def test_select_returns_the_cut_it_applied():
@@ -274,41 +279,39 @@ def test_get_selector_errors_and_shannon():
 
 def _write_h5(path, scores, selected, selector="shannon", patch_size=128, features=True):
     """A preprocess output as isg preprocess + isg extract write it: features row i <-> i-th selected patch."""
-    import h5py
+    from isg.data.patch_file import PatchGeometry, SlidePatches, write_patch_file
 
     scores, selected = np.asarray(scores, np.float64), np.asarray(selected, bool)
-    all_coords = np.stack([np.arange(len(scores)) * patch_size, np.zeros(len(scores))], 1).astype(np.int64)
-    with h5py.File(path, "w") as f:
-        f.attrs.update(slide_id=path.stem, slide_path="/nowhere.tif")
-        f.create_dataset("coords", data=all_coords[selected]).attrs.update(
-            patch_size=patch_size, selector=selector, rule="mean_std", threshold=0.0, n_sigma=1.0, k=-1, name=path.stem)
-        f["all_coords"], f["scores"], f["selected"] = all_coords, scores, selected
-        if features:
-            rows = np.flatnonzero(selected).astype(np.float32)  # feature = index of its patch in all_coords
-            f.create_dataset("features", data=np.repeat(rows[:, None], 3, 1)).attrs["encoder"] = "test"
-            f["local_features"] = np.repeat(rows[:, None, None, None], 2, 3).repeat(2, 1).repeat(2, 2).astype(np.float16)
+    tissue = np.stack([np.arange(len(scores)) * patch_size, np.zeros(len(scores))], 1).astype(np.int64)
+    patches = SlidePatches(path.stem, "/nowhere.tif", PatchGeometry(patch_size, 0, patch_size, 1.0, None, 0.5, 32),
+                           tissue, scores, selected, options={"patch_size": patch_size, "selector": selector},
+                           rule=DEFAULT_RULE.to_dict(), cut=0.0)
+    if features:
+        rows = np.flatnonzero(selected).astype(np.float32)  # feature = index of its patch in the tissue patches
+        patches = patches.with_features(np.repeat(rows[:, None], 3, 1), {"encoder": "test"},
+                                        np.repeat(rows[:, None, None, None], 2, 3).repeat(2, 1).repeat(2, 2).astype(np.float16))
+    write_patch_file(path, patches)
     return path
 
 
 def test_reselect_keeps_matching_features_for_a_subset(tmp_path):
-    import h5py
+    from isg.data.patch_file import read_patch_file
 
     path = _write_h5(tmp_path / "a.h5", [5, 1, 9, 3, 8, 0], [1, 0, 1, 1, 1, 0])
     result = reselect_h5(path, SelectionRule("topk", k=2), tmp_path / "out" / "a.h5")
     assert result == {"slide_id": "a", "n_tissue": 6, "n_kept": 2, "kept_fraction": 2 / 6, "under_floor": True, "features": "kept"}
-    with h5py.File(tmp_path / "out" / "a.h5") as f:
-        np.testing.assert_array_equal(f["selected"][()], [0, 0, 1, 0, 1, 0])
-        np.testing.assert_array_equal(f["coords"][()][:, 0], [2 * 128, 4 * 128])
-        np.testing.assert_array_equal(f["features"][()][:, 0], [2, 4])  # the rows of patches 2 and 4
-        np.testing.assert_array_equal(f["local_features"][()][:, 0, 0, 0], [2, 4])
-        assert f["features"].attrs["encoder"] == "test" and f.attrs["slide_id"] == "a"
-        assert f["coords"].attrs["rule"] == "topk" and f["coords"].attrs["k"] == 2
-        assert np.isnan(f["coords"].attrs["threshold"]) and f["coords"].attrs["patch_size"] == 128
+    out = read_patch_file(tmp_path / "out" / "a.h5")
+    np.testing.assert_array_equal(out.selected, [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(out.coords[:, 0], [2 * 128, 4 * 128])
+    np.testing.assert_array_equal(out.features[:, 0], [2, 4])  # the rows of patches 2 and 4
+    np.testing.assert_array_equal(out.local_features[:, 0, 0, 0], [2, 4])
+    assert out.feature_attrs["encoder"] == "test" and out.slide_id == "a"
+    assert SelectionRule.from_dict(out.rule) == SelectionRule("topk", k=2) and out.cut is None
+    assert out.geometry.patch_size == 128
     # a selection outside the old one cannot reuse features: they are dropped, in place
     assert reselect_h5(path, SelectionRule("threshold", threshold=1.0))["features"] == "dropped"
-    with h5py.File(path) as f:
-        assert "features" not in f and "local_features" not in f and f["coords"].shape == (5, 2)
-        assert f["coords"].attrs["threshold"] == 1.0
+    out = read_patch_file(path)
+    assert out.features is None and out.local_features is None and out.coords.shape == (5, 2) and out.cut == 1.0
 
 
 def test_apply_cohort_rule_freezes_one_cut_and_records_it(tmp_path):
@@ -324,13 +327,13 @@ def test_apply_cohort_rule_freezes_one_cut_and_records_it(tmp_path):
     assert record["slides"]["high"]["n_kept"] == 2 and record["slides"]["low"]["n_kept"] == 1
     assert record["kept_per_slide"] == {"mean": 1.5, "min": 1, "max": 2} and record["threshold_unit"] == "bits"
     assert json.loads((tmp_path / SELECTION_FILE).read_text()) == record
-    assert read_scores(high)[1]["threshold"] == pytest.approx(cut) and read_scores(high)[1]["rule"] == "cohort"
+    assert read_scored(high).cut == pytest.approx(cut) and read_scored(high).rule["rule"] == "cohort"
     # a new slide is cut at the frozen threshold: it never moves it
     (tmp_path / "new").mkdir()
     new = _write_h5(tmp_path / "new" / "new.h5", [9.0, 100.0, 200.0], [1, 1, 1], features=False)
     frozen = SelectionRule(**record["rule"])
     assert apply_rule([new], frozen)["threshold"] == pytest.approx(cut)
-    assert read_scores(new)[1]["threshold"] == pytest.approx(cut)
+    assert read_scored(new).cut == pytest.approx(cut)
 
 
 def test_apply_rule_refuses_mixed_scales_and_bad_files(tmp_path):
@@ -370,24 +373,27 @@ def test_isg_select_cli(tmp_path, capsys):
 def test_preprocess_cohort_rule_freezes_cut_and_predict_reuses_it(tmp_path):
     import json
 
-    from isg.pipeline.predict import preprocess_options
-    from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
     from isg.io.synth import make_cohort
+    from isg.pipeline.predict import new_slide_options
+    from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
+    from isg.train.expression import write_pipeline
 
     cohort = make_cohort(tmp_path / "c", n_slides=3, size=768, genes=3, seed=1)
     preprocess_cohort(cohort.slides[:2], tmp_path / "p", patch_size=128, local_size=32, rule="cohort", progress=False)
     record = json.loads((tmp_path / "p" / SELECTION_FILE).read_text())
-    scores = [read_scores(tmp_path / "p" / f"{s.stem}.h5")[0] for s in cohort.slides[:2]]
-    assert record["threshold"] == pytest.approx(cohort_threshold(scores))
-    attrs = read_scores(tmp_path / "p" / f"{cohort.slides[0].stem}.h5")[1]
-    assert attrs["rule"] == "cohort" and attrs["threshold"] == pytest.approx(record["threshold"])
-    options = preprocess_options(attrs)  # what isg train records in pipeline.json and isg predict reuses
-    assert options["rule"].rule == "cohort" and options["rule"].threshold == pytest.approx(record["threshold"])
-    options["patch_size"], options["local_size"] = int(options["patch_size"]), int(options["local_size"])
+    stored = [read_scored(tmp_path / "p" / f"{s.stem}.h5") for s in cohort.slides[:2]]
+    assert record["threshold"] == pytest.approx(cohort_threshold([p.scores for p in stored]))
+    assert stored[0].rule["rule"] == "cohort" and stored[0].cut == pytest.approx(record["threshold"])
+    assert stored[0].rule["threshold"] == pytest.approx(record["threshold"])
+    # what isg train records in pipeline.json and isg predict reuses on new slides
+    write_pipeline(tmp_path / "train", tmp_path / "p", cohort.slides[0].stem)
+    options = new_slide_options(json.loads((tmp_path / "train" / "pipeline.json").read_text()))
+    assert options["rule"] == SelectionRule.from_dict(stored[0].rule) and options["patch_size"] == 128
     preprocess_slide(cohort.slides[2], tmp_path / "new", **options)
-    new_scores, new_attrs = read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
-    assert new_attrs["threshold"] == pytest.approx(record["threshold"])  # a new slide does not move the cut
-    assert read_scores(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")[0].size == new_scores.size
+    new = read_scored(tmp_path / "new" / f"{cohort.slides[2].stem}.h5")
+    assert new.cut == pytest.approx(record["threshold"])  # a new slide does not move the cut
+    if (new.scores >= new.cut).any():  # (else min_keep keeps the best one, with a warning)
+        np.testing.assert_array_equal(new.selected, new.scores >= new.cut)
 
 
 # ----------------------------------------------------------------------------- rank and robust z
@@ -453,7 +459,7 @@ def test_floor_guard_names_the_slide_and_records_the_kept_share(tmp_path):
         stats = item["stats"]
         assert stats["under_floor"] is True and stats["kept_fraction"] == pytest.approx(2 / stats["n_tissue"])
         with h5py.File(tmp_path / "two" / f"{item['name']}.h5") as f:
-            assert f["coords"].attrs["kept_fraction"] == pytest.approx(2 / stats["n_tissue"]) and f["coords"].attrs["under_floor"]
+            assert f.attrs["kept_fraction"] == pytest.approx(2 / stats["n_tissue"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", SelectionWarning)  # the default rule is not under the floor here
         preprocess_cohort(cohort.slides, tmp_path / "default", patch_size=64, local_size=16, thumbnail=False, progress=False)

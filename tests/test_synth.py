@@ -188,6 +188,11 @@ def test_cli_synth(tmp_path, capsys):
     assert len(list((out / "slides").glob("*.tif"))) == 2
     assert {p.name for p in (out / "bad").iterdir()} >= {"corrupt.tif", "truncated.tif", "unsupported.txt", "tiny.tif", "no_mpp.tif"}
     assert "wrote 2 slides" in capsys.readouterr().out
+    assert len(list((out / "signal").glob("*.png"))) == 2
+    assert cli_main(["synth", "--out", str(tmp_path / "wide"), "--slides", "1", "--size", "200", "--tile", "128", "--genes", "3",
+                     "--slide-wide-signal", "--quiet"]) == 0
+    assert json.loads((tmp_path / "wide" / "truth.json").read_text())["local_signal"] is False
+    capsys.readouterr()
     assert cli_main(["synth", "--out", str(out), "--slides", "3", "--patients", "1"]) == 2
     assert "n_patients=1" in capsys.readouterr().err
 
@@ -304,14 +309,14 @@ def test_score_shape_matches_real_tissue(tmp_path):
     from scipy.stats import skew
 
     from isg.pipeline.preprocess import preprocess_cohort
-    from isg.select import SelectionRule, read_scores, select
+    from isg.select import SelectionRule, read_scored, select
 
     real = json.loads(REAL_SUMMARY.read_text())["patch_sizes"]
     cohort = make_cohort(tmp_path / "c", n_slides=4, size=2048, genes=3, seed=11)
     for p in (128, 256):
         preprocess_cohort(cohort.slides, tmp_path / f"p{p}", patch_size=p, local_size=p // 4, rule=SelectionRule("topk", k=1),
                           thumbnail=False, progress=False)
-        scores = [read_scores(tmp_path / f"p{p}" / f"{s.stem}.h5")[0] for s in cohort.slides]
+        scores = [read_scored(tmp_path / f"p{p}" / f"{s.stem}.h5").scores for s in cohort.slides]
         skews = [skew(s) for s in scores]
         assert max(skews) < 0, skews
         assert abs(np.mean(skews) - real[str(p)][REAL_SLIDE]["skew"]) <= synth.SKEW_TOLERANCE, (p, skews)

@@ -87,14 +87,17 @@ def test_train_mean_floor_known_answers(n):
 
 def test_cross_validate_writes_pipeline_json_and_reports_progress(tmp_path):
     manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12)
-    with h5py.File(feature_dir / "s0.h5", "a") as f:  # what preprocess / extract record
-        f["coords"].attrs.update({"patch_size": 128, "local_size": 32, "rule": "mean_std"})
+    with h5py.File(feature_dir / "s0.h5", "a") as f:  # what preprocess / extract recorded in a schema-1 file
+        f["coords"].attrs.update({"patch_size": 128, "patch_level": 0, "local_size": 32, "rule": "mean_std"})
         f["features"].attrs["checkpoint"] = "/ckpt/global/autoencoder.pt"
     reports = []
     config = TrainConfig(model="he2rna", epochs=3, patience=3, n_splits=3, model_kwargs={"hidden": (8,), "ks": (1, 2)})
     cross_validate(manifest, feature_dir, targets, tmp_path / "out", config, progress=reports.append)
     pipeline = json.loads((tmp_path / "out" / "pipeline.json").read_text())
-    assert pipeline["preprocess"] == {"patch_size": 128, "local_size": 32, "rule": "mean_std"}
+    from isg.select import SelectionRule
+
+    assert pipeline["preprocess"] == {"patch_size": 128, "local_size": 32, "rule": SelectionRule("mean_std").to_dict()}
+    assert pipeline["geometry"]["patch_size"] == 128 and pipeline["geometry"]["local_size"] == 32
     assert pipeline["global_features"]["checkpoint"] == "/ckpt/global/autoencoder.pt" and pipeline["local_features"] == {}
     assert pipeline["features_dir"] == str(feature_dir.resolve())
     assert [(r.fold, r.epoch) for r in reports] == [(k, e) for k in range(3) for e in range(3)]
@@ -222,7 +225,7 @@ def test_l2_error_beside_r_and_its_floor(tmp_path):
 
 def test_fold_clean_run_reads_each_folds_own_features(tmp_path):
     """fold_feature_dirs: fold k trains and tests on folder k; a folder of constant features flattens only its fold."""
-    from isg.data import write_bag
+    from isg.data.patch_file import read_patch_file, write_patch_file
     from isg.train.expression import cv_folds
 
     manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12, genes=3)
@@ -233,10 +236,9 @@ def test_fold_clean_run_reads_each_folds_own_features(tmp_path):
         folder = tmp_path / f"fold{k}"
         folder.mkdir()
         for slide_id in manifest["slide_id"]:
-            bag = BagDataset([feature_dir / f"{slide_id}.h5"], local=False)[0]
-            features = bag["features"].numpy() if k != 1 else np.ones_like(bag["features"].numpy())
-            write_bag(folder / f"{slide_id}.h5", {"features": features, "coords": bag["coords"].numpy()},
-                      {"features": {"extractor_size": f"fold {k}"}})
+            patches = read_patch_file(feature_dir / f"{slide_id}.h5")
+            features = patches.features if k != 1 else np.ones_like(patches.features)
+            write_patch_file(folder / f"{slide_id}.h5", patches.with_features(features, {"extractor_size": f"fold {k}"}))
         dirs.append(folder)
     with pytest.raises(ValueError, match="2 folder"):
         cross_validate(manifest, feature_dir, targets, tmp_path / "bad", config, fold_feature_dirs=dirs[:2])

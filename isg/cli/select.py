@@ -73,10 +73,12 @@ def run(args) -> int:
     if rule is not None and rule.rule == "threshold" and rule.threshold is None:
         raise CLIError("--rule threshold needs --threshold")
     if source is not None:
-        selector = {str(source.get("selector"))}
-        from isg.select import read_scores
+        from isg.select import read_scored
 
-        mixed = [str(p) for p in paths if str(read_scores(p)[1].get("selector")) not in selector]
+        try:
+            mixed = [str(p) for p in paths if read_scored(p).selector != source.get("selector")]
+        except (OSError, ValueError) as exc:
+            raise CLIError(str(exc)) from None
         if mixed:
             raise CLIError(f"--from-selection was frozen over {source.get('selector')} scores; {mixed[0]} has other scores")
     with warnings.catch_warnings(record=True) as caught:

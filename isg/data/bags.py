@@ -1,9 +1,10 @@
-"""Bags of patch features: one per slide, read from feature .h5 files.
+"""Bags of patch features: one per slide, from its patch file (:mod:`isg.data.patch_file`).
 
-Each file holds ``features`` [N, d], ``local_features`` [N, S, S, d] (optional)
-and ``coords`` [N, 2] for the N selected patches of one slide. A bag is a dict
-of tensors; :func:`collate_bags` pads a list of bags to the longest one and
-adds ``mask`` [B, N_max] (True = real patch).
+A bag holds ``features`` [N, d], ``local_features`` [N, S, S, d] (optional) and ``coords`` [N, 2]
+of the N selected patches of one slide, as tensors (:func:`bag_arrays` takes them from a
+:class:`~isg.data.patch_file.SlidePatches`, so ``isg predict`` makes a bag in memory);
+:func:`collate_bags` pads a list of bags to the longest one and adds ``mask`` [B, N_max]
+(True = real patch).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from isg.utils import atomic_path, list_some
+from isg.data.patch_file import SlidePatches, read_patch_file
+from isg.utils import list_some
 
 DATASETS = ("features", "local_features", "coords")
 
@@ -78,16 +79,8 @@ class BagDataset(Dataset):
     def _read(self, index: int) -> dict[str, np.ndarray]:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        path, names = self.paths[index], DATASETS if self.local else ("features", "coords")
-        with h5py.File(path, "r") as file:
-            missing = [name for name in names if name not in file]
-            if missing:
-                raise KeyError(f"feature file {path}: missing dataset(s) {', '.join(missing)} (has: {', '.join(file.keys())})")
-            arrays = {name: file[name][()] for name in names}
-        n = len(arrays["features"])
-        if arrays["features"].ndim != 2 or n == 0 or any(len(a) != n for a in arrays.values()) or arrays["coords"].shape[1:] != (2,):
-            shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
-            raise ValueError(f"feature file {path}: inconsistent or empty datasets ({shapes}); expected features [N, d], coords [N, 2]")
+        path = self.paths[index]
+        arrays = bag_arrays(read_patch_file(path, local=self.local), self.local, where=str(path))
         if self._cache is not None:
             self._cache[index] = arrays
         return arrays
@@ -98,28 +91,36 @@ class BagDataset(Dataset):
         keep = slice(None)
         if self.max_patches is not None and n > self.max_patches:
             keep = torch.randperm(n)[: self.max_patches].sort().values.numpy()
-        bag = {name: torch.from_numpy(np.ascontiguousarray(array[keep])) for name, array in arrays.items()}
-        bag["features"] = bag["features"].float()
-        if "local_features" in bag:
-            bag["local_features"] = bag["local_features"].float()
+        bag = to_bag({name: array[keep] for name, array in arrays.items()}, self.slide_ids[index])
         if self.targets is not None:
             bag["target"] = self.targets[index]
-        bag["slide_id"] = self.slide_ids[index]
         return bag
 
 
-def write_bag(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
-    """Write one bag file atomically: ``features`` [N, d], ``coords`` [N, 2] and optionally ``local_features``
-    [N, S, S, d] (and any other per-patch array, e.g. ``scores`` [N]), each with ``attrs[name]`` (JSON-able scalars),
-    as :class:`BagDataset` reads it. Rows must agree across arrays."""
+def bag_arrays(patches: SlidePatches, local: bool = True, where: str | None = None) -> dict[str, np.ndarray]:
+    """``features`` [N, d], ``coords`` [N, 2] and (``local``) ``local_features`` [N, S, S, d] of the selected
+    patches; KeyError naming the file when features are missing, ValueError when there are none."""
+    names = DATASETS if local else ("features", "coords")
+    arrays = {"features": patches.features, "local_features": patches.local_features, "coords": patches.coords}
+    missing = [name for name in names if arrays[name] is None]
+    if missing:
+        raise KeyError(f"feature file {where or patches.slide_id}: missing dataset(s) {', '.join(missing)} (run isg extract)")
+    arrays = {name: arrays[name] for name in names}
+    if arrays["features"].ndim != 2 or len(arrays["coords"]) == 0:
+        shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+        raise ValueError(f"feature file {where or patches.slide_id}: empty or misshapen datasets ({shapes}); "
+                         f"expected features [N, d], N > 0")
+    return arrays
 
-    lengths = {name: len(array) for name, array in arrays.items()}
-    if "features" not in arrays or "coords" not in arrays or len(set(lengths.values())) != 1:
-        raise ValueError(f"bag {path}: needs features and coords with one row per patch, got {lengths}")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
-        for name, array in arrays.items():
-            dataset = file.create_dataset(name, data=np.asarray(array))
-            dataset.attrs.update({key: value for key, value in (attrs or {}).get(name, {}).items() if value is not None})
+
+def to_bag(arrays: dict[str, np.ndarray], slide_id: str) -> dict[str, torch.Tensor | str]:
+    """A bag of tensors (features float32) from :func:`bag_arrays` output."""
+    bag = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
+    bag["features"] = bag["features"].float()
+    if "local_features" in bag:
+        bag["local_features"] = bag["local_features"].float()
+    bag["slide_id"] = slide_id
+    return bag
 
 
 def collate_bags(bags: list[dict]) -> dict:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +46,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
-def _keep(scores: np.ndarray, rule, name: str) -> tuple[np.ndarray, bool]:
-    """(keep mask [N], whether the rule kept nothing and fell back to the best patch)."""
+def _select(scores: dict[str, np.ndarray], rules) -> tuple[dict, int]:
+    """Per slide ``(keep [N], cut, rule dict)`` of ``rules`` (one rule or slide_id -> rule) on ``scores``, and the
+    number of slides where the rule kept nothing and fell back to the best patch."""
     from isg.select import SelectionWarning, select
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SelectionWarning)
-        keep = select(scores, rule, name=name).keep
-    return keep, any(issubclass(w.category, SelectionWarning) for w in caught)
+    selections, fallback = {}, 0
+    for slide_id, values in scores.items():
+        rule = rules[slide_id] if isinstance(rules, dict) else rules
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SelectionWarning)
+            keep, cut = select(values, rule, name=slide_id)
+        selections[slide_id] = (keep, cut, rule.to_dict())
+        fallback += any(issubclass(w.category, SelectionWarning) for w in caught)
+    return selections, fallback
 
 
 def _known_answers(ws: Workspace, keeps: dict[str, np.ndarray]) -> tuple[int, dict | None]:
@@ -79,15 +85,23 @@ def bag_folder(ws: Workspace, name: str, source: str, keeps: dict[str, np.ndarra
     return ws.root / "bags" / f"{slug(name).split('_')[0]}-{digest.hexdigest()[:12]}"
 
 
-def write_row_bags(ws: Workspace, folder: Path, features: dict, keeps: dict[str, np.ndarray], attrs: dict) -> None:
-    """One bag file per slide: the rows ``keeps[slide]`` [N] of the shared ``features[slide]``."""
-    from isg.data import write_bag
+def _write_bags(ws: Workspace, name: str, source: str, bases: dict, scores: dict, selector: str, rules) -> tuple[Path, list, int, dict]:
+    """Patch files of one row: the shared ``bases`` (every patch selected, with features) re-selected by ``rules`` on
+    ``scores`` (stored with them, ``selector`` named). Returns (folder, patches kept per slide, fallbacks, keeps)."""
+    from isg.data.patch_file import write_patch_file
 
+    selections, fallback = _select(scores, rules)
+    keeps = {slide_id: keep for slide_id, (keep, _, _) in selections.items()}
+    folder = bag_folder(ws, name, source, keeps)
     folder.mkdir(parents=True, exist_ok=True)
     for slide_id in ws.slide_ids:
-        keep = keeps[slide_id]
-        write_bag(folder / f"{slide_id}.h5", {name: array[keep] for name, array in features[slide_id].items() if name != "scores"},
-                  attrs)
+        keep, cut, rule = selections[slide_id]
+        base = replace(bases[slide_id], scores=scores[slide_id], options={**bases[slide_id].options, "selector": selector})
+        patches, features = base.reselected(keep, rule, cut)
+        if features != "kept":
+            raise RuntimeError(f"{folder / slide_id}.h5: features were not carried over ({features})")
+        write_patch_file(folder / f"{slide_id}.h5", patches)
+    return folder, [int(k.sum()) for k in keeps.values()], fallback, keeps
 
 
 def isg_bags(ws: Workspace, name: str, selector: str, rules, variant: str, rule: str | None = None) -> Bags:
@@ -96,60 +110,39 @@ def isg_bags(ws: Workspace, name: str, selector: str, rules, variant: str, rule:
     ``rules``: one :class:`~isg.select.SelectionRule` for every slide, or a dict slide_id -> rule (then ``rule``
     says it in words).
     """
-    from isg.pipeline.extract import encoder_attrs
-
-    extractor, features, scores = ws.extractor(variant), ws.features(variant), ws.scores(selector)
-    keeps, fallback = {}, 0
-    for slide_id in ws.slide_ids:
-        keeps[slide_id], fell_back = _keep(scores[slide_id], rules[slide_id] if isinstance(rules, dict) else rules, slide_id)
-        fallback += fell_back
-    coords_attrs = {**ws.preprocess_attrs(), "selector": selector}
-    attrs = {"coords": coords_attrs, "features": encoder_attrs(extractor.global_ae, "global"),
-             "local_features": encoder_attrs(extractor.local_ae, "local")}
-    folder = bag_folder(ws, name, f"isg {variant}", keeps)
-    write_row_bags(ws, folder, features, keeps, attrs)
+    extractor = ws.extractor(variant)
+    folder, kept, fallback, keeps = _write_bags(ws, name, f"isg {variant}", ws.features(variant), ws.scores(selector), selector, rules)
     under, signal = _known_answers(ws, keeps)
-    return Bags(folder, selector, rule or rule_text(rules), extractor.label, [int(k.sum()) for k in keeps.values()], fallback,
-                under_floor=under, signal=signal)
+    return Bags(folder, selector, rule or rule_text(rules), extractor.label, kept, fallback, under_floor=under, signal=signal)
 
 
 def he2rna_bags(ws: Workspace, name: str, rule=None) -> Bags:
     """HE2RNA's ResNet features of every Otsu tissue tile (``rule`` None) or of the tiles ``rule`` keeps on their Shannon scores."""
+    from isg.select import SelectionRule
+
     he2rna = ws.he2rna()
-    keeps, fallback = {}, 0
-    for slide_id, slide in he2rna["slides"].items():
-        if rule is None:
-            keeps[slide_id] = np.ones(len(slide["scores"]), bool)
-        else:
-            keeps[slide_id], fell_back = _keep(slide["scores"], rule, slide_id)
-            fallback += fell_back
-    folder = bag_folder(ws, name, f"he2rna {he2rna['label']}", keeps)
-    write_row_bags(ws, folder, he2rna["slides"], keeps, {"features": {"encoder": he2rna["label"]}})
+    slides = he2rna["slides"]
+    rules = rule if rule is not None else {s: SelectionRule("topk", k=patches.n_tissue) for s, patches in slides.items()}
+    scores = {s: patches.scores for s, patches in slides.items()}
+    folder, kept, fallback, _ = _write_bags(ws, name, f"he2rna {he2rna['label']}", slides, scores, "shannon", rules)
     return Bags(folder, "otsu (tissue >= 50 %)" if rule is None else "shannon", "every tissue tile" if rule is None else rule_text(rule),
-                he2rna["label"], [int(k.sum()) for k in keeps.values()], fallback)
+                he2rna["label"], kept, fallback)
 
 
 def fold_clean_bags(ws: Workspace, name: str, training_ids: list[list[str]], variant: str) -> Bags:
     """Per fold k: the cohort cut (mean + 1 sigma of the training slides' Shannon scores) and the autoencoders fitted on
     ``training_ids[k]`` only, applied to every slide; fold k of the cross-validation reads ``fold_dirs[k]``."""
-    from isg.pipeline.extract import encoder_attrs
     from isg.select import SelectionRule
 
     scores, dirs, kept, fallback, cuts, label = ws.scores("shannon"), [], [], 0, [], ""
     for k, ids in enumerate(training_ids):
         extractor, features, cut = ws.fold_clean(k, ids, variant)
-        keeps = {}
-        for slide_id in ws.slide_ids:
-            keeps[slide_id], fell_back = _keep(scores[slide_id], SelectionRule("cohort", threshold=cut), slide_id)
-            fallback += fell_back
-        attrs = {"coords": {**ws.preprocess_attrs(), "selector": "shannon", "rule": "cohort", "threshold": cut},
-                 "features": encoder_attrs(extractor.global_ae, "global"), "local_features": encoder_attrs(extractor.local_ae, "local")}
-        folder = bag_folder(ws, name, f"fold-clean {variant} fold {k} of {len(training_ids)}: {sorted(ids)}", keeps)
-        write_row_bags(ws, folder, features, keeps, attrs)
+        source = f"fold-clean {variant} fold {k} of {len(training_ids)}: {sorted(ids)}"
+        folder, fold_kept, fold_fallback, _ = _write_bags(ws, name, source, features, scores, "shannon",
+                                                          SelectionRule("cohort", threshold=cut))
         dirs.append(folder)
-        kept += [int(k.sum()) for k in keeps.values()]
+        kept, fallback, label = kept + fold_kept, fallback + fold_fallback, extractor.label
         cuts.append(cut)
-        label = extractor.label
     cut_text = ", ".join(f"{c:.3g}" for c in cuts)
     return Bags(dirs[0], "shannon", f"cohort cut per fold ({cut_text} bits)", f"{label}, per fold", kept, fallback,
                 float(np.mean(cuts)), dirs)
@@ -247,4 +240,4 @@ def skipped_row(name: str, reason: str, **fields) -> dict:
     return {"name": name, "note": reason, "skipped": True, **fields}
 
 
-__all__ = ["Bags", "RowSpec", "fold_clean_bags", "he2rna_bags", "isg_bags", "rule_text", "skipped_row", "slug", "train_row", "write_row_bags"]
+__all__ = ["Bags", "RowSpec", "bag_folder", "fold_clean_bags", "he2rna_bags", "isg_bags", "rule_text", "skipped_row", "slug", "train_row"]

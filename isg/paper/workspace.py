@@ -118,8 +118,7 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_cache()
         self.seconds: dict[str, float] = {}
-        self._scores: dict[str, dict[str, np.ndarray]] = {}
-        self._coords: dict[str, np.ndarray] = {}
+        self._patches: dict[str, dict] = {}
         self._extractors: dict[str, Extractor] = {}
         self._features: dict[str, dict[str, dict]] = {}
         self._he2rna: dict | None = None
@@ -170,29 +169,32 @@ class Workspace:
             self._timed(f"preprocess {selector}", started)
         return files
 
+    def patches(self, selector: str = "shannon") -> dict:
+        """Per slide the :class:`~isg.data.patch_file.SlidePatches` of ``selector``'s preprocess (every tissue patch
+        scored and kept; features left unread)."""
+        from isg.data.patch_file import read_patch_file
+
+        if selector not in self._patches:
+            self._patches[selector] = {path.stem: read_patch_file(path, features=False) for path in self.patch_files(selector)}
+        return self._patches[selector]
+
     def coords(self) -> dict[str, np.ndarray]:
         """Level-0 coords [N, 2] of every tissue patch per slide (the Shannon grid every selector shares)."""
-        from isg.features.patches import read_patch_info
-
-        if not self._coords:
-            self._coords = {path.stem: read_patch_info(path).coords for path in self.patch_files("shannon")}
-        return self._coords
+        return {slide_id: patches.tissue_coords for slide_id, patches in self.patches("shannon").items()}
 
     def scores(self, selector: str) -> dict[str, np.ndarray]:
         """``selector``'s scores float64 [N] per slide, aligned with :meth:`coords`."""
-        from isg.features.patches import read_patch_info
-        from isg.select.stored import read_scores
+        reference, scores = self.coords(), {}
+        for slide_id, patches in self.patches(selector).items():
+            if not np.array_equal(patches.tissue_coords, reference[slide_id]):
+                raise RuntimeError(f"{self.root / 'patches' / selector / slide_id}.h5: the {selector} tissue grid differs from "
+                                   "the Shannon one (same slide, same options)")
+            scores[slide_id] = patches.scores
+        return scores
 
-        if selector not in self._scores:
-            reference = self.coords()
-            scores = {}
-            for path in self.patch_files(selector):
-                coords = read_patch_info(path).coords
-                if not np.array_equal(coords, reference[path.stem]):
-                    raise RuntimeError(f"{path}: the {selector} tissue grid differs from the Shannon one (same slide, same options)")
-                scores[path.stem] = read_scores(path)[0]
-            self._scores[selector] = scores
-        return self._scores[selector]
+    def patch_size_level0(self) -> int:
+        """The global patch side in level-0 pixels (where the signal masks are read)."""
+        return int(next(iter(self.patches("shannon").values())).geometry.patch_size_level0)
 
     def signal_fraction(self) -> dict[str, np.ndarray] | None:
         """Per slide, the share of each tissue patch [N] (order of :meth:`coords`) inside the synthetic cohort's
@@ -202,16 +204,9 @@ class Workspace:
         if self.cohort.truth_dir is None or not (Path(self.cohort.truth_dir) / SIGNAL_DIR).is_dir():
             return None
         if self._signal is None:
-            truth, attrs = read_signal_truth(self.cohort.truth_dir), self.preprocess_attrs()
-            size = int(attrs.get("level0_patch_size", attrs["patch_size"]))
+            truth, size = read_signal_truth(self.cohort.truth_dir), self.patch_size_level0()
             self._signal = {s: truth[s].patch_fraction(coords, size) for s, coords in self.coords().items()}
         return self._signal
-
-    def preprocess_attrs(self) -> dict:
-        """The ``coords`` attrs of the shared preprocess (patch_size, local_size, mpp, ...): what bags record."""
-        from isg.select.stored import read_scores
-
-        return dict(read_scores(self.patch_files("shannon")[0])[1])
 
     # ------------------------------------------------------------------ extractors and features
 
@@ -265,37 +260,36 @@ class Workspace:
             raise RuntimeError(f"feature extraction failed on {len(failed)} slide(s): {failed[0].h5_path}: {failed[0].error}")
         return folder
 
-    def features(self, variant: str) -> dict[str, dict[str, np.ndarray]]:
-        """Per slide ``features`` [N, d], ``local_features`` [N, S, S, d], ``coords`` [N, 2] of every tissue patch."""
+    def features(self, variant: str) -> dict:
+        """Per slide the Shannon patches (every tissue patch selected) with ``variant``'s features:
+        :class:`~isg.data.patch_file.SlidePatches` with ``features`` [N, d] and ``local_features`` [N, S, S, d]."""
         if variant not in self._features:
             extractor = self.extractor(variant)
             started = time.perf_counter()
             folder = self._extract(extractor, self.root / "features" / variant, self.slide_ids)
-            self._features[variant] = self._read_bags(folder, self.slide_ids)
+            self._features[variant] = self._read_features(folder)
             self._timed(f"features {variant}", started)
         return self._features[variant]
 
-    def _read_bags(self, folder: Path, ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
-        from isg.data import BagDataset
+    def _read_features(self, folder: Path) -> dict:
+        from isg.data.patch_file import read_patch_file
 
         out = {}
-        dataset = BagDataset([folder / f"{s}.h5" for s in ids], local=True)
-        for i, slide_id in enumerate(ids):
-            bag = dataset[i]
-            out[slide_id] = {key: bag[key].numpy() for key in ("features", "local_features", "coords")}
-            if not np.array_equal(out[slide_id]["coords"], self.coords()[slide_id]):
-                raise RuntimeError(f"{folder / slide_id}.h5: features out of the shared grid order")
+        for slide_id in self.slide_ids:
+            out[slide_id] = read_patch_file(folder / f"{slide_id}.h5")
+            if not (np.array_equal(out[slide_id].tissue_coords, self.coords()[slide_id]) and out[slide_id].selected.all()):
+                raise RuntimeError(f"{folder / slide_id}.h5: not the shared grid with every patch selected")
         return out
 
     # ------------------------------------------------------------------ HE2RNA
 
     def he2rna(self) -> dict:
-        """``{"label", "slides": {slide_id: {"features" [N, F], "coords" [N, 2], "scores" [N] (Shannon)}}}``."""
+        """``{"label", "slides": {slide_id: SlidePatches}}``: HE2RNA's tissue tiles (every one selected) with their
+        ResNet ``features`` [N, F] and Shannon ``scores`` [N] (the tiles as the ResNet sees them)."""
         from isg.baselines import cached_weights, load_resnet50
-        from isg.data import BagDataset, write_bag
+        from isg.data.patch_file import SlidePatches, read_patch_file, write_patch_file
         from isg.io import open_slide
         from isg.pipeline.he2rna import he2rna_slide_features, he2rna_tile_grid, he2rna_tile_scores
-        from isg.utils import atomic_path
 
         if self._he2rna is not None:
             return self._he2rna
@@ -305,7 +299,7 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         started, backbone = time.perf_counter(), None
         for slide_id, path in zip(self.slide_ids, self.cohort.slides):
-            if (folder / f"{slide_id}.h5").is_file() and (folder / f"{slide_id}.scores.npy").is_file():
+            if (folder / f"{slide_id}.h5").is_file():
                 continue
             if backbone is None:
                 torch.manual_seed(0)  # a random ResNet is the same one on every run
@@ -318,24 +312,18 @@ class Workspace:
                 scores = he2rna_tile_scores(slide, grid)
             if not np.array_equal(coords, grid.coords):
                 raise RuntimeError(f"{path}: HE2RNA tiles out of grid order")
-            with atomic_path(folder / f"{slide_id}.scores.npy") as tmp, open(tmp, "wb") as file:
-                np.save(file, scores)
-            write_bag(folder / f"{slide_id}.h5", {"features": features.numpy(), "coords": coords},
-                      {"features": {"encoder": label, "extractor_size": label}})
-        dataset = BagDataset([folder / f"{s}.h5" for s in self.slide_ids], local=False)
-        slides = {}
-        for i, slide_id in enumerate(self.slide_ids):
-            bag = dataset[i]
-            slides[slide_id] = {"features": bag["features"].numpy(), "coords": bag["coords"].numpy(),
-                                "scores": np.load(folder / f"{slide_id}.scores.npy")}
-        self._he2rna = {"label": label, "slides": slides}
+            tiles = SlidePatches(slide_id, str(path), None, coords, scores, np.ones(len(coords), bool),
+                                 options={"selector": "shannon", "tiles": "HE2RNA: Otsu tissue >= 50 %, 224 px at 0.5 um/px"},
+                                 features=features.numpy(), feature_attrs={"encoder": label, "extractor_size": label})
+            write_patch_file(folder / f"{slide_id}.h5", tiles)
+        self._he2rna = {"label": label, "slides": {s: read_patch_file(folder / f"{s}.h5") for s in self.slide_ids}}
         if backbone is not None:
             self._timed("HE2RNA features", started)
         return self._he2rna
 
     # ------------------------------------------------------------------ fold-clean
 
-    def fold_clean(self, k: int, training_ids: list[str], variant: str) -> tuple[Extractor, dict[str, dict[str, np.ndarray]], float]:
+    def fold_clean(self, k: int, training_ids: list[str], variant: str) -> tuple[Extractor, dict, float]:
         """Fold ``k``'s extractor and features of every slide, and the cohort cut (mean + 1 sigma in bits), all
         fitted on ``training_ids`` only."""
         from isg.select import cohort_threshold
@@ -349,7 +337,7 @@ class Workspace:
         record = {"fold": k, "training_slides": sorted(training_ids), "cut_bits": cut, "objective": extractor.objective}
         (root / "fold.json").write_text(json.dumps(record, indent=1))
         self._timed(f"fold-clean fold {k}", started)
-        return extractor, self._read_bags(folder, self.slide_ids), cut
+        return extractor, self._read_features(folder), cut
 
 
 __all__ = ["Cohort", "Extractor", "SELECTORS", "VARIANTS", "Workspace", "builtin_cohort", "main_variant", "user_cohort"]

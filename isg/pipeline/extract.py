@@ -1,23 +1,23 @@
 """``isg extract`` (wiring only): autoencoder features of the selected patches of each slide.
 
-For every selected global patch (``coords`` of the slide's .h5, p pixels at ``patch_level``):
+For every selected global patch (``coords`` of the slide's patch file, p pixels at ``patch_level``):
 
 * ``features`` float32 [M, d_g]: the global encoder on the patch resized to its resolution
   (CLAM/TRIDENT-style dataset next to ``coords``, same order);
 * ``local_features`` float16 [M, S, S, d_l]: the local encoder on each q-pixel sub-patch
   (S = p / q, [m, i, j] = rows i*q.., cols j*q..), resized to its resolution.
 
-The .h5 is updated atomically (copied to a temp file, datasets added, renamed over the
-original); slides that already have both datasets are skipped unless ``overwrite``.
+:func:`encode_patches` adds them to a :class:`~isg.data.patch_file.SlidePatches` in memory (``isg predict``);
+:func:`extract_slide` reads a patch file, encodes, and writes it back atomically through
+:mod:`isg.data.patch_file` (a failure leaves the file as it was); slides that already have both datasets
+are skipped unless ``overwrite``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from isg.data.patch_file import SlidePatches, read_patch_file, write_patch_file
 from isg.features.autoencoder import Autoencoder, tiles_to_input
-from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
+from isg.features.patches import open_patch_slide, split_local
 from isg.io import BATCH_SIZE, NUM_WORKERS
 from isg.pipeline.cohort import DONE, FAILED, SKIPPED, run_cohort
-from isg.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,6 @@ def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int = 
     return torch.cat(out) if out else torch.zeros(0, ae.d)
 
 
-def _has_features(h5_path: Path, local: bool) -> bool:
-    import h5py
-
-    with h5py.File(h5_path, "r") as f:
-        return "features" in f and (not local or "local_features" in f)
-
-
 def encoder_attrs(ae: Autoencoder, role: str) -> dict:
     """Attrs of a ``features`` / ``local_features`` dataset: which encoder made it and what it was trained with
     (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record)."""
@@ -84,6 +77,72 @@ def encoder_attrs(ae: Autoencoder, role: str) -> dict:
     return attrs
 
 
+def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Autoencoder | None, *,
+                   slide_path: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE,
+                   device: str | torch.device = "cpu", num_workers: int = NUM_WORKERS, backend: str = "auto",
+                   amp: bool = False, tiles: dict | None = None) -> tuple[SlidePatches, int]:
+    """``patches`` with ``features`` (and ``local_features`` unless ``local_ae`` is None) of their selected
+    patches, and the number of patches read from the slide.
+
+    ``slide_path`` overrides the recorded slide; ``amp``: bfloat16 encoders on CUDA. ``tiles``: patches
+    already in memory, uint8 [p, p, 3] keyed by level-0 ``(x, y)`` (``isg predict`` keeps them from the
+    scoring pass); only the selected patches missing there are read from the slide.
+    """
+    geometry = patches.geometry
+    if geometry is None:
+        raise ValueError(f"patch file {patches.slide_id}: 'coords' lacks its geometry attrs (patch_size, patch_level)")
+    s = geometry.grid if local_ae is not None else 1  # checks that q divides p
+    coords = patches.coords  # [M, 2]
+    device = torch.device(device)
+    global_ae = global_ae.to(device).eval()
+    local_ae = local_ae.to(device).eval() if local_ae is not None else None
+    m, p, q = len(coords), geometry.patch_size, geometry.local_size
+    features = np.zeros((m, global_ae.d), np.float32)  # [M, d_g]
+    local = np.zeros((m, s, s, local_ae.d), np.float16) if local_ae is not None else None  # [M, S, S, d_l]
+    missing = coords if tiles is None else np.asarray([c for c in coords if (int(c[0]), int(c[1])) not in tiles],
+                                                      np.int64).reshape(-1, 2)
+    offset = 0
+    for batch_coords, batch in _patch_batches(patches, coords, missing, tiles, slide_path, backend, batch_size, device,
+                                              num_workers):  # [b, 2], uint8 [b, p, p, 3]
+        b = len(batch_coords)
+        if not np.array_equal(batch_coords, coords[offset:offset + b]):
+            raise RuntimeError(f"patch file {patches.slide_id}: tile reader returned patches out of order at {offset}")
+        features[offset:offset + b] = encode_tiles(global_ae, batch, device, amp=amp).numpy()
+        if local_ae is not None:
+            subs = split_local(batch, q).reshape(b * s * s, q, q, 3)
+            local[offset:offset + b] = encode_tiles(local_ae, subs, device, amp=amp).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
+        offset += b
+    if offset != m:
+        raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {m} patches of {p} px")
+    local_attrs = encoder_attrs(local_ae, "local") if local_ae is not None else None
+    return patches.with_features(features, encoder_attrs(global_ae, "global"), local, local_attrs), len(missing)
+
+
+def _patch_batches(patches: SlidePatches, coords: np.ndarray, missing: np.ndarray, tiles: dict | None, slide_path,
+                   backend: str, batch_size: int, device, num_workers: int):
+    """``(coords [b, 2], uint8 [b, p, p, 3])`` batches of the selected patches in ``coords`` order: from the
+    slide (``tiles`` None), or from ``tiles`` after reading the ``missing`` ones."""
+    from isg.io import iter_tiles
+
+    g = patches.geometry
+    if tiles is None:
+        if not len(coords):
+            return
+        with open_patch_slide(patches, backend, slide_path) as slide:
+            yield from iter_tiles(slide, coords, g.patch_size, level=g.patch_level, batch_size=batch_size, device=device,
+                                  num_workers=num_workers)
+        return
+    if len(missing):
+        tiles = dict(tiles)
+        with open_patch_slide(patches, backend, slide_path) as slide:
+            for xy, batch in iter_tiles(slide, missing, g.patch_size, level=g.patch_level, batch_size=batch_size,
+                                        device="cpu", num_workers=num_workers):
+                tiles.update(((int(x), int(y)), tile.clone()) for (x, y), tile in zip(xy, batch))
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i:i + batch_size]
+        yield chunk, torch.stack([tiles[(int(x), int(y))] for x, y in chunk]).to(device)
+
+
 def extract_slide(
     h5_path: str | os.PathLike,
     slide_path: str | os.PathLike | None,
@@ -95,78 +154,21 @@ def extract_slide(
     overwrite: bool = False,
     backend: str = "auto",
     amp: bool = False,
-    tiles: dict | None = None,
 ) -> ExtractResult:
-    """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into ``h5_path``.
+    """Write ``features`` (and ``local_features`` unless ``local_ae`` is None) into the patch file ``h5_path``.
 
-    ``slide_path`` None takes the slide from the .h5 root attr ``slide_path``; ``amp``: bfloat16 encoders on CUDA.
-    ``tiles``: patches already in memory, uint8 [p, p, 3] keyed by level-0 ``(x, y)`` (``isg predict`` keeps
-    them from the scoring pass); only the selected patches missing there are read from the slide.
-    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED, ``n_read`` patches read); errors raise.
+    ``slide_path`` None takes the slide recorded in the file; ``amp``: bfloat16 encoders on CUDA.
+    Returns an :class:`ExtractResult` (WRITTEN or SKIPPED); errors raise and leave the file as it was.
     """
     h5_path = Path(h5_path)
     start = time.perf_counter()
-    info = read_patch_info(h5_path, slide_path)
-    if not overwrite and _has_features(h5_path, local_ae is not None):
-        return ExtractResult(str(h5_path), SKIPPED, len(info.coords))
-    device = torch.device(device)
-    global_ae = global_ae.to(device).eval()
-    local_ae = local_ae.to(device).eval() if local_ae is not None else None
-    m, s = len(info.coords), info.grid
-    features = np.zeros((m, global_ae.d), np.float32)  # [M, d_g]
-    local = np.zeros((m, s, s, local_ae.d), np.float16) if local_ae is not None else None  # [M, S, S, d_l]
-    offset, n_read = 0, 0
-    with contextlib.ExitStack() as stack:
-        if tiles is None:
-            slide = stack.enter_context(open_patch_slide(info, backend)) if m else None
-            batches = iter_patches(slide, info.coords, info.patch_size, info.patch_level, batch_size, device, num_workers) if m else ()
-            n_read = m
-        else:
-            missing = np.asarray([c for c in info.coords if (int(c[0]), int(c[1])) not in tiles], np.int64).reshape(-1, 2)
-            if len(missing):
-                tiles = dict(tiles)
-                with open_patch_slide(info, backend) as slide:
-                    for coords, batch in iter_patches(slide, missing, info.patch_size, info.patch_level, batch_size, "cpu", num_workers):
-                        tiles.update(((int(x), int(y)), tile.clone()) for (x, y), tile in zip(coords, batch))
-            n_read = len(missing)
-            batches = _batches_in_memory(info.coords, tiles, batch_size, device)
-        for coords, batch in batches:  # [b, 2], uint8 [b, p, p, 3]
-            b = len(coords)
-            if not np.array_equal(coords, info.coords[offset:offset + b]):
-                raise RuntimeError(f"{h5_path}: tile reader returned patches out of order at {offset}")
-            features[offset:offset + b] = encode_tiles(global_ae, batch, device, amp=amp).numpy()
-            if local_ae is not None:
-                subs = split_local(batch, info.local_size).reshape(b * s * s, info.local_size, info.local_size, 3)
-                local[offset:offset + b] = encode_tiles(local_ae, subs, device, amp=amp).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
-            offset += b
-    if offset != m:
-        raise RuntimeError(f"{h5_path}: read {offset} of {m} patches")
-    _write_features(h5_path, features, local, encoder_attrs(global_ae, "global"), encoder_attrs(local_ae, "local") if local_ae is not None else None)
-    return ExtractResult(str(h5_path), WRITTEN, m, time.perf_counter() - start, n_read=n_read)
-
-
-def _batches_in_memory(coords: np.ndarray, tiles: dict, batch_size: int, device):
-    """``(coords [b, 2], uint8 [b, p, p, 3])`` batches of in-memory tiles, in ``coords`` order."""
-    for i in range(0, len(coords), batch_size):
-        chunk = coords[i:i + batch_size]
-        yield chunk, torch.stack([tiles[(int(x), int(y))] for x, y in chunk]).to(device)
-
-
-def _write_features(h5_path: Path, features: np.ndarray, local: np.ndarray | None, global_attrs: dict, local_attrs: dict | None) -> None:
-    """Add/replace the feature datasets on a temp copy of ``h5_path`` and rename it over the original."""
-    import h5py
-
-    with atomic_path(h5_path) as tmp:
-        shutil.copy2(h5_path, tmp)
-        with h5py.File(tmp, "a") as f:
-            for name, data, attrs in (("features", features, global_attrs), ("local_features", local, local_attrs)):
-                if data is None:
-                    continue
-                if name in f:
-                    del f[name]
-                chunks = (min(len(data), 256), *data.shape[1:]) if len(data) else None
-                dset = f.create_dataset(name, data=data, chunks=chunks)
-                dset.attrs.update(attrs)
+    patches = read_patch_file(h5_path)
+    if not overwrite and patches.has_features(local_ae is not None):
+        return ExtractResult(str(h5_path), SKIPPED, patches.n_selected)
+    patches, n_read = encode_patches(patches, global_ae, local_ae, slide_path=slide_path, batch_size=batch_size,
+                                     device=device, num_workers=num_workers, backend=backend, amp=amp)
+    write_patch_file(h5_path, patches)
+    return ExtractResult(str(h5_path), WRITTEN, patches.n_selected, time.perf_counter() - start, n_read=n_read)
 
 
 def extract_cohort(
@@ -197,7 +199,7 @@ def extract_cohort(
 
     def has_features(h5_path: Path) -> bool:
         try:
-            return _has_features(h5_path, local_ae is not None)
+            return read_patch_file(h5_path, features=False).has_features(local_ae is not None)
         except (OSError, ValueError):  # absent or not HDF5: processing it reports the problem
             return False
 

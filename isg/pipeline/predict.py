@@ -2,17 +2,19 @@
 
 A :class:`Predictor` bundles what a trained run needs on new slides: the fold
 models of ``isg train`` (averaged as an ensemble), the global/local
-autoencoders and the preprocessing options the training features were made
-with (``<train_dir>/pipeline.json``). Per slide, :func:`predict_slide`
+autoencoders and the preprocessing options and selection rule the training
+features were made with (``<train_dir>/pipeline.json``, copied from the patch
+files: :func:`new_slide_options`). Per slide, :func:`predict_slide`
 
-1. preprocesses it into ``<work_dir>/<slide_id>.h5`` (tissue grid, Shannon
-   scores, selection; kept when already there: cached features are reused),
-2. writes autoencoder features of the selected patches into that .h5 (skipped
-   when present),
-3. predicts with every fold model and averages,
+1. preprocesses it (tissue grid, scores, selection) into a
+   :class:`~isg.data.patch_file.SlidePatches` in memory (or reads the patch file
+   ``<work_dir>/<slide_id>.h5`` a previous run left: cached features are reused),
+2. encodes the selected patches (autoencoder features),
+3. writes the patch file once, patches and features together (and the selection PNG),
+4. predicts with every fold model on the bag made in memory and averages,
 
-and reports seconds per stage: ``read`` (open, tissue grid, tile decoding),
-``select`` (scoring + rule), ``features`` (encoders), ``predict``. Each tissue
+and reports seconds per stage: ``read`` (open, tissue grid, tile decoding, the
+write), ``select`` (scoring + rule), ``features`` (encoders), ``predict``. Each tissue
 patch is read once: while scoring, the best-scored tiles are kept in memory
 (:class:`TileKeeper`, bounded by ``Predictor.tile_memory_mb``) and the selected
 ones are encoded from there (the selection keeps the top of the score order, so
@@ -23,7 +25,7 @@ rerun resumes, a bad slide is reported and skipped) and writes
 ``predictions.csv`` (per gene the fold-ensemble mean and, in ``<gene>_std``, the
 standard deviation across the fold models: their disagreement), ``timings.csv``
 and, on request, per-patch expression heatmaps and fusion attention maps
-(:func:`explain_slide`).
+(:func:`explain_slide`, on the patches and thumbnail already in memory).
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from isg.utils import atomic_path, write_text_atomic
-from isg.data.bags import BagDataset, collate_bags
+from isg.data.bags import bag_arrays, collate_bags, to_bag
 from isg.data.manifest import slide_id_of
+from isg.data.patch_file import SlidePatches, is_complete, read_patch_file
 from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.utils import atomic_path, write_text_atomic
 
 STAGES = ("read", "select", "features", "predict")
-HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail
+HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail when the slide is read again for it
 STD_SUFFIX = "_std"  # column of the std across fold models, beside each prediction
 
 
@@ -55,7 +58,7 @@ class Predictor:
     models: list  # [isg.model.SlideModel]
     global_ae: torch.nn.Module
     local_ae: torch.nn.Module | None
-    preprocess: dict = field(default_factory=dict)  # keyword arguments of preprocess_slide
+    preprocess: dict = field(default_factory=dict)  # keyword arguments of preprocess (rule: a SelectionRule)
     device: str = "cpu"
     batch_size: int = BATCH_SIZE
     num_workers: int = NUM_WORKERS
@@ -88,33 +91,36 @@ class Predictor:
         for path in (global_ae, local_ae):
             if path and not Path(path).is_file():
                 raise FileNotFoundError(f"autoencoder checkpoint {path}: no such file")
-        options = {**preprocess_options(pipeline.get("preprocess", {})), **preprocess}
+        options = {**new_slide_options(pipeline), **preprocess}
         return cls(models, load_autoencoder(global_ae, device), load_autoencoder(local_ae, device) if models[0].uses_local else None,
                    options, device)
 
 
-def preprocess_options(attrs: dict) -> dict:
-    """preprocess_slide keyword arguments that reproduce the patches described by an h5 ``coords`` attrs dict."""
+def new_slide_options(pipeline: dict) -> dict:
+    """Preprocess keyword arguments that make new slides' patches as the training ones were: the options and
+    rule serialised in the patch files (copied into ``pipeline.json`` by ``isg train``), read at the training
+    read level's mpp when it is known. A ``pipeline.json`` of an earlier isg holds schema 1's loose attrs."""
+    from isg.data.patch_file import schema1_options
+    from isg.pipeline.preprocess import OPTION_NAMES
     from isg.select import SelectionRule
 
-    options = {}
-    for key in ("patch_size", "local_size", "selector", "tissue_min"):
-        if key in attrs:
-            options[key] = attrs[key]
-    if "mpp" in attrs:
-        options["mpp"] = float(attrs["mpp"])
-    if "rule" in attrs:
-        rule = {"rule": str(attrs["rule"]), "n_sigma": float(attrs.get("n_sigma", SelectionRule.n_sigma))}
-        if attrs["rule"] in ("threshold", "cohort") and not math.isnan(float(attrs.get("threshold", math.nan))):
-            rule["threshold"] = float(attrs["threshold"])  # the training cohort's absolute threshold in bits
-        if attrs["rule"] == "topk" and int(attrs.get("k", -1)) > 0:
-            rule["k"] = int(attrs["k"])
-        options["rule"] = SelectionRule(**rule)
+    stored = pipeline.get("preprocess", {})
+    if "patch_file_schema" in pipeline:
+        options, rule = {k: v for k, v in stored.items() if k != "rule"}, stored.get("rule")
+        mpp = pipeline.get("geometry", {}).get("mpp")
+    else:
+        options, rule, _ = schema1_options(stored)
+        mpp = stored.get("mpp")
+    options = {k: v for k, v in options.items() if k in OPTION_NAMES}
+    if rule is not None:
+        options["rule"] = SelectionRule.from_dict(rule)  # e.g. the training cohort's frozen cut
+    if mpp is not None and math.isfinite(float(mpp)) and float(mpp) > 0:
+        options.update(mpp=float(mpp), level=None)  # the resolution the training patches were read at
     return options
 
 
 class TileKeeper:
-    """``on_tiles`` hook of :func:`isg.pipeline.preprocess.preprocess_slide`: keeps the best-scored tiles.
+    """``on_tiles`` hook of :func:`isg.pipeline.preprocess.preprocess_patches`: keeps the best-scored tiles.
 
     Keeps copies of the highest-scored tiles within ``max_bytes`` (a min-heap on score evicts the
     lowest). Every selection rule keeps the top of the score order, so the selected patches are the
@@ -147,46 +153,63 @@ class TileKeeper:
                 self.bytes -= gone.numel() * gone.element_size()
 
 
+@dataclass
+class SlidePrediction:
+    """One slide through :func:`predict_one`: its prediction, stage seconds, patches and the bag the models read."""
+
+    prediction: pd.Series  # outputs, then <output>_std
+    timings: dict
+    patches: SlidePatches
+    batch: dict  # collated one-slide bag
+
+
+def predict_one(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
+                tile_progress: bool = False) -> SlidePrediction:
+    """Preprocess (or reuse ``<work_dir>/<slide_id>.h5``), encode, write the patch file once, predict; see the module."""
+    from isg.pipeline.extract import encode_patches
+    from isg.pipeline.preprocess import preprocess_patches, write_outputs
+
+    slide_path, work_dir = Path(slide_path), Path(work_dir)
+    h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
+    local = predictor.local_ae is not None
+    timings = dict.fromkeys(STAGES, 0.0)
+    keeper, fresh = None, not is_complete(h5_path)
+    if fresh:
+        keeper = TileKeeper(predictor.tile_memory_mb * 2**20)
+        patches, stats = preprocess_patches(slide_path, device=predictor.device, batch_size=predictor.batch_size,
+                                            num_workers=predictor.num_workers, on_tiles=keeper, progress=tile_progress,
+                                            **predictor.preprocess)
+        timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read"))
+        timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
+    else:
+        patches = read_patch_file(h5_path)
+    timings["n_reread"] = 0  # patches read a second time
+    start = time.perf_counter()
+    if not patches.has_features(local):
+        patches, timings["n_reread"] = encode_patches(
+            patches, predictor.global_ae, predictor.local_ae, slide_path=slide_path, batch_size=predictor.batch_size,
+            device=predictor.device, num_workers=predictor.num_workers, tiles=keeper.tiles if keeper is not None else None)
+        timings["features"] = time.perf_counter() - start
+        start = time.perf_counter()
+        write_outputs(work_dir, patches, thumbnail=fresh)  # the one write: patches, features (and the PNG)
+        timings["read"] += time.perf_counter() - start
+    del keeper
+    start = time.perf_counter()
+    batch = collate_bags([to_bag(bag_arrays(patches, local, where=str(h5_path)), patches.slide_id)])
+    folds = pd.concat([model.predict(batch) for model in predictor.models])  # [folds, outputs]
+    prediction = pd.concat([folds.mean(axis=0), folds.std(axis=0, ddof=0).add_suffix(STD_SUFFIX)])  # ensemble of folds
+    timings["predict"] = time.perf_counter() - start
+    timings["n_patches"], timings["n_tissue"] = patches.n_selected, patches.n_tissue
+    timings["total"] = sum(timings[k] for k in STAGES)
+    return SlidePrediction(prediction, timings, patches, batch)
+
+
 def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
                   tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
     and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
-    from isg.pipeline.extract import WRITTEN, extract_slide
-    from isg.pipeline.preprocess import h5_complete, preprocess_slide
-
-    slide_path, work_dir = Path(slide_path), Path(work_dir)
-    h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
-    timings = dict.fromkeys(STAGES, 0.0)
-    keeper = None
-    if not h5_complete(h5_path):
-        keeper = TileKeeper(predictor.tile_memory_mb * 2**20)
-        stats = preprocess_slide(slide_path, work_dir, device=predictor.device, batch_size=predictor.batch_size,
-                                 num_workers=predictor.num_workers, on_tiles=keeper, progress=tile_progress,
-                                 **predictor.preprocess)
-        timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read", "write"))
-        timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
-    start = time.perf_counter()
-    result = extract_slide(h5_path, slide_path, predictor.global_ae, predictor.local_ae, batch_size=predictor.batch_size,
-                           device=predictor.device, num_workers=predictor.num_workers,
-                           tiles=keeper.tiles if keeper is not None else None)
-    del keeper
-    timings["features"] = time.perf_counter() - start
-    timings["n_reread"] = result.n_read if result.status == WRITTEN else 0  # patches read a second time
-    start = time.perf_counter()
-    batch = load_bag(h5_path, predictor)
-    folds = pd.concat([model.predict(batch) for model in predictor.models])  # [folds, outputs]
-    prediction = pd.concat([folds.mean(axis=0), folds.std(axis=0, ddof=0).add_suffix(STD_SUFFIX)])  # ensemble of folds
-    timings["predict"] = time.perf_counter() - start
-    with h5py.File(h5_path, "r") as f:
-        timings["n_patches"] = int(len(f["coords"]))
-        timings["n_tissue"] = int(len(f["all_coords"])) if "all_coords" in f else timings["n_patches"]
-    timings["total"] = sum(timings[k] for k in STAGES)
-    return prediction, timings
-
-
-def load_bag(h5_path: Path, predictor: Predictor) -> dict:
-    """The collated one-slide batch the fold models read."""
-    return collate_bags([BagDataset([h5_path], local=predictor.local_ae is not None)[0]])
+    result = predict_one(slide_path, predictor, work_dir, tile_progress)
+    return result.prediction, result.timings
 
 
 def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike | None = None,
@@ -220,10 +243,12 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
                 and (not attention_maps or (out_dir / "attention" / f"{sid}.h5").is_file()))
 
     def process(slide: Path) -> dict:
-        prediction, timings = predict_slide(slide, predictor, work_dir, tile_progress=progress and workers == 1)
+        result = predict_one(slide, predictor, work_dir, tile_progress=progress and workers == 1)
         if heatmaps or attention_maps:
-            explain_slide(slide, work_dir / f"{slide_id_of(slide)}.h5", predictor, out_dir, heatmaps, attention_maps)
-        record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": prediction.to_dict(), "seconds": timings}
+            explain_slide(slide, result.patches, predictor, out_dir, heatmaps, attention_maps, batch=result.batch)
+        timings = result.timings
+        record = {"slide_id": slide_id_of(slide), "slide_path": str(slide), "prediction": result.prediction.to_dict(),
+                  "seconds": timings}
         write_text_atomic(per_slide / f"{slide_id_of(slide)}.json", json.dumps(record, default=float))
         return {"n_patches": timings["n_patches"], **{f"seconds_{k}": round(timings[k], 4) for k in STAGES}}
 
@@ -282,24 +307,25 @@ def patch_explanations(predictor: Predictor, batch: dict) -> dict:
     return result
 
 
-def explain_slide(slide_path: Path, h5_path: Path, predictor: Predictor, out_dir: Path, genes: list[str],
-                  attention_maps: bool) -> None:
-    """Heatmaps of ``genes`` and/or the fusion attention maps of one slide.
+def explain_slide(slide_path: Path, patches: SlidePatches, predictor: Predictor, out_dir: Path, genes: list[str],
+                  attention_maps: bool, batch: dict | None = None) -> None:
+    """Heatmaps of ``genes`` and/or the fusion attention maps of one slide's ``patches`` (with features).
 
     ``<out_dir>/heatmaps/<slide_id>/patches.csv``: x, y (level-0 top-left), size (level-0 side)
     and, per gene, the ensemble's per-patch value (mean over folds of the head applied to the
-    patch token); ``<gene>.png``: those values over the slide thumbnail.
+    patch token); ``<gene>.png``: those values over the slide thumbnail (the one preprocess made,
+    kept in ``patches``; the slide is read again only for patches loaded from a file).
     ``<out_dir>/attention/<slide_id>.h5``: ``coords`` [N, 2], ``local_gate`` [F, N, fusion blocks, L]
     (A, averaged over channels) and ``global_weights`` [F, N, blocks with a global updater, L] (Z)
-    per fold model (L = S x S local positions, row-major).
+    per fold model (L = S x S local positions, row-major). ``batch``: the collated bag of ``patches``.
     """
     slide_id = slide_id_of(slide_path)
-    batch = load_bag(h5_path, predictor)
+    if batch is None:
+        batch = collate_bags([to_bag(bag_arrays(patches, predictor.local_ae is not None), patches.slide_id)])
     explained = patch_explanations(predictor, batch)
     n = int(batch["mask"][0].sum())
-    with h5py.File(h5_path, "r") as f:
-        coords = f["coords"][:n]  # [N, 2] level-0 (x, y), the bag's order
-        side = int(f["coords"].attrs["level0_patch_size"])
+    coords = patches.coords[:n]  # [N, 2] level-0 (x, y), the bag's order
+    side = patches.geometry.patch_size_level0
     if genes:
         values = explained["patch_values"][:, :n].mean(axis=0)  # [N, outputs]
         column = {name: i for i, name in enumerate(predictor.outputs)}
@@ -310,10 +336,13 @@ def explain_slide(slide_path: Path, h5_path: Path, predictor: Predictor, out_dir
         with atomic_path(folder / "patches.csv") as tmp:
             table.to_csv(tmp, index=False)
         from isg.eval.figures import plot_patch_heatmap
-        from isg.io import open_slide
 
-        with open_slide(slide_path) as slide:
-            thumb, dimensions = slide.thumbnail(HEATMAP_SIZE), slide.dimensions
+        thumb, dimensions = patches.thumbnail, patches.dimensions
+        if thumb is None or dimensions is None:
+            from isg.io import open_slide
+
+            with open_slide(slide_path) as slide:
+                thumb, dimensions = slide.thumbnail(HEATMAP_SIZE), slide.dimensions
         for gene in genes:  # written atomically
             plot_patch_heatmap(folder / f"{_file_name(gene)}.png", thumb, dimensions, coords, side, table[gene].to_numpy(),
                                title=f"{slide_id}: {gene}", label="predicted log10(1 + x) per patch")

@@ -1,29 +1,13 @@
 """Per-slide preprocessing: tissue grid -> tile stream -> information scores -> selection -> ``<slide_id>.h5``.
 
-:func:`preprocess_slide` opens a slide, lays a grid of global patches (``patch_size``
+:func:`preprocess_patches` opens a slide, lays a grid of global patches (``patch_size``
 pixels at the read level) over the tissue found on a low-resolution thumbnail
 (:func:`isg.io.tile_grid`), streams the tiles in batches (:func:`isg.io.iter_tiles`),
 scores each with a selector (:func:`isg.select.get_selector`, Shannon by default),
-keeps the informative ones (:func:`isg.select.select`) and writes, atomically,
-
-``<out>/<slide_id>.h5``
-    ``coords`` int64 [M, 2]   level-0 (x, y) of the selected patches (CLAM/TRIDENT layout), attrs
-                              ``patch_size`` (p, px at the read level), ``patch_level``, ``level0_patch_size``,
-                              ``downsample``, ``level_dim``, ``mpp`` (at the read level), ``local_size`` (q),
-                              ``selector``, ``rule``, ``threshold`` (effective cut, NaN for top-k), ``k``, ``n_sigma``
-    ``all_coords`` int64 [N, 2]  every tissue patch scored; ``scores`` float64 [N]; ``selected`` bool [N]
-    ``damaged_coords`` int64 [D, 2]  tissue patches left out because they touch a damaged tile of the
-                              file (:mod:`isg.io.damage`), with ``damaged_reasons`` [D] (strings)
-    root attrs ``slide_id``, ``slide_path``, ``isg_version``, ``backend``, ``level0_mpp``, ``dimensions``,
-    ``n_damaged``; an unknown mpp (plain images read by level) is recorded as NaN
-
+keeps the informative ones (:func:`isg.select.select`) and returns them in memory as a
+:class:`isg.data.patch_file.SlidePatches`; :func:`preprocess_slide` also writes, atomically,
+``<out>/<slide_id>.h5`` (the patch file, whose layout :mod:`isg.data.patch_file` describes and owns)
 and ``<out>/<slide_id>.png``, a thumbnail with kept patches outlined in green and dropped ones in red.
-
-Local patches are not stored: they are implied by ``coords`` and ``local_size``. The
-selected global patch at level-0 (x, y) holds S x S local patches (S = p / q), local
-patch (i, j) (row i, column j) having its top-left at level 0
-``(x + j * q * downsample, y + i * q * downsample)`` and size q at ``patch_level``
-(:func:`isg.io.local_grid` computes them).
 
 Damaged tiles never reach selection: with ``on_damaged="skip"`` (default) the patches touching them are
 left out, listed and counted (``n_damaged``), and a slide with more than ``max_damaged`` (default 5%)
@@ -31,8 +15,9 @@ of its tissue patches damaged fails with an error naming the file and the count;
 the first one.
 
 Every option is a field of :class:`PreprocessOptions` (the one definition of the defaults, which the
-CLI reads). :func:`preprocess_cohort` runs :func:`preprocess_slide` over many slides with the
-resumable cohort runner (:func:`isg.pipeline.cohort.run_cohort`).
+CLI reads); those that shape the patches are stored in the patch file (:meth:`PreprocessOptions.patch_options`).
+:func:`preprocess_cohort` runs :func:`preprocess_slide` over many slides with the resumable cohort
+runner (:func:`isg.pipeline.cohort.run_cohort`).
 """
 
 from __future__ import annotations
@@ -49,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from isg.data.manifest import slide_id_of
+from isg.data.patch_file import PatchGeometry, SlidePatches, is_complete, write_patch_file
 from isg.pipeline.cohort import run_cohort
 from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
 from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, kept_record, select
@@ -130,7 +116,14 @@ class PreprocessOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
 
 
+    def patch_options(self) -> dict:
+        """The options that shape the patches (JSON-ready; stored in the patch file, reused by ``isg predict``).
+        The rule is stored apart, as applied (:meth:`selection_rule`, with its cut)."""
+        return {name: getattr(self, name) for name in PATCH_OPTIONS}
+
+
 OPTION_NAMES = tuple(field.name for field in dataclasses.fields(PreprocessOptions))
+PATCH_OPTIONS = ("patch_size", "local_size", "mpp", "level", "selector", "tissue_min", "on_damaged", "max_damaged")
 
 
 def check_options(**options) -> None:
@@ -143,20 +136,6 @@ def mask_size(slide, level0_patch_size: float, px_per_patch: int = 8, smallest: 
     [``smallest``, ``largest``] and never above the slide's own size (the mask costs ~ its pixel count)."""
     longest = max(slide.dimensions)
     return int(min(longest, np.clip(math.ceil(px_per_patch * longest / level0_patch_size), smallest, largest)))
-
-
-def h5_complete(path: str | os.PathLike) -> bool:
-    """True for a finished preprocess output (an .h5 that opens and holds ``coords`` and ``selected``)."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            return "coords" in f and "selected" in f and "patch_size" in f["coords"].attrs
-    except OSError:  # not an HDF5 file (foreign or damaged): redo it
-        return False
 
 
 # ----------------------------------------------------------------------------- one slide, step by step
@@ -267,42 +246,69 @@ def select_patches(scores: np.ndarray, rule: SelectionRule, name: str | None = N
     return select(scores, rule, name=name)
 
 
-def write_outputs(slide, slide_path: Path, out_dir: Path, grid: _Grid, coords, scores, selected, cut, damaged,
-                  opts: PreprocessOptions, rule: SelectionRule, kept: dict | None = None) -> None:
-    """Step 5: ``<slide_id>.png`` (optional) and ``<slide_id>.h5``, each written atomically."""
-    import h5py
+def write_outputs(out_dir: Path, patches: SlidePatches, thumbnail: bool = True) -> Path:
+    """Step 5: ``<slide_id>.png`` (when ``thumbnail`` and the patches carry one) and the patch file
+    ``<slide_id>.h5``, each written atomically; returns the patch file's path."""
+    out_dir = Path(out_dir)
+    if thumbnail and patches.thumbnail is not None:
+        with atomic_path(out_dir / f"{patches.slide_id}.png") as tmp:
+            save_selection_thumbnail(tmp, patches.thumbnail, patches.dimensions, patches.tissue_coords, patches.selected,
+                                     patches.geometry.patch_size_level0, damaged=patches.damaged_coords)
+    return write_patch_file(out_dir / f"{patches.slide_id}.h5", patches)
+
+
+def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress: bool, on_tiles) -> SlidePatches:
+    """Steps 1-4 on one slide (see :func:`preprocess_patches`)."""
+    from isg.io import open_slide
 
     import isg
 
-    slide_id = slide_id_of(slide_path)  # the input's name (a DICOM WSI folder opens one of its files)
-    if opts.thumbnail:
+    with open_slide(slide_path, backend=opts.backend, mpp=opts.slide_mpp, max_damaged=opts.max_damaged) as slide:
+        clock.lap("open")
+        grid = tissue_grid(slide, opts)
+        clock.lap("grid")
+        coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
+        check_damaged(slide, damaged, len(grid.coords), opts)
+        rule = opts.selection_rule()
+        selected, cut = select_patches(scores, rule, name=str(slide_path))
+        if not rule.pending:
+            kept_record(selected, name=str(slide_path))  # a warning names a slide under the floor
+        clock.lap("select")
         thumb = grid.thumb
-        if max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
-            thumb = slide.thumbnail(PNG_SIZE)
-        with atomic_path(out_dir / f"{slide_id}.png") as tmp:
-            save_selection_thumbnail(tmp, thumb, slide.dimensions, coords, selected, grid.level0_patch_size,
-                                     damaged=damaged.coords)
-    unknown = math.nan
-    read_mpp = slide.level_mpp(grid.level)
-    with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(slide_id=slide_id, slide_path=str(Path(slide_path).resolve()), isg_version=isg.__version__,
-                       backend=slide.backend, level0_mpp=unknown if slide.mpp is None else slide.mpp,
-                       dimensions=np.asarray(slide.dimensions), n_damaged=len(damaged))
-        dataset = f.create_dataset("coords", data=coords[selected])  # [M, 2]
-        dataset.attrs.update(
-            patch_size=opts.patch_size, patch_level=grid.level, level0_patch_size=grid.level0_patch_size,
-            downsample=np.asarray([grid.downsample, grid.downsample]),
-            level_dim=np.asarray(slide.level_dimensions[grid.level]), mpp=unknown if read_mpp is None else read_mpp,
-            local_size=opts.local_size, selector=opts.selector, rule=rule.rule,
-            threshold=math.nan if cut is None else cut, k=-1 if rule.k is None else rule.k, n_sigma=rule.n_sigma, share=rule.share,
-            tissue_min=opts.tissue_min, name=slide_id, **(kept or {}),
-        )
-        f.create_dataset("all_coords", data=coords)  # [N, 2]
-        f.create_dataset("scores", data=scores)  # [N]
-        f.create_dataset("selected", data=selected)  # [N]
-        f.create_dataset("damaged_coords", data=damaged.coords)  # [D, 2]
-        f.create_dataset("damaged_reasons", data=np.asarray(damaged.reasons, dtype=object),
-                         dtype=h5py.string_dtype())  # [D]
+        if opts.thumbnail and max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
+            thumb = slide.thumbnail(PNG_SIZE)  # the selection PNG (and isg predict's heatmaps) draw on it
+        geometry = PatchGeometry(opts.patch_size, grid.level, grid.level0_patch_size, grid.downsample,
+                                 tuple(int(v) for v in slide.level_dimensions[grid.level]),
+                                 slide.level_mpp(grid.level), opts.local_size)
+        return SlidePatches(
+            slide_id=slide_id_of(slide_path),  # the input's name (a DICOM WSI folder opens one of its files)
+            slide_path=str(Path(slide_path).resolve()), geometry=geometry, tissue_coords=coords, scores=scores,
+            selected=selected, damaged_coords=damaged.coords, damaged_reasons=list(damaged.reasons),
+            options=opts.patch_options(), rule=rule.to_dict(), cut=cut, backend=slide.backend, level0_mpp=slide.mpp,
+            dimensions=tuple(int(v) for v in slide.dimensions), isg_version=isg.__version__,
+            thumbnail=thumb if opts.thumbnail else None)
+
+
+def _stats(patches: SlidePatches, clock: _Clock) -> dict:
+    g = patches.geometry
+    pending = patches.rule is not None and SelectionRule.from_dict(patches.rule).pending
+    kept = {} if pending else kept_record(patches.selected, warn=False)  # kept_fraction, under_floor (summary.json)
+    return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, **kept, "n_damaged": len(patches.damaged_coords),
+            "level": g.patch_level, "mpp": math.nan if g.mpp is None else float(g.mpp), **clock.stats()}
+
+
+def preprocess_patches(slide_path: str | os.PathLike, *, progress: bool = False, on_tiles=None,
+                       **options) -> tuple[SlidePatches, dict]:
+    """One slide's patches in memory (nothing written) and its stats; see :func:`preprocess_slide`.
+
+    The patches carry the display thumbnail (``thumbnail=True``, the default) for the selection PNG and
+    ``isg predict``'s heatmaps.
+    """
+    opts = PreprocessOptions(**options)
+    opts.check()
+    clock = _Clock()
+    patches = _preprocess(slide_path, opts, clock, progress, on_tiles)
+    return patches, _stats(patches, clock)
 
 
 def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False,
@@ -311,10 +317,9 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
 
     ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
     (default 0) or at the level chosen for ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at
-    least as fine, no resampling; the h5 records the actual mpp). ``slide_mpp`` overrides the slide's
+    least as fine, no resampling; the patch file records the actual mpp). ``slide_mpp`` overrides the slide's
     level-0 mpp (for files without it). ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name),
-    None for the selector's natural rule (Shannon: the slide's best 15.87 %, the share the paper's mean + 1 sigma
-    keeps of normal scores; Otsu: tissue
+    None for the selector's natural rule (Shannon: mean + 1 sigma of the slide's scores; Otsu: tissue
     fraction >= 0.5). ``"cohort"`` is the paper's rule: its ``threshold`` is the frozen cohort cut;
     without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
     slide's scores. ``"threshold"`` without a threshold takes the selector's default cut
@@ -325,27 +330,13 @@ def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, 
     ``n_damaged`` (patches left out: they touch damaged tiles), ``level``, ``mpp`` (NaN when unknown) and
     ``seconds_<stage>`` for open, grid, read, score, select, write and total. ``on_tiles``: see :func:`score_patches`.
     """
-    from isg.io import open_slide
-
     opts = PreprocessOptions(**options)
     opts.check()
-    out_dir = Path(out_dir)
     clock = _Clock()
-    with open_slide(slide_path, backend=opts.backend, mpp=opts.slide_mpp, max_damaged=opts.max_damaged) as slide:
-        clock.lap("open")
-        grid = tissue_grid(slide, opts)
-        clock.lap("grid")
-        coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
-        check_damaged(slide, damaged, len(grid.coords), opts)
-        rule = opts.selection_rule()
-        selected, cut = select_patches(scores, rule, name=str(slide_path))
-        kept = {} if rule.pending else kept_record(selected, name=str(slide_path))  # warns under the floor
-        clock.lap("select")
-        write_outputs(slide, Path(slide_path), out_dir, grid, coords, scores, selected, cut, damaged, opts, rule, kept)
-        clock.lap("write")
-        read_mpp = slide.level_mpp(grid.level)
-    return {"n_tissue": int(len(coords)), "n_kept": int(selected.sum()), **kept, "n_damaged": len(damaged), "level": grid.level,
-            "mpp": math.nan if read_mpp is None else float(read_mpp), **clock.stats()}
+    patches = _preprocess(slide_path, opts, clock, progress, on_tiles)
+    write_outputs(Path(out_dir), patches, opts.thumbnail)
+    clock.lap("write")
+    return _stats(patches, clock)
 
 
 def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.ndarray, selected: np.ndarray,
@@ -459,12 +450,12 @@ def preprocess_cohort(
     try:
         summary = run_cohort(
             slides, process, lambda s: out_dir / f"{slide_id_of(s)}.h5", scheduler=scheduler, workers=workers,
-            resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=h5_complete,
+            resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=is_complete,
             summary_path=out_dir / "summary.json", title="isg preprocess",
         )
         rule = PreprocessOptions(**options).selection_rule()
         if rule.pending:
-            done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if h5_complete(out_dir / f"{slide_id_of(s)}.h5")]
+            done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if is_complete(out_dir / f"{slide_id_of(s)}.h5")]
             if done:  # freeze the cut over the scores of every finished slide (selection.json)
                 apply_rule(done, rule)
         _warn_under_floor(summary)

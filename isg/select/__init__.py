@@ -14,10 +14,10 @@ from isg.select.rules import (DEFAULT_RULE, KEEP_FLOOR, KEEP_FLOOR_PATCHES, MAD_
                               RULES, RuleKind, Selection, SelectionRule, SelectionWarning, cohort_threshold,
                               default_threshold_bits, mean_std_threshold, register_rule, robust_z_threshold, select)
 from isg.select.selectors import SELECTORS, Selector, get_selector, grey_tiles, otsu_grey_threshold, register_selector
-from isg.select.stored import SELECTION_FILE, apply_rule, read_scores, reselect_h5
+from isg.select.stored import SELECTION_FILE, apply_rule, read_scored, reselect, reselect_h5
 
 __all__ = ["KEEP_FLOOR", "KEEP_FLOOR_PATCHES", "kept_record", "signal_precision", "stored_patches", "RANK_SHARE", "MAD_TO_SIGMA", "robust_z_threshold", "SELECTORS", "RULES", "RULE_KINDS", "N_SIGMA", "DEFAULT_RULE", "PAPER_PATCH_SIZE", "PAPER_THRESHOLD_BITS",
            "PAPER_ABLATION_BITS", "SELECTION_FILE", "RuleKind", "Selection", "SelectionRule", "SelectionWarning",
            "Selector", "register_rule", "register_selector", "get_selector", "grey_tiles", "otsu_grey_threshold",
-           "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "apply_rule", "read_scores",
-           "reselect_h5"]
+           "select", "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "apply_rule", "read_scored",
+           "reselect", "reselect_h5"]

@@ -22,18 +22,13 @@ __all__ = ["stored_patches", "signal_precision"]
 
 
 def stored_patches(h5_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
-    """(scores float64 [N], all_coords int64 [N, 2] level 0, level-0 patch side) of one ``isg preprocess`` output."""
-    import h5py
+    """(scores float64 [N], tissue coords int64 [N, 2] level 0, level-0 patch side) of one ``isg preprocess`` output."""
+    from isg.select.stored import read_scored
 
-    from isg.select.stored import read_scores
-
-    scores, attrs = read_scores(h5_path)
-    with h5py.File(h5_path, "r") as f:
-        coords = np.asarray(f["all_coords"][()], dtype=np.int64).reshape(-1, 2)
-    size = int(attrs.get("level0_patch_size", attrs.get("patch_size", 0)))
-    if size <= 0:
-        raise ValueError(f"{h5_path}: no patch size in the coords attrs")
-    return scores, coords, size
+    patches = read_scored(h5_path)
+    if patches.geometry is None:
+        raise ValueError(f"{h5_path}: no patch geometry (not an isg preprocess output)")
+    return patches.scores, patches.tissue_coords, int(patches.geometry.patch_size_level0)
 
 
 def signal_precision(h5_paths: Iterable[str | os.PathLike], cohort_dir: str | os.PathLike, rule: SelectionRule,

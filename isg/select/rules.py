@@ -230,13 +230,25 @@ def cohort_threshold(scores_per_slide, n_sigma: float = N_SIGMA) -> float:
 # ----------------------------------------------------------------------------- the rule kinds
 
 
+def _above(scores: np.ndarray, cut_of: Callable):
+    """(scores > cut_of(scores), the cut); no scores: nothing kept and no cut."""
+    if scores.size == 0:
+        return np.zeros(0, bool), None
+    cut = cut_of(scores)
+    return scores > cut, cut
+
+
+def _best(scores: np.ndarray, count: int):
+    """(the ``count`` highest scores, ties broken by lower index; no cut)."""
+    keep = np.zeros(scores.shape, dtype=bool)
+    keep[np.argsort(-scores, kind="stable")[:count]] = True
+    return keep, None
+
+
 @register_rule("mean_std")
 def _mean_std(scores: np.ndarray, rule: SelectionRule):
     """keep scores > mean + n_sigma * std of this slide's scores (paper Sec. 4.2: n_sigma = 1)"""
-    if scores.size == 0:
-        return np.zeros(0, bool), None
-    cut = mean_std_threshold(scores, rule.n_sigma)
-    return scores > cut, cut
+    return _above(scores, lambda s: mean_std_threshold(s, rule.n_sigma))
 
 
 @register_rule("cohort", needs={"threshold": "isg.select.cohort_threshold(scores of every slide)"},
@@ -255,26 +267,19 @@ def _threshold(scores: np.ndarray, rule: SelectionRule):
 @register_rule("topk", needs={"k": "the number of patches to keep"})
 def _topk(scores: np.ndarray, rule: SelectionRule):
     """keep the k highest scores (ties broken by lower index)"""
-    keep = np.zeros(scores.shape, dtype=bool)
-    keep[np.argsort(-scores, kind="stable")[: int(rule.k)]] = True
-    return keep, None
+    return _best(scores, int(rule.k))
 
 
 @register_rule("rank")
 def _rank(scores: np.ndarray, rule: SelectionRule):
     """keep the share highest scores of this slide (default 15.87 %: what mean + 1 sigma keeps of normal scores)"""
-    keep = np.zeros(scores.shape, dtype=bool)
-    keep[np.argsort(-scores, kind="stable")[: math.ceil(rule.share * scores.size - 1e-9)]] = True
-    return keep, None
+    return _best(scores, math.ceil(rule.share * scores.size - 1e-9))
 
 
 @register_rule("robust_z")
 def _robust_z(scores: np.ndarray, rule: SelectionRule):
     """keep scores > median + n_sigma * 1.4826 * MAD of this slide's scores"""
-    if scores.size == 0:
-        return np.zeros(0, bool), None
-    cut = robust_z_threshold(scores, rule.n_sigma)
-    return scores > cut, cut
+    return _above(scores, lambda s: robust_z_threshold(s, rule.n_sigma))
 
 
 DEFAULT_RULE = SelectionRule()  # the default rule of the library (a selector's natural rule may differ)
@@ -309,19 +314,20 @@ def select(scores, rule: SelectionRule | str = DEFAULT_RULE, *, name: str | None
     return Selection(keep, None if cut is None else float(cut))
 
 
-def kept_record(keep, name: str | None = None, floor: float = KEEP_FLOOR, min_patches: int = KEEP_FLOOR_PATCHES) -> dict:
+def kept_record(keep, name: str | None = None, floor: float = KEEP_FLOOR, min_patches: int = KEEP_FLOOR_PATCHES,
+                warn: bool = True) -> dict:
     """``{"kept_fraction", "under_floor"}`` of one slide's selection ``keep`` bool [N] (N = its tissue patches).
 
     A slide is under the floor when its rule keeps fewer than ``floor`` of its tissue patches or fewer than
     ``min_patches`` patches: a :class:`SelectionWarning` names it (``name``), so that a prediction from a
     handful of patches never passes silently. ``isg preprocess`` records both values per slide (h5 attrs and
-    summary.json).
+    summary.json). ``warn=False``: the record only.
     """
     keep = np.asarray(keep, dtype=bool)
     n, kept = keep.size, int(keep.sum())
     fraction = kept / n if n else 0.0
     under = kept < min_patches or fraction < floor
-    if under:
+    if under and warn:
         where = f"{name}: " if name else ""
         warnings.warn(f"{where}the selection keeps {kept} of {n} tissue patches ({fraction:.1%}), under the floor "
                       f"({floor:.0%} of the tissue or {min_patches} patches): predictions from it rest on few patches",

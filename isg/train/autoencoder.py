@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from isg.data.patch_file import read_patch_file
 from isg.features.autoencoder import Autoencoder, extractor_size, save_autoencoder, tiles_to_input
 from isg.features.lpips_loss import ALEXNET_FILE, cached_alexnet_weights, load_lpips
-from isg.features.patches import iter_patches, open_patch_slide, read_patch_info, split_local
-from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.features.patches import open_patch_slide, split_local
+from isg.io import BATCH_SIZE, NUM_WORKERS, iter_tiles
 from isg.train.config import AutoencoderTrainConfig
 from isg.utils import h5_sources, write_text_atomic
 
@@ -63,19 +64,22 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
     """
     if kind not in ("global", "local"):
         raise ValueError(f"kind must be 'global' or 'local', got {kind!r}")
-    infos = []
+    infos = []  # SlidePatches of the slides that can be read
     for path in h5_paths:
         try:
-            info = read_patch_info(path)
+            info = read_patch_file(path, features=False)
+            if info.geometry is None:
+                raise ValueError(f"patch file {path}: 'coords' lacks its geometry attrs (patch_size, patch_level)")
+            grid = info.geometry.grid if kind == "local" else 1  # checks that q divides p
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
-        if info.slide_path is None or not info.slide_path.is_file():  # do not spend the tile budget on it
+        if info.slide_path is None or not Path(info.slide_path).is_file():  # do not spend the tile budget on it
             log.warning("skipping %s: slide %s not found", path, info.slide_path)
             continue
-        infos.append(info)
-    counts = np.array([len(info.coords) for info in infos])
-    per_patch = [1 if kind == "global" else info.grid**2 for info in infos]
+        infos.append((info, grid))
+    counts = np.array([info.n_selected for info, _ in infos])
+    per_patch = [grid**2 for _, grid in infos]
     rng = np.random.default_rng(seed)
     chosen = [np.arange(n) for n in counts]
     total = sum(n * k for n, k in zip(counts, per_patch))
@@ -89,18 +93,20 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
             budget -= per_patch[slide]
         chosen = [np.sort(rng.choice(n, size=k, replace=False)) for n, k in zip(counts, keep)]
     bank = []
-    for info, idx in zip(infos, chosen):
+    for (info, _), idx in zip(infos, chosen):
         if len(idx) == 0:
             continue
+        g = info.geometry
         try:
             with open_patch_slide(info) as slide:
-                for _, tiles in iter_patches(slide, info.coords[idx], info.patch_size, info.patch_level, batch_size, "cpu", num_workers):
+                for _, tiles in iter_tiles(slide, info.coords[idx], g.patch_size, level=g.patch_level,
+                                           batch_size=batch_size, device="cpu", num_workers=num_workers):
                     if kind == "local":
-                        tiles = split_local(tiles, info.local_size).reshape(-1, info.local_size, info.local_size, 3)
+                        tiles = split_local(tiles, g.local_size).reshape(-1, g.local_size, g.local_size, 3)
                     x = tiles_to_input(tiles, resolution)  # [B, 3, r, r]
                     bank.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
         except (OSError, ValueError) as exc:
-            log.warning("skipping slide of %s: %s", info.h5_path, exc)
+            log.warning("skipping slide %s: %s", info.slide_path, exc)
     if not bank:
         raise ValueError(f"no {kind} training tiles could be read from {len(h5_paths)} .h5 file(s)")
     return torch.cat(bank)

@@ -231,26 +231,25 @@ def cross_validate(
 def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str, fold_feature_dirs: list | None = None) -> None:
     """``out_dir/pipeline.json``: how the features were made, so ``isg predict`` can redo it on new slides.
 
-    Keys: ``features_dir``; ``preprocess`` (attrs of ``coords``: patch_size, local_size, selector,
-    rule, ...); ``global_features`` and ``local_features`` (attrs of those datasets: checkpoint,
-    resolution, d, ``extractor_size``, ``loss_terms``, ``lpips_backbone``, ...), read from one slide's
-    feature file; ``fold_clean`` (the per-fold feature folders) for a fold-clean run.
+    Keys, from one slide's patch file (:mod:`isg.data.patch_file`): ``features_dir``; ``patch_file_schema``;
+    ``preprocess`` (the preprocess options that made the patches, and ``rule``: the selection rule applied,
+    a :class:`~isg.select.SelectionRule` dict with the cohort's frozen cut); ``geometry`` (read level, patch
+    sizes, ``mpp`` at the read level); ``global_features`` and ``local_features`` (the encoders' attrs:
+    checkpoint, resolution, d, ``extractor_size``, ``loss_terms``, ``lpips_backbone``, ...); ``fold_clean``
+    (the per-fold feature folders) for a fold-clean run.
     """
-    import h5py
+    from isg.data.patch_file import SCHEMA_VERSION, geometry_dict, read_patch_file
 
     feature_dir = Path(feature_dir)
+    patches = read_patch_file(feature_dir / f"{slide_id}.h5", features=False)
+    preprocess = dict(patches.options)
+    if patches.rule is not None:  # as the current SelectionRule writes it (files of older versions lack new fields)
+        from isg.select import SelectionRule
 
-    def plain(value):
-        if isinstance(value, bytes):
-            return value.decode()
-        return value.tolist() if hasattr(value, "tolist") else value  # numpy scalars and arrays
-
-    with h5py.File(feature_dir / f"{slide_id}.h5", "r") as f:
-        def attrs(name):
-            return {key: plain(value) for key, value in f[name].attrs.items()} if name in f else {}
-
-        pipeline = {"features_dir": str(feature_dir.resolve()), "preprocess": attrs("coords"),
-                    "global_features": attrs("features"), "local_features": attrs("local_features")}
+        preprocess["rule"] = SelectionRule.from_dict(patches.rule).to_dict()
+    pipeline = {"features_dir": str(feature_dir.resolve()), "patch_file_schema": SCHEMA_VERSION, "preprocess": preprocess,
+                "geometry": geometry_dict(patches.geometry), "global_features": patches.feature_attrs,
+                "local_features": patches.local_feature_attrs}
     if fold_feature_dirs is not None:
         pipeline["fold_clean"] = {"fold_features_dirs": [str(Path(d).resolve()) for d in fold_feature_dirs],
                                   "note": "each fold model reads features of extractors fitted on its training slides"}
