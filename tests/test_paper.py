@@ -104,3 +104,17 @@ def test_cli_rejects_half_a_cohort_and_bad_lists(tmp_path, capsys):
     assert "--tables" in capsys.readouterr().err
     assert main(["paper", "--quick", "--out", str(tmp_path), "--tables", "7"]) == 2
     assert "unknown table" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_user_cohort_runs_from_its_manifest(quick_run, tmp_path):
+    """--manifest / --expression / --labels: the same tables on a cohort given as files (no signal masks)."""
+    from isg.cli import main
+
+    cohort = quick_run / "cohort"
+    argv = ["paper", "--size", "quick", "--out", str(tmp_path / "user"), "--manifest", str(cohort / "manifest.csv"),
+            "--expression", str(cohort / "expression.tsv"), "--labels", str(cohort / "msi.csv"), "--tables", "3", "--quiet"]
+    assert main(argv) == 0
+    table = json.loads((tmp_path / "user" / "tables" / "tab3.json").read_text())
+    assert [0.0 <= row["auc"] <= 1.0 for row in table["rows"]] == [True, True]
+    assert "manifest.csv: 8 slides" in table["setting"][0] and "--manifest" in table["setting"][-1]
