@@ -48,6 +48,18 @@ def test_readme_example_runs_and_explains(tmp_path, monkeypatch, capfd):
     warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
     assert len(warnings) == len(set(warnings))
 
+    # what the model folder was trained on is on the record (no ImageNet AlexNet weights here: the LPIPS term is off)
+    import json
+
+    from isg.features.lpips_loss import cached_alexnet_weights
+
+    pipeline = json.loads((tmp_path / "demo_out" / "train" / "pipeline.json").read_text())
+    for role in ("global_features", "local_features"):
+        record = pipeline[role]
+        assert record["extractor_size"].startswith("compact (r 32") and record["checkpoint"].endswith("autoencoder.pt")
+        if cached_alexnet_weights() is None:
+            assert (record["loss_terms"], record["lpips_backbone"]) == ("l1 + adv", "none")
+
     # the README's predict command: heatmaps, attention maps, fold std beside every prediction
     predict = shlex.split(commands[-1])
     out = Path(predict[predict.index("--out") + 1])
