@@ -63,8 +63,15 @@ def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int = 
     return torch.cat(out) if out else torch.zeros(0, ae.d)
 
 
-def _encoder_attrs(ae: Autoencoder, role: str) -> dict:
-    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
+def encoder_attrs(ae: Autoencoder, role: str) -> dict:
+    """Attrs of a ``features`` / ``local_features`` dataset: which encoder made it and what it was trained with
+    (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record)."""
+    from isg.features.autoencoder import extractor_size
+
+    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config),
+             "extractor_size": extractor_size(ae.config)}
+    objective = (getattr(ae, "extra", None) or {}).get("objective") or {}
+    attrs.update({key: objective[key] for key in ("loss_terms", "lpips_backbone", "lpips_weight", "adv_weight") if key in objective})
     checkpoint = getattr(ae, "checkpoint_path", None)
     if checkpoint:  # isg train copies it into the model folder, checking it is still this file
         attrs["checkpoint"] = str(Path(checkpoint).resolve())
@@ -110,8 +117,8 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
         offset += b
     if offset != m:
         raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {m} patches of {p} px")
-    local_attrs = _encoder_attrs(local_ae, "local") if local_ae is not None else None
-    return patches.with_features(features, _encoder_attrs(global_ae, "global"), local, local_attrs), len(missing)
+    local_attrs = encoder_attrs(local_ae, "local") if local_ae is not None else None
+    return patches.with_features(features, encoder_attrs(global_ae, "global"), local, local_attrs), len(missing)
 
 
 def _patch_batches(patches: SlidePatches, coords: np.ndarray, missing: np.ndarray, tiles: dict | None, slide_path,
