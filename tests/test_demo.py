@@ -41,10 +41,24 @@ def test_readme_example_runs_and_explains(tmp_path, monkeypatch, capfd):
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert f"== {step}" in printed
     assert "== isg demo result" in printed and "marker genes" in printed
+    assert "extractor: compact" in printed and "trained with l1" in printed  # what the autoencoders trained with
+    assert "README check: only for the full demo" in printed  # --quick is not what the README shows
     assert "INFO matplotlib" not in printed and "(tests only)" not in printed
     assert not [line for line in printed.splitlines() if line.lstrip().startswith("{")]  # no raw JSON
     warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
     assert len(warnings) == len(set(warnings))
+
+    # what the model folder was trained on is on the record (no ImageNet AlexNet weights here: the LPIPS term is off)
+    import json
+
+    from isg.features.lpips_loss import cached_alexnet_weights
+
+    pipeline = json.loads((tmp_path / "demo_out" / "train" / "pipeline.json").read_text())
+    for role in ("global_features", "local_features"):
+        record = pipeline[role]
+        assert record["extractor_size"].startswith("compact (r 32") and record["checkpoint"].endswith("autoencoder.pt")
+        if cached_alexnet_weights() is None:
+            assert (record["loss_terms"], record["lpips_backbone"]) == ("l1 + adv", "none")
 
     # the README's predict command: heatmaps, attention maps, fold std beside every prediction
     predict = shlex.split(commands[-1])
@@ -98,3 +112,13 @@ def test_cli_prefers_passive_openmp_unless_set():
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "PASSIVE"
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "ACTIVE"
+
+
+def test_readme_quotes_the_demo_check_from_its_one_place():
+    """The README's demo figure is README_CHECK (value and tolerance), and the check line says yes/no by it."""
+    from isg.cli.demo import README_CHECK
+
+    text = " ".join(README.read_text().split())
+    assert f"r {README_CHECK.r:.2f} +- {README_CHECK.tolerance:.2f}" in text
+    assert README_CHECK.line("SYN0002", README_CHECK.r + README_CHECK.tolerance * 0.99).endswith("matches the README: yes")
+    assert README_CHECK.line("SYN0002", README_CHECK.r - README_CHECK.tolerance * 1.01).endswith("matches the README: no")

@@ -179,7 +179,7 @@ def test_lpips_loads_backbone_from_hub_cache_or_path(tmp_path):
 
 
 TRAIN = dict(resolution=16, d=16, channel_base=128, channel_max=16, mapping_layers=1, batch_size=6, lr=2e-3, progress=False,
-             checkpoint_every=0, r1_interval=4)
+             checkpoint_every=0, r1_interval=4, lpips_without_weights="random")  # every term of Eq. 2, even without weights
 
 
 def test_training_reduces_reconstruction_loss(tmp_path):
@@ -277,3 +277,23 @@ def test_cuda_mixed_precision_training(tmp_path):
     with torch.no_grad():  # the exported model gives the same codes on CPU and GPU
         cpu = load_autoencoder(tmp_path / "autoencoder.pt").encode(x)
         torch.testing.assert_close(ae.encode(x.cuda()).cpu(), cpu, rtol=1e-2, atol=1e-2)  # cuDNN may use TF32
+
+
+@pytest.mark.parametrize("policy,terms,backbone", [("random", "l1 + lpips + adv", "random"), ("off", "l1 + adv", "none")])
+def test_checkpoint_records_loss_terms_and_lpips_backbone(tmp_path, monkeypatch, policy, terms, backbone):
+    """Without ImageNet AlexNet weights the policy decides the LPIPS term; the checkpoint, the returned model
+    and the feature attrs say which terms trained it and whether the backbone was pretrained."""
+    from isg.pipeline.extract import encoder_attrs
+    from isg.train.autoencoder import train_autoencoder
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))  # no weights in the cache
+    with pytest.warns(UserWarning, match="RANDOM" if policy == "random" else "LPIPS term is off"):
+        ae, history = train_autoencoder(smooth_tiles(4, 16), tmp_path / "ae", dict(TRAIN, max_steps=2, lpips_without_weights=policy))
+    assert (max(history["lpips"]) > 0) == (policy == "random")
+    for extra in (ae.extra, load_autoencoder(tmp_path / "ae" / "autoencoder.pt").extra):
+        assert extra["objective"]["loss_terms"] == terms and extra["objective"]["lpips_backbone"] == backbone
+        assert extra["objective"]["extractor_size"] == "compact (r 16, d 16, <= 16 ch)"
+    attrs = encoder_attrs(ae, "global")
+    assert attrs["loss_terms"] == terms and attrs["lpips_backbone"] == backbone and attrs["checkpoint"].endswith("autoencoder.pt")
+    with pytest.raises(ValueError, match="lpips_without_weights"):
+        train_autoencoder(smooth_tiles(2, 16), tmp_path / "x", dict(TRAIN, max_steps=1, lpips_without_weights="maybe"))

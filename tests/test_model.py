@@ -28,11 +28,16 @@ def attention_ext(require_ext):
 D_IN, GRID = 12, 3  # odd cube side on purpose
 SMALL = dict(embed_dim=16, depth=1, num_heads=2)  # every model
 SMALL_ISG = dict(SMALL, channels=8)  # ISG models only
+LOCAL_BASELINES = ("vit-mb", "vit-cyclemlp", "vit-mpvit")  # ViT-S fed local cubes through blocks (paper Tab. 1)
 
 
 def _small(name):
     if name == "he2rna":
         return {"hidden": (8,), "ks": (1, 2)}
+    if name == "mlp-probe":
+        return {"hidden": 64}
+    if name in LOCAL_BASELINES:
+        return dict(SMALL_ISG, n_blocks=2)
     return SMALL if name.startswith("vit") else SMALL_ISG
 
 
@@ -61,7 +66,8 @@ def _model(name="isg-4-2", n_outputs=3, **kw):
 
 
 def _run(model, batch):
-    return model(batch["features"], batch["local"], batch["coords"], batch["mask"])
+    inputs = {"features": batch["features"], "local_features": batch["local"], "coords": batch["coords"], "mask": batch["mask"]}
+    return model(*(inputs[name] for name in model.batch_inputs))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -205,7 +211,7 @@ def test_positional_encoding():
 # ----------------------------------------------------------------------------- variable-size bags
 
 
-@pytest.mark.parametrize("name", ["isg-4-2", "isg-3-2", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-3-2", "vit-s", *LOCAL_BASELINES, "mlp-probe"])
 def test_padding_gives_same_output_as_single_slides(name):
     model = _model(name).eval()
     bags = [_bag(5, seed=1), _bag(1, seed=2), _bag(8, seed=3), _bag(3, seed=4)]
@@ -274,7 +280,7 @@ def test_empty_slide_in_batch():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("name", ["isg-4-2", "isg-5-2", "isg-4-2-plus"])
+@pytest.mark.parametrize("name", ["isg-4-2", "isg-5-2", "isg-4-2-plus", *LOCAL_BASELINES, "mlp-probe"])
 def test_forward_backward_reaches_every_parameter(name):
     model = _model(name).train()
     out = _run(model, _collate([_bag(5, seed=1), _bag(2, seed=2)]))
@@ -293,15 +299,16 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["isg-2-1", "isg-2-1-plus", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-2-1", "isg-2-1-plus", "vit-s", *LOCAL_BASELINES, "mlp-probe"])
 def test_a_few_optimizer_steps_reduce_the_loss(name):
     """Synthetic task: targets are linear in the slide's mean global and local features."""
     torch.manual_seed(0)
     bags = [_bag(n, seed=s) for s, n in enumerate([4, 7, 3, 6, 5, 8, 2, 6])]
     batch = _collate(bags)
     w = torch.randn(D_IN, 2)
-    target = torch.stack([(b["features"].mean(0) + b["local"].mean((0, 1, 2))) @ w for b in bags])  # [B, 2]
     model = _model(name, n_outputs=2)
+    reads_global, reads_local = name not in LOCAL_BASELINES, model.uses_local  # the target uses what the model reads
+    target = torch.stack([(b["features"].mean(0) * reads_global + b["local"].mean((0, 1, 2)) * reads_local) @ w for b in bags])
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses = []
     for _ in range(15):
@@ -342,9 +349,9 @@ def test_model_with_fused_ops_matches_reference(attention_ext, monkeypatch, name
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("name", ["isg-3-2", "vit-s"])
+@pytest.mark.parametrize("name", ["isg-3-2", "vit-s", "vit-mpvit", "mlp-probe"])
 def test_save_and_load_rebuild_the_model(tmp_path, name):
-    model = _model(name, n_outputs=4, drop_path=0.1).eval()
+    model = _model(name, n_outputs=4, **({} if name == "mlp-probe" else {"drop_path": 0.1})).eval()
     path = tmp_path / "sub" / "model.pt"
     save_model(path, model, epoch=3)
     loaded = load_model(path)
@@ -420,13 +427,14 @@ def test_paper_and_plus_forms_are_different_models():
 
 def test_registry_names_and_declarations():
     assert {"isg-10-2", "isg-10-2-plus", "vit-s", "vit-t4", "he2rna"} <= set(list_models())
-    assert list_models("vit-*") == ["vit-s", "vit-t4"]
+    assert list_models("vit-*") == ["vit-cyclemlp", "vit-mb", "vit-mpvit", "vit-s", "vit-t4"]
     vit_s, vit_t4 = create_model("vit-s", d=D_IN, n_outputs=2), create_model("vit-t4", d=D_IN, n_outputs=2)
     assert (vit_s.transformer.head.in_features, len(vit_s.transformer.blocks), vit_s.transformer.blocks[0].attn.num_heads) == (384, 12, 6)
     assert (vit_t4.transformer.head.in_features, len(vit_t4.transformer.blocks), vit_t4.transformer.blocks[0].attn.num_heads) == (192, 4, 4)
     assert parse_model_name("isg-7-3-plus") == (7, 3)
     assert isinstance(create_model("isg-7-3-plus", d=D_IN, local_grid=GRID, **SMALL_ISG), DualAttentionNet)
-    for name, uses_local in (("isg-2-1", True), ("isg-2-1-plus", True), ("vit-s", False), ("he2rna", False)):
+    for name, uses_local in (("isg-2-1", True), ("isg-2-1-plus", True), ("vit-s", False), ("he2rna", False),
+                             ("vit-mb", True), ("vit-mpvit", True), ("mlp-probe", False)):
         model = create_model(name, d=D_IN, local_grid=GRID, n_outputs=2, **_small(name))
         assert model.uses_local is uses_local and "features" in model.batch_inputs
 

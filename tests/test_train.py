@@ -208,3 +208,45 @@ def test_cli_train_bad_input_exits_2_with_a_message(tmp_path, capsys, change, pr
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert problem in err, err
+
+
+def test_l2_error_beside_r_and_its_floor(tmp_path):
+    """summary.json's l2 is the mean squared error of the out-of-fold predictions (recomputed here by hand)."""
+    manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12, genes=3)
+    config = TrainConfig(model="mlp-probe", epochs=3, patience=3, n_splits=3, batch_size=4, model_kwargs={"hidden": 8})
+    summary = cross_validate(manifest, feature_dir, targets, tmp_path / "out", config)
+    oof = pd.read_csv(tmp_path / "out" / "predictions_oof.csv", index_col="slide_id").drop(columns="fold")
+    sample_of = manifest.set_index("slide_id")["sample_id"]
+    per_sample = oof.groupby(sample_of.reindex(oof.index).to_numpy()).mean()
+    expected = float(((per_sample.to_numpy() - targets.loc[per_sample.index].to_numpy()) ** 2).mean())
+    assert summary["l2"] == pytest.approx(expected, rel=1e-5)
+    assert summary["train_mean_floor"]["l2"] > 0
+
+
+def test_fold_clean_run_reads_each_folds_own_features(tmp_path):
+    """fold_feature_dirs: fold k trains and tests on folder k; a folder of constant features flattens only its fold."""
+    from isg.data.patch_file import read_patch_file, write_patch_file
+    from isg.train.expression import cv_folds
+
+    manifest, feature_dir, targets = _cohort(tmp_path, n_slides=12, genes=3)
+    config = TrainConfig(model="mlp-probe", epochs=2, patience=2, n_splits=3, batch_size=4, model_kwargs={"hidden": 8})
+    folds = cv_folds(manifest, targets, config)
+    dirs = []
+    for k in range(3):
+        folder = tmp_path / f"fold{k}"
+        folder.mkdir()
+        for slide_id in manifest["slide_id"]:
+            patches = read_patch_file(feature_dir / f"{slide_id}.h5")
+            features = patches.features if k != 1 else np.ones_like(patches.features)
+            write_patch_file(folder / f"{slide_id}.h5", patches.with_features(features, {"extractor_size": f"fold {k}"}))
+        dirs.append(folder)
+    with pytest.raises(ValueError, match="2 folder"):
+        cross_validate(manifest, feature_dir, targets, tmp_path / "bad", config, fold_feature_dirs=dirs[:2])
+    cross_validate(manifest, feature_dir, targets, tmp_path / "out", config, fold_feature_dirs=dirs)
+    oof = pd.read_csv(tmp_path / "out" / "predictions_oof.csv", index_col="slide_id")
+    test_of_fold1 = set(manifest.set_index("sample_id").loc[list(folds[1].test), "slide_id"])
+    assert set(oof.index[oof["fold"] == 1]) == test_of_fold1
+    spread = oof.drop(columns="fold").groupby(oof["fold"]).std().max(axis=1)  # across a fold's test slides
+    assert spread[1] < 1e-5 and (spread.drop(1) > 1e-3).all()  # constant features, constant predictions: fold 1 only
+    pipeline = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert len(pipeline["fold_clean"]["fold_features_dirs"]) == 3 and pipeline["global_features"]["extractor_size"] == "fold 0"

@@ -12,8 +12,9 @@ Layers, bottom first (a module may import its own package and anything in a lowe
     4  features, baselines      autoencoders; HE2RNA (its model and tile pipeline)
     5  model                    Dual Attention, ViT, the model registry and fold checkpoints
     7  train, pipeline            wiring (neither imports the other)
-    8  cli                      wiring
-    9  __main__                 `python -m isg`
+    8  paper                    the paper's tables: runs pipeline stages and training (both of layer 7)
+    9  cli                      wiring
+   10  __main__                 `python -m isg`
 
 A private name (a module or symbol starting with ``_``, dunders aside) may only be imported inside its
 own package; the one exception is ``isg._ext`` (the native-module loader), which the kernel faces in
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 
 LAYERS = {"": 0, "ops": 1, "io": 2, "data": 2, "eval": 2, "select": 3, "features": 4, "model": 5,
-          "baselines": 4, "train": 7, "pipeline": 7, "cli": 8, "__main__": 9}
+          "baselines": 4, "train": 7, "pipeline": 7, "paper": 8, "cli": 9,
+          "__main__": 10}
 PRIVATE_ALLOWED = {("ops", "isg._ext")}
 
 

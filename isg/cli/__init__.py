@@ -23,7 +23,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
-SUBCOMMANDS = ("info", "synth", "manifest", "preprocess", "select", "extract", "train", "predict", "demo", "bench")
+SUBCOMMANDS = ("info", "synth", "manifest", "preprocess", "select", "extract", "train", "predict", "demo", "paper", "bench")
 
 
 class CLIError(Exception):

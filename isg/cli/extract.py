@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
     from isg.cli import add_quiet, defaults_of
     from isg.pipeline.extract import extract_slide
-    from isg.train.config import SAMPLERS
+    from isg.train.config import LPIPS_WITHOUT_WEIGHTS, SAMPLERS
     from isg.train.config import AutoencoderTrainConfig as AE
 
     default = defaults_of(AE)
@@ -62,7 +62,10 @@ def register(subparsers) -> None:
     fit.add_argument("--lpips-weight", type=float, default=default["lpips_weight"], help="lambda of the LPIPS term (Eq. 2)")
     fit.add_argument("--adv-weight", type=float, default=default["adv_weight"], help="weight of the adversarial term")
     fit.add_argument("--r1-gamma", type=float, default=default["r1_gamma"], help="R1 penalty weight on the critic")
-    fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: random, warned)")
+    fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: see --lpips-without-weights)")
+    fit.add_argument("--lpips-without-weights", choices=LPIPS_WITHOUT_WEIGHTS, default=default["lpips_without_weights"],
+                     help="without ImageNet AlexNet weights: keep the LPIPS term on a random AlexNet (warned) or turn it off "
+                          "(chosen by measurement: README, Accuracy, Tab. 5)")
     fit.add_argument("--lpips-impl", choices=("isg", "lpips"), default=default["lpips_impl"],
                      help="LPIPS computed by isg or by the lpips package (the same distance; the package is optional)")
     fit.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"], help="steps between resumable checkpoints")
@@ -152,6 +155,7 @@ def run_fit(args) -> int:
                 max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lpips_weight=args.lpips_weight,
                 adv_weight=args.adv_weight, r1_gamma=args.r1_gamma, device=device, seed=args.seed,
                 checkpoint_every=args.checkpoint_every, lpips_weights=args.lpips_weights, lpips_impl=args.lpips_impl,
+                lpips_without_weights=args.lpips_without_weights,
                 progress=not args.quiet and ranks.is_main,
             )
             try:

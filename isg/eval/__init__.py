@@ -4,6 +4,7 @@ selection (:mod:`isg.eval.selection`)."""
 from isg.eval.metrics import (
     benjamini_hochberg,
     gene_correlations,
+    l2_error,
     pearson_per_gene,
     plot_gene_correlations,
     plot_pred_vs_true,
@@ -19,6 +20,7 @@ __all__ = [
     "selection_precision",
     "benjamini_hochberg",
     "gene_correlations",
+    "l2_error",
     "pearson_per_gene",
     "plot_gene_correlations",
     "plot_pred_vs_true",

@@ -3,7 +3,8 @@
 Per gene: Pearson r between true and predicted expression over the test
 samples, its two-sided p-value, and the Benjamini-Hochberg FDR-corrected
 p-value (q). A gene is *significantly predicted* when r > 0 and q < alpha
-(0.05). Also: ROC AUC (e.g. MSI-H vs MSS) via the Mann-Whitney rank statistic,
+(0.05). Per table: the L2 error (mean squared error over samples and genes, in the
+units of the inputs). Also: ROC AUC (e.g. MSI-H vs MSS) via the Mann-Whitney rank statistic,
 writers for CSV/JSON results and two matplotlib figures.
 """
 
@@ -105,6 +106,17 @@ def summarize(results: pd.DataFrame, alpha: float = 0.05) -> dict:
         "n_significant": int(results["significant"].sum()),
         "alpha": alpha,
     }
+
+
+def l2_error(y_true, y_pred) -> float:
+    """Mean squared error over every sample and gene of [n_samples, n_genes] inputs (DataFrames aligned by label).
+
+    The paper's "L2" column next to PCC; in ``isg train`` units, log10(1 + x) expression.
+    """
+    true, pred, _ = _aligned(y_true, y_pred, None)
+    if true.size == 0:
+        raise ValueError("L2 error of no samples")
+    return float(np.mean((true - pred) ** 2))
 
 
 def roc_auc(labels, scores, positive=1) -> float:

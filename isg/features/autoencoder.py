@@ -31,8 +31,17 @@ from isg.utils import file_sha256
 
 __all__ = [
     "Autoencoder", "Encoder", "Decoder", "Discriminator", "modulated_conv2d",
-    "tiles_to_input", "save_autoencoder", "load_autoencoder",
+    "tiles_to_input", "save_autoencoder", "load_autoencoder", "extractor_size", "LARGE_CHANNEL_BASE",
 ]
+
+LARGE_CHANNEL_BASE = 8192  # the large extractor (channel_base 8192, channel_max 256, r 128 / 64): the paper's resolution
+
+
+def extractor_size(config: dict) -> str:
+    """What a table names an autoencoder by: ``"paper resolution"`` (the large extractor, channel_base >= 8192)
+    or ``"compact"``, with its input resolution r, code size d and channel cap, e.g. ``"compact (r 32, d 32, <= 32 ch)"``."""
+    size = "paper resolution" if int(config["channel_base"]) >= LARGE_CHANNEL_BASE else "compact"
+    return f"{size} (r {config['resolution']}, d {config['d']}, <= {config['channel_max']} ch)"
 
 _GAIN = math.sqrt(2.0)  # keeps unit variance through lrelu(0.2)
 

@@ -20,7 +20,8 @@ _EXPORTS = {
                    "model_inputs", "save_fold_model", "save_model"],
     "dual_attention": ["DualAttentionNet", "FusionBlock", "FusionBlockPlus", "GlobalUpdater", "GlobalUpdaterPlus",
                        "GlobalViT", "LocalUpdater", "LocalUpdaterPlus"],
-    "layers": ["MBConv"],
+    "layers": ["CycleFC", "CycleMLPBlock", "FactorAttention", "MBConv", "MPViTBlock"],
+    "local_vit": ["LocalBlocksViT", "MeanPoolProbe"],
     "registry": ["create_model", "list_models", "model_class", "parse_model_name", "register_model"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,4 +1,10 @@
-"""Building blocks (timm style): LayerNorm2d, DropPath, SqueezeExcite, MBConv, Mlp."""
+"""Building blocks (timm style): LayerNorm2d, DropPath, SqueezeExcite, MBConv, Mlp, and the cube blocks of the
+paper's Tab. 1 baselines: CycleFC / CycleMLPBlock (CycleMLP) and FactorAttention / MPViTBlock (MPViT).
+
+Every cube block maps [B, C, S, S] -> [B, C, S, S] and takes ``act_layer`` / ``norm_layer`` types; norms are
+per-position channel norms (``LayerNorm2d``) so that a patch's output never depends on the other patches of
+the batch (the reason MBConv uses them too; docs/model.md).
+"""
 
 from __future__ import annotations
 
@@ -124,3 +130,154 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+# ----------------------------------------------------------------------------- CycleMLP (Chen et al., ICLR 2022)
+
+
+def cycle_offsets(channels: int, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Per input channel c the (dy, dx) a Cycle FC samples from: ``(c + k // 2) % k - k // 2`` along the
+    kernel's long axis (k = kh * kw; one of kh, kw is 1), 0 along the other. int64 [C, 2]."""
+    kh, kw = kernel_size
+    if kh != 1 and kw != 1:
+        raise ValueError(f"a Cycle FC pseudo-kernel is 1 x k or k x 1, got {kernel_size}")
+    c = torch.arange(channels)
+    step = (c + (kh * kw) // 2) % (kh * kw) - (kh * kw) // 2
+    zero = torch.zeros_like(step)
+    return torch.stack([step, zero] if kw == 1 else [zero, step], dim=1)
+
+
+def shift_channels(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out[:, c, i, j] = x[:, c, i + dy_c, j + dx_c], 0 outside the map. x [B, C, H, W], offsets [C, 2]."""
+    H, W = x.shape[-2:]
+    out = torch.zeros_like(x)
+    for dy, dx in offsets.unique(dim=0).tolist():
+        channels = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().squeeze(1)
+        ys, yd = slice(max(dy, 0), H + min(dy, 0)), slice(max(-dy, 0), H + min(-dy, 0))  # source, destination rows
+        xs, xd = slice(max(dx, 0), W + min(dx, 0)), slice(max(-dx, 0), W + min(-dx, 0))
+        out[:, channels, yd, xd] = x[:, channels, ys, xs]
+    return out
+
+
+class CycleFC(nn.Module):
+    """Cycle fully-connected layer: a 1 x 1 channel projection whose input channel c is read at a cyclic
+    offset along one axis (``cycle_offsets``), so a layer mixes channels and a 1 x k (or k x 1) neighbourhood
+    at the cost of a channel FC. [B, C_in, H, W] -> [B, C_out, H, W]; equal to a deformable 1 x 1
+    convolution with those fixed offsets (tested against ``torchvision.ops.deform_conv2d``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int] = (1, 3), bias: bool = True):
+        super().__init__()
+        self.kernel_size = tuple(kernel_size)
+        self.register_buffer("offsets", cycle_offsets(in_channels, self.kernel_size), persistent=False)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shifted = shift_channels(x, self.offsets)  # [B, C_in, H, W]
+        out = torch.einsum("bchw,oc->bohw", shifted, self.weight)
+        return out if self.bias is None else out + self.bias[:, None, None]
+
+
+class CycleMLP(nn.Module):
+    """CycleMLP token mixer: a 1 x 3 Cycle FC, a 3 x 1 Cycle FC and a channel FC, mixed per channel by softmax
+    weights computed from their pooled sum (split attention), then a projection. [B, C, H, W] -> same."""
+
+    def __init__(self, channels: int, act_layer=nn.GELU):
+        super().__init__()
+        self.fc_channel = nn.Conv2d(channels, channels, 1, bias=False)
+        self.fc_h = CycleFC(channels, channels, (1, 3))
+        self.fc_w = CycleFC(channels, channels, (3, 1))
+        self.reweight = nn.Sequential(nn.Linear(channels, max(1, channels // 4)), act_layer(), nn.Linear(max(1, channels // 4), 3 * channels))
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C = x.shape[:2]
+        h, w, c = self.fc_h(x), self.fc_w(x), self.fc_channel(x)  # [B, C, H, W] each
+        weights = self.reweight((h + w + c).mean((2, 3))).view(B, C, 3).softmax(-1)  # [B, C, 3]
+        mixed = h * weights[..., 0, None, None] + w * weights[..., 1, None, None] + c * weights[..., 2, None, None]
+        return self.proj(mixed)
+
+
+class CycleMLPBlock(nn.Module):
+    """x + DropPath(CycleMLP(norm(x))), then x + DropPath(MLP(norm(x))) (MLP ratio ``mlp_ratio``). [B, C, S, S]."""
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, act_layer=nn.GELU, norm_layer=LayerNorm2d):
+        super().__init__()
+        hidden = int(round(channels * mlp_ratio))
+        self.norm1, self.mixer = norm_layer(channels), CycleMLP(channels, act_layer)
+        self.norm2 = norm_layer(channels)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), act_layer(), nn.Conv2d(hidden, channels, 1))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------- MPViT (Lee et al., CVPR 2022)
+
+
+class FactorAttention(nn.Module):
+    """Factorised attention with a convolutional relative position term (CoaT, used by MPViT's paths):
+
+    per head, out = (q / sqrt(d)) (softmax_N(k)^T v) + q (.) DWConv3x3(v), then a projection. Linear in the
+    number of positions N = H W. [B, C, H, W] -> [B, C, H, W]; ``num_heads`` divides C.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 2):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"FactorAttention: channels {channels} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.rel_pos = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)  # conv relative position encoding
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=1)  # [B, C, H, W] each
+        heads = lambda t: t.reshape(B, self.num_heads, C // self.num_heads, H * W)  # noqa: E731  [B, h, d, N]
+        kv = torch.einsum("bhdn,bhen->bhde", heads(k).softmax(-1), heads(v))  # softmax over positions: [B, h, d, d]
+        out = torch.einsum("bhdn,bhde->bhen", heads(q), kv) * (C // self.num_heads) ** -0.5  # [B, h, d, N]
+        out = out.reshape(B, C, H, W) + q * self.rel_pos(v)
+        return self.proj(out)
+
+
+class MPViTBlock(nn.Module):
+    """One multi-path stage of MPViT at a fixed resolution. [B, C, S, S] -> [B, C, S, S].
+
+    Multi-scale embeddings e_1..e_P (depthwise-separable 3 x 3 convolutions applied 1..P times: receptive
+    fields 3, 5, 7), one transformer encoder per path (depthwise-conv position encoding, FactorAttention,
+    MLP, each pre-norm residual), a local path (1 x 1 -> depthwise 3 x 3 -> 1 x 1 residual bottleneck), and
+    the aggregation of all P + 1 paths by a 1 x 1 convolution, as MPViT's stage output.
+    """
+
+    def __init__(self, channels: int, num_paths: int = 3, num_heads: int = 2, mlp_ratio: float = 2.0, drop_path: float = 0.0,
+                 act_layer=nn.Hardswish, norm_layer=LayerNorm2d):
+        super().__init__()
+        self.embed = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                                 nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels), act_layer())
+                                   for _ in range(num_paths))
+        self.pos = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, groups=channels) for _ in range(num_paths))
+        self.norm_attn = nn.ModuleList(norm_layer(channels) for _ in range(num_paths))
+        self.attn = nn.ModuleList(FactorAttention(channels, num_heads) for _ in range(num_paths))
+        self.norm_mlp = nn.ModuleList(norm_layer(channels) for _ in range(num_paths))
+        hidden = int(round(channels * mlp_ratio))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, channels, 1))
+                                 for _ in range(num_paths))
+        self.local = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels), act_layer(),
+                                   nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), norm_layer(channels),
+                                   act_layer(), nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels))
+        self.aggregate = nn.Sequential(nn.Conv2d(channels * (num_paths + 1), channels, 1, bias=False), norm_layer(channels),
+                                       act_layer())
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths, e = [x + self.drop_path(self.local(x))], x  # the local (convolutional) path
+        for embed, pos, norm_attn, attn, norm_mlp, mlp in zip(self.embed, self.pos, self.norm_attn, self.attn, self.norm_mlp, self.mlp):
+            e = embed(e)  # one more depthwise-separable 3 x 3: the next scale
+            t = e + pos(e)
+            t = t + self.drop_path(attn(norm_attn(t)))
+            paths.append(t + self.drop_path(mlp(norm_mlp(t))))
+        return self.aggregate(torch.cat(paths, dim=1))  # [B, C, S, S]

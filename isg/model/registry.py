@@ -9,8 +9,10 @@ never the model's name or class.
 Registered: ``isg-N-k`` (the paper's Dual Attention network, Eqs. 3-8; any
 N >= 1, 1 <= k <= N builds, the listed ones are examples) and ``isg-N-k-plus``
 (this project's variant), ``vit-s`` (ViT-Small, 384-d, 12 blocks, 6 heads) and
-``vit-t4`` (192-d, 4 blocks, 4 heads) on global features only, and ``he2rna``
-(the HE2RNA baseline).
+``vit-t4`` (192-d, 4 blocks, 4 heads) on global features only; ``vit-mb``, ``vit-cyclemlp``,
+``vit-mpvit`` (ViT-S fed local features through MBConv, CycleMLP or MPViT blocks: the paper's Tab. 1
+baselines), ``mlp-probe`` (a two-layer MLP on mean-pooled features: Tab. 5) and ``he2rna`` (the HE2RNA
+baseline).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 
 from isg.baselines.he2rna import HE2RNA
 from isg.model.dual_attention import BATCH_INPUTS, DualAttentionNet, GlobalViT
+from isg.model.local_vit import LocalBlocksViT, MeanPoolProbe
 from isg.model.names import DEFAULT_MODEL
 
 _ISG_NAME = re.compile(r"^isg-(\d+)-(\d+)(-plus)?$")
@@ -58,7 +61,9 @@ def parse_model_name(name: str) -> tuple[int, int] | None:
 
 
 def _options(cls: type) -> list[str]:
-    skip = {"self", "d", "in_dim", "local_grid", "n_outputs", "n_genes", "n_blocks", "fuse_every", "plus"}
+    skip = {"self", "d", "in_dim", "local_grid", "n_outputs", "n_genes", "fuse_every", "plus", "block"}
+    if cls is DualAttentionNet:  # N is in the name isg-N-k
+        skip.add("n_blocks")
     return [p.name for p in inspect.signature(cls).parameters.values() if p.name not in skip]
 
 
@@ -121,6 +126,24 @@ def vit_s(d, local_grid, n_outputs, **kw):
 def vit_t4(d, local_grid, n_outputs, **kw):
     """A compact ViT on global features only: ViT-Tiny width (192-d), 4 blocks, 4 heads (the old ``vit-s``)."""
     return GlobalViT(d, n_outputs, **{"embed_dim": 192, "depth": 4, "num_heads": 4, **kw})
+
+
+def _local_blocks_builder(block: str) -> Callable[..., nn.Module]:
+    def build(d, local_grid, n_outputs, **kw):
+        return LocalBlocksViT(d, local_grid, n_outputs, block=block, **kw)
+
+    build.__doc__ = f"ViT-S (384-d, 12 blocks, 6 heads) fed local cubes through 10 {block} blocks, pooled per patch (paper Tab. 1)."
+    return build
+
+
+for _name, _block in (("vit-mb", "mbconv"), ("vit-cyclemlp", "cyclemlp"), ("vit-mpvit", "mpvit")):
+    register_model(_name, LocalBlocksViT)(_local_blocks_builder(_block))
+
+
+@register_model("mlp-probe", MeanPoolProbe)
+def mlp_probe(d, local_grid, n_outputs, **kw):
+    """Two-layer MLP on the mean of a slide's patch features (paper Tab. 5: what the features carry)."""
+    return MeanPoolProbe(d, n_outputs, **kw)
 
 
 class HE2RNASlide(HE2RNA):

@@ -92,7 +92,7 @@ class Regression(Task):
             return {"mean_r": float("nan"), "n_samples": len(pred)}
         pred = pred.set_axis(truth.columns, axis=1)
         results = metrics.gene_correlations(truth, pred)
-        summary = metrics.summarize(results)
+        summary = {**metrics.summarize(results), "l2": metrics.l2_error(truth, pred)}
         if out_dir is not None:
             metrics.save_results(out_dir / "genes.csv", results, summary)
             metrics.plot_gene_correlations(results, out_dir / "gene_correlations.png")

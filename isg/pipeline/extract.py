@@ -95,8 +95,16 @@ def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int | 
     return out
 
 
-def _encoder_attrs(ae: Autoencoder, role: str, amp: bool = False) -> dict:
-    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config)}
+def encoder_attrs(ae: Autoencoder, role: str, amp: bool = False) -> dict:
+    """Attrs of a ``features`` / ``local_features`` dataset: which encoder made it and what it was trained with
+    (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record), and
+    ``precision = "bfloat16"`` when ``amp`` encoded it."""
+    from isg.features.autoencoder import extractor_size
+
+    attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config),
+             "extractor_size": extractor_size(ae.config)}
+    objective = (getattr(ae, "extra", None) or {}).get("objective") or {}
+    attrs.update({key: objective[key] for key in ("loss_terms", "lpips_backbone", "lpips_weight", "adv_weight") if key in objective})
     checkpoint = getattr(ae, "checkpoint_path", None)
     if checkpoint:  # isg train copies it into the model folder, checking it is still this file
         attrs["checkpoint"] = str(Path(checkpoint).resolve())
@@ -165,8 +173,8 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
                 offset += len(rows)
         if offset != len(missing):
             raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {len(missing)} patches")
-    local_attrs = _encoder_attrs(local_ae, "local", amp) if local_ae is not None else None
-    return patches.with_features(features, _encoder_attrs(global_ae, "global", amp), local, local_attrs), len(missing)
+    local_attrs = encoder_attrs(local_ae, "local", amp) if local_ae is not None else None
+    return patches.with_features(features, encoder_attrs(global_ae, "global", amp), local, local_attrs), len(missing)
 
 
 def extract_slide(

@@ -86,6 +86,11 @@ class Predictor:
         from isg.model.folder import CARD, extractor_missing, read_model_folder
 
         train_dir = Path(train_dir)
+        pipeline_path = train_dir / "pipeline.json"
+        record = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
+        if record.get("fold_clean") and not (global_ae and local_ae):
+            raise ValueError(f"{train_dir}: a fold-clean run (every fold model has its own extractors, pipeline.json: fold_clean); "
+                             "predict with a model trained on one set of features, or pass --global-ae and --local-ae")
         if (train_dir / CARD).is_file():
             folder = read_model_folder(train_dir)  # a missing or altered fold model or extractor is named here
             models = load_fold_models(train_dir, device)
@@ -98,8 +103,6 @@ class Predictor:
             global_ae, local_ae = extractors["global"], extractors["local"]
         else:
             models = load_fold_models(train_dir, device)
-            pipeline_path = train_dir / "pipeline.json"
-            record = json.loads(pipeline_path.read_text()) if pipeline_path.is_file() else {}
             global_ae = global_ae or record.get("global_features", {}).get("checkpoint")
             local_ae = local_ae or record.get("local_features", {}).get("checkpoint")
             if not global_ae:

@@ -44,6 +44,7 @@ from isg.utils import from_known_fields
 PAPER_THRESHOLD_BITS = 1.6e6   # paper Sec. 4.2 / Tab. 4: the Shannon threshold ...
 PAPER_PATCH_SIZE = 512         # ... assumed to be for 512 x 512 RGB patches (docs/selection.md)
 PAPER_ABLATION_BITS = (8e5, 1.6e6, 2.4e6)  # paper Tab. 4
+PAPER_SIGMA_BITS = 8e5  # the mapping of the paper's bits to cuts: mean and sigma both ~8e5 bits (paper_cut)
 N_SIGMA = 1.0  # paper Sec. 4.2: keep patches "at least one positive standard deviation from the mean"
 RANK_SHARE = 0.1587  # P(z > 1) of a normal distribution: the share mean + 1 sigma keeps of normal scores
 MAD_TO_SIGMA = 1.4826  # sigma = 1.4826 * MAD for normally distributed scores
@@ -51,9 +52,9 @@ KEEP_FLOOR = 0.05  # a slide whose rule keeps under 5 % of its tissue patches ..
 KEEP_FLOOR_PATCHES = 8  # ... or under 8 patches is named in a warning (kept_record)
 
 __all__ = ["RULES", "RULE_KINDS", "N_SIGMA", "RANK_SHARE", "MAD_TO_SIGMA", "KEEP_FLOOR", "KEEP_FLOOR_PATCHES", "kept_record",
-           "robust_z_threshold", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS",
+           "robust_z_threshold", "PAPER_THRESHOLD_BITS", "PAPER_PATCH_SIZE", "PAPER_ABLATION_BITS", "PAPER_SIGMA_BITS",
            "DEFAULT_RULE", "RuleKind", "Selection", "SelectionRule", "SelectionWarning", "register_rule", "select",
-           "mean_std_threshold", "cohort_threshold", "default_threshold_bits"]
+           "mean_std_threshold", "cohort_threshold", "default_threshold_bits", "paper_sigmas", "paper_cut"]
 
 
 class SelectionWarning(UserWarning):
@@ -172,6 +173,22 @@ def default_threshold_bits(patch_size: int | tuple[int, int]) -> float:
         raise ValueError(f"patch_size must be a positive int or (h, w), got {patch_size!r}")
     h, w = size
     return PAPER_THRESHOLD_BITS * float(h) * float(w) / PAPER_PATCH_SIZE**2
+
+
+def paper_sigmas(bits: float) -> float:
+    """Where the paper's cut of ``bits`` sits in its cohort's score distribution: mean + z sigma, z = bits / 8e5 - 1.
+
+    The one mapping of the paper's Tab. 4 (docs/selection.md): the paper puts 1.6e6 bits at about mean + 1 sigma;
+    with evenly spaced cuts 8e5 / 1.6e6 / 2.4e6 that holds when its mean and sigma are both ~8e5 bits, so the
+    three cuts are mean + 0 / 1 / 2 sigma. Bits do not transfer between scorers, positions do.
+    """
+    return float(bits) / PAPER_SIGMA_BITS - 1.0
+
+
+def paper_cut(bits: float, scores_per_slide, patch_size: int | None = None) -> float:
+    """The paper's cut of ``bits`` on this cohort (a list of per-slide scores [N_i]): :func:`cohort_threshold` at
+    :func:`paper_sigmas` of ``bits``. ``patch_size`` is not used: the mapping is by position, not by area."""
+    return cohort_threshold(scores_per_slide, paper_sigmas(bits))
 
 
 def _checked(scores) -> np.ndarray:

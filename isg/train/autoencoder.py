@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from isg.features.autoencoder import Autoencoder, save_autoencoder, shard_noise, tiles_to_input
-from isg.features.lpips_loss import load_lpips
 from isg.data.patch_file import read_patch_file
+from isg.features.autoencoder import Autoencoder, extractor_size, save_autoencoder, shard_noise, tiles_to_input
+from isg.features.lpips_loss import ALEXNET_FILE, cached_alexnet_weights, load_lpips
 from isg.features.patches import open_patch_slide, split_local
 from isg.io import BATCH_SIZE, NUM_WORKERS, iter_tiles
 from isg.train.config import AutoencoderTrainConfig
@@ -205,6 +206,29 @@ class AutoencoderProgress:
     seconds_left: float  # remaining steps at the mean step time of this call
 
 
+def _lpips_of(config: AutoencoderTrainConfig, device) -> torch.nn.Module | None:
+    """The LPIPS module of Eq. 2, or None when the term is off: ``lpips_weight`` 0, or no ImageNet AlexNet
+    weights and ``lpips_without_weights="off"`` (said in a warning)."""
+    if config.lpips_weight <= 0:
+        return None
+    if config.lpips_weights is None and cached_alexnet_weights() is None and config.lpips_without_weights == "off":
+        warnings.warn(f"LPIPS: no ImageNet AlexNet weights ({ALEXNET_FILE}) in the torch hub cache and none given, so the "
+                      "LPIPS term is off (lpips_without_weights='off'): the autoencoders train with L1 + adversarial only. "
+                      "`isg info` says where the weights go.", UserWarning, stacklevel=3)
+        return None
+    return load_lpips(config.lpips_weights, device, config.lpips_impl)
+
+
+def objective_record(config: AutoencoderTrainConfig, lpips: torch.nn.Module | None) -> dict:
+    """What an autoencoder was trained with, as every checkpoint, feature file and table row records it:
+    ``loss_terms`` (e.g. ``"l1 + lpips + adv"``), ``lpips_backbone`` (``"imagenet"``, ``"random"`` or
+    ``"none"``: the AlexNet under the LPIPS term), the weights, and the extractor size."""
+    terms = ["l1"] + (["lpips"] if lpips is not None else []) + (["adv"] if config.adv_weight > 0 else [])
+    backbone = "none" if lpips is None else "imagenet" if lpips.pretrained_backbone else "random"
+    return {"loss_terms": " + ".join(terms), "lpips_backbone": backbone, "lpips_weight": config.lpips_weight if lpips else 0.0,
+            "adv_weight": config.adv_weight, "extractor_size": extractor_size(config.model_kwargs())}
+
+
 def _export_state(ae: Autoencoder, decoder_ema: torch.nn.Module) -> dict:
     """State dict of E with the EMA decoder: the autoencoder to extract features with."""
     state = {f"encoder.{k}": v for k, v in ae.encoder.state_dict().items()}
@@ -221,7 +245,8 @@ class _Trainer:
         shard_noise(self.ae, ranks.rank, ranks.world_size)  # N processes draw the noise one process would
         self.disc = self.ae.make_discriminator(config.mbstd_group).to(self.device)
         self.decoder_ema = copy.deepcopy(self.ae.decoder).eval().requires_grad_(False)
-        self.lpips = load_lpips(config.lpips_weights, self.device, config.lpips_impl) if config.lpips_weight > 0 else None
+        self.lpips = _lpips_of(config, self.device)
+        self.objective = objective_record(config, self.lpips)
         self.opt_g = torch.optim.Adam(self.ae.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
         r1_ratio = config.r1_interval / (config.r1_interval + 1)  # lazy regularisation (StyleGAN2)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr * r1_ratio, betas=(0.0, 0.99**r1_ratio), eps=1e-8)
@@ -306,7 +331,7 @@ class _Trainer:
             "rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
-        extra = {"train_config": asdict(self.config), "step": step, "history": history}
+        extra = {"train_config": asdict(self.config), "objective": self.objective, "step": step, "history": history}
         save_checkpoint(path, "autoencoder", dict(self.ae.config), {"model": _export_state(self.ae, self.decoder_ema), "train": train_state}, extra)
         write_text_atomic(path.parent / HISTORY, json.dumps(history))
 
@@ -396,11 +421,13 @@ def train_autoencoder(tiles_source, out_dir: str | os.PathLike, config: Autoenco
     if ranks.is_main:  # one writer; the other ranks wait for the files
         trainer.save(out_dir / CHECKPOINT, steps, history)
     result = trainer.exported()  # after the save: building it draws random numbers
+    result.extra = {"train_config": asdict(config), "objective": trainer.objective, "steps": steps, "n_tiles": len(tiles),
+                    "processes": ranks.world_size}
     if ranks.is_main:
-        save_autoencoder(out_dir / EXPORT, result, extra={"train_config": asdict(config), "steps": steps, "n_tiles": len(tiles),
-                                                          "processes": ranks.world_size})
+        save_autoencoder(out_dir / EXPORT, result, extra=result.extra)
     barrier()
+    result.checkpoint_path = str(out_dir / EXPORT)  # as load_autoencoder sets it: features record where they came from
     return result.to(trainer.device).eval(), history
 
 
-__all__ = ["AutoencoderProgress", "AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources"]
+__all__ = ["AutoencoderProgress", "AutoencoderTrainConfig", "train_autoencoder", "collect_tiles", "h5_sources", "objective_record"]

@@ -14,6 +14,8 @@ SAMPLERS = ("auto", "bank", "stream")  # autoencoder training tiles: in-memory b
 SLIDES_PER_WINDOW = 16  # stream: slides read together (a window of tiles, shuffled)
 PATCHES_PER_SLIDE = 64  # stream: patches taken from a slide per visit
 
+LPIPS_WITHOUT_WEIGHTS = ("random", "off")  # what the LPIPS term does without ImageNet AlexNet weights
+
 
 @dataclass
 class TrainConfig:
@@ -68,6 +70,10 @@ class AutoencoderTrainConfig:
     batch_size: int = 32
     lr: float = 2e-3  # Adam, betas (0, 0.99), as StyleGAN2
     lpips_weight: float = 1.0  # lambda of Eq. 2
+    # Without ImageNet AlexNet weights (torch hub cache or lpips_weights): "random" keeps the LPIPS term on a
+    # random AlexNet (warned), "off" drops it (L1 + adversarial, warned). Chosen by measurement: isg paper's Tab. 5
+    # probe was higher without LPIPS than with a random AlexNet on 3 of 3 split seeds (docs/features.md).
+    lpips_without_weights: str = "off"
     adv_weight: float = 1.0
     r1_gamma: float = 1.0
     r1_interval: int = 16
@@ -88,6 +94,8 @@ class AutoencoderTrainConfig:
             raise ValueError(f"kind must be 'global' or 'local', got {self.kind!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.lpips_without_weights not in LPIPS_WITHOUT_WEIGHTS:
+            raise ValueError(f"lpips_without_weights must be one of {', '.join(LPIPS_WITHOUT_WEIGHTS)}, got {self.lpips_without_weights!r}")
         if self.resolution is None:
             self.resolution = self.GLOBAL_RESOLUTION if self.kind == "global" else self.LOCAL_RESOLUTION
 
@@ -101,4 +109,4 @@ class AutoencoderTrainConfig:
                     mapping_layers=self.mapping_layers)
 
 
-__all__ = ["PATCHES_PER_SLIDE", "SAMPLERS", "SLIDES_PER_WINDOW", "AutoencoderTrainConfig", "TrainConfig"]
+__all__ = ["LPIPS_WITHOUT_WEIGHTS", "PATCHES_PER_SLIDE", "SAMPLERS", "SLIDES_PER_WINDOW", "AutoencoderTrainConfig", "TrainConfig"]

@@ -129,6 +129,8 @@ def fit_fold(config: TrainConfig, train: BagDataset, val: BagDataset, d: int, lo
             on_epoch({**history[-1], "best_val_loss": best})
         if stale >= config.patience:
             break
+    if best_state is None:
+        raise ValueError(f"no epoch gave a finite validation loss ({history[-1]['val_loss']}): NaN or infinite features or targets?")
     model.load_state_dict(best_state)
     model.standardizer = scale
     return model, {"history": history, "best_val_loss": best, "epochs_run": len(history)}
@@ -158,6 +160,14 @@ def _feature_shape(dataset: BagDataset) -> tuple[int, int | None]:
     return bag["features"].shape[-1], None if local is None else local.shape[1]
 
 
+def cv_folds(manifest: pd.DataFrame, targets: pd.DataFrame, config: TrainConfig) -> list:
+    """The patient-level folds :func:`cross_validate` uses for these slides, targets and ``config`` (a function
+    of ``config.seed``, ``n_splits``, ``val_fraction`` and, for MSI, the labels it stratifies by)."""
+    manifest, targets = match_samples(manifest, targets)
+    stratify = get_task(config.task).stratify(targets)
+    return splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
+
+
 def cross_validate(
     manifest: pd.DataFrame,
     feature_dir: str | Path,
@@ -166,6 +176,7 @@ def cross_validate(
     config: TrainConfig,
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = True,
+    fold_feature_dirs: list[str | Path] | None = None,
 ) -> dict:
     """Patient-level k-fold CV; writes splits, per-fold and overall results, figures, per-fold models and pipeline.json.
 
@@ -175,6 +186,10 @@ def cross_validate(
         progress: called with a :class:`TrainProgress` after every epoch (None: silent).
         resume: reuse the folds a previous run with the same config finished (``out_dir/folds/fold<k>.json``
             beside ``model_fold<k>.pt``): a run killed in fold 4 restarts at fold 4.
+        fold_feature_dirs: fold-clean runs: fold k reads every bag (train, validation, test) from
+            ``fold_feature_dirs[k]``, features whose selection cut and extractors were fitted on that fold's
+            training slides only (folds: :func:`cv_folds`); ``pipeline.json`` then says so (``fold_clean``) and
+            ``isg predict`` refuses the folder (each fold model has its own extractors).
     Returns the overall summary dict (also written to ``out_dir/summary.json``).
 
     Under torchrun every rank trains every fold on its share of each global batch (:func:`fit_fold`); rank 0
@@ -187,15 +202,16 @@ def cross_validate(
         out_dir = Path(scratch.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, targets = match_samples(manifest, targets)
-    task = get_task(config.task)
-    stratify = task.stratify(targets)
-    folds = splits_lib.patient_kfold(manifest, config.n_splits, config.seed, stratify=stratify, val_fraction=config.val_fraction)
+    folds = cv_folds(manifest, targets, config)
+    if fold_feature_dirs is not None and len(fold_feature_dirs) != len(folds):
+        raise ValueError(f"fold_feature_dirs: {len(fold_feature_dirs)} folder(s) for {len(folds)} folds")
     splits_lib.save_splits(out_dir / "splits.json", folds, seed=config.seed)
     local = model_class(config.model).uses_local  # whether the model reads local cubes, as it declares
 
-    def bags(sample_ids, **kw) -> BagDataset:
+    def bags(sample_ids, k: int, **kw) -> BagDataset:
         part = manifest[manifest["sample_id"].astype(str).isin(sample_ids)]
-        return BagDataset.from_manifest(part, feature_dir, targets, local=local, **kw)
+        source = feature_dir if fold_feature_dirs is None else fold_feature_dirs[k]
+        return BagDataset.from_manifest(part, source, targets, local=local, **kw)
 
     predictions, fold_rows, epoch_seconds = [], [], []
 
@@ -206,7 +222,7 @@ def cross_validate(
                                train_loss=row["train_loss"], val_loss=row["val_loss"], best_val_loss=row["best_val_loss"],
                                seconds=time.perf_counter() - clock, seconds_left=left * float(np.mean(epoch_seconds))))
 
-    data = data_key(manifest, feature_dir, targets)
+    data = data_key(manifest, [feature_dir] if fold_feature_dirs is None else fold_feature_dirs, targets)
     finished = {k: fold_record(records_dir, k, config, split, data) for k, split in enumerate(folds)} if resume else {}
     barrier()  # every rank has read the records before rank 0 writes new ones
     for k, split in enumerate(folds):
@@ -217,9 +233,9 @@ def cross_validate(
             log.info("fold %d: finished by a previous run (%s)", k, records_dir / FOLD_RECORDS / f"fold{k}.json")
             continue
         started = time.perf_counter()
-        train = bags(split.train, max_patches=config.max_patches, cache=True)
-        val = bags(split.val or split.train, cache=True)
-        test = bags(split.test)
+        train = bags(split.train, k, max_patches=config.max_patches, cache=True)
+        val = bags(split.val or split.train, k, cache=True)
+        test = bags(split.test, k)
         d, grid = _feature_shape(train)
         model, info = fit_fold(config, train, val, d, grid, None if progress is None else lambda row, k=k: report(k, row))
         pred = predict_bags(model, test, config)
@@ -237,18 +253,20 @@ def cross_validate(
         oof.to_csv(tmp)
     per_sample = _per_sample(oof.drop(columns="fold"), manifest)
     summary = _score(per_sample, manifest, targets, config, out_dir=out_dir, aggregated=True)
-    if task.targets == "expression":  # what predicting each fold's training mean scores on the same folds
+    if get_task(config.task).targets == "expression":  # what predicting each fold's training mean scores on the same folds
         summary["train_mean_floor"] = train_mean_floor(manifest, targets, folds)
     summary.update({"model": config.model, "task": config.task, "folds": fold_rows, "config": asdict(config)})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     with atomic_path(out_dir / "folds.csv") as tmp:
         pd.DataFrame(fold_rows).to_csv(tmp, index=False)
-    write_pipeline(out_dir, feature_dir, manifest["slide_id"].iloc[0])
-    first = read_patch_file(Path(feature_dir) / f"{manifest['slide_id'].iloc[0]}.h5", features=False)
-    cohort = {"slides": len(manifest), "samples": int(manifest["sample_id"].nunique()),
-              "patients": int(manifest["patient_id"].nunique())}
-    write_model_folder(out_dir, first, model=config.model, task=config.task, outputs=list(targets.columns),
-                       uses_local=local, cohort=cohort, metrics=summary, training=_plain(asdict(config)))
+    write_pipeline(out_dir, feature_dir if fold_feature_dirs is None else fold_feature_dirs[0], manifest["slide_id"].iloc[0],
+                   fold_feature_dirs=fold_feature_dirs)
+    if fold_feature_dirs is None:  # a fold-clean run has no one set of extractors to travel with (predict refuses it)
+        first = read_patch_file(Path(feature_dir) / f"{manifest['slide_id'].iloc[0]}.h5", features=False)
+        cohort = {"slides": len(manifest), "samples": int(manifest["sample_id"].nunique()),
+                  "patients": int(manifest["patient_id"].nunique())}
+        write_model_folder(out_dir, first, model=config.model, task=config.task, outputs=list(targets.columns),
+                           uses_local=local, cohort=cohort, metrics=summary, training=_plain(asdict(config)))
     barrier()
     return summary
 
@@ -260,15 +278,17 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def data_key(manifest: pd.DataFrame, feature_dir, targets: pd.DataFrame) -> str:
-    """What the folds were trained on: the targets and the feature files (names, sizes, modification times)."""
+def data_key(manifest: pd.DataFrame, feature_dirs: list, targets: pd.DataFrame) -> str:
+    """What the folds were trained on: the targets and the feature files (names, sizes, modification times)
+    of every folder in ``feature_dirs``."""
     import hashlib
 
     digest = hashlib.sha256(pd.util.hash_pandas_object(targets, index=True).to_numpy().tobytes())
     digest.update(json.dumps([str(c) for c in targets.columns]).encode())
-    for slide_id in manifest["slide_id"]:
-        stat = (Path(feature_dir) / f"{slide_id}.h5").stat()
-        digest.update(f"{slide_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for feature_dir in feature_dirs:
+        for slide_id in manifest["slide_id"]:
+            stat = (Path(feature_dir) / f"{slide_id}.h5").stat()
+            digest.update(f"{slide_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()
 
 
@@ -296,14 +316,15 @@ def fold_record(out_dir: Path, k: int, config: TrainConfig, split, data: str) ->
     return record if record.get("test") == sorted(map(str, split.test)) and record.get("data") == data else None
 
 
-def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) -> None:
+def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str, fold_feature_dirs: list | None = None) -> None:
     """``out_dir/pipeline.json``: how the features were made, so ``isg predict`` can redo it on new slides.
 
     Keys, from one slide's patch file (:mod:`isg.data.patch_file`): ``features_dir``; ``patch_file_schema``;
     ``preprocess`` (the preprocess options that made the patches, and ``rule``: the selection rule applied,
     a :class:`~isg.select.SelectionRule` dict with the cohort's frozen cut); ``geometry`` (read level, patch
     sizes, ``mpp`` at the read level); ``global_features`` and ``local_features`` (the encoders' attrs:
-    checkpoint, resolution, d, ...).
+    checkpoint, resolution, d, ``extractor_size``, ``loss_terms``, ``lpips_backbone``, ...); ``fold_clean``
+    (the per-fold feature folders) for a fold-clean run.
     """
     from isg.data.patch_file import SCHEMA_VERSION, geometry_dict, read_patch_file
 
@@ -317,6 +338,9 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str) 
     pipeline = {"features_dir": str(feature_dir.resolve()), "patch_file_schema": SCHEMA_VERSION, "preprocess": preprocess,
                 "geometry": geometry_dict(patches.geometry), "global_features": patches.feature_attrs,
                 "local_features": patches.local_feature_attrs}
+    if fold_feature_dirs is not None:
+        pipeline["fold_clean"] = {"fold_features_dirs": [str(Path(d).resolve()) for d in fold_feature_dirs],
+                                  "note": "each fold model reads features of extractors fitted on its training slides"}
     write_text_atomic(Path(out_dir) / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
 
 
@@ -333,7 +357,8 @@ def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list)
         test = sorted(split.test)
         predictions.append(pd.DataFrame(np.tile(train.mean().to_numpy(), (len(test), 1)), index=test, columns=targets.columns))
     pred = pd.concat(predictions)
-    return metrics.summarize(metrics.gene_correlations(targets.loc[pred.index], pred))
+    truth = targets.loc[pred.index]
+    return {**metrics.summarize(metrics.gene_correlations(truth, pred)), "l2": metrics.l2_error(truth, pred)}
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
