@@ -308,3 +308,24 @@ def quiet_cucim():
             if not had_log:
                 with contextlib.suppress(OSError):
                     log.unlink()
+
+
+def trim_memory() -> bool:
+    """Return the C heap's freed pages to the OS (glibc ``malloc_trim``, as Dask's workers do); True when it
+    ran (glibc), False elsewhere.
+
+    Between the stages of a large slide, freed buffers of one stage (thumbnails, batches) stay in the heap
+    below live allocations and count in the process's RSS (300 MB of a 10^5 px slide's scoring pass);
+    trimming gives them back. Cheap (milliseconds) and harmless: the heap regrows on demand.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return True

@@ -242,6 +242,32 @@ def test_chunking_does_not_change_output():
     torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, n, chunk", [("isg-4-2", 23, 7), ("isg-4-2-plus", 17, 4), ("isg-4-2", 9, 1)])
+def test_float16_bags_run_a_chunk_at_a_time(name, n, chunk, monkeypatch):
+    """A bag's local cubes stay float16 (as stored) and only a chunk of them is converted at a time: a 20k+
+    patch bag never has its cubes copied whole; the output equals the float32 bag's."""
+    model = _model(name, chunk_size=chunk).eval()
+    bag = _bag(n, seed=4)
+    bag["local"] = bag["local"].half()
+    batch = _collate([bag])
+    converted = []
+    original = torch.Tensor.to
+
+    def counted(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.dtype == torch.float16 and out.dtype == torch.float32:
+            converted.append(len(self))
+        return out
+
+    with torch.no_grad():
+        monkeypatch.setattr(torch.Tensor, "to", counted)
+        half = _run(model, batch)
+        monkeypatch.setattr(torch.Tensor, "to", original)
+        full = _run(model, {**batch, "local": batch["local"].float()})
+    torch.testing.assert_close(half, full, rtol=1e-5, atol=1e-6)
+    assert converted and max(converted) <= chunk and sum(converted) == n
+
+
 def test_empty_slide_in_batch():
     model = _model().eval()
     batch = _collate([_bag(3, seed=1), _bag(2, seed=2)])

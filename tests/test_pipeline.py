@@ -236,23 +236,3 @@ def test_he2rna_slide_pipeline_matches_manual_route(cohort):
     with torch.no_grad():
         expected = model(he2rna_features(tiles, backbone)[None])[0].numpy()
     np.testing.assert_allclose(prediction, expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("budget_tiles", [1, 3, 7])
-def test_tile_keeper_keeps_the_best_scored_tiles_within_budget(budget_tiles):
-    from isg.pipeline.predict import TileKeeper
-
-    rng = np.random.default_rng(budget_tiles)
-    tiles = torch.from_numpy(rng.integers(0, 255, (11, 4, 4, 3), dtype=np.uint8))
-    coords = np.stack([np.arange(11) * 10, np.arange(11)], axis=1)
-    scores = rng.permutation(11).astype(float)
-    keeper = TileKeeper(max_bytes=budget_tiles * tiles[0].numel())
-    for start in range(0, 11, 4):  # batches of 4, as the reader streams them
-        batch = tiles[start:start + 4].clone()
-        keeper(coords[start:start + 4], batch, scores[start:start + 4])
-        batch.zero_()  # the reader reuses its buffer: kept tiles must be copies
-    best = np.argsort(-scores)[:budget_tiles]
-    assert set(keeper.tiles) == {tuple(map(int, coords[i])) for i in best}
-    for i in best:
-        assert torch.equal(keeper.tiles[tuple(map(int, coords[i]))], tiles[i])
-    assert keeper.bytes == budget_tiles * tiles[0].numel()

@@ -117,8 +117,11 @@ def test_reduced_level_and_odd_sizes(cohort, tmp_path, patch_size, local_size):
         level_mpp = slide.level_mpp(1)
     stats = preprocess_slide(slide_path, tmp_path, patch_size=patch_size, local_size=local_size, mpp=level_mpp * 1.2)
     attrs = read_h5(tmp_path / f"{slide_path.stem}.h5")["coords_attrs"]
-    assert stats["level"] == 1 and attrs["patch_level"] == 1 and attrs["mpp"] == pytest.approx(level_mpp)
-    assert attrs["patch_size_level0"] == round(patch_size * downsample) and attrs["patch_size"] == patch_size
+    read_size = round(patch_size * 1.2)  # read at level 1 (the coarsest at least as fine), resized to p
+    assert stats["level"] == 1 and attrs["patch_level"] == 1 and attrs["patch_size_level"] == read_size == stats["read_size"]
+    assert attrs["mpp"] == pytest.approx(level_mpp * read_size / patch_size) == pytest.approx(level_mpp * 1.2, rel=0.02)
+    assert attrs["patch_size_level0"] == round(read_size * downsample) and attrs["patch_size"] == patch_size
+    assert attrs["target_magnification"] == pytest.approx(10 / attrs["mpp"])
 
 
 def test_thumbnail_marks_kept_and_dropped(cohort, tmp_path):
@@ -388,7 +391,7 @@ def test_damaged_limit_and_fail_mode_name_the_file_and_count(damaged_svs, tmp_pa
 def test_mpp_csv_and_plain_images_without_mpp(cohort, bad_slides, tmp_path, capsys):
     from PIL import Image
 
-    from isg.pipeline.preprocess import read_mpp_csv
+    from isg.pipeline.scale import read_mpp_csv
 
     # a plain image read by pixel level needs no mpp: the outputs record it as unknown
     image = tmp_path / "plain.png"

@@ -85,7 +85,8 @@ def register(subparsers) -> None:
     run.add_argument("--batch-size", type=int, default=extract_defaults["batch_size"], help="global patches per batch")
     run.add_argument("--num-workers", type=int, default=extract_defaults["num_workers"], help="tile reader threads")
     run.add_argument("--overwrite", action="store_true", help="recompute slides that already have features")
-    run.add_argument("--amp", action="store_true", help="bfloat16 encoders on CUDA (faster; features differ slightly)")
+    run.add_argument("--amp", action="store_true", help="bfloat16 encoders where the device runs bf16 natively (CUDA; CPUs "
+                     "with AVX512-BF16 or AMX): ~1.8x faster on such a CPU, features within 2e-2 of float32")
     add_scheduler_arguments(run.add_argument_group("execution"),
                             "slides at a time in-process (default 1: the encoders hold the device)")
     add_quiet(run)

@@ -17,7 +17,7 @@ from isg.cli._slides import add_slide_arguments, slides_from_args
 
 def register(subparsers) -> None:
     from isg.pipeline.preprocess import ON_DAMAGED, PreprocessOptions
-    from isg.io import BACKENDS, READERS
+    from isg.io import BACKENDS, READERS, TARGET_MPP
     from isg.select import SELECTORS
 
     defaults = PreprocessOptions()  # the one definition of every default
@@ -31,11 +31,14 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_argument_group("patches")
     group.add_argument("--patch-size", type=int, default=defaults.patch_size,
-                       help=f"global patch size p in pixels at the read level (default {defaults.patch_size})")
+                       help=f"global patch size p in pixels as encoded, at --mpp (default {defaults.patch_size})")
     group.add_argument("--local-size", type=int, default=defaults.local_size,
                        help=f"local patch size q; must divide p (default {defaults.local_size})")
-    group.add_argument("--mpp", type=float, help="read at the level closest to (and not coarser than) this um/px")
-    group.add_argument("--level", type=int, help="read at this pyramid level (default 0)")
+    group.add_argument("--mpp", type=float,
+                       help=f"one physical scale per cohort: patches of p px at this um/px, read at the coarsest level at "
+                            f"least as fine and resized on the fly (default {TARGET_MPP} unless --level is given)")
+    group.add_argument("--level", type=int, help="read p px at this pyramid level instead, no resampling (slides of "
+                                                 "different magnifications then get patches of different physical sizes)")
     group.add_argument("--slide-mpp", type=float, help="level-0 um/px for slides whose metadata lacks it")
     group.add_argument("--mpp-csv", help="CSV/TSV with columns slide, mpp: level-0 um/px per slide (file name, path or "
                                          "slide id), for slides whose metadata lacks it; overrides --slide-mpp")
@@ -72,7 +75,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from isg.cli import CLIError
     from isg.data.manifest import slide_id_of
-    from isg.pipeline.preprocess import check_options, preprocess_cohort, read_mpp_csv
+    from isg.pipeline.preprocess import check_options, preprocess_cohort
+    from isg.pipeline.scale import read_mpp_csv
 
     slides = slides_from_args(args)
     ids: dict[str, Path] = {}

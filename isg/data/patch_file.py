@@ -20,12 +20,16 @@ dataset             dtype [shape]         content
 =================== ===================== ================================================================
 
 Attributes of ``coords`` (the patch geometry, :class:`PatchGeometry`; CLAM and TRIDENT names):
-``patch_size`` (p, pixels at ``patch_level``), ``patch_level``, ``patch_size_level0``
-(``round(p * downsample)``, TRIDENT), ``downsample`` [2] (CLAM), ``level_dim`` [2] (W, H at the level),
-``mpp`` (um/px at the read level, NaN unknown), ``local_size`` (q), ``name``. Issue 18's magnification
-attrs (``level0_magnification``, ``target_magnification``) belong here too. Attributes of ``features`` /
-``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``, ``checkpoint`` (absolute) and
-``checkpoint_sha256``).
+``patch_size`` (p, the pixels of a patch as the encoders see them; TRIDENT's target patch size),
+``patch_level`` (the level read), ``patch_size_level`` (pixels read at that level, then resized to p;
+equal to p when nothing is resampled), ``patch_size_level0`` (the patch's side at level 0, TRIDENT),
+``downsample`` [2] (of ``patch_level``, CLAM), ``level_dim`` [2] (W, H at the level), ``mpp`` (um/px of
+the patch pixels: the cohort's target, NaN unknown), ``level0_magnification`` and ``target_magnification``
+(10 / mpp, as TRIDENT names them; NaN unknown), ``local_size`` (q), ``name``. A CLAM reader reads
+``patch_size`` px at ``patch_level``: the same pixels whenever ``patch_size_level == patch_size``; a
+TRIDENT reader reads ``patch_size_level0`` px at level 0 and resizes them to ``patch_size``.
+Attributes of ``features`` / ``local_features``: the encoder (``encoder``, ``d``, ``resolution``, ``config``,
+``checkpoint`` (absolute) and ``checkpoint_sha256``).
 Root attributes: ``slide_id``, ``slide_path`` (absolute), ``isg_version``, ``backend``, ``level0_mpp``
 (NaN unknown), ``dimensions`` [2] (W, H at level 0), ``n_damaged``, ``kept_fraction`` (selected / tissue
 patches: the floor guard's record, :func:`isg.select.kept_record`), and two JSON attributes:
@@ -34,8 +38,9 @@ patches: the floor guard's record, :func:`isg.select.kept_record`), and two JSON
 used on this slide, null for top-k).
 
 **Local patches are implied, not stored.** The selected patch at level-0 (x, y) holds S x S local
-patches of q pixels at ``patch_level``; local patch (i, j) (row i, column j) starts at level 0 at
-``(x + floor(j * q * downsample), y + floor(i * q * downsample))`` (:func:`isg.io.local_grid`).
+patches of q of its p pixels; local patch (i, j) (row i, column j) starts at level 0 at
+``(x + round(j * q * s), y + round(i * q * s))`` with ``s = patch_size_level0 / patch_size`` level-0 pixels per
+patch pixel (:func:`isg.io.local_grid`).
 
 Files of schema "1" (no ``encoding-version``: loose ``coords`` attrs ``selector``, ``rule``,
 ``threshold``, ``k``, ``n_sigma``, ``tissue_min``, ``level0_patch_size``) load as the same
@@ -65,15 +70,20 @@ __all__ = ["ENCODING_TYPE", "SCHEMA_VERSION", "PatchGeometry", "SlidePatches", "
 
 @dataclass(frozen=True)
 class PatchGeometry:
-    """Where the patches of a slide are: read level, sizes, resolution (the ``coords`` attrs)."""
+    """Where the patches of a slide are and at what scale: read level, sizes, resolution (the ``coords`` attrs).
 
-    patch_size: int  # p, pixels at patch_level
+    A patch is ``read_size`` pixels at ``patch_level`` resized to ``patch_size`` (``read_size`` None: read at
+    ``patch_size``, nothing resampled); its level-0 side is ``patch_size_level0``.
+    """
+
+    patch_size: int  # p, pixels of a patch as encoded
     patch_level: int
-    patch_size_level0: int  # round(p * downsample)
+    patch_size_level0: int  # level-0 side of a patch
     downsample: float  # of patch_level
     level_dim: tuple[int, int] | None  # (W, H) of patch_level
-    mpp: float | None  # um/px at patch_level, None when unknown
+    mpp: float | None  # um/px of the patch pixels (after resizing), None when unknown
     local_size: int | None  # q; must divide p
+    read_size: int | None = None  # pixels read at patch_level, resized to p; None: p (no resampling)
 
     @property
     def grid(self) -> int:
@@ -81,6 +91,27 @@ class PatchGeometry:
         if not self.local_size or self.patch_size % self.local_size:
             raise ValueError(f"patch_size {self.patch_size} is not a positive multiple of local_size {self.local_size}")
         return self.patch_size // self.local_size
+
+    @property
+    def size_at_level(self) -> int:
+        """Pixels read at ``patch_level`` per patch side."""
+        return self.read_size or self.patch_size
+
+    @property
+    def level0_scale(self) -> float:
+        """Level-0 pixels per patch pixel (``patch_size_level0 / patch_size``)."""
+        return self.patch_size_level0 / self.patch_size
+
+    @property
+    def level0_mpp(self) -> float | None:
+        return None if self.mpp is None else self.mpp / self.level0_scale
+
+    @property
+    def magnifications(self) -> tuple[float | None, float | None]:
+        """(level-0, target) magnification, 10 / mpp as TRIDENT counts it (10x = 1 um/px); None when unknown."""
+        if self.mpp is None:
+            return None, None
+        return 10.0 / self.level0_mpp, 10.0 / self.mpp
 
 
 @dataclass
@@ -140,8 +171,7 @@ class SlidePatches:
         """Level-0 um/px: recorded, else from the read level's mpp and the patch sizes; None when unknown."""
         if self.level0_mpp is not None:
             return self.level0_mpp
-        g = self.geometry
-        return g.mpp * g.patch_size / g.patch_size_level0 if g is not None and g.mpp is not None else None
+        return None if self.geometry is None else self.geometry.level0_mpp
 
     def has_features(self, local: bool = True) -> bool:
         """True when the global (and, with ``local``, the local) features are there, in memory or unread."""
@@ -205,9 +235,12 @@ class SlidePatches:
 
 
 def _geometry_attrs(g: PatchGeometry, name: str) -> dict:
-    attrs = {"patch_size": g.patch_size, "patch_level": g.patch_level, "patch_size_level0": g.patch_size_level0,
-             "downsample": np.asarray([g.downsample, g.downsample]), "mpp": math.nan if g.mpp is None else g.mpp,
-             "name": name}
+    unknown = math.nan
+    level0_mag, target_mag = g.magnifications
+    attrs = {"patch_size": g.patch_size, "patch_level": g.patch_level, "patch_size_level": g.size_at_level,
+             "patch_size_level0": g.patch_size_level0, "downsample": np.asarray([g.downsample, g.downsample]),
+             "mpp": unknown if g.mpp is None else g.mpp, "level0_magnification": level0_mag or unknown,
+             "target_magnification": target_mag or unknown, "name": name}
     if g.level_dim is not None:
         attrs["level_dim"] = np.asarray(g.level_dim, np.int64)
     if g.local_size is not None:
@@ -284,7 +317,9 @@ def _geometry(attrs: dict) -> PatchGeometry | None:
         downsample = float(level0) / p
     level_dim = tuple(int(v) for v in np.asarray(attrs["level_dim"]).reshape(-1)[:2]) if "level_dim" in attrs else None
     local = int(attrs["local_size"]) if "local_size" in attrs else None
-    return PatchGeometry(p, int(attrs["patch_level"]), int(level0), float(downsample), level_dim, _finite(attrs.get("mpp")), local)
+    read = int(attrs["patch_size_level"]) if "patch_size_level" in attrs else None
+    return PatchGeometry(p, int(attrs["patch_level"]), int(level0), float(downsample), level_dim, _finite(attrs.get("mpp")),
+                         local, None if read == p else read)
 
 
 def schema1_options(attrs: dict) -> tuple[dict, dict | None, float | None]:

@@ -12,18 +12,20 @@ from isg.io.metadata import mpp_from_description, mpp_from_ome, mpp_from_resolut
 from isg.io.registry import (backend_available, backend_names, backend_spec, open_slide, register_backend,
                              supported_suffixes, unregister_backend)
 from isg.io.slide import MIN_SLIDE_SIZE, HostTileReader, Slide, SlideError, TileReader
-from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, box_fraction, grid_level, iter_tiles, local_grid,
-                          otsu_threshold, release_buffers, tile_grid, tissue_mask)
+from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP, box_fraction, grid_level,
+                          iter_tiles, local_grid, otsu_threshold, read_plan, release_buffers, resize_tiles, tile_grid,
+                          tissue_mask)
 from isg.utils import native_messages, quiet_cucim, quiet_native_output  # C-library output, shared with the root
 
 BACKENDS = backend_names()  # the built-in backends, registration order
 SUPPORTED_SUFFIXES = supported_suffixes()
 
 __all__ = ["BACKENDS", "BATCH_SIZE", "NUM_WORKERS", "DAMAGED_LIMIT", "LOCAL_SIZE", "PATCH_SIZE", "MIN_SLIDE_SIZE", "READERS", "SUPPORTED_SUFFIXES",
+           "TARGET_MPP",
            "CuCIMSlide", "DamagedSlideError", "DamagedTileError", "DamagedTiles", "HostTileReader", "ImageSlide",
            "NvImgCodecSlide", "OpenSlideSlide", "Slide", "SlideError", "SlideListError", "TiffSlide", "TileReader",
            "backend_available", "backend_names", "backend_spec", "box_fraction", "dali_available", "find_slides",
            "grid_level", "is_dicom_folder", "iter_tiles", "iter_tiles_dali", "local_grid", "mpp_from_description",
-           "mpp_from_ome", "mpp_from_resolution", "native_messages", "open_slide", "otsu_threshold", "quiet_cucim",
+           "mpp_from_ome", "mpp_from_resolution", "native_messages", "open_slide", "otsu_threshold", "quiet_cucim", "read_plan", "resize_tiles",
            "quiet_native_output", "register_backend", "release_buffers", "slide_suffixes", "slides_in",
            "supported_suffixes", "tile_grid", "tissue_mask", "unregister_backend"]

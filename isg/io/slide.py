@@ -22,6 +22,7 @@ import numpy as np
 from isg.io.damage import DamagedTileError, SlideError, TiffSegments
 
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
+THUMBNAIL_DIRECT_BYTES = 64 << 20  # a thumbnail's source level larger than this is streamed in blocks
 
 
 def aligned_empty(shape: tuple, offset: int = 16) -> np.ndarray:
@@ -240,7 +241,12 @@ class Slide:
     def thumbnail(self, max_size: int = 1024, with_damage: bool = False):
         """RGB uint8 [h, w, 3] of the whole slide, longest side ``max_size`` (never upscaled), box-filtered
         from the coarsest level that is at least that fine. Damaged tiles are painted white; ``with_damage``
-        returns ``(thumbnail, damaged bool [h, w])`` marking them."""
+        returns ``(thumbnail, damaged bool [h, w])`` marking them.
+
+        A level larger than :data:`THUMBNAIL_DIRECT_BYTES` (a single-level 10^5 px TIFF: 28 GiB) is streamed:
+        the thumbnail is made block by block of output pixels, each from the level pixels under it
+        (:meth:`_boxed_level`), so memory is one block and the thumbnail, and the pixels are the direct ones.
+        """
         from PIL import Image
 
         W, H = self.dimensions
@@ -248,8 +254,11 @@ class Slide:
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(1.0 / scale)
         lw, lh = self.level_dimensions[level]
-        damaged = np.zeros((lh, lw), bool)
-        region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
+        if lw * lh * 3 > THUMBNAIL_DIRECT_BYTES and (lw, lh) != (tw, th):
+            region, damaged = self._boxed_level(level, tw, th)
+        else:
+            damaged = np.zeros((lh, lw), bool)
+            region = self.read_region_tolerant((0, 0), level, (lw, lh), damaged=damaged)
         if region.shape[:2] != (th, tw):
             region = np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
             if damaged.any():
@@ -257,6 +266,37 @@ class Slide:
             else:
                 damaged = np.zeros((th, tw), bool)
         return (region, damaged) if with_damage else region
+
+    def _boxed_level(self, level: int, tw: int, th: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """``level`` box-filtered to (th, tw), made in blocks of output pixels about ``block`` level pixels wide:
+        each block reads the level pixels under it (and one more at fractional edges) and is resized with
+        Pillow's ``box=`` (the fractional source window), the filter a whole-level resize applies to the same
+        output pixels. Returns (uint8 [th, tw, 3], damaged bool [th, tw])."""
+        from PIL import Image
+
+        lw, lh = self.level_dimensions[level]
+        sx, sy = lw / tw, lh / th  # level pixels per output pixel
+        out = np.empty((th, tw, 3), np.uint8)
+        damaged = np.zeros((th, tw), bool)
+        step_x, step_y = max(1, int(block / sx)), max(1, int(block / sy))  # output pixels per block
+        downsample = self.level_downsamples[level]
+        for i0 in range(0, th, step_y):
+            i1 = min(th, i0 + step_y)
+            y0, y1 = i0 * sy, i1 * sy
+            top, bottom = int(math.floor(y0)), min(lh, int(math.ceil(y1)))
+            for j0 in range(0, tw, step_x):
+                j1 = min(tw, j0 + step_x)
+                x0, x1 = j0 * sx, j1 * sx
+                left, right = int(math.floor(x0)), min(lw, int(math.ceil(x1)))
+                hit = np.zeros((bottom - top, right - left), bool)
+                region = self.read_region_tolerant((round(left * downsample), round(top * downsample)), level,
+                                                   (right - left, bottom - top), damaged=hit)
+                box = (x0 - left, y0 - top, x1 - left, y1 - top)  # the fractional window in this region
+                out[i0:i1, j0:j1] = np.asarray(Image.fromarray(region).resize((j1 - j0, i1 - i0), Image.Resampling.BOX, box=box))
+                if hit.any():
+                    damaged[i0:i1, j0:j1] = np.asarray(Image.fromarray(hit).resize((j1 - j0, i1 - i0), Image.Resampling.NEAREST,
+                                                                                    box=box))
+        return out, damaged
 
     def close(self) -> None:
         if self.segments is not None:

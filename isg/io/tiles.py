@@ -4,10 +4,11 @@
   (this mask, the ``otsu`` selector, the HE2RNA baseline).
 * :func:`tissue_mask`: Otsu threshold on the saturation of a low-resolution thumbnail.
 * :func:`box_fraction`: fraction of a mask inside boxes, by a summed-area table.
-* :func:`grid_level`: the read level for an ``mpp`` or a ``level``.
+* :func:`grid_level`: the read level for an ``mpp`` or a ``level``; :func:`read_plan`: the level and the
+  pixels to read there for patches of one physical size (``mpp``), resized on the fly (:func:`resize_tiles`).
 * :func:`tile_grid`: level-0 (x, y) of the ``patch_size`` tiles (at the read level) with enough tissue.
 * :func:`iter_tiles`: batches ``(coords [B, 2], tiles torch.uint8 [B, p, p, 3])`` read by the slide's
-  tile reader (host threads; cuCIM's batch reader; nvImageCodec on the GPU; DALI with ``reader="dali"``),
+  tile reader (and resized to ``out_size`` where the tiles are: host or GPU) (host threads; cuCIM's batch reader; nvImageCodec on the GPU; DALI with ``reader="dali"``),
   prefetched while the caller works on the previous batch. Damaged tiles raise, or are left out and
   listed (``damaged=``).
 * :func:`local_grid`: level-0 coordinates of the (p / q)^2 local patches of each global patch.
@@ -35,6 +36,10 @@ LOCAL_SIZE = 64  # q: local patch side; must divide p (grid S = p / q)
 # Tile streaming: the one definition of the batch size and reader threads of every stage that reads tiles.
 BATCH_SIZE = 64  # tiles per batch
 NUM_WORKERS = 4  # reader threads per slide
+
+# One physical scale per cohort: patches are read at the best level and resized to this many um/px unless a
+# level (no resampling) or another target is given.
+TARGET_MPP = 0.5
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 READERS = ("threads", "dali")  # how iter_tiles decodes: the slide's reader in threads, or NVIDIA DALI
@@ -103,6 +108,33 @@ def grid_level(slide: Slide, mpp: float | None = None, level: int | None = None)
     return slide.best_level_for_mpp(mpp) if mpp is not None else 0
 
 
+def read_plan(slide: Slide, patch_size: int, mpp: float | None = None, level: int | None = None) -> tuple[int, int]:
+    """``(level, read_size)``: patches of ``patch_size`` px at ``mpp`` um/px are ``read_size`` px read at ``level``
+    (the coarsest level at least as fine as ``mpp``, as :func:`grid_level`) and resized to ``patch_size``, as
+    TRIDENT and CLAM do. A ``level`` (or neither) reads ``patch_size`` px there: no resampling."""
+    level = grid_level(slide, mpp, level)
+    if mpp is None:
+        return level, int(patch_size)
+    read_size = max(1, int(round(patch_size * mpp / slide.level_mpp(level))))
+    return level, read_size
+
+
+def resize_tiles(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 tiles [B, s, s, 3] -> uint8 [B, size, size, 3], antialiased bilinear (area-like when shrinking),
+    on the tiles' device: torch's uint8 channels-last kernel on the CPU, float32 then rounded on a GPU."""
+    import torch.nn.functional as F
+
+    if tiles.shape[1:3] == (size, size):
+        return tiles
+    x = tiles.permute(0, 3, 1, 2)  # [B, 3, s, s], channels-last memory
+    if x.device.type == "cpu":
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous()  # [B, size, size, 3]
+
+
 def tile_grid(slide: Slide, patch_size: int, mpp: float | None = None, level: int | None = None, tissue_min: float = 0.05,
               mask: np.ndarray | None = None, stride: int | None = None) -> np.ndarray:
     """int64 [N, 2] level-0 (x, y) of the ``patch_size`` tiles at the read level (see :func:`grid_level`) whose
@@ -141,8 +173,9 @@ def tile_grid(slide: Slide, patch_size: int, mpp: float | None = None, level: in
 def local_grid(coords, p: int, q: int, downsample: float = 1.0) -> np.ndarray:
     """int64 [N, S, S, 2] level-0 (x, y) of the local patches (q px) of each global patch (p px), S = p / q.
 
-    ``[n, i, j]`` is the local patch in row i, column j (rows ``y + i*q``, columns ``x + j*q`` at the read
-    level, scaled by ``downsample`` to level 0), the order of ``tiles.reshape(B, S, q, S, q, 3)``.
+    ``[n, i, j]`` is the local patch in row i, column j (rows ``y + i*q``, columns ``x + j*q`` of the patch's
+    pixels, scaled by ``downsample``, the level-0 pixels per patch pixel (``PatchGeometry.level0_scale``), to
+    level 0), the order of ``tiles.reshape(B, S, q, S, q, 3)``.
     """
     if p <= 0 or q <= 0 or p % q:
         raise ValueError(f"local size q={q} must be a positive divisor of the patch size p={p}")
@@ -229,11 +262,12 @@ def _check_coords(slide: Slide, coords) -> np.ndarray:
 
 def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int = BATCH_SIZE, device="cpu",
                num_workers: int = NUM_WORKERS, prefetch: int = 2, damaged: DamagedTiles | None = None,
-               reader: str = "threads") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, size, size, 3])`` on ``device``.
+               reader: str = "threads", out_size: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield ``(coords_batch int64 [B, 2], tiles torch.uint8 [B, out, out, 3])`` on ``device``.
 
     ``coords`` are level-0 (x, y) top-left corners; tiles are ``size`` px at ``level`` (exactly what
-    ``slide.read_region(xy, level, (size, size))`` returns, white past the border). Batches are read by the
+    ``slide.read_region(xy, level, (size, size))`` returns, white past the border), resized to ``out_size``
+    (default ``size``) by :func:`resize_tiles` on ``device`` (see :func:`read_plan`). Batches are read by the
     slide's :class:`~isg.io.slide.TileReader` (``slide.tile_reader(level, size, device, num_workers)``):
     its host reader decodes parts of each batch in ``num_workers`` threads (0: the calling thread), a
     backend's own batch reader (cuCIM; nvImageCodec on a GPU) uses ``num_workers`` threads of its own;
@@ -248,8 +282,9 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
     if reader not in READERS:
         raise ValueError(f"unknown tile reader {reader!r}; expected one of {', '.join(READERS)}")
     coords = _check_coords(slide, coords)
-    if size < 1 or batch_size < 1:
-        raise ValueError(f"size and batch_size must be positive, got size={size}, batch_size={batch_size}")
+    if size < 1 or batch_size < 1 or (out_size is not None and out_size < 1):
+        raise ValueError(f"size, out_size and batch_size must be positive, got size={size}, out_size={out_size}, "
+                         f"batch_size={batch_size}")
     if not 0 <= level < slide.level_count:
         raise ValueError(f"{slide.path}: level {level} out of range (slide has {slide.level_count} levels)")
     device = torch.device(device)
@@ -266,7 +301,8 @@ def iter_tiles(slide: Slide, coords, size: int, level: int = 0, batch_size: int 
                 chunk, batch = _drop_damaged(slide, chunk, batch, reasons, damaged, level)
                 if not len(chunk):
                     continue
-            yield chunk, batch.to(device, non_blocking=batch.device.type == "cpu" and device.type == "cuda")
+            batch = batch.to(device, non_blocking=batch.device.type == "cpu" and device.type == "cuda")
+            yield chunk, batch if out_size is None else resize_tiles(batch, out_size)
 
 
 def _drop_damaged(slide, chunk, batch, reasons, damaged, level):

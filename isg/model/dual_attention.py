@@ -293,11 +293,11 @@ class DualAttentionNet(nn.Module):
         B, N = mask.shape
         dtype = self.stem_global[1].weight.dtype
         valid = mask.flatten().nonzero().squeeze(1)  # [M] indices into B * N
-        f = features.flatten(0, 1).index_select(0, valid).to(dtype)  # [M, d]
-        R = local.flatten(0, 1).index_select(0, valid).to(dtype)  # [M, S, S, d]
+        features, local = features.flatten(0, 1), local.flatten(0, 1)  # [B * N, d], [B * N, S, S, d] (float16 bags)
         chunks, chunk_maps = [], []
-        for start in range(0, len(valid), self.chunk_size):
-            f_c, R_c = f[start:start + self.chunk_size], R[start:start + self.chunk_size]
+        for start in range(0, len(valid), self.chunk_size):  # a chunk at a time in the model's dtype: a 20k+ bag's
+            rows = valid[start:start + self.chunk_size]  # cubes are never all copied at once
+            f_c, R_c = features.index_select(0, rows).to(dtype), local.index_select(0, rows).to(dtype)
             if maps is not None:
                 chunk_maps.append({})
                 chunks.append(self.encode_patches(f_c, R_c, chunk_maps[-1]))
@@ -306,12 +306,13 @@ class DualAttentionNet(nn.Module):
             else:
                 chunks.append(self.encode_patches(f_c, R_c))
         D = self.token_proj.out_features
-        tokens_valid = torch.cat(chunks) if chunks else f.new_zeros(0, D)  # [M, D]
+        tokens_valid = torch.cat(chunks) if chunks else features.new_zeros(0, D, dtype=dtype)  # [M, D]
         if maps is not None:
             L = self.grid * self.grid
             for key, count in (("local_gate", self.n_fusion), ("global_weights", self._n_global)):
-                per_block = [torch.cat([c[key][b] for c in chunk_maps]) if chunk_maps else f.new_zeros(0, L) for b in range(count)]
-                stacked = torch.stack(per_block, 1) if per_block else f.new_zeros(len(valid), 0, L)  # [M, blocks, L]
+                per_block = [torch.cat([c[key][b] for c in chunk_maps]) if chunk_maps else features.new_zeros(0, L, dtype=dtype)
+                             for b in range(count)]
+                stacked = torch.stack(per_block, 1) if per_block else features.new_zeros(len(valid), 0, L, dtype=dtype)  # [M, blocks, L]
                 maps[key] = _scatter(stacked, valid, B, N)  # [B, N, blocks, L]
         return _scatter(tokens_valid, valid, B, N), mask  # [B, N, D]
 

@@ -349,8 +349,26 @@ def _warn_without_resources(client, resources: Mapping[str, float]) -> None:
                     "`--resources %s` joins", len(workers), wanted, wanted)
 
 
+_STATUS: list = []  # the live cohort bar's status sink, while one is shown (see item_status)
+
+
+def cohort_bar_live() -> bool:
+    """Whether a cohort bar of this process is live (:func:`item_status` shows on it)."""
+    return bool(_STATUS)
+
+
+def item_status(name: str, text: str) -> bool:
+    """Show ``text`` as what item ``name`` is doing now, on the live cohort bar of this process (threads
+    scheduler); False when no bar is live (then the caller shows it its own way)."""
+    if not _STATUS:
+        return False
+    _STATUS[-1](name, text)
+    return True
+
+
 class _progress:
-    """Context manager yielding ``advance(result)``: a rich progress bar over items (or nothing)."""
+    """Context manager yielding ``advance(result)``: a rich progress bar over items (or nothing); while it is
+    live, :func:`item_status` writes into its last column."""
 
     def __init__(self, enabled: bool, total: int, title: str):
         self.enabled, self.total, self.title = enabled and total > 0, total, title
@@ -370,9 +388,12 @@ class _progress:
             mark = "[red]failed[/]" if result.status == FAILED else "[green]ok[/]"
             self.bar.update(task, advance=1, last=f"{result.name} {mark}")
 
+        self.status = lambda name, text: self.bar.update(task, last=f"{name} {text}")
+        _STATUS.append(self.status)
         return advance
 
     def __exit__(self, *exc):
         if self.enabled:
+            _STATUS.remove(self.status)
             self.bar.__exit__(*exc)
         return False

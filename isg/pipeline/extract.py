@@ -29,13 +29,13 @@ from isg.data.patch_file import SlidePatches, read_patch_file, write_patch_file
 from isg.features.autoencoder import Autoencoder, tiles_to_input
 from isg.features.extractors import ExtractorRef
 from isg.features.patches import open_patch_slide, split_local
-from isg.io import BATCH_SIZE, NUM_WORKERS
+from isg.io import BATCH_SIZE, NUM_WORKERS, iter_tiles
 from isg.pipeline.cohort import DONE, FAILED, SKIPPED, on_dask, run_cohort
 
 log = logging.getLogger(__name__)
 
 WRITTEN = DONE  # the cohort runner's status words, one set for every command
-MAX_ENCODE_BATCH = 1024  # local sub-patches encoded per call
+ENCODE_ACTIVATION_BYTES = 8 << 20  # largest encoder activation per call: cache-sized, reused by the allocator
 
 
 @dataclass
@@ -48,24 +48,57 @@ class ExtractResult:
     n_read: int = 0  # patches read from the slide (the rest came from memory)
 
 
-@torch.inference_mode()
-def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int = MAX_ENCODE_BATCH, amp: bool = False) -> torch.Tensor:
-    """Features float32 [B, d] (on CPU) of uint8 tiles [B, H, W, 3], resized to ``ae.resolution``.
+def encode_chunk(ae: Autoencoder) -> int:
+    """Inputs per encoder call: its largest activation (the first block, at full resolution) stays within
+    :data:`ENCODE_ACTIVATION_BYTES`. Larger calls are no faster on a CPU, and their buffers, above glibc's
+    mmap threshold, were mapped and page-faulted anew on every call (as much system time as compute)."""
+    channels = ae.encoder.from_rgb.weight.shape[0]
+    return max(1, ENCODE_ACTIVATION_BYTES // (channels * ae.resolution**2 * 4))
 
-    ``amp``: bfloat16 autocast on CUDA (faster, features differ by ~1e-2 relative).
+
+def bf16_supported(device) -> bool:
+    """Whether bfloat16 autocast runs natively on ``device`` (CUDA; a CPU with AVX512-BF16 or AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+_WARNED_BF16: set = set()
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bfloat16 autocast when ``amp`` and the device runs it natively (warned once otherwise), else nothing."""
+    if amp and not bf16_supported(device):
+        if device.type not in _WARNED_BF16:
+            _WARNED_BF16.add(device.type)
+            log.warning("amp: this %s has no native bfloat16 (AVX512-BF16 / AMX); encoding in float32", device.type)
+        amp = False
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+@torch.inference_mode()
+def encode_tiles(ae: Autoencoder, tiles: torch.Tensor, device, max_batch: int | None = None, amp: bool = False) -> torch.Tensor:
+    """Features float32 [B, d] (on CPU) of uint8 tiles [B, H, W, 3], resized to ``ae.resolution``, in calls of
+    ``max_batch`` inputs (default :func:`encode_chunk`).
+
+    ``amp``: bfloat16 autocast where the device runs it natively (CUDA; CPUs with AVX512-BF16 or AMX): about
+    2x faster on such a CPU; features differ from float32 by ~1e-2 relative (docs/features.md).
     """
     device = torch.device(device)
-    out = []
-    for i in range(0, len(tiles), max_batch):
-        x = tiles_to_input(tiles[i:i + max_batch], ae.resolution, device)  # [b, 3, r, r]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            out.append(ae.encode(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, ae.d)
+    chunk = max_batch or encode_chunk(ae)
+    out = torch.empty(len(tiles), ae.d)  # [B, d]
+    with _autocast(device, amp):
+        for i in range(0, len(tiles), chunk):
+            x = tiles_to_input(tiles[i:i + chunk], ae.resolution, device)  # [b, 3, r, r]
+            out[i:i + len(x)] = ae.encode(x).float().cpu()
+    return out
 
 
-def encoder_attrs(ae: Autoencoder, role: str) -> dict:
+def encoder_attrs(ae: Autoencoder, role: str, amp: bool = False) -> dict:
     """Attrs of a ``features`` / ``local_features`` dataset: which encoder made it and what it was trained with
-    (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record)."""
+    (``extractor_size``, and ``loss_terms``, ``lpips_backbone`` from the checkpoint's training record), and
+    ``precision = "bfloat16"`` when ``amp`` encoded it."""
     from isg.features.autoencoder import extractor_size
 
     attrs = {"encoder": f"isg-autoencoder-{role}", "d": ae.d, "resolution": ae.resolution, "config": json.dumps(ae.config),
@@ -77,19 +110,23 @@ def encoder_attrs(ae: Autoencoder, role: str) -> dict:
         attrs["checkpoint"] = str(Path(checkpoint).resolve())
         if getattr(ae, "checkpoint_sha256", None):
             attrs["checkpoint_sha256"] = ae.checkpoint_sha256
+    if amp:
+        attrs["precision"] = "bfloat16"
     return attrs
 
 
 def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Autoencoder | None, *,
                    slide_path: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE,
                    device: str | torch.device = "cpu", num_workers: int = NUM_WORKERS, backend: str = "auto",
-                   amp: bool = False, tiles: dict | None = None) -> tuple[SlidePatches, int]:
+                   amp: bool = False, tiles=None, progress=None) -> tuple[SlidePatches, int]:
     """``patches`` with ``features`` (and ``local_features`` unless ``local_ae`` is None) of their selected
     patches, and the number of patches read from the slide.
 
-    ``slide_path`` overrides the recorded slide; ``amp``: bfloat16 encoders on CUDA. ``tiles``: patches
-    already in memory, uint8 [p, p, 3] keyed by level-0 ``(x, y)`` (``isg predict`` keeps them from the
-    scoring pass); only the selected patches missing there are read from the slide.
+    ``slide_path`` overrides the recorded slide; ``amp``: bfloat16 encoders (:func:`encode_tiles`). ``tiles``:
+    a :class:`~isg.pipeline.tile_arena.TileArena` of patches already in memory (``isg predict`` keeps them
+    from the scoring pass): the selected patches it holds are encoded first and the arena released, then the
+    others are read from the slide by reader threads that run ahead of the encoders. ``progress(n)`` is
+    called after every ``n`` patches encoded.
     """
     geometry = patches.geometry
     if geometry is None:
@@ -97,53 +134,47 @@ def encode_patches(patches: SlidePatches, global_ae: Autoencoder, local_ae: Auto
     s = geometry.grid if local_ae is not None else 1  # checks that q divides p
     coords = patches.coords  # [M, 2]
     device = torch.device(device)
-    global_ae = global_ae.to(device).eval()
-    local_ae = local_ae.to(device).eval() if local_ae is not None else None
-    m, p, q = len(coords), geometry.patch_size, geometry.local_size
+    global_ae, local_ae = (None if ae is None else ae.to(device, memory_format=torch.channels_last).eval()
+                           for ae in (global_ae, local_ae))  # channels-last: 1.7x on a CPU (docs/features.md)
+    m, q = len(coords), geometry.local_size
     features = np.zeros((m, global_ae.d), np.float32)  # [M, d_g]
     local = np.zeros((m, s, s, local_ae.d), np.float16) if local_ae is not None else None  # [M, S, S, d_l]
-    missing = coords if tiles is None else np.asarray([c for c in coords if (int(c[0]), int(c[1])) not in tiles],
-                                                      np.int64).reshape(-1, 2)
-    offset = 0
-    for batch_coords, batch in _patch_batches(patches, coords, missing, tiles, slide_path, backend, batch_size, device,
-                                              num_workers):  # [b, 2], uint8 [b, p, p, 3]
-        b = len(batch_coords)
-        if not np.array_equal(batch_coords, coords[offset:offset + b]):
-            raise RuntimeError(f"patch file {patches.slide_id}: tile reader returned patches out of order at {offset}")
-        features[offset:offset + b] = encode_tiles(global_ae, batch, device, amp=amp).numpy()
+
+    def encode(rows: np.ndarray, batch: torch.Tensor) -> None:  # batch uint8 [b, p, p, 3] of coords[rows]
+        features[rows] = encode_tiles(global_ae, batch, device, amp=amp).numpy()
         if local_ae is not None:
-            subs = split_local(batch, q).reshape(b * s * s, q, q, 3)
-            local[offset:offset + b] = encode_tiles(local_ae, subs, device, amp=amp).reshape(b, s, s, local_ae.d).numpy().astype(np.float16)
-        offset += b
-    if offset != m:
-        raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {m} patches of {p} px")
-    local_attrs = encoder_attrs(local_ae, "local") if local_ae is not None else None
-    return patches.with_features(features, encoder_attrs(global_ae, "global"), local, local_attrs), len(missing)
+            subs = split_local(batch, q).reshape(len(rows) * s * s, q, q, 3)  # [b * S * S, q, q, 3]
+            local[rows] = encode_tiles(local_ae, subs, device, amp=amp).view(len(rows), s, s, local_ae.d).numpy()
+        if progress is not None:
+            progress(len(rows))
 
-
-def _patch_batches(patches: SlidePatches, coords: np.ndarray, missing: np.ndarray, tiles: dict | None, slide_path,
-                   backend: str, batch_size: int, device, num_workers: int):
-    """``(coords [b, 2], uint8 [b, p, p, 3])`` batches of the selected patches in ``coords`` order: from the
-    slide (``tiles`` None), or from ``tiles`` after reading the ``missing`` ones."""
-    from isg.io import iter_tiles
-
-    g = patches.geometry
-    if tiles is None:
-        if not len(coords):
-            return
+    slots = tiles.slots_of(coords) if tiles is not None else np.full(m, -1, np.int64)  # [M]
+    missing, held = np.flatnonzero(slots < 0), np.flatnonzero(slots >= 0)
+    buffer = None
+    for start in range(0, len(held), batch_size):  # the tiles kept from the scoring pass, gathered into one buffer
+        rows = held[start:start + batch_size]
+        if buffer is None:
+            buffer = torch.empty((min(batch_size, len(held)), *tiles.block.shape[1:]), dtype=torch.uint8,
+                                 device=tiles.block.device)
+        encode(rows, tiles.gather(slots[rows], out=buffer).to(device))
+    if tiles is not None:
+        tiles.release()  # its memory goes before the features of the others fill theirs
+    del buffer
+    if len(missing):  # read again, in reader threads that run ahead of the encoders
         with open_patch_slide(patches, backend, slide_path) as slide:
-            yield from iter_tiles(slide, coords, g.patch_size, level=g.patch_level, batch_size=batch_size, device=device,
-                                  num_workers=num_workers)
-        return
-    if len(missing):
-        tiles = dict(tiles)
-        with open_patch_slide(patches, backend, slide_path) as slide:
-            for xy, batch in iter_tiles(slide, missing, g.patch_size, level=g.patch_level, batch_size=batch_size,
-                                        device="cpu", num_workers=num_workers):
-                tiles.update(((int(x), int(y)), tile.clone()) for (x, y), tile in zip(xy, batch))
-    for i in range(0, len(coords), batch_size):
-        chunk = coords[i:i + batch_size]
-        yield chunk, torch.stack([tiles[(int(x), int(y))] for x, y in chunk]).to(device)
+            offset = 0
+            for batch_coords, batch in iter_tiles(slide, coords[missing], geometry.size_at_level, level=geometry.patch_level,
+                                                  batch_size=batch_size, device=device, num_workers=num_workers,
+                                                  out_size=geometry.patch_size):  # [b, 2], uint8 [b, p, p, 3]
+                rows = missing[offset:offset + len(batch_coords)]
+                if not np.array_equal(batch_coords, coords[rows]):
+                    raise RuntimeError(f"patch file {patches.slide_id}: tile reader returned patches out of order at {offset}")
+                encode(rows, batch)
+                offset += len(rows)
+        if offset != len(missing):
+            raise RuntimeError(f"patch file {patches.slide_id}: read {offset} of {len(missing)} patches")
+    local_attrs = encoder_attrs(local_ae, "local", amp) if local_ae is not None else None
+    return patches.with_features(features, encoder_attrs(global_ae, "global", amp), local, local_attrs), len(missing)
 
 
 def extract_slide(

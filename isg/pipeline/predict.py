@@ -15,12 +15,15 @@ paths; :func:`new_slide_options`). Per slide, :func:`predict_slide`
 4. predicts with every fold model on the bag made in memory and averages,
 
 and reports seconds per stage: ``read`` (open, tissue grid, tile decoding, the
-write), ``select`` (scoring + rule), ``features`` (encoders), ``predict``. Each tissue
-patch is read once: while scoring, the best-scored tiles are kept in memory
-(:class:`TileKeeper`, bounded by ``Predictor.tile_memory_mb``) and the selected
+write), ``select`` (scoring + rule), ``features`` (encoders), ``predict``, and a progress
+line at least every 2 s in every stage (:class:`~isg.pipeline.progress.SlideProgress`: a bar on
+a terminal, lines in ``OUT/progress.log`` and in a redirected stderr). While scoring, the
+best-scored tiles are kept in one preallocated block
+(:class:`~isg.pipeline.tile_arena.TileArena`, ``Predictor.tile_memory_mb``) and the selected
 ones are encoded from there (the selection keeps the top of the score order, so
-they are all kept unless the budget is too small; ``n_reread`` counts those read
-again). :func:`predict_slides` runs a cohort through
+they are all kept unless the budget is too small: a 10^5 px slide's 24k selected patches need
+4.6 GB at p = 256); the others are read again by reader threads that run ahead of
+the encoders (``n_reread`` counts them). :func:`predict_slides` runs a cohort through
 :func:`isg.pipeline.cohort.run_cohort` (one JSON per slide, written atomically: a
 rerun resumes, a bad slide is reported and skipped) and writes
 ``predictions.csv`` (per gene the fold-ensemble mean and, in ``<gene>_std``, the
@@ -48,7 +51,7 @@ from isg.data.manifest import slide_id_of
 from isg.data.patch_file import SlidePatches, is_complete, read_patch_file
 from isg.io import BATCH_SIZE, NUM_WORKERS
 from isg.model.tasks import get_task
-from isg.utils import atomic_path, write_text_atomic
+from isg.utils import atomic_path, trim_memory, write_text_atomic
 
 STAGES = ("read", "select", "features", "predict")
 HEATMAP_SIZE = 1024  # longest side of the heatmap thumbnail when the slide is read again for it
@@ -64,7 +67,8 @@ class Predictor:
     device: str = "cpu"
     batch_size: int = BATCH_SIZE
     num_workers: int = NUM_WORKERS
-    tile_memory_mb: float = 1024.0  # per slide: best-scored tiles kept from the scoring pass (read once)
+    tile_memory_mb: float = 256.0  # per slide: best-scored tiles kept from the scoring pass (read once)
+    amp: bool = False  # bfloat16 encoders where the device runs bf16 natively (docs/features.md)
     source: dict | None = None  # from_train_dir's arguments: a Dask worker rebuilds the predictor from them, once
 
     @property
@@ -139,40 +143,6 @@ def new_slide_options(pipeline: dict) -> dict:
     return options
 
 
-class TileKeeper:
-    """``on_tiles`` hook of :func:`isg.pipeline.preprocess.preprocess_patches`: keeps the best-scored tiles.
-
-    Keeps copies of the highest-scored tiles within ``max_bytes`` (a min-heap on score evicts the
-    lowest). Every selection rule keeps the top of the score order, so the selected patches are the
-    kept ones whenever they fit. ``tiles`` maps level-0 ``(x, y)`` to uint8 [p, p, 3] on the CPU.
-    """
-
-    def __init__(self, max_bytes: float):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._heap: list = []  # (score, push count, (x, y))
-        self._pushed = 0
-        self.tiles: dict = {}
-
-    def __call__(self, coords, tiles: torch.Tensor, scores: np.ndarray) -> None:
-        import heapq
-
-        tiles = torch.as_tensor(tiles)
-        for (x, y), tile, score in zip(np.asarray(coords), tiles, np.asarray(scores)):
-            size = tile.numel() * tile.element_size()
-            if size > self.max_bytes or (self.bytes + size > self.max_bytes and self._heap and score <= self._heap[0][0]):
-                continue  # would be the first to go
-            key = (int(x), int(y))
-            self._pushed += 1
-            heapq.heappush(self._heap, (float(score), self._pushed, key))
-            self.tiles[key] = tile.to("cpu", copy=True)  # the reader reuses its batch buffer
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, _, dropped = heapq.heappop(self._heap)
-                gone = self.tiles.pop(dropped)
-                self.bytes -= gone.numel() * gone.element_size()
-
-
 @dataclass
 class SlidePrediction:
     """One slide through :func:`predict_one`: its prediction, stage seconds, patches and the bag the models read."""
@@ -185,38 +155,57 @@ class SlidePrediction:
 
 def predict_one(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
                 tile_progress: bool = False) -> SlidePrediction:
-    """Preprocess (or reuse ``<work_dir>/<slide_id>.h5``), encode, write the patch file once, predict; see the module."""
+    """Preprocess (or reuse ``<work_dir>/<slide_id>.h5``), encode, write the patch file once, predict; see the module.
+    ``tile_progress``: progress bars on the terminal (progress lines go to the ``isg.progress`` log anyway)."""
+    from isg.pipeline.progress import SlideProgress
+
+    with SlideProgress(slide_id_of(slide_path), bar=tile_progress) as progress:
+        return _predict_one(Path(slide_path), predictor, Path(work_dir), progress)
+
+
+def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progress) -> SlidePrediction:
     from isg.pipeline.extract import encode_patches
     from isg.pipeline.preprocess import preprocess_patches, write_outputs
+    from isg.pipeline.tile_arena import TileArena
 
-    slide_path, work_dir = Path(slide_path), Path(work_dir)
     h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
     local = predictor.local_ae is not None
     timings = dict.fromkeys(STAGES, 0.0)
-    keeper, fresh = None, not is_complete(h5_path)
+    arena, fresh = None, not is_complete(h5_path)
     if fresh:
-        keeper = TileKeeper(predictor.tile_memory_mb * 2**20)
+        arena = TileArena(predictor.tile_memory_mb * 2**20)
         patches, stats = preprocess_patches(slide_path, device=predictor.device, batch_size=predictor.batch_size,
-                                            num_workers=predictor.num_workers, on_tiles=keeper, progress=tile_progress,
+                                            num_workers=predictor.num_workers, on_tiles=arena, progress=progress,
                                             **predictor.preprocess)
         timings["read"] = sum(stats.get(f"seconds_{k}", 0.0) for k in ("open", "grid", "read"))
         timings["select"] = stats.get("seconds_score", 0.0) + stats.get("seconds_select", 0.0)
+        trim_memory()  # the scoring pass's freed buffers, before the features fill theirs
     else:
+        progress.stage("read patch file", None)
         patches = read_patch_file(h5_path)
     timings["n_reread"] = 0  # patches read a second time
     start = time.perf_counter()
     if not patches.has_features(local):
+        progress.stage("features", patches.n_selected, "patches")
         patches, timings["n_reread"] = encode_patches(
             patches, predictor.global_ae, predictor.local_ae, slide_path=slide_path, batch_size=predictor.batch_size,
-            device=predictor.device, num_workers=predictor.num_workers, tiles=keeper.tiles if keeper is not None else None)
+            device=predictor.device, num_workers=predictor.num_workers, amp=predictor.amp, tiles=arena,
+            progress=progress.update)
         timings["features"] = time.perf_counter() - start
+        del arena
+        trim_memory()
+        progress.stage("write", None)
         start = time.perf_counter()
         write_outputs(work_dir, patches, thumbnail=fresh)  # the one write: patches, features (and the PNG)
         timings["read"] += time.perf_counter() - start
-    del keeper
+    progress.stage("predict", len(predictor.models), "fold models")
     start = time.perf_counter()
     batch = collate_bags([to_bag(bag_arrays(patches, local, where=str(h5_path)), patches.slide_id)])
-    folds = pd.concat([model.predict(batch) for model in predictor.models])  # [folds, outputs]
+    folds = []
+    for model in predictor.models:  # attention over the bag: PyTorch's CPU flash kernel, memory O(N) (docs/model.md)
+        folds.append(model.predict(batch))  # [1, outputs]
+        progress.update(1)
+    folds = pd.concat(folds)  # [folds, outputs]
     prediction = pd.concat([folds.mean(axis=0), folds.std(axis=0, ddof=0).add_suffix(STD_SUFFIX)])  # ensemble of folds
     timings["predict"] = time.perf_counter() - start
     timings["n_patches"], timings["n_tissue"] = patches.n_selected, patches.n_tissue
@@ -227,7 +216,7 @@ def predict_one(slide_path: str | os.PathLike, predictor: Predictor, work_dir: s
 def predict_slide(slide_path: str | os.PathLike, predictor: Predictor, work_dir: str | os.PathLike,
                   tile_progress: bool = False) -> tuple[pd.Series, dict]:
     """Prediction (a row over ``predictor.outputs``, with the fold std in ``predictor.outputs`` + ``_std``)
-    and stage seconds for one slide; ``tile_progress``: a bar over its tiles while scoring."""
+    and stage seconds for one slide; ``tile_progress``: a progress bar of its stages on the terminal."""
     result = predict_one(slide_path, predictor, work_dir, tile_progress)
     return result.prediction, result.timings
 
@@ -238,7 +227,8 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     """Predict every slide; returns ``(predictions [slides, outputs], timings [slides, stages], summary)``.
 
     Per-slide results go to ``<out_dir>/slides/<slide_id>.json`` (atomic; a rerun
-    skips them), patches and features to ``work_dir`` (default ``<out_dir>/patches``);
+    skips them), patches and features to ``work_dir`` (default ``<out_dir>/patches``), a progress line
+    per slide at least every 2 s to ``<out_dir>/progress.log``;
     ``predictions.csv`` (each output followed by its ``_std`` across folds), ``timings.csv``
     and ``summary.json`` are written at the end. ``heatmaps`` (output names) and
     ``attention_maps`` add :func:`explain_slide`'s files under ``<out_dir>/heatmaps`` and
@@ -263,11 +253,15 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
     def complete(path: Path) -> bool:  # a slide is done when its JSON and the maps asked for exist
         return path.is_file() and _explained(out_dir, path.stem, heatmaps, attention_maps)
 
+    from isg.pipeline.progress import progress_log
+
     process = _PredictOne(predictor, work_dir, out_dir, heatmaps, attention_maps,
                           tile_progress=progress and workers == 1, ship_source=scheduler not in (None, "threads"))
-    summary = run_cohort(slides, process, lambda s: per_slide / f"{slide_id_of(s)}.json", scheduler=scheduler,
-                         workers=workers, resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of,
-                         is_complete=complete, summary_path=out_dir / "summary.json", title="isg predict")
+    with progress_log(out_dir / "progress.log"):  # the lines of slides run in this process
+        summary = run_cohort(slides, process, lambda s: per_slide / f"{slide_id_of(s)}.json", scheduler=scheduler,
+                             workers=workers, resources=resources, overwrite=overwrite, progress=progress,
+                             name_of=slide_id_of, is_complete=complete, summary_path=out_dir / "summary.json",
+                             title="isg predict")
     records = [json.loads((per_slide / f"{slide_id_of(s)}.json").read_text()) for s in slides
                if (per_slide / f"{slide_id_of(s)}.json").is_file()]
     index = pd.Index([r["slide_id"] for r in records], name="slide_id")
@@ -289,7 +283,7 @@ def _explained(out_dir: Path, slide_id: str, heatmaps: list[str], attention_maps
 
 def cached_predictor(source: dict, settings: dict) -> Predictor:
     """The predictor ``Predictor.from_train_dir(**source)``, built once per process (a Dask worker's first slide)
-    and reused, with ``settings`` (batch size, reader threads, tile memory) applied."""
+    and reused, with ``settings`` (batch size, reader threads, tile memory, amp) applied."""
     from dataclasses import replace
 
     from isg.utils import PROCESS_CACHE
@@ -313,7 +307,7 @@ class _PredictOne:
         self.predictor = None if ship_source else predictor
         self.source = predictor.source if ship_source else None
         self.settings = dict(batch_size=predictor.batch_size, num_workers=predictor.num_workers,
-                             tile_memory_mb=predictor.tile_memory_mb)
+                             tile_memory_mb=predictor.tile_memory_mb, amp=predictor.amp)
         self.work_dir, self.out_dir, self.heatmaps, self.attention_maps = work_dir, out_dir, heatmaps, attention_maps
         self.tile_progress = tile_progress
 

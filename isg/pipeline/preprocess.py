@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from isg.data.manifest import slide_id_of
-from isg.data.patch_file import PatchGeometry, SlidePatches, is_complete, write_patch_file
+from isg.data.patch_file import SlidePatches, is_complete, write_patch_file
 from isg.pipeline.cohort import on_dask, run_cohort
-from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS
+from isg.io import BATCH_SIZE, DAMAGED_LIMIT, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP
 from isg.select import SELECTORS, Selection, SelectionRule, apply_rule, get_selector, kept_record, select
 from isg.utils import atomic_path
 
@@ -50,10 +50,10 @@ PNG_SIZE = 1024  # longest side of the selection thumbnail (at least)
 class PreprocessOptions:
     """Options of :func:`preprocess_slide`; the one definition of their defaults (``isg preprocess`` reads them)."""
 
-    patch_size: int = PATCH_SIZE  # p: global patch side in pixels at the read level
+    patch_size: int = PATCH_SIZE  # p: global patch side in pixels (as encoded)
     local_size: int = LOCAL_SIZE  # q: local patch side; must divide p
-    mpp: float | None = None  # read at the coarsest level at least this fine (um/px)
-    level: int | None = None  # or read at this level (default 0)
+    mpp: float | None = None  # target um/px of the patches (None: TARGET_MPP unless a level is given)
+    level: int | None = None  # or read p px at this level, no resampling (no physical target)
     slide_mpp: float | None = None  # level-0 um/px for slides whose metadata lacks it
     selector: str = "shannon"  # a registered selector (isg.select.SELECTORS)
     rule: SelectionRule | None = None  # None: the selector's natural rule; "cohort" without threshold is
@@ -75,6 +75,13 @@ class PreprocessOptions:
             object.__setattr__(self, "rule", SelectionRule.from_dict(self.rule))
         elif self.rule is not None and not isinstance(self.rule, SelectionRule):
             raise ValueError(f"rule must be a SelectionRule, a rule name or None, got {self.rule!r}")
+
+    @property
+    def target_mpp(self) -> float | None:
+        """The um/px patches are resized to: ``mpp``, else :data:`isg.io.TARGET_MPP` unless a ``level`` is given."""
+        if self.mpp is not None:
+            return self.mpp
+        return None if self.level is not None else TARGET_MPP
 
     def selection_rule(self) -> SelectionRule:
         """The rule applied: :attr:`rule`, or the selector's natural rule; a ``"threshold"`` rule without
@@ -160,9 +167,11 @@ class _Clock:
 
 @dataclass
 class _Grid:
-    """Where patches are read: the read ``level``, its ``downsample``, and the tissue patches ``coords`` [N, 2]."""
+    """Where patches are read: ``read_size`` px at ``level`` (its ``downsample``) resized to p, and the tissue
+    patches ``coords`` [N, 2]."""
 
     level: int
+    read_size: int
     downsample: float
     level0_patch_size: int
     thumb: np.ndarray  # [h, w, 3] the thumbnail the tissue mask came from
@@ -170,27 +179,29 @@ class _Grid:
 
 
 def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
-    """Step 1: the read level (:func:`isg.io.grid_level`) and the patches with enough tissue on the thumbnail."""
-    from isg.io import grid_level, tile_grid, tissue_mask
+    """Step 1: the read level and size (:func:`isg.pipeline.scale.read_plan_of`) and the patches with enough tissue on the thumbnail."""
+    from isg.io import tile_grid, tissue_mask
+    from isg.pipeline.scale import read_plan_of
 
-    level = grid_level(slide, opts.mpp, opts.level)
+    level, read_size = read_plan_of(slide, opts)
     downsample = float(slide.level_downsamples[level])
-    level0_patch_size = round(opts.patch_size * downsample)
+    level0_patch_size = round(read_size * downsample)
     thumb, damaged = slide.thumbnail(mask_size(slide, level0_patch_size), with_damage=True)  # [h, w, 3], [h, w]
     # damaged tiles of the thumbnail count as tissue: their patches are read, found damaged, listed and counted
     mask = tissue_mask(slide, thumbnail=thumb) | damaged  # [h, w] bool
-    coords = np.asarray(tile_grid(slide, opts.patch_size, level=level, tissue_min=opts.tissue_min, mask=mask),
+    coords = np.asarray(tile_grid(slide, read_size, level=level, tissue_min=opts.tissue_min, mask=mask),
                         dtype=np.int64).reshape(-1, 2)  # [N, 2] level-0 (x, y)
     if len(coords) == 0:
-        raise ValueError(f"{slide.path}: no tissue found (no {opts.patch_size} px patch at level {level} "
+        raise ValueError(f"{slide.path}: no tissue found (no {read_size} px patch at level {level} "
                          f"has >= {opts.tissue_min:.0%} tissue on the thumbnail)")
-    return _Grid(level, downsample, level0_patch_size, thumb, coords)
+    return _Grid(level, read_size, downsample, level0_patch_size, thumb, coords)
 
 
-def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress: bool = False, on_tiles=None):
+def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress=None, on_tiles=None):
     """Step 2: stream the patches and score each with the selector. Patches touching damaged tiles are left
     out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B])`` sees every scored
-    batch (the tiles live in a reused buffer: copy what you keep).
+    batch (the tiles live in a reused buffer: copy what you keep); ``progress``: a
+    :class:`~isg.pipeline.progress.SlideProgress` (or None).
     Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
     import torch
 
@@ -198,24 +209,31 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
 
     score_fn = get_selector(opts.selector).for_slide(grid.thumb)  # e.g. Otsu's grey threshold of this slide
     damaged = DamagedTiles()
-    batches = iter_tiles(slide, grid.coords, opts.patch_size, level=grid.level, batch_size=opts.batch_size,
-                         device=opts.device, num_workers=opts.num_workers, damaged=damaged, reader=opts.reader)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, total=math.ceil(len(grid.coords) / opts.batch_size), desc=slide.slide_id,
-                       unit="batch", leave=False)
-    coords, scores = [], []
+    batches = iter_tiles(slide, grid.coords, grid.read_size, level=grid.level, batch_size=opts.batch_size,
+                         device=opts.device, num_workers=opts.num_workers, damaged=damaged, reader=opts.reader,
+                         out_size=opts.patch_size)
+    if progress is not None:
+        progress.stage("read + score", len(grid.coords), "patches")
+    # filled in place: small per-batch arrays kept in lists sat between the batches' freed buffers and made
+    # the heap grow by ~0.4 MB per batch (0.5 GB over a 10^5 px slide's scoring pass)
+    coords = np.empty((len(grid.coords), 2), np.int64)  # [N, 2]
+    scores = np.empty(len(grid.coords), np.float64)  # [N]
+    done = 0
     with torch.inference_mode():
         for batch_coords, tiles in batches:  # [B, 2], [B, p, p, 3] uint8
             clock.lap("read")
-            scores.append(np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1))  # [B]
-            coords.append(np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2))
+            if done + len(batch_coords) > len(grid.coords):
+                raise RuntimeError(f"{slide.path}: tile stream returned more tiles than the {len(grid.coords)} coordinates")
+            rows = slice(done, done + len(batch_coords))
+            scores[rows] = np.asarray(score_fn(tiles), dtype=np.float64).reshape(-1)
+            coords[rows] = np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2)
+            done += len(batch_coords)
             if on_tiles is not None:  # isg predict keeps the best tiles: selected patches are read once
-                on_tiles(coords[-1], tiles, scores[-1])
+                on_tiles(coords[rows], tiles, scores[rows])
+            if progress is not None:
+                progress.update(len(batch_coords))
             clock.lap("score")
-    coords = np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)
-    scores = np.concatenate(scores) if scores else np.zeros(0, np.float64)
+    coords, scores = coords[:done], scores[:done]
     if len(coords) + len(damaged) != len(grid.coords):
         raise RuntimeError(f"{slide.path}: tile stream returned {len(coords)} tiles (+{len(damaged)} damaged) "
                            f"for {len(grid.coords)} coordinates")
@@ -257,18 +275,33 @@ def write_outputs(out_dir: Path, patches: SlidePatches, thumbnail: bool = True) 
     return write_patch_file(out_dir / f"{patches.slide_id}.h5", patches)
 
 
-def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress: bool, on_tiles) -> SlidePatches:
-    """Steps 1-4 on one slide (see :func:`preprocess_patches`)."""
+def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress, on_tiles) -> SlidePatches:
+    """Steps 1-4 on one slide (see :func:`preprocess_patches`); ``progress``: True (a bar of its own), a
+    :class:`~isg.pipeline.progress.SlideProgress`, or False."""
+    from isg.pipeline.progress import SlideProgress
+
+    if progress is True:
+        with SlideProgress(slide_id_of(slide_path), bar=True, log=None) as own:
+            return _preprocess(slide_path, opts, clock, own, on_tiles)
+    return _preprocess_slide(slide_path, opts, clock, progress or None, on_tiles)
+
+
+def _preprocess_slide(slide_path, opts: PreprocessOptions, clock: _Clock, progress, on_tiles) -> SlidePatches:
     from isg.io import open_slide
+    from isg.pipeline.scale import patch_geometry
 
     import isg
 
     with open_slide(slide_path, backend=opts.backend, mpp=opts.slide_mpp, max_damaged=opts.max_damaged) as slide:
         clock.lap("open")
+        if progress is not None:
+            progress.stage("tissue grid")
         grid = tissue_grid(slide, opts)
         clock.lap("grid")
         coords, scores, damaged = score_patches(slide, grid, opts, clock, progress, on_tiles)
         check_damaged(slide, damaged, len(grid.coords), opts)
+        if progress is not None:
+            progress.stage("select")
         rule = opts.selection_rule()
         selected, cut = select_patches(scores, rule, name=str(slide_path))
         if not rule.pending:
@@ -277,9 +310,7 @@ def _preprocess(slide_path, opts: PreprocessOptions, clock: _Clock, progress: bo
         thumb = grid.thumb
         if opts.thumbnail and max(thumb.shape[:2]) < min(PNG_SIZE, max(slide.dimensions)):
             thumb = slide.thumbnail(PNG_SIZE)  # the selection PNG (and isg predict's heatmaps) draw on it
-        geometry = PatchGeometry(opts.patch_size, grid.level, grid.level0_patch_size, grid.downsample,
-                                 tuple(int(v) for v in slide.level_dimensions[grid.level]),
-                                 slide.level_mpp(grid.level), opts.local_size)
+        geometry = patch_geometry(slide, grid.level, grid.read_size, opts)
         return SlidePatches(
             slide_id=slide_id_of(slide_path),  # the input's name (a DICOM WSI folder opens one of its files)
             slide_path=str(Path(slide_path).resolve()), geometry=geometry, tissue_coords=coords, scores=scores,
@@ -294,10 +325,11 @@ def _stats(patches: SlidePatches, clock: _Clock) -> dict:
     pending = patches.rule is not None and SelectionRule.from_dict(patches.rule).pending
     kept = {} if pending else kept_record(patches.selected, warn=False)  # kept_fraction, under_floor (summary.json)
     return {"n_tissue": patches.n_tissue, "n_kept": patches.n_selected, **kept, "n_damaged": len(patches.damaged_coords),
-            "level": g.patch_level, "mpp": math.nan if g.mpp is None else float(g.mpp), **clock.stats()}
+            "level": g.patch_level, "mpp": math.nan if g.mpp is None else float(g.mpp), "read_size": g.size_at_level,
+            **clock.stats()}
 
 
-def preprocess_patches(slide_path: str | os.PathLike, *, progress: bool = False, on_tiles=None,
+def preprocess_patches(slide_path: str | os.PathLike, *, progress=False, on_tiles=None,
                        **options) -> tuple[SlidePatches, dict]:
     """One slide's patches in memory (nothing written) and its stats; see :func:`preprocess_slide`.
 
@@ -311,23 +343,27 @@ def preprocess_patches(slide_path: str | os.PathLike, *, progress: bool = False,
     return patches, _stats(patches, clock)
 
 
-def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False,
+def preprocess_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress=False,
                      on_tiles=None, **options) -> dict:
     """Preprocess one slide into ``<out_dir>/<slide_id>.h5`` (+ ``.png``); returns its stats.
 
-    ``options`` are the fields of :class:`PreprocessOptions`. Patches are ``patch_size`` pixels at ``level``
-    (default 0) or at the level chosen for ``mpp`` (``slide.best_level_for_mpp``: the coarsest level at
-    least as fine, no resampling; the patch file records the actual mpp). ``slide_mpp`` overrides the slide's
-    level-0 mpp (for files without it). ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name),
-    None for the selector's natural rule (Shannon: mean + 1 sigma of the slide's scores; Otsu: tissue
+    ``options`` are the fields of :class:`PreprocessOptions`. Patches have one physical size: ``patch_size``
+    pixels at ``mpp`` um/px (default :data:`isg.io.TARGET_MPP`, 0.5), read at the coarsest level at least that
+    fine and resized on the fly (:func:`isg.io.read_plan`, as TRIDENT and CLAM do); with ``level`` they are
+    ``patch_size`` pixels read at that level, not resampled. The patch file records both sizes and the patches'
+    um/px (:class:`~isg.data.patch_file.PatchGeometry`). ``slide_mpp`` overrides the slide's level-0 mpp (for
+    files without it; such a slide under the default target is read at level 0 unresampled, with a warning).
+    ``rule``: a :class:`~isg.select.SelectionRule` (or a kind name), None for the selector's natural rule (Shannon: mean + 1 sigma of the slide's scores; Otsu: tissue
     fraction >= 0.5). ``"cohort"`` is the paper's rule: its ``threshold`` is the frozen cohort cut;
     without it the selection stays empty until :func:`preprocess_cohort` freezes the cut over every
     slide's scores. ``"threshold"`` without a threshold takes the selector's default cut
-    (:func:`isg.select.default_threshold_bits` for Shannon).
+    (:func:`isg.select.default_threshold_bits` for Shannon). ``progress``: True for a bar of the slide's stages
+    (a line at least every 2 s), or a :class:`~isg.pipeline.progress.SlideProgress` to report to.
 
     The method, step by step: :func:`tissue_grid` -> :func:`score_patches` -> :func:`check_damaged` ->
     :func:`select_patches` -> :func:`write_outputs`. Returns ``n_tissue`` (patches scored), ``n_kept``,
-    ``n_damaged`` (patches left out: they touch damaged tiles), ``level``, ``mpp`` (NaN when unknown) and
+    ``n_damaged`` (patches left out: they touch damaged tiles), ``level``, ``mpp`` (um/px of the patches, NaN
+    when unknown), ``read_size`` (pixels read at ``level`` per patch side) and
     ``seconds_<stage>`` for open, grid, read, score, select, write and total. ``on_tiles``: see :func:`score_patches`.
     """
     opts = PreprocessOptions(**options)
@@ -364,31 +400,6 @@ def save_selection_thumbnail(path, thumb: np.ndarray, dimensions, coords: np.nda
 
 
 # ----------------------------------------------------------------------------- cohorts
-
-
-def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
-    """Per-slide level-0 mpp from a CSV/TSV with columns ``slide`` (file name, path or slide id) and ``mpp``;
-    returns {slide id: mpp}. Raises ValueError naming the file and the bad row."""
-    from isg.utils import read_text_table
-
-    path = Path(path)
-    table = read_text_table(path, "mpp table")
-    table.columns = table.columns.str.lower()
-    if not {"slide", "mpp"} <= set(table.columns):
-        raise ValueError(f"{path}: needs columns slide, mpp (has: {', '.join(table.columns)})")
-    mpps: dict[str, float] = {}
-    for row, (name, text) in enumerate(zip(table["slide"].str.strip(), table["mpp"].str.strip()), start=2):
-        try:
-            mpp = float(text)
-        except ValueError:
-            mpp = math.nan
-        if not (mpp > 0 and math.isfinite(mpp)):
-            raise ValueError(f"{path}: line {row}: mpp must be a positive number, got {text!r} for {name!r}")
-        slide_id = slide_id_of(name)
-        if slide_id in mpps and mpps[slide_id] != mpp:
-            raise ValueError(f"{path}: line {row}: slide {slide_id!r} is given two mpp values ({mpps[slide_id]}, {mpp})")
-        mpps[slide_id] = mpp
-    return mpps
 
 
 def _warn_under_floor(summary) -> None:
@@ -436,8 +447,9 @@ def preprocess_cohort(
     :func:`isg.pipeline.cohort.run_cohort`: finished slides are skipped, failures recorded, and
     ``<out_dir>/summary.json`` written; ``progress``: cohort bar and summary table,
     ``tile_progress``: a tile bar per slide (for one slide at a time). ``slide_mpps`` ({slide id: mpp},
-    see :func:`read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.pipeline.cohort.CohortSummary`."""
+    see :func:`isg.pipeline.scale.read_mpp_csv`) overrides ``slide_mpp`` per slide. Returns the :class:`~isg.pipeline.cohort.CohortSummary`."""
     from isg.io import native_messages, release_buffers
+    from isg.pipeline.scale import scale_mix
 
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
@@ -455,6 +467,9 @@ def preprocess_cohort(
             resources=resources, overwrite=overwrite, progress=progress, name_of=slide_id_of, is_complete=is_complete,
             summary_path=out_dir / "summary.json", title="isg preprocess",
         )
+        mixed = scale_mix({r.name: r.stats.get("mpp") for r in summary.results if r.status != "failed"})
+        if mixed:
+            log.warning("isg preprocess: %s", mixed)
         rule = PreprocessOptions(**options).selection_rule()
         if rule.pending:
             done = [out_dir / f"{slide_id_of(s)}.h5" for s in slides if is_complete(out_dir / f"{slide_id_of(s)}.h5")]

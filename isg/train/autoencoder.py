@@ -108,8 +108,9 @@ def collect_tiles(h5_paths: list, kind: str, resolution: int, max_tiles: int | N
         g = info.geometry
         try:
             with open_patch_slide(info) as slide:
-                for _, tiles in iter_tiles(slide, info.coords[idx], g.patch_size, level=g.patch_level,
-                                           batch_size=batch_size, device="cpu", num_workers=num_workers):
+                for _, tiles in iter_tiles(slide, info.coords[idx], g.size_at_level, level=g.patch_level,
+                                           batch_size=batch_size, device="cpu", num_workers=num_workers,
+                                           out_size=g.patch_size):
                     if kind == "local":
                         tiles = split_local(tiles, g.local_size).reshape(-1, g.local_size, g.local_size, 3)
                     bank.append(resized_tiles(tiles, resolution))

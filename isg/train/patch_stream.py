@@ -47,8 +47,9 @@ class _Slide:
     slide_path: str
     slide_mpp: float | None
     coords: np.ndarray  # [M, 2] selected patches, level 0
-    patch_size: int
+    patch_size: int  # p, as encoded
     patch_level: int
+    read_size: int  # pixels read at patch_level, resized to p
     local_size: int | None
 
 
@@ -91,7 +92,7 @@ class PatchStream:
         if patches.slide_path is None or not Path(patches.slide_path).is_file():
             raise ValueError(f"patch file {h5_path}: slide {patches.slide_path} not found")
         return _Slide(str(h5_path), str(patches.slide_path), patches.slide_mpp, np.asarray(patches.coords),
-                      g.patch_size, g.patch_level, g.local_size)
+                      g.patch_size, g.patch_level, g.size_at_level, g.local_size)
 
     @property
     def n_patches(self) -> int:
@@ -146,8 +147,9 @@ class PatchStream:
             done = 0
             try:
                 with open_patch_slide(_Patches(slide)) as opened:
-                    for _, batch in iter_tiles(opened, slide.coords[index], slide.patch_size, level=slide.patch_level,
-                                               device="cpu", num_workers=self.num_workers):  # uint8 [b, p, p, 3]
+                    for _, batch in iter_tiles(opened, slide.coords[index], slide.read_size, level=slide.patch_level,
+                                               device="cpu", num_workers=self.num_workers,
+                                               out_size=slide.patch_size):  # uint8 [b, p, p, 3]
                         if self.kind == "local":  # [b, S * S, q, q, 3]
                             batch = split_local(batch, slide.local_size).reshape(len(batch), -1, slide.local_size,
                                                                                   slide.local_size, 3)

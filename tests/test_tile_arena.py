@@ -1,0 +1,40 @@
+"""isg.pipeline.tile_arena: the best-scored tiles of the scoring pass in one preallocated block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from isg.pipeline.tile_arena import TileArena
+
+
+@pytest.mark.parametrize("budget_tiles, n, batch", [(1, 11, 4), (3, 11, 4), (7, 11, 4), (5, 23, 7), (23, 23, 5), (40, 17, 3), (0, 5, 2)])
+def test_keeps_the_best_scored_tiles_within_budget(budget_tiles, n, batch):
+    rng = np.random.default_rng(budget_tiles + n)
+    tiles = torch.from_numpy(rng.integers(0, 255, (n, 5, 5, 3), dtype=np.uint8))
+    coords = np.stack([np.arange(n) * 10, np.arange(n) % 3], axis=1)
+    scores = rng.permutation(n).astype(float)
+    arena = TileArena(max_bytes=budget_tiles * tiles[0].numel() + 7)  # a partial slot does not count
+    for start in range(0, n, batch):  # batches as the reader streams them
+        chunk = tiles[start:start + batch].clone()
+        arena(coords[start:start + batch], chunk, scores[start:start + batch])
+        chunk.zero_()  # the reader reuses its buffer: kept tiles are copies
+    kept = min(budget_tiles, n)
+    assert arena.capacity == budget_tiles and arena.filled == kept and arena.nbytes == kept * tiles[0].numel()
+    slots = arena.slots_of(coords)  # [n]
+    best = np.argsort(-scores)[:kept]
+    assert set(np.flatnonzero(slots >= 0)) == set(best)
+    if kept:
+        np.testing.assert_array_equal(arena.gather(slots[best]).numpy(), tiles[best].numpy())
+        out = torch.full((kept + 2, 5, 5, 3), 7, dtype=torch.uint8)  # a reused buffer, larger than needed
+        np.testing.assert_array_equal(arena.gather(slots[best], out=out).numpy(), tiles[best].numpy())
+    assert (arena.slots_of([[999, 999], [10, 0]]) == -1).all()  # never seen; (10, 0) is not a tile's (x, y)
+    arena.release()  # its memory goes; nothing is held any more
+    assert arena.block is None and arena.nbytes == 0 and (arena.slots_of(coords) == -1).all()
+
+
+def test_no_tiles_and_unknown_coords():
+    arena = TileArena(1 << 20)
+    arena(np.zeros((0, 2), np.int64), torch.zeros(0, 4, 4, 3, dtype=torch.uint8), np.zeros(0))
+    assert arena.filled == 0 and (arena.slots_of([[0, 0]]) == -1).all() and arena.slots_of(np.zeros((0, 2))).shape == (0,)
