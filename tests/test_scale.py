@@ -42,6 +42,8 @@ def mixed(tmp_path_factory):
     (2.0, 96, (1, 192)),  # coarser than every level: the coarsest, resized
     (0.25, 50, (0, 50)),
     (0.3, 37, (0, 44)),  # round(37 * 0.3 / 0.25)
+    (0.2549, 101, (0, 101)),  # within 2 % of level 0 (0.25): read as is, not 103 px resized to 101
+    (0.256, 101, (0, 103)),  # 2.4 % off: resampled
     (None, 64, (0, 64)),  # no target: p px at level 0
 ])
 def test_read_plan_picks_the_best_level_and_the_pixels_to_read(mixed, mpp, patch, expected):

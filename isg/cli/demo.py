@@ -43,7 +43,7 @@ class ReadmeCheck:
     """
 
     marker: int = 2  # index into the markers [nuclei density, nuclei size, stain]
-    r: float = 0.51
+    r: float = 0.57
     tolerance: float = 0.10
 
     def line(self, name: str, r: float) -> str:

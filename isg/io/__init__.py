@@ -12,7 +12,7 @@ from isg.io.metadata import mpp_from_description, mpp_from_ome, mpp_from_resolut
 from isg.io.registry import (backend_available, backend_names, backend_spec, open_slide, register_backend,
                              supported_suffixes, unregister_backend)
 from isg.io.slide import MIN_SLIDE_SIZE, HostTileReader, Slide, SlideError, TileReader
-from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP, box_fraction, grid_level,
+from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, MPP_TOLERANCE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP, box_fraction, grid_level,
                           iter_tiles, local_grid, otsu_threshold, read_plan, release_buffers, resize_tiles, tile_grid,
                           tissue_mask)
 from isg.utils import native_messages, quiet_cucim, quiet_native_output  # C-library output, shared with the root
@@ -21,6 +21,7 @@ BACKENDS = backend_names()  # the built-in backends, registration order
 SUPPORTED_SUFFIXES = supported_suffixes()
 
 __all__ = ["BACKENDS", "BATCH_SIZE", "NUM_WORKERS", "DAMAGED_LIMIT", "LOCAL_SIZE", "PATCH_SIZE", "MIN_SLIDE_SIZE", "READERS", "SUPPORTED_SUFFIXES",
+           "MPP_TOLERANCE",
            "TARGET_MPP",
            "CuCIMSlide", "DamagedSlideError", "DamagedTileError", "DamagedTiles", "HostTileReader", "ImageSlide",
            "NvImgCodecSlide", "OpenSlideSlide", "Slide", "SlideError", "SlideListError", "TiffSlide", "TileReader",

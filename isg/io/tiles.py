@@ -40,6 +40,9 @@ NUM_WORKERS = 4  # reader threads per slide
 # One physical scale per cohort: patches are read at the best level and resized to this many um/px unless a
 # level (no resampling) or another target is given.
 TARGET_MPP = 0.5
+# Scales within this relative difference are one scale: a 20x Aperio level at 0.499 or 0.504 um/px is read as is
+# (no 257 -> 256 px resampling), and a cohort mixing them is one scale (isg.pipeline.scale.scale_mix).
+MPP_TOLERANCE = 0.02
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 READERS = ("threads", "dali")  # how iter_tiles decodes: the slide's reader in threads, or NVIDIA DALI
@@ -111,11 +114,13 @@ def grid_level(slide: Slide, mpp: float | None = None, level: int | None = None)
 def read_plan(slide: Slide, patch_size: int, mpp: float | None = None, level: int | None = None) -> tuple[int, int]:
     """``(level, read_size)``: patches of ``patch_size`` px at ``mpp`` um/px are ``read_size`` px read at ``level``
     (the coarsest level at least as fine as ``mpp``, as :func:`grid_level`) and resized to ``patch_size``, as
-    TRIDENT and CLAM do. A ``level`` (or neither) reads ``patch_size`` px there: no resampling."""
+    TRIDENT and CLAM do. A ``level`` (or neither), or a level within :data:`MPP_TOLERANCE` of ``mpp``, reads
+    ``patch_size`` px there: no resampling."""
     level = grid_level(slide, mpp, level)
     if mpp is None:
         return level, int(patch_size)
-    read_size = max(1, int(round(patch_size * mpp / slide.level_mpp(level))))
+    ratio = mpp / slide.level_mpp(level)
+    read_size = int(patch_size) if abs(ratio - 1) <= MPP_TOLERANCE else max(1, int(round(patch_size * ratio)))
     return level, read_size
 
 

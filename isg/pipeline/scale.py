@@ -17,7 +17,7 @@ from pathlib import Path
 
 from isg.data.manifest import slide_id_of
 from isg.data.patch_file import PatchGeometry
-from isg.io import TARGET_MPP
+from isg.io import MPP_TOLERANCE, TARGET_MPP
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def patch_geometry(slide, level: int, read_size: int, opts) -> PatchGeometry:
                          None if read_size == opts.patch_size else read_size)
 
 
-def scale_mix(patch_mpps: Mapping[str, float | None], tolerance: float = 0.02) -> str | None:
+def scale_mix(patch_mpps: Mapping[str, float | None], tolerance: float = MPP_TOLERANCE) -> str | None:
     """None when every slide's patches have one um/px (within ``tolerance``), else a message naming the scales
     and their slides: features and models would mix magnifications (read with a target ``mpp`` instead)."""
     groups: dict[str, list[str]] = {}
