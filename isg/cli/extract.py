@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     fit.add_argument("--lpips-weights", help="torchvision AlexNet state dict (default: torch hub cache; none: see --lpips-without-weights)")
     fit.add_argument("--lpips-without-weights", choices=LPIPS_WITHOUT_WEIGHTS, default=default["lpips_without_weights"],
                      help="without ImageNet AlexNet weights: keep the LPIPS term on a random AlexNet (warned) or turn it off "
-                          "(chosen by measurement: README, Accuracy, Tab. 5)")
+                          "(default off; Tab. 5 compares them: docs/features.md)")
     fit.add_argument("--lpips-impl", choices=("isg", "lpips"), default=default["lpips_impl"],
                      help="LPIPS computed by isg or by the lpips package (the same distance; the package is optional)")
     fit.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"], help="steps between resumable checkpoints")

@@ -71,8 +71,8 @@ class AutoencoderTrainConfig:
     lr: float = 2e-3  # Adam, betas (0, 0.99), as StyleGAN2
     lpips_weight: float = 1.0  # lambda of Eq. 2
     # Without ImageNet AlexNet weights (torch hub cache or lpips_weights): "random" keeps the LPIPS term on a
-    # random AlexNet (warned), "off" drops it (L1 + adversarial, warned). Chosen by measurement: isg paper's Tab. 5
-    # probe was higher without LPIPS than with a random AlexNet on 3 of 3 split seeds (docs/features.md).
+    # random AlexNet (warned), "off" drops it (L1 + adversarial, warned). Chosen by an earlier Tab. 5 measurement
+    # that the final code's Tab. 5 no longer supports (random AlexNet slightly higher; docs/features.md): open.
     lpips_without_weights: str = "off"
     adv_weight: float = 1.0
     r1_gamma: float = 1.0
