@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from isg.paper.workspace import Workspace
+from isg.utils import write_text_atomic
 
 @dataclass
 class Bags:
@@ -204,7 +205,7 @@ def _cross_validate(ws: Workspace, spec: RowSpec, seed: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "row.json").unlink(missing_ok=True)
     summary = cross_validate(ws.cohort.manifest, spec.bags.folder, targets, folder, config, fold_feature_dirs=spec.bags.fold_dirs)
-    (folder / "row.json").write_text(json.dumps(key, indent=1, default=str))
+    write_text_atomic(folder / "row.json", json.dumps(key, indent=1, default=str))  # the row's done marker, last
     return summary
 
 

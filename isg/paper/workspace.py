@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from isg.paper.sizes import PaperSizes
+from isg.utils import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Workspace:
                 raise ValueError(f"{self.root} caches another run's shared stages (differs in {', '.join(changed)}); "
                                  "use another --out, or delete that folder")
         else:
-            path.write_text(json.dumps(stages, indent=1))
+            write_text_atomic(path, json.dumps(stages, indent=1))
 
     def _timed(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
@@ -335,7 +336,7 @@ class Workspace:
         folder = self._extract(extractor, root / "features", self.slide_ids)
         cut = cohort_threshold([self.scores("shannon")[s] for s in training_ids], 1.0)
         record = {"fold": k, "training_slides": sorted(training_ids), "cut_bits": cut, "objective": extractor.objective}
-        (root / "fold.json").write_text(json.dumps(record, indent=1))
+        write_text_atomic(root / "fold.json", json.dumps(record, indent=1))
         self._timed(f"fold-clean fold {k}", started)
         return extractor, self._read_features(folder), cut
 

@@ -244,8 +244,9 @@ def format_table(report: dict) -> str:
              for row in [header, *rows]]
     lines += errors
     options = report["options"]
-    per_pass = sorted({len(range(0, s["n_tiles"], options["repeats"])) for s in slides if s.get("n_tiles")})
-    counts = "-".join(str(n) for n in per_pass[:: max(1, len(per_pass) - 1)]) or str(options["tiles"])  # min-max
+    per_pass = [-(-s["n_tiles"] // options["repeats"]) for s in slides if s.get("n_tiles")]  # split_passes' first pass
+    low, high = (min(per_pass), max(per_pass)) if per_pass else (options["tiles"],) * 2
+    counts = str(low) if low == high else f"{low}-{high}"
     lines.append(f"readers, cold: a fresh reader per pass, {counts} distinct tissue tiles per pass (asked {options['tiles']}), each read once, "
                  f"median of {options['repeats']} passes; OS page cache {options['page_cache']}; ceiling = libjpeg-turbo "
                  "decoding the same tiles from memory, 1 thread")
