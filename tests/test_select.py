@@ -468,3 +468,19 @@ def test_floor_guard_names_the_slide_and_records_the_kept_share(tmp_path):
     assert kept_record(np.ones(10, bool)) == {"kept_fraction": 1.0, "under_floor": False}
     with pytest.warns(SelectionWarning, match="slide-x: the selection keeps 7 of 7"):  # fewer than 8 patches
         assert kept_record(np.ones(7, bool), name="slide-x")["under_floor"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 100, 1001])
+@pytest.mark.parametrize("rule", [SelectionRule("rank"), SelectionRule("rank", share=0.5, min_keep=3), SelectionRule("topk", k=5),
+                                  SelectionRule("topk", k=0, min_keep=2), SelectionRule("mean_std"), SelectionRule("robust_z")])
+def test_most_kept_bounds_what_the_rule_keeps(n, rule):
+    """Exact for the count kinds (what the tile arena sizes itself by), n for the kinds that cut at a score."""
+    scores = np.random.default_rng(n).gamma(2.0, size=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # min_keep stepping in
+        kept = int(select(scores, rule).keep.sum()) if n else 0
+    assert kept <= rule.most_kept(n)
+    if rule.kind.count is not None:
+        assert rule.most_kept(n) == kept
+    else:
+        assert rule.most_kept(n) == n

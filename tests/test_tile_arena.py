@@ -38,3 +38,23 @@ def test_no_tiles_and_unknown_coords():
     arena = TileArena(1 << 20)
     arena(np.zeros((0, 2), np.int64), torch.zeros(0, 4, 4, 3, dtype=torch.uint8), np.zeros(0))
     assert arena.filled == 0 and (arena.slots_of([[0, 0]]) == -1).all() and arena.slots_of(np.zeros((0, 2))).shape == (0,)
+
+
+@pytest.mark.parametrize("share, n, batch", [(0.25, 13, 4), (0.1587, 101, 16), (0.5, 9, 9)])
+def test_no_slot_the_rule_cannot_fill(share, n, batch):
+    """With the rule's most_kept, the block holds only as many tiles as the rule selects: the selected ones."""
+    from isg.select import SelectionRule, select
+
+    rule = SelectionRule("rank", share=share)
+    rng = np.random.default_rng(n)
+    tiles = torch.from_numpy(rng.integers(0, 255, (n, 3, 3, 3), dtype=np.uint8))
+    coords = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
+    scores = rng.normal(size=n)
+    arena = TileArena(1 << 30, most_kept=rule.most_kept)
+    for start in range(0, n, batch):
+        arena(coords[start:start + batch], tiles[start:start + batch], scores[start:start + batch], total=n)
+    keep = select(scores, rule).keep
+    assert arena.capacity == arena.filled == keep.sum() == rule.most_kept(n)
+    slots = arena.slots_of(coords)
+    np.testing.assert_array_equal(slots >= 0, keep)
+    np.testing.assert_array_equal(arena.gather(slots[keep]).numpy(), tiles[keep].numpy())

@@ -199,8 +199,8 @@ def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
 
 def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress=None, on_tiles=None):
     """Step 2: stream the patches and score each with the selector. Patches touching damaged tiles are left
-    out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B])`` sees every scored
-    batch (the tiles live in a reused buffer: copy what you keep); ``progress``: a
+    out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B], total=N)`` sees every
+    scored batch (the tiles live in a reused buffer: copy what you keep; N: patches in the stream); ``progress``: a
     :class:`~isg.pipeline.progress.SlideProgress` (or None).
     Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
     import torch
@@ -229,7 +229,7 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
             coords[rows] = np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2)
             done += len(batch_coords)
             if on_tiles is not None:  # isg predict keeps the best tiles: selected patches are read once
-                on_tiles(coords[rows], tiles, scores[rows])
+                on_tiles(coords[rows], tiles, scores[rows], total=len(grid.coords))
             if progress is not None:
                 progress.update(len(batch_coords))
             clock.lap("score")

@@ -77,6 +77,7 @@ class RuleKind:
     needs: Mapping[str, str] = field(default_factory=dict)  # SelectionRule field -> hint when it is missing
     freeze: Callable | None = None  # (scores per slide [N_i], SelectionRule) -> the cohort-wide cut
     description: str = ""
+    count: Callable | None = None  # (N, SelectionRule) -> how many it keeps, for kinds that keep a fixed count
 
 
 RULE_KINDS: dict[str, RuleKind] = {}
@@ -84,12 +85,13 @@ RULES = RULE_KINDS.keys()  # the registered kind names (a live view)
 
 
 def register_rule(name: str, *, needs: Mapping[str, str] | None = None, freeze: Callable | None = None,
-                  description: str = "") -> Callable:
-    """Decorator registering ``fn(scores [N], rule) -> (keep [N], cut)`` as the rule kind ``name``."""
+                  description: str = "", count: Callable | None = None) -> Callable:
+    """Decorator registering ``fn(scores [N], rule) -> (keep [N], cut)`` as the rule kind ``name``; ``count(N,
+    rule)``: how many of N scores it keeps, for a kind that keeps a fixed count."""
     def decorate(fn: Callable) -> Callable:
         if name in RULE_KINDS:
             raise ValueError(f"rule kind {name!r} is registered twice")
-        RULE_KINDS[name] = RuleKind(name, fn, dict(needs or {}), freeze, description or (fn.__doc__ or "").strip())
+        RULE_KINDS[name] = RuleKind(name, fn, dict(needs or {}), freeze, description or (fn.__doc__ or "").strip(), count)
         return fn
     return decorate
 
@@ -140,6 +142,13 @@ class SelectionRule:
     def pending(self) -> bool:
         """True for a cohort-wide kind whose cut is not frozen yet (:meth:`frozen_over` freezes it)."""
         return self.kind.freeze is not None and self.threshold is None
+
+    def most_kept(self, n: int) -> int:
+        """At most how many of ``n`` scores this rule keeps: the count of a kind that keeps a fixed count (rank,
+        topk; at least ``min_keep``), ``n`` for a kind that cuts at a score."""
+        if self.kind.count is None:
+            return int(n)
+        return min(int(n), max(self.min_keep, self.kind.count(int(n), self)))
 
     def missing(self) -> list[str]:
         """Parameters this kind needs that are not set."""
@@ -262,16 +271,24 @@ def _threshold(scores: np.ndarray, rule: SelectionRule):
     return scores >= rule.threshold, float(rule.threshold)
 
 
-@register_rule("topk", needs={"k": "the number of patches to keep"})
+def _topk_count(n: int, rule: SelectionRule) -> int:
+    return int(rule.k)
+
+
+def _rank_count(n: int, rule: SelectionRule) -> int:
+    return math.ceil(rule.share * n - 1e-9)
+
+
+@register_rule("topk", needs={"k": "the number of patches to keep"}, count=_topk_count)
 def _topk(scores: np.ndarray, rule: SelectionRule):
     """keep the k highest scores (ties broken by lower index)"""
-    return _best(scores, int(rule.k))
+    return _best(scores, _topk_count(scores.size, rule))
 
 
-@register_rule("rank")
+@register_rule("rank", count=_rank_count)
 def _rank(scores: np.ndarray, rule: SelectionRule):
     """keep the share highest scores of this slide (default 15.87 %: what mean + 1 sigma keeps of normal scores)"""
-    return _best(scores, math.ceil(rule.share * scores.size - 1e-9))
+    return _best(scores, _rank_count(scores.size, rule))
 
 
 @register_rule("robust_z")
