@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from isg.model.dual_attention import BATCH_INPUTS, _check_inputs, _scatter
+from isg.model.dual_attention import BATCH_INPUTS, CUBE_CHUNK, _check_inputs, _scatter
 from isg.model.layers import CycleMLPBlock, MBConv, MPViTBlock
 from isg.model.vit import SlideTransformer
 
@@ -41,7 +41,7 @@ class LocalBlocksViT(nn.Module):
     def __init__(self, d: int, local_grid: int, n_outputs: int, *, block: str = "mbconv", n_blocks: int = 10,
                  local_d: int | None = None, channels: int = 64, block_heads: int = 2, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 pos_scale: float = 100.0, chunk_size: int = 1024):
+                 pos_scale: float = 100.0, chunk_size: int = CUBE_CHUNK):
         super().__init__()
         if block not in CUBE_BLOCKS:
             raise ValueError(f"unknown cube block {block!r}; expected one of {', '.join(CUBE_BLOCKS)}")
