@@ -271,3 +271,24 @@ def test_bf16_encoders_stay_within_the_stated_tolerance_of_fp32(kind, size, n):
     exact, fast = encode_tiles(ae, tiles, "cpu"), encode_tiles(ae, tiles, "cpu", amp=True)
     rel = (fast - exact).norm(dim=1) / exact.norm(dim=1)  # [n]
     assert exact.dtype == fast.dtype == torch.float32 and rel.max() <= 2e-2 and rel.min() > 1e-4, rel  # bf16 did run
+
+
+@pytest.mark.parametrize("threads, batch_size", [(2, 5), (3, 2), (4, 3), (7, 5)])
+def test_encoders_side_by_side_give_the_same_features(tmp_path, slide_file, threads, batch_size):
+    """Each batch split into ``threads`` parts (some empty), encoded side by side with one-thread ops: the same
+    features as one encoder, in the same rows; torch's thread count is restored after."""
+    from isg.data.patch_file import read_patch_file
+    from isg.pipeline.extract import encode_patches
+
+    torch.manual_seed(0)
+    global_ae, local_ae = Autoencoder(16, 7, **TINY).eval(), Autoencoder(8, 5, **TINY).eval()
+    patches = read_patch_file(write_h5(tmp_path / "slide.h5", slide_file, COORDS, 30, 10))
+    one, _ = encode_patches(patches, global_ae, local_ae, batch_size=batch_size, num_workers=0, threads=1)
+    torch.set_num_threads(2)
+    many, _ = encode_patches(patches, global_ae, local_ae, batch_size=batch_size, num_workers=0, threads=threads)
+    assert torch.get_num_threads() == 2
+    np.testing.assert_allclose(many.features, one.features, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(many.local_features, one.local_features)
+    tiles = reference_tiles(slide_file, COORDS, 30, 0)  # and both are the encoder's own features, row by row
+    with torch.no_grad():
+        np.testing.assert_allclose(many.features, global_ae.encode(tiles_to_input(tiles, 16)).numpy(), rtol=1e-5, atol=1e-5)
