@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
-import ctypes.util
 import functools
 import gzip
 import hashlib
@@ -315,18 +313,25 @@ def quiet_cucim():
 
 @functools.cache
 def _glibc():
-    """The C library when it is glibc (it has ``malloc_trim``), else None."""
+    """The C library when it is glibc (it has ``malloc_trim``), else None; ``mallinfo2`` returns its struct
+    where glibc has it (>= 2.33). ctypes is imported here, on first use, not with every ``import isg``."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return None
+    if hasattr(libc, "mallinfo2"):
+        class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+            _fields_ = [(field, ctypes.c_size_t) for field in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-
-class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc.mallinfo2.restype = MallInfo2
+    return libc
 
 
 TRIM_MIN_FREE_BYTES = 128 << 20  # trim_memory's default: less freed heap than this stays for reuse
@@ -335,11 +340,9 @@ TRIM_MIN_FREE_BYTES = 128 << 20  # trim_memory's default: less freed heap than t
 def heap_free_bytes() -> int | None:
     """Bytes freed but still held by the C heap (glibc ``mallinfo2().fordblks``), None where unknown."""
     libc = _glibc()
-    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
-    if mallinfo2 is None:
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().fordblks)
+    return int(libc.mallinfo2().fordblks)
 
 
 def trim_memory(min_free: int = TRIM_MIN_FREE_BYTES) -> bool:

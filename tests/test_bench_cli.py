@@ -59,7 +59,7 @@ def test_bench_measures_every_stage_side_by_side(slides, tmp_path, capsys):
     assert report["options"]["page_cache"] == "dropped"
     assert [s["slide_id"] for s in report["slides"]] == [p.stem for p in slides]
     for path, entry in zip(slides, report["slides"]):
-        assert entry["n_tiles"] == TILES
+        assert entry["n_tiles"] == TILES and entry["tiles_per_pass"] == [TILES]  # one pass of every tile
         assert entry["readers"]["tifffile"]["tiles_per_s"] > 0
         assert entry["readers"]["dali"]["tiles_per_s"] is None and "CUDA" in entry["readers"]["dali"]["note"]  # never estimated
         openslide = entry["readers"]["openslide"]
@@ -74,6 +74,7 @@ def test_bench_measures_every_stage_side_by_side(slides, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "tifffile tiles/s" in table and "shannon cpu GB/s" in table and slides[0].stem in table
     assert "dali: needs nvidia-dali and a CUDA device" in table and "OS page cache dropped" in table
+    assert f"{TILES} distinct tissue tiles per pass (asked {TILES})" in table
 
 
 def test_bad_slide_is_reported_and_the_others_finish(slides, tmp_path, capsys):

@@ -244,7 +244,7 @@ def format_table(report: dict) -> str:
              for row in [header, *rows]]
     lines += errors
     options = report["options"]
-    per_pass = [-(-s["n_tiles"] // options["repeats"]) for s in slides if s.get("n_tiles")]  # split_passes' first pass
+    per_pass = [n for s in slides for n in s.get("tiles_per_pass", [])]
     low, high = (min(per_pass), max(per_pass)) if per_pass else (options["tiles"],) * 2
     counts = str(low) if low == high else f"{low}-{high}"
     lines.append(f"readers, cold: a fresh reader per pass, {counts} distinct tissue tiles per pass (asked {options['tiles']}), each read once, "
@@ -270,6 +270,7 @@ def run_bench(slides: list[Path], options: BenchOptions, progress: bool = True) 
 
     from isg.data.manifest import slide_id_of
     from isg.io import SlideError, open_slide
+    from isg.io.throughput import split_passes
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -302,6 +303,7 @@ def run_bench(slides: list[Path], options: BenchOptions, progress: bool = True) 
                     coords = sample_tissue_coords(slide, options.tiles * options.repeats, size)  # distinct per pass
                     entry["dimensions"] = list(slide.dimensions)
                 entry["n_tiles"], entry["tile_size"] = int(len(coords)), size
+                entry["tiles_per_pass"] = [len(p) for p in split_passes(coords, options.repeats)]  # as bench_readers reads them
                 entry["readers"], tiles = bench_readers(path, coords, options, device, size)
                 step("shannon")
                 entry["shannon"] = bench_shannon(tiles, options, shannon_devices) if tiles is not None else {}
