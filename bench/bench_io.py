@@ -53,7 +53,7 @@ import torch
 
 from isg.io import iter_tiles, open_slide
 from isg.io.throughput import PAGE_CACHE, ceiling_tiles_per_s, cold_tiles_per_s, split_passes
-from isg.pipeline.bench import sample_tissue_coords
+from isg.pipeline.bench import read_size, sample_tissue_coords
 from real_slides import aperio_mosaic_svs, cmu_small_region
 
 SIZE = int(os.environ.get("ISG_BENCH_IO_SIZE", "50000"))
@@ -231,6 +231,11 @@ def test_isg_bench_is_a_fresh_process_figure(report, slide_path, tmp_path):
     isg bench's run; in the new process just before its pass) is printed too."""
     path = slide_path
     tiles = min(TILES, 256)
+    with open_slide(path) as slide:  # the passes isg bench reads, as it picks them
+        size = read_size(slide)
+        passes = split_passes(sample_tissue_coords(slide, tiles * REPEAT, size), REPEAT)
+    others = [np.concatenate([other for j, other in enumerate(passes) if j != k] or [coords[:0]])
+              for k, coords in enumerate(passes)]  # every other pass: disjoint tiles
     bench, fresh = [], []
     for round_ in range(ROUNDS):  # interleaved: both sides sample the same stretch of the machine's drift
         out = tmp_path / f"bench{round_}.json"
@@ -238,12 +243,9 @@ def test_isg_bench_is_a_fresh_process_figure(report, slide_path, tmp_path):
                         "--repeats", str(REPEAT), "--device", "cpu", "--out", str(out), "--quiet"], check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         entry = json.loads(out.read_text())["slides"][0]
+        assert entry["tile_size"] == size and entry["tiles_per_pass"] == [len(p) for p in passes]
         bench.append((entry["readers"]["tifffile"]["tiles_per_s"], entry["readers"]["ceiling"]["tiles_per_s"]))
-        with open_slide(path) as slide:  # the passes isg bench read
-            passes = split_passes(sample_tissue_coords(slide, tiles * REPEAT, entry["tile_size"]), REPEAT)
-        others = [np.concatenate([other for j, other in enumerate(passes) if j != k] or [coords[:0]])
-                  for k, coords in enumerate(passes)]  # every other pass: disjoint tiles
-        fresh += [_fresh_process_pass(path, coords, entry["tile_size"], warm) for coords, warm in zip(passes, others)]
+        fresh += [_fresh_process_pass(path, coords, size, warm) for coords, warm in zip(passes, others)]
     table = f"io_bench_vs_fresh_{path.stem}"
     figures = {"tiles/s": (statistics.median(r for r, _ in bench), statistics.median(r for r, _ in fresh))}
     if all(c for _, c in bench + fresh):
