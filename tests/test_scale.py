@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isg.io import TARGET_MPP, iter_tiles, open_slide, read_plan, resize_tiles
+from isg.io import MPP_TOLERANCE, TARGET_MPP, iter_tiles, open_slide, read_plan, resize_tiles
 from isg.io.synth import pyramid, render_slide, write_pyramid_tiff
 from isg.pipeline.preprocess import preprocess_cohort, preprocess_slide
 
@@ -44,12 +44,16 @@ def mixed(tmp_path_factory):
     (0.3, 37, (0, 44)),  # round(37 * 0.3 / 0.25)
     (0.2549, 101, (0, 101)),  # within 2 % of level 0 (0.25): read as is, not 103 px resized to 101
     (0.256, 101, (0, 103)),  # 2.4 % off: resampled
+    (0.985, 64, (1, 64)),  # level 1 (1.0) is 1.5 % coarser: the level for 0.985 um/px, read as is (one tolerance)
+    (0.97, 64, (0, 248)),  # 3 % coarser: not that level; level 0, round(64 * 0.97 / 0.25) px resized
     (None, 64, (0, 64)),  # no target: p px at level 0
 ])
 def test_read_plan_picks_the_best_level_and_the_pixels_to_read(mixed, mpp, patch, expected):
     with open_slide(mixed["40x"]) as slide:
         assert read_plan(slide, patch, mpp) == expected
         assert read_plan(slide, patch, None, level=1) == (1, patch)  # a level: no resampling
+        if mpp is not None:  # the level picked and "read as is" agree on one tolerance
+            assert (slide.level_mpp(expected[0]) <= mpp * (1 + MPP_TOLERANCE)) or expected[0] == 0
 
 
 @pytest.mark.parametrize("n, size, out", [(3, 20, 10), (2, 17, 7), (1, 9, 9), (4, 5, 11)])

@@ -11,8 +11,8 @@ from isg.io.discovery import SlideListError, find_slides, is_dicom_folder, slide
 from isg.io.metadata import mpp_from_description, mpp_from_ome, mpp_from_resolution
 from isg.io.registry import (backend_available, backend_names, backend_spec, open_slide, register_backend,
                              supported_suffixes, unregister_backend)
-from isg.io.slide import MIN_SLIDE_SIZE, HostTileReader, Slide, SlideError, TileReader
-from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, MPP_TOLERANCE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP, box_fraction, grid_level,
+from isg.io.slide import MIN_SLIDE_SIZE, MPP_TOLERANCE, HostTileReader, Slide, SlideError, TileReader
+from isg.io.tiles import (BATCH_SIZE, LOCAL_SIZE, NUM_WORKERS, PATCH_SIZE, READERS, TARGET_MPP, box_fraction, grid_level,
                           iter_tiles, local_grid, otsu_threshold, read_plan, release_buffers, resize_tiles, tile_grid,
                           tissue_mask)
 from isg.utils import native_messages, quiet_cucim, quiet_native_output  # C-library output, shared with the root

@@ -23,6 +23,10 @@ from isg.io.damage import DamagedTileError, SlideError, TiffSegments
 
 MIN_SLIDE_SIZE = 64  # px per side at level 0; smaller files are rejected as "too small"
 THUMBNAIL_DIRECT_BYTES = 64 << 20  # a thumbnail's source level larger than this is streamed in blocks
+# Scales within this relative difference are one scale: a 20x Aperio level at 0.499 or 0.504 um/px is the level
+# for 0.5 um/px and read as is (no 257 -> 256 px resampling), and a cohort mixing them is one scale
+# (isg.pipeline.scale.scale_mix).
+MPP_TOLERANCE = 0.02
 
 
 def aligned_empty(shape: tuple, offset: int = 16) -> np.ndarray:
@@ -138,13 +142,13 @@ class Slide:
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
     def best_level_for_mpp(self, mpp: float) -> int:
-        """The coarsest level whose resolution is at least as fine as ``mpp`` (1% tolerance); 0 if none."""
+        """The coarsest level whose resolution is at least as fine as ``mpp`` (within :data:`MPP_TOLERANCE`); 0 if none."""
         if self.mpp is None:
             raise SlideError(self.path, f"reading at {mpp} um/px needs the slide's mpp, which its metadata lacks; "
                                         "give it (--slide-mpp or --mpp-csv) or read by --level")
         best = 0
         for level in range(self.level_count):
-            if self.level_mpp(level) <= mpp * 1.01:
+            if self.level_mpp(level) <= mpp * (1 + MPP_TOLERANCE):
                 best = level
         return best
 

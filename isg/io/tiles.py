@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from isg.io.damage import DamagedTileError, DamagedTiles, quiet_native_output
-from isg.io.slide import Slide, aligned_empty
+from isg.io.slide import MPP_TOLERANCE, Slide, aligned_empty
 
 # Two-level tiling geometry (Sec. 3): the one definition of the defaults; every layer and the CLI read these.
 PATCH_SIZE = 256  # p: global patch side in pixels at the read level
@@ -40,9 +40,6 @@ NUM_WORKERS = 4  # reader threads per slide
 # One physical scale per cohort: patches are read at the best level and resized to this many um/px unless a
 # level (no resampling) or another target is given.
 TARGET_MPP = 0.5
-# Scales within this relative difference are one scale: a 20x Aperio level at 0.499 or 0.504 um/px is read as is
-# (no 257 -> 256 px resampling), and a cohort mixing them is one scale (isg.pipeline.scale.scale_mix).
-MPP_TOLERANCE = 0.02
 
 MIN_SATURATION = 15  # 0..255: an Otsu threshold below this means there is no stained tissue
 READERS = ("threads", "dali")  # how iter_tiles decodes: the slide's reader in threads, or NVIDIA DALI
