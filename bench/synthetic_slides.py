@@ -25,11 +25,12 @@ def isg(*args, cwd=None) -> None:
     subprocess.run([sys.executable, "-m", "isg", *map(str, args)], check=True, cwd=cwd, stdout=subprocess.DEVNULL)
 
 
-def synthetic_slide(size: int) -> Path:
-    """The cached ``size`` px synthetic slide (0.5 um/px, 256 px JPEG tiles, seed 0), written on first use."""
-    folder = CACHE / f"synth{size}-{GENERATOR}"
+def synthetic_slide(size: int, mpp: float = 0.5) -> Path:
+    """The cached ``size`` px synthetic slide (``mpp`` um/px at level 0, levels 4x apart as in an Aperio SVS, 256 px
+    JPEG tiles, seed 0), written on first use."""
+    folder = CACHE / (f"synth{size}-{GENERATOR}" if mpp == 0.5 else f"synth{size}-mpp{mpp:g}-{GENERATOR}")
     slides = sorted((folder / "slides").glob("*.tif")) if (folder / "slides").is_dir() else []
     if not slides:
-        isg("synth", "--out", folder, "--slides", 1, "--size", size, "--quiet")
+        isg("synth", "--out", folder, "--slides", 1, "--size", size, "--mpp", mpp, "--quiet")
         slides = sorted((folder / "slides").glob("*.tif"))
     return slides[0]
