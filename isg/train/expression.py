@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader
 from isg.data import splits as splits_lib
 from isg.data.bags import BagDataset, collate_bags
 from isg.data.manifest import match_samples
-from isg.eval import metrics
 from isg.data.patch_file import read_patch_file
 from isg.model import Standardizer, create_model, forward_batch, model_class, save_fold_model
 from isg.model.folder import write_model_folder
@@ -254,7 +253,7 @@ def cross_validate(
     per_sample = _per_sample(oof.drop(columns="fold"), manifest)
     summary = _score(per_sample, manifest, targets, config, out_dir=out_dir, aggregated=True)
     if get_task(config.task).targets == "expression":  # what predicting each fold's training mean scores on the same folds
-        summary["train_mean_floor"] = train_mean_floor(manifest, targets, folds)
+        summary["train_mean_floor"] = train_mean_floor(manifest, targets, folds, config.task)
     summary.update({"model": config.model, "task": config.task, "folds": fold_rows, "config": asdict(config)})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     with atomic_path(out_dir / "folds.csv") as tmp:
@@ -344,8 +343,9 @@ def write_pipeline(out_dir: str | Path, feature_dir: str | Path, slide_id: str, 
     write_text_atomic(Path(out_dir) / "pipeline.json", json.dumps(pipeline, indent=2, default=str))
 
 
-def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list) -> dict:
-    """Score, on the same folds, of predicting each fold's training mean (what every head starts from).
+def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list, task: str = "regression") -> dict:
+    """Score, on the same folds and by ``task``'s own scorer, of predicting each fold's training mean (what every
+    head starts from).
 
     The line a model must clear on a small cohort: leaving a fold out moves the training mean against it,
     so this pooled out-of-fold r is negative, not 0 (-1 exactly with one sample per fold).
@@ -357,8 +357,7 @@ def train_mean_floor(manifest: pd.DataFrame, targets: pd.DataFrame, folds: list)
         test = sorted(split.test)
         predictions.append(pd.DataFrame(np.tile(train.mean().to_numpy(), (len(test), 1)), index=test, columns=targets.columns))
     pred = pd.concat(predictions)
-    truth = targets.loc[pred.index]
-    return {**metrics.summarize(metrics.gene_correlations(truth, pred)), "l2": metrics.l2_error(truth, pred)}
+    return get_task(task).score(targets.loc[pred.index], pred)
 
 
 def _per_sample(slide_predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
