@@ -255,6 +255,9 @@ def test_slurm_script_runs_the_stages_on_a_local_cluster(cohort, cluster, tmp_pa
 
     predictions = pd.read_csv(out / "pred" / "predictions.csv", index_col="slide_id")
     assert list(predictions.index) == [p.stem for p in new] and np.isfinite(predictions.to_numpy()).all()
+    lines = (out / "pred" / "progress.log").read_text().splitlines()  # written by the worker processes
+    assert all(any(line.split(" ", 2)[2].startswith(f"{p.stem} ") for line in lines) for p in new)
+    assert len(lines) == len(set(lines))  # one handler per process: no line twice
     assert module.split_commands(["--jobs", "2", "--", "a", "b", "--", "c"]) == (["--jobs", "2"], [["a", "b"], ["c"]])
 
 

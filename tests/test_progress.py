@@ -74,3 +74,17 @@ def test_on_a_terminal_under_a_cohort_bar_the_line_goes_into_the_bar(monkeypatch
     assert terminal.getvalue() == ""  # no second live display fighting the cohort bar
     assert shown[0] == ("slide-c", "features: 0/3 patches (0%), 0:00 elapsed, 0.0 patches/s")
     assert all(name == "slide-c" for name, _ in shown) and any(text.startswith("features: 3/3") for _, text in shown)
+
+
+def test_progress_log_nested_for_one_file_writes_each_line_once(tmp_path):
+    """A cohort's log and each slide's own (as on a Dask worker) for the same file: one handler, one line each;
+    another file gets its own."""
+    from isg.pipeline.progress import log
+
+    run, other = tmp_path / "run" / "progress.log", tmp_path / "other.log"
+    before = list(log.handlers)
+    with progress_log(run), progress_log(tmp_path / "run" / ".." / "run" / "progress.log"), progress_log(other):
+        log.info("slide-d features: 1/2 patches")
+    assert log.handlers == before  # all removed
+    assert [line.split(" ", 2)[2] for line in run.read_text().splitlines()] == ["slide-d features: 1/2 patches"]
+    assert len(other.read_text().splitlines()) == 1

@@ -258,7 +258,7 @@ def predict_slides(slides, predictor: Predictor, out_dir: str | os.PathLike, *, 
 
     process = _PredictOne(predictor, work_dir, out_dir, heatmaps, attention_maps,
                           tile_progress=progress and workers == 1, ship_source=scheduler not in (None, "threads"))
-    with progress_log(out_dir / "progress.log"):  # the lines of slides run in this process
+    with progress_log(out_dir / "progress.log"):  # slides in this process; each slide's call adds it on workers
         summary = run_cohort(slides, process, lambda s: per_slide / f"{slide_id_of(s)}.json", scheduler=scheduler,
                              workers=workers, resources=resources, overwrite=overwrite, progress=progress,
                              name_of=slide_id_of, is_complete=complete, summary_path=out_dir / "summary.json",
@@ -313,8 +313,11 @@ class _PredictOne:
         self.tile_progress = tile_progress
 
     def __call__(self, slide: Path) -> dict:
+        from isg.pipeline.progress import progress_log
+
         predictor = self.predictor if self.predictor is not None else cached_predictor(self.source, self.settings)
-        result = predict_one(slide, predictor, self.work_dir, tile_progress=self.tile_progress)
+        with progress_log(self.out_dir / "progress.log"):  # on a worker process too (the run's own: a no-op)
+            result = predict_one(slide, predictor, self.work_dir, tile_progress=self.tile_progress)
         if self.heatmaps or self.attention_maps:
             explain_slide(slide, result.patches, predictor, self.out_dir, self.heatmaps, self.attention_maps,
                           batch=result.batch)

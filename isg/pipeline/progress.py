@@ -30,23 +30,31 @@ log.setLevel(logging.INFO)
 
 
 class progress_log:
-    """Context manager: the ``isg.progress`` lines of the run also go to ``path`` (appended, timestamped)."""
+    """Context manager: the ``isg.progress`` lines of the run also go to ``path`` (appended, timestamped).
+
+    Nested for the same file it adds nothing: a cohort wraps the run and each slide wraps its own call, so a slide
+    on a Dask worker (another process, perhaps another host sharing ``path``) logs there too, once."""
 
     def __init__(self, path):
         self.path = path
 
     def __enter__(self):
+        import os
         from pathlib import Path
 
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(self.path)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(self.handler)
+        target = os.path.abspath(self.path)
+        known = any(getattr(h, "baseFilename", None) == target for h in log.handlers)
+        self.handler = None if known else logging.FileHandler(target)  # appends: one write per line
+        if self.handler is not None:
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        log.removeHandler(self.handler)
-        self.handler.close()
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            self.handler.close()
         return False
 
 
