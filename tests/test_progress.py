@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 import time
 
 import pytest
@@ -77,14 +78,40 @@ def test_on_a_terminal_under_a_cohort_bar_the_line_goes_into_the_bar(monkeypatch
 
 
 def test_progress_log_nested_for_one_file_writes_each_line_once(tmp_path):
-    """A cohort's log and each slide's own (as on a Dask worker) for the same file: one handler, one line each;
-    another file gets its own."""
+    """A cohort's log and each slide's own (as on a Dask worker, threads at once) for the same file: one handler,
+    one line each, removed when the last closes; another file gets its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from isg.pipeline.progress import log
 
     run, other = tmp_path / "run" / "progress.log", tmp_path / "other.log"
     before = list(log.handlers)
-    with progress_log(run), progress_log(tmp_path / "run" / ".." / "run" / "progress.log"), progress_log(other):
-        log.info("slide-d features: 1/2 patches")
-    assert log.handlers == before  # all removed
-    assert [line.split(" ", 2)[2] for line in run.read_text().splitlines()] == ["slide-d features: 1/2 patches"]
-    assert len(other.read_text().splitlines()) == 1
+    barrier = threading.Barrier(4)
+
+    def slide(i):
+        with progress_log(tmp_path / "run" / ".." / "run" / "progress.log"):
+            barrier.wait()  # all four open at once
+            log.info(f"slide-{i} features: 1/2 patches")
+            barrier.wait()
+
+    with progress_log(other):
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(slide, range(4)))
+        assert len(log.handlers) == len(before) + 1  # the slides' handler is gone, other's stays
+    assert log.handlers == before
+    lines = sorted(line.split(" ", 2)[2] for line in run.read_text().splitlines())
+    assert lines == [f"slide-{i} features: 1/2 patches" for i in range(4)]
+    assert len(other.read_text().splitlines()) == 4
+
+
+def test_progress_log_outlives_the_first_opener(tmp_path):
+    """Slides on a worker's threads close in any order: the file keeps its handler until the last one closes."""
+    path = tmp_path / "progress.log"
+    first, second = progress_log(path), progress_log(path)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the one that opened the file ends first
+    logging.getLogger("isg.progress").info("slide-e predict: 1/1 fold models")
+    second.__exit__(None, None, None)
+    logging.getLogger("isg.progress").info("after the last one closed")
+    assert [line.split(" ", 2)[2] for line in path.read_text().splitlines()] == ["slide-e predict: 1/1 fold models"]

@@ -32,29 +32,40 @@ log.setLevel(logging.INFO)
 class progress_log:
     """Context manager: the ``isg.progress`` lines of the run also go to ``path`` (appended, timestamped).
 
-    Nested for the same file it adds nothing: a cohort wraps the run and each slide wraps its own call, so a slide
-    on a Dask worker (another process, perhaps another host sharing ``path``) logs there too, once."""
+    One handler per file and process, however many are open at once: a cohort wraps the run and each slide wraps
+    its own call (threads of one worker at once, too), so a slide on a Dask worker (another process, perhaps
+    another host sharing ``path``) logs there as well, and every line is written once."""
+
+    _open: dict[str, list] = {}  # absolute path -> [handler, users]
+    _lock = threading.Lock()
 
     def __init__(self, path):
-        self.path = path
+        import os
+
+        self.path = os.path.abspath(path)
 
     def __enter__(self):
-        import os
         from pathlib import Path
 
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        target = os.path.abspath(self.path)
-        known = any(getattr(h, "baseFilename", None) == target for h in log.handlers)
-        self.handler = None if known else logging.FileHandler(target)  # appends: one write per line
-        if self.handler is not None:
-            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(self.handler)
+        with self._lock:
+            entry = self._open.get(self.path)
+            if entry is None:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(self.path)  # appends: one write per line
+                handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+                log.addHandler(handler)
+                entry = self._open[self.path] = [handler, 0]
+            entry[1] += 1
         return self
 
     def __exit__(self, *exc):
-        if self.handler is not None:
-            log.removeHandler(self.handler)
-            self.handler.close()
+        with self._lock:
+            entry = self._open[self.path]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[self.path]
+                log.removeHandler(entry[0])
+                entry[0].close()
         return False
 
 
