@@ -18,11 +18,28 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 from types import ModuleType
 
 _module: ModuleType | None = None
 _error: str | None = None
 _loaded = False
+_lock = threading.Lock()  # threads of a cohort reach their first kernel at once: one loads, the others wait
+
+
+def _import_module() -> ModuleType:
+    """``isg._C``: the build in ``ISG_EXT_PATH`` when set, else the installed one (ImportError when neither)."""
+    override = os.environ.get("ISG_EXT_PATH")
+    if not override:
+        return importlib.import_module("isg._C")
+    candidates = sorted(glob.glob(os.path.join(override, "_C*.so")) + glob.glob(os.path.join(override, "_C*.pyd")))
+    if not candidates:
+        raise ImportError(f"ISG_EXT_PATH={override!r} holds no _C extension")
+    spec = importlib.util.spec_from_file_location("isg._C", candidates[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["isg._C"] = module
+    return module
 
 
 def _load() -> None:
@@ -32,28 +49,19 @@ def _load() -> None:
     except ImportError as exc:  # not cached: a later call may succeed
         _module, _error = None, f"torch could not be imported before isg._C: {exc}"
         return
-    _loaded = True
-    override = os.environ.get("ISG_EXT_PATH")
     try:
-        if override:
-            candidates = sorted(glob.glob(os.path.join(override, "_C*.so")) + glob.glob(os.path.join(override, "_C*.pyd")))
-            if not candidates:
-                raise ImportError(f"ISG_EXT_PATH={override!r} holds no _C extension")
-            spec = importlib.util.spec_from_file_location("isg._C", candidates[0])
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            sys.modules["isg._C"] = module
-            _module = module
-        else:
-            _module = importlib.import_module("isg._C")
+        _module, _error = _import_module(), None
     except ImportError as exc:  # not built (pure-Python checkout) or broken build
         _module, _error = None, str(exc)
+    _loaded = True  # last: a thread that sees it sees the module (or the error)
 
 
 def ext() -> ModuleType | None:
     """The native module, or None when it is not built."""
     if not _loaded:
-        _load()
+        with _lock:
+            if not _loaded:
+                _load()
     return _module
 
 

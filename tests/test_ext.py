@@ -27,6 +27,36 @@ def test_failed_torch_import_is_not_cached(monkeypatch):
     assert _ext._loaded is False  # retried on the next call, once torch imports
 
 
+@pytest.mark.parametrize("threads", [2, 7])
+def test_threads_reaching_their_first_kernel_at_once_all_get_the_module(monkeypatch, threads):
+    """A cohort's reader threads call ext() together while the module loads (it takes a while): none may see
+    "not loaded" and fall back to the PyTorch reference (isg paper's preprocess did: "isg._C is not loaded: None")."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    module, loads = types.SimpleNamespace(name="isg._C"), []
+
+    def slow_import():
+        loads.append(1)
+        time.sleep(0.2)
+        return module
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_ext, "_import_module", slow_import)
+    start = threading.Barrier(threads)
+
+    def first_kernel(_):
+        start.wait()
+        return _ext.ext(), _ext.ext_error()
+
+    with ThreadPoolExecutor(threads) as pool:
+        seen = list(pool.map(first_kernel, range(threads)))
+    assert seen == [(module, None)] * threads and loads == [1]
+
+
 def _fake(driver, runtime=13000, devices=1, built=True):
     return types.SimpleNamespace(built_with_cuda=built, cuda_driver_version_code=lambda: driver,
                                  cuda_runtime_version_code=lambda: runtime, cuda_device_count=lambda: devices)
