@@ -27,9 +27,9 @@ sides (``ISG_BENCH_AMP=1``: bfloat16 on both), random weights (time does not dep
 
 Both methods read at 0.5 um/px (ISG's default target, HE2RNA's tiles): from a 40x slide that is level 0 resized
 by half, so a 100,000 px 40x slide is 50,000 px of 0.5 um/px tissue. Run times on 2 CPU cores (float32): 16k px
-at 0.5 um/px ~5 min; 100k px at 40x ~1 h, nearly all of it HE2RNA's ResNet50 on ~40k tiles (minutes on a GPU);
+at 0.5 um/px ~5 min; 100k px at 40x ~45 min, nearly all of it HE2RNA's ResNet50 on ~28k tiles (minutes on a GPU);
 100k px at 0.5 um/px (``ISG_BENCH_MPP=0.5``: 50 x 50 mm of tissue, 4x a 40x scan's) ~3.5 h on ~160k tiles. The
-slide is written first when it is not cached (bench/synthetic_slides.py, ~20 min at 100k px).
+slide is written first when it is not cached (bench/synthetic_slides.py, ~15-20 min at 100k px).
 """
 
 from __future__ import annotations
