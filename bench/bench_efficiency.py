@@ -113,7 +113,7 @@ def _paper_seconds_per_patch(patches, slide_path: Path) -> float:
 
 def test_isg_vs_he2rna_at_full_size(tmp_path_factory, report):
     from isg.baselines.he2rna import HE2RNA, load_resnet50
-    from isg.io import open_slide
+    from isg.io import TARGET_MPP, open_slide
     from isg.pipeline.he2rna import he2rna_predict_slide, he2rna_tile_grid, he2rna_tile_scores
     from isg.pipeline.predict import Predictor, predict_one
     from isg.select import SelectionRule, select
@@ -152,7 +152,7 @@ def test_isg_vs_he2rna_at_full_size(tmp_path_factory, report):
                               "how": f"scoring run; ResNet projected: {per_tile:.3f} s per tile x count"}
     base = sum(rows["HE2RNA"][k] for k in STAGES)
     table = f"efficiency_{slide_path.stem}" if os.environ.get("ISG_BENCH_SLIDE_PATHS") else f"efficiency_{SIZE}px_mpp{MPP:g}"
-    lines = [f"{slide_path.name} ({scan}, read at 0.5; {DEVICE}, {'bfloat16' if AMP else 'float32'}); seconds per stage, "
+    lines = [f"{slide_path.name} ({scan}, read at {TARGET_MPP:g}; {DEVICE}, {'bfloat16' if AMP else 'float32'}); seconds per stage, "
              "ratio to HE2RNA",
              f"{'row':<22}{'read':>8}{'select':>8}{'features':>10}{'predict':>8}{'total':>9}{'ratio':>7}{'tissue':>8}{'encoded':>8}  how"]
     for name, row in rows.items():

@@ -234,7 +234,7 @@ def test_isg_bench_is_a_fresh_process_figure(report, slide_path, tmp_path):
     This VM's speed drifts by up to 1.35x between runs a minute apart (the same pass in one process repeats
     within 3%), so the two sides take turns (``ROUNDS`` runs of isg bench, each followed by new processes on its
     passes) and their medians are compared. Each side's share of the libjpeg-turbo ceiling timed beside it (in
-    isg bench's run; in the new process just before its pass) is printed too."""
+    isg bench's run; in the new process before its warm-up and pass) is printed too."""
     path = slide_path
     tiles = min(TILES, 256)
     with open_slide(path) as slide:  # the passes isg bench reads, as it picks them

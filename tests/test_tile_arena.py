@@ -50,11 +50,29 @@ def test_no_slot_the_rule_cannot_fill(share, n, batch):
     tiles = torch.from_numpy(rng.integers(0, 255, (n, 3, 3, 3), dtype=np.uint8))
     coords = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
     scores = rng.normal(size=n)
-    arena = TileArena(1 << 30, most_kept=rule.most_kept)
+    arena = TileArena(1 << 30)
     for start in range(0, n, batch):
-        arena(coords[start:start + batch], tiles[start:start + batch], scores[start:start + batch], total=n)
+        arena(coords[start:start + batch], tiles[start:start + batch], scores[start:start + batch], most_kept=rule.most_kept(n))
     keep = select(scores, rule).keep
     assert arena.capacity == arena.filled == keep.sum() == rule.most_kept(n)
     slots = arena.slots_of(coords)
     np.testing.assert_array_equal(slots >= 0, keep)
     np.testing.assert_array_equal(arena.gather(slots[keep]).numpy(), tiles[keep].numpy())
+
+
+def test_preprocess_sizes_the_arena_to_what_its_rule_keeps(tmp_path):
+    """preprocess_patches tells the arena how many tiles its rule can keep: the block holds exactly the selected
+    patches (Shannon's natural rule keeps a share of them), none read again."""
+    from isg.io.synth import pyramid, render_slide, write_pyramid_tiff
+    from isg.pipeline.preprocess import preprocess_patches
+
+    image, _, _ = render_slide(np.random.default_rng(3), 700, 500, {"density": 0.6, "nuclei_size": 0.5, "stain": 0.5,
+                                                                    "tissue_fraction": 0.6}, mpp=0.5, artefacts=False)
+    path = tmp_path / "s.tif"
+    write_pyramid_tiff(path, pyramid(image, 64, 4), 0.5, tile=64)
+    arena = TileArena(1 << 30)
+    patches, _ = preprocess_patches(path, patch_size=64, local_size=16, num_workers=0, on_tiles=arena)
+    selected = patches.coords  # [M, 2] level-0
+    assert 0 < len(selected) < patches.n_tissue
+    assert arena.capacity == arena.filled == len(selected)
+    assert (arena.slots_of(selected) >= 0).all()

@@ -165,7 +165,7 @@ def predict_one(slide_path: str | os.PathLike, predictor: Predictor, work_dir: s
 
 def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progress) -> SlidePrediction:
     from isg.pipeline.extract import encode_patches
-    from isg.pipeline.preprocess import PreprocessOptions, preprocess_patches, write_outputs
+    from isg.pipeline.preprocess import preprocess_patches, write_outputs
     from isg.pipeline.tile_arena import TileArena
 
     h5_path = work_dir / f"{slide_id_of(slide_path)}.h5"
@@ -173,8 +173,7 @@ def _predict_one(slide_path: Path, predictor: Predictor, work_dir: Path, progres
     timings = dict.fromkeys(STAGES, 0.0)
     arena, fresh = None, not is_complete(h5_path)
     if fresh:
-        rule = PreprocessOptions(**predictor.preprocess).selection_rule()
-        arena = TileArena(predictor.tile_memory_mb * 2**20, most_kept=rule.most_kept)  # no slot a rank rule cannot fill
+        arena = TileArena(predictor.tile_memory_mb * 2**20)  # sized on its first batch, to what the rule can keep
         patches, stats = preprocess_patches(slide_path, device=predictor.device, batch_size=predictor.batch_size,
                                             num_workers=predictor.num_workers, on_tiles=arena, progress=progress,
                                             **predictor.preprocess)

@@ -199,8 +199,9 @@ def tissue_grid(slide, opts: PreprocessOptions) -> _Grid:
 
 def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, progress=None, on_tiles=None):
     """Step 2: stream the patches and score each with the selector. Patches touching damaged tiles are left
-    out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B], total=N)`` sees every
-    scored batch (the tiles live in a reused buffer: copy what you keep; N: patches in the stream); ``progress``: a
+    out and logged. ``on_tiles(coords [B, 2], tiles [B, p, p, 3] uint8, scores [B], most_kept=K)`` sees every
+    scored batch (the tiles live in a reused buffer: copy what you keep; K: at most how many of the stream's
+    patches the selection rule keeps, :meth:`SelectionRule.most_kept`); ``progress``: a
     :class:`~isg.pipeline.progress.SlideProgress` (or None).
     Returns ``(coords [N', 2] in stream order, scores float64 [N'], damaged log)``."""
     import torch
@@ -219,6 +220,7 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
     coords = np.empty((len(grid.coords), 2), np.int64)  # [N, 2]
     scores = np.empty(len(grid.coords), np.float64)  # [N]
     done = 0
+    most_kept = opts.selection_rule().most_kept(len(grid.coords)) if on_tiles is not None else None
     with torch.inference_mode():
         for batch_coords, tiles in batches:  # [B, 2], [B, p, p, 3] uint8
             clock.lap("read")
@@ -229,7 +231,7 @@ def score_patches(slide, grid: _Grid, opts: PreprocessOptions, clock: _Clock, pr
             coords[rows] = np.asarray(batch_coords, dtype=np.int64).reshape(-1, 2)
             done += len(batch_coords)
             if on_tiles is not None:  # isg predict keeps the best tiles: selected patches are read once
-                on_tiles(coords[rows], tiles, scores[rows], total=len(grid.coords))
+                on_tiles(coords[rows], tiles, scores[rows], most_kept=most_kept)
             if progress is not None:
                 progress.update(len(batch_coords))
             clock.lap("score")

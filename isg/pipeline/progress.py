@@ -17,6 +17,7 @@ of life.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -40,8 +41,6 @@ class progress_log:
     _lock = threading.Lock()
 
     def __init__(self, path):
-        import os
-
         self.path = os.path.abspath(path)
 
     def __enter__(self):

@@ -3,8 +3,8 @@
 Every selection rule keeps the top of the score order, so the tiles a slide will encode are, as far as
 they fit, the best-scored ones seen while scoring. :class:`TileArena` is the ``on_tiles`` hook of
 :func:`isg.pipeline.preprocess.preprocess_patches` that keeps them: one uint8 block of ``capacity``
-tile slots (``max_bytes`` of them, and no more than the rule can select of the stream's tiles: ``most_kept``;
-allocated once; pages are touched only as slots fill), the scores and
+tile slots (``max_bytes`` of them, and no more than the selection rule can keep of the stream's tiles:
+``most_kept``; allocated once; pages are touched only as slots fill), the scores and
 level-0 (x, y) of its slots in two arrays, and per batch one partition that lets the batch's tiles that
 are among the best seen so far replace the worst slots. Nothing is allocated per tile (no Python heap,
 no per-tile tensor: copying tiles one by one into fresh tensors made the kernel's page faults cost as much
@@ -20,9 +20,8 @@ import torch
 class TileArena:
     """Up to ``max_bytes`` of the highest-scored tiles of a stream of ``(coords [B, 2], tiles [B, p, p, 3], scores [B])``."""
 
-    def __init__(self, max_bytes: float, most_kept=None):
+    def __init__(self, max_bytes: float):
         self.max_bytes = float(max_bytes)
-        self.most_kept = most_kept  # (tiles in the stream) -> at most how many will be selected, e.g. SelectionRule.most_kept
         self.block: torch.Tensor | None = None  # uint8 [K, p, p, 3], on the tiles' device
         self.scores = np.zeros(0)  # float64 [K]; -inf for an empty slot
         self.keys = np.zeros((0, 2), np.int64)  # [K, 2] level-0 (x, y) of each slot
@@ -37,22 +36,23 @@ class TileArena:
         """Bytes of the slots filled (the block's pages in use)."""
         return 0 if self.block is None else self.filled * int(np.prod(self.block.shape[1:]))
 
-    def _allocate(self, tiles: torch.Tensor, total: int | None) -> None:
+    def _allocate(self, tiles: torch.Tensor, most_kept: int | None) -> None:
         capacity = int(self.max_bytes // max(1, tiles[0].numel()))
-        if self.most_kept is not None and total is not None:  # no slot for a tile that cannot be selected
-            capacity = min(capacity, int(self.most_kept(total)))
+        if most_kept is not None:  # no slot for a tile that cannot be selected
+            capacity = min(capacity, int(most_kept))
         self.block = torch.empty((capacity, *tiles.shape[1:]), dtype=torch.uint8, device=tiles.device)
         self.scores = np.full(capacity, -np.inf)
         self.keys = np.zeros((capacity, 2), np.int64)
 
-    def __call__(self, coords, tiles: torch.Tensor, scores, total: int | None = None) -> None:
-        """Keep the best of this batch; ``total``: tiles in the whole stream (sizes the block with ``most_kept``)."""
+    def __call__(self, coords, tiles: torch.Tensor, scores, most_kept: int | None = None) -> None:
+        """Keep the best of this batch; ``most_kept``: at most how many of the stream's tiles will be selected
+        (sizes the block on the first batch)."""
         tiles, scores = torch.as_tensor(tiles), np.asarray(scores, np.float64).reshape(-1)
         coords = np.asarray(coords, np.int64).reshape(-1, 2)
         if not len(scores):
             return
         if self.block is None:
-            self._allocate(tiles, total)
+            self._allocate(tiles, most_kept)
         if not self.capacity:
             return
         free = min(self.capacity - self.filled, len(scores))  # empty slots take the first tiles of the batch
