@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 EXPECTED_ROWS = {  # table id -> rows at the quick size (the Tab. 6 grid has 6 pairs)
-    "tab1": 8, "tab2": 16, "tab3": 2, "tab4": 6, "tab5": 5, "tab6": 6,
+    "tab1": 8, "tab2": 16, "tab3": 2, "tab4": 6, "tab5": 7, "tab6": 6,
 }
 
 
@@ -48,12 +48,18 @@ def test_quick_run_writes_every_table_with_every_row(quick_run):
                 assert 0.0 <= row["auc"] <= 1.0
         named = {row.get("paper_row") for row in table["rows"]}
         assert set(paper[table_id]["rows"]) <= named, f"{table_id}: published rows no table row names"  # a figure always shows
+    from isg.paper.workspace import main_variant, paper_variant
+
     tab1 = json.loads((quick_run / "tables" / "tab1.json").read_text())
     isg = next(r for r in tab1["rows"] if r["name"] == "ISG-10-2")
     assert isg["model"] == "isg-10-2" and re.search(r"compact \(r 32, d 16, <= 16 ch\); l1 \+ (lpips \+ )?adv", isg["features"])
     assert tab1["rows"][-1]["name"].startswith("ISG-10-2 fold-clean") and "per fold" in tab1["rows"][-1]["features"]
     tab5 = json.loads((quick_run / "tables" / "tab5.json").read_text())
     assert {r["features"].split("; ")[1].split(",")[0] for r in tab5["rows"][:2]} == {"l1 + lpips + adv", "l1 + adv"}
+    compact, paper = (next(r for r in tab5["rows"] if r["variant"] == v) for v in (main_variant(), paper_variant(main_variant())))
+    assert compact["features"].startswith("compact (r 32, d 16, <= 16 ch)")
+    assert paper["features"] == compact["features"].replace("compact (r 32, d 16, <= 16 ch)", "paper resolution (r 128, d 16, <= 16 ch)")
+    assert any("compact minus paper resolution" in note for note in tab5["notes"])
 
 
 @pytest.mark.slow
@@ -84,6 +90,28 @@ def test_a_rerun_resumes_from_the_cache(quick_run):
     assert main(["paper", "--quick", "--out", str(quick_run), "--tables", "6", "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in summaries} == stamps  # nothing retrained
     assert sorted((quick_run / "work" / "runs").glob("*/summary.json")) == summaries
+
+
+@pytest.mark.parametrize("preset", ["quick", "default", "cohort"])
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_paper_variant_is_the_same_training_at_the_papers_widths_and_each_patchs_own_pixels(tmp_path, preset, kind):
+    import pandas as pd
+
+    from isg.paper import PRESETS
+    from isg.paper.workspace import Cohort, Workspace, paper_variant
+
+    sizes = PRESETS[preset]
+    cohort = Cohort(pd.DataFrame({"slide_id": ["a"], "slide_path": ["a.tif"]}), pd.DataFrame(), None, "one slide")
+    ws = Workspace(tmp_path, cohort, sizes, say=lambda *_: None)
+    for loss in ("lpips", "no-lpips"):
+        compact, paper = ws.ae_config(loss, kind), ws.ae_config(paper_variant(loss), kind)
+        assert paper.resolution == (sizes.patch_size if kind == "global" else sizes.local_size)
+        assert (paper.channel_base, paper.channel_max) == (sizes.paper_extractor["channel_base"], sizes.paper_extractor["channel_max"])
+        assert (compact.channel_base, compact.channel_max) == (sizes.ae_channel_base, sizes.ae_channel_max)
+        differs = {"resolution", "channel_base", "channel_max"}
+        assert {k: v for k, v in vars(paper).items() if k not in differs} == {k: v for k, v in vars(compact).items() if k not in differs}
+    with pytest.raises(ValueError, match="no-lpips-paper"):
+        ws.ae_config("lpips-large", kind)
 
 
 def test_paper_mapping_known_answers():

@@ -35,6 +35,9 @@ class PaperSizes:
     ae_channel_max: int = 32
     ae_steps: int | None = 150  # None: the library's epochs
     ae_batch: int = 16
+    # Tab. 5's paper-resolution extractor: the same training at these widths, each patch encoded at its own
+    # pixels (global r = p, local r = q), the code size d as above; what the compact one is measured against
+    paper_extractor: dict = field(default_factory=lambda: {"channel_base": 8192, "channel_max": 256})
     # slide models and cross-validation
     epochs: int = 12
     patience: int = 6
@@ -72,6 +75,7 @@ class PaperSizes:
 
 DEFAULT = PaperSizes("default")
 QUICK = PaperSizes("quick", slides=8, slide_size=1024, genes=8, ae_d=16, ae_channel_max=16, ae_steps=12, ae_batch=8,
+                   paper_extractor={"channel_base": 8192, "channel_max": 16},
                    epochs=1, patience=1, folds=2, max_patches=16, seeds=(0,), ablation_seeds=(0, 1),
                    transformer={"embed_dim": 16, "depth": 1, "num_heads": 2}, cube={"channels": 8},
                    he2rna_arch="resnet18", he2rna_hidden=(16,), probe_hidden=16,

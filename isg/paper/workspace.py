@@ -6,8 +6,9 @@
   a row's bags are the rows of shared features its rule keeps;
 * the autoencoders of each extractor variant and the features of every tissue patch
   (``work/extractors/<variant>``, ``work/features/<variant>``): ``lpips`` (the LPIPS term on, with
-  ImageNet AlexNet weights when cached, else on a random AlexNet) and ``no-lpips`` (L1 + adversarial);
-  the tables' main extractor is the one the library's defaults train (:func:`main_variant`);
+  ImageNet AlexNet weights when cached, else on a random AlexNet) and ``no-lpips`` (L1 + adversarial), each
+  compact, or at the paper's resolution with the suffix ``-paper`` (:func:`paper_variant`); the tables' main
+  extractor is the compact one the library's defaults train (:func:`main_variant`);
 * HE2RNA's tissue tiles through a ResNet, with their Shannon scores (``work/he2rna``);
 * fold-clean features: per fold, the cohort cut and the autoencoders fitted on that fold's training slides.
 """
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SELECTORS = ("shannon", "otsu", "gradient", "canny", "dog", "log")
 VARIANTS = ("lpips", "no-lpips")  # extractor variants: the LPIPS term on (weights as available) or off
+PAPER_SUFFIX = "-paper"  # a variant at the paper's resolution: PaperSizes.paper_extractor, each patch at its own pixels
 
 
 @dataclass
@@ -94,6 +96,11 @@ def main_variant() -> str:
     return "lpips" if cached_alexnet_weights() or defaults.lpips_without_weights == "random" else "no-lpips"
 
 
+def paper_variant(variant: str) -> str:
+    """``variant``'s loss terms at the paper's resolution, e.g. ``"no-lpips-paper"``."""
+    return variant + PAPER_SUFFIX
+
+
 @dataclass
 class Extractor:
     """One variant's global and local autoencoders and what they were trained with."""
@@ -134,6 +141,7 @@ class Workspace:
         s = self.sizes
         stages = {"cohort": self.cohort.description, "slides": self.slide_ids, "patch_size": s.patch_size, "local_size": s.local_size,
                   "extractor": [s.ae_resolution, s.ae_d, s.ae_channel_base, s.ae_channel_max, s.ae_steps, s.ae_batch],
+                  "paper_extractor": s.paper_extractor,
                   "he2rna_arch": s.he2rna_arch}
         path = self.root / "stages.json"
         if path.is_file():
@@ -212,15 +220,22 @@ class Workspace:
     # ------------------------------------------------------------------ extractors and features
 
     def ae_config(self, variant: str, kind: str):
+        """``variant``'s training of the ``kind`` autoencoder: the run's steps and batch, compact widths and
+        resolution, or with the ``-paper`` suffix the paper's widths at the patch's own pixels (global p, local q)."""
         from isg.train.config import AutoencoderTrainConfig
 
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown extractor variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        loss = variant.removesuffix(PAPER_SUFFIX)
+        if loss not in VARIANTS:
+            known = ", ".join(v + size for v in VARIANTS for size in ("", PAPER_SUFFIX))
+            raise ValueError(f"unknown extractor variant {variant!r}; expected one of {known}")
         s = self.sizes
-        lpips = {"lpips_weight": 1.0, "lpips_without_weights": "random"} if variant == "lpips" else {"lpips_weight": 0.0}
-        return AutoencoderTrainConfig(kind=kind, resolution=s.ae_resolution, d=s.ae_d, channel_base=s.ae_channel_base,
-                                      channel_max=s.ae_channel_max, max_steps=s.ae_steps, batch_size=s.ae_batch,
-                                      device=self.device, progress=False, **lpips)
+        if variant.endswith(PAPER_SUFFIX):
+            model = {"resolution": s.patch_size if kind == "global" else s.local_size, **s.paper_extractor}
+        else:
+            model = {"resolution": s.ae_resolution, "channel_base": s.ae_channel_base, "channel_max": s.ae_channel_max}
+        lpips = {"lpips_weight": 1.0, "lpips_without_weights": "random"} if loss == "lpips" else {"lpips_weight": 0.0}
+        return AutoencoderTrainConfig(kind=kind, d=s.ae_d, max_steps=s.ae_steps, batch_size=s.ae_batch, device=self.device,
+                                      progress=False, checkpoint_every=25, **model, **lpips)  # an interrupted run resumes
 
     def _fit_extractor(self, variant: str, folder: Path, h5_files: list[Path]) -> Extractor:
         """Train (or load, when done before) the global and local autoencoders of ``variant`` on ``h5_files``."""
@@ -341,4 +356,5 @@ class Workspace:
         return extractor, self._read_features(folder), cut
 
 
-__all__ = ["Cohort", "Extractor", "SELECTORS", "VARIANTS", "Workspace", "builtin_cohort", "main_variant", "user_cohort"]
+__all__ = ["Cohort", "Extractor", "PAPER_SUFFIX", "SELECTORS", "VARIANTS", "Workspace", "builtin_cohort", "main_variant", "paper_variant",
+           "user_cohort"]
