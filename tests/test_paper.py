@@ -114,6 +114,29 @@ def test_paper_variant_is_the_same_training_at_the_papers_widths_and_each_patchs
         ws.ae_config("lpips-large", kind)
 
 
+def test_the_cache_refuses_other_stages_and_records_new_ones(tmp_path):
+    """One cohort at one set of shared-stage sizes per cache; a cache written before a stage existed gains it."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from isg.paper import DEFAULT
+    from isg.paper.workspace import Cohort, Workspace
+
+    cohort = Cohort(pd.DataFrame({"slide_id": ["a"], "slide_path": ["a.tif"]}), pd.DataFrame(), None, "one slide")
+    Workspace(tmp_path, cohort, DEFAULT, say=lambda *_: None)
+    stages = tmp_path / "stages.json"
+    written = json.loads(stages.read_text())
+    assert written["paper_extractor"] == DEFAULT.paper_extractor and written["patch_size"] == DEFAULT.patch_size
+    with pytest.raises(ValueError, match=r"differs in paper_extractor, patch_size"):
+        Workspace(tmp_path, cohort, replace(DEFAULT, patch_size=256, paper_extractor={"channel_base": 8192, "channel_max": 64}))
+    assert json.loads(stages.read_text()) == written  # a refused run leaves the record as it was
+    older = {k: v for k, v in written.items() if k != "paper_extractor"}
+    stages.write_text(json.dumps(older))
+    Workspace(tmp_path, cohort, DEFAULT, say=lambda *_: None)
+    assert json.loads(stages.read_text()) == written
+
+
 def test_paper_mapping_known_answers():
     from isg.select.rules import default_threshold_bits, paper_cut, paper_sigmas
 

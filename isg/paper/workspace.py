@@ -137,21 +137,22 @@ class Workspace:
         return self.cohort.slide_ids
 
     def _check_cache(self) -> None:
-        """The cache holds one cohort at one set of shared-stage sizes: refuse to mix another into it."""
+        """The cache holds one cohort at one set of shared-stage sizes: refuse to mix another into it. A stage the
+        cache does not record yet (written before that stage existed, e.g. ``paper_extractor``) is added to it."""
         s = self.sizes
         stages = {"cohort": self.cohort.description, "slides": self.slide_ids, "patch_size": s.patch_size, "local_size": s.local_size,
                   "extractor": [s.ae_resolution, s.ae_d, s.ae_channel_base, s.ae_channel_max, s.ae_steps, s.ae_batch],
                   "paper_extractor": s.paper_extractor,
                   "he2rna_arch": s.he2rna_arch}
+        stages = json.loads(json.dumps(stages))  # as stored: tuples as lists
         path = self.root / "stages.json"
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            changed = sorted(key for key in stages if cached.get(key) != json.loads(json.dumps(stages[key])))
-            if changed:
-                raise ValueError(f"{self.root} caches another run's shared stages (differs in {', '.join(changed)}); "
-                                 "use another --out, or delete that folder")
-        else:
-            write_text_atomic(path, json.dumps(stages, indent=1))
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        changed = sorted(key for key in stages if key in cached and cached[key] != stages[key])
+        if changed:
+            raise ValueError(f"{self.root} caches another run's shared stages (differs in {', '.join(changed)}); "
+                             "use another --out, or delete that folder")
+        if any(key not in cached for key in stages):
+            write_text_atomic(path, json.dumps({**cached, **stages}, indent=1))
 
     def _timed(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
